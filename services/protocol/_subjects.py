@@ -1,0 +1,151 @@
+"""Every NATS subject devsilo uses, who may publish on it, and what it carries.
+
+Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
+
+    silo.harness.start              gateway  -> harness   StartSession (request, queue group)
+    silo.session.<sid>.input        gateway  -> harness   SessionInput
+    silo.session.<sid>.events       harness  -> stream    SessionEvent (JetStream EVENTS)
+    silo.pool.lease                 harness  -> executor  LeaseRequest (request, queue group)
+    silo.exec.<eid>.<sid>.tool      harness  -> executor  ToolCall (request)
+    silo.exec.<eid>.<sid>.close     harness  -> executor  CloseSession (request)
+    silo.egress.<gid>.session       executor -> egress    EgressSessionOpen / EgressSessionClose
+    silo.egress.any.session         executor -> egress    same, any egress (queue group)
+    silo.journal.<sid>              harness  -> stream    JournalRecord (JetStream JOURNAL)
+    _INBOX.>                        any role              replies, correlated by ``reply_to``
+
+``silo.grant`` is never published: it is the subject a session grant is
+signed for, so a grant cannot be passed off as any other message.
+Ids used in subjects are restricted to ``[A-Za-z0-9_-]`` so that no id can
+inject a wildcard or an extra token.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+from ._errors import ConfigError
+
+PREFIX = "silo"
+HARNESS_START = "silo.harness.start"
+POOL_LEASE = "silo.pool.lease"
+GRANT = "silo.grant"
+EGRESS_ANY = "any"
+INBOX_PREFIX = "_INBOX."
+
+EVENTS_STREAM = "SILO_EVENTS"
+EVENTS_SUBJECTS = "silo.session.*.events"
+JOURNAL_STREAM = "SILO_JOURNAL"
+JOURNAL_SUBJECTS = "silo.journal.*"
+
+HARNESS_QUEUE = "harness"
+EXECUTOR_QUEUE = "executor"
+EGRESS_QUEUE = "egress"
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Role(StrEnum):
+    """The roles a service can hold; each has its own subject permissions."""
+
+    GATEWAY = "gateway"
+    HARNESS = "harness"
+    EXECUTOR = "executor"
+    EGRESS = "egress"
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it is safe to embed in a subject, else raise ConfigError."""
+    if not _ID.match(value):
+        raise ConfigError(f"invalid {what} {value!r}: use 1-64 of A-Z a-z 0-9 _ -")
+    return value
+
+
+def session_input(sid: str) -> str:
+    """Subject on which the gateway sends a session's user input to the harness."""
+    return f"silo.session.{check_id(sid, 'session id')}.input"
+
+
+def session_events(sid: str) -> str:
+    """Subject of a session's events in the EVENTS stream."""
+    return f"silo.session.{check_id(sid, 'session id')}.events"
+
+
+def exec_tool(eid: str, sid: str) -> str:
+    """Subject on which the harness sends a session's tool calls to its executor."""
+    return f"silo.exec.{check_id(eid, 'executor id')}.{check_id(sid, 'session id')}.tool"
+
+
+def exec_close(eid: str, sid: str) -> str:
+    """Subject on which the harness ends a session's sandbox."""
+    return f"silo.exec.{check_id(eid, 'executor id')}.{check_id(sid, 'session id')}.close"
+
+
+def exec_listen(eid: str) -> str:
+    """Wildcard an executor subscribes to for all of its sessions."""
+    return f"silo.exec.{check_id(eid, 'executor id')}.>"
+
+
+def egress_session(gid: str) -> str:
+    """Subject on which an executor registers a session with an egress."""
+    return f"silo.egress.{check_id(gid, 'egress id')}.session"
+
+
+def journal(sid: str) -> str:
+    """Subject of a session's journal records."""
+    return f"silo.journal.{check_id(sid, 'session id')}"
+
+
+# Which role may publish on which subject pattern. Replies on _INBOX.> are open to
+# every role; requesters check that the reply answers their message id and comes
+# from the role they asked.
+PUBLISH: dict[Role, tuple[str, ...]] = {
+    Role.GATEWAY: (GRANT, HARNESS_START, "silo.session.*.input"),
+    Role.HARNESS: (
+        EVENTS_SUBJECTS,
+        POOL_LEASE,
+        "silo.exec.*.*.tool",
+        "silo.exec.*.*.close",
+        JOURNAL_SUBJECTS,
+    ),
+    Role.EXECUTOR: ("silo.egress.*.session",),
+    Role.EGRESS: (),
+}
+
+# What each role subscribes to: used for the NATS server's permissions (defence
+# in depth; the signature checks above are the application-level guarantee).
+SUBSCRIBE: dict[Role, tuple[str, ...]] = {
+    Role.GATEWAY: (EVENTS_SUBJECTS,),
+    Role.HARNESS: (HARNESS_START, "silo.session.*.input"),
+    Role.EXECUTOR: (POOL_LEASE, "silo.exec.>"),
+    Role.EGRESS: ("silo.egress.*.session",),
+}
+
+# Streams each role may use through the JetStream API.
+STREAMS: dict[Role, tuple[str, ...]] = {
+    Role.GATEWAY: (EVENTS_STREAM,),
+    Role.HARNESS: (EVENTS_STREAM, JOURNAL_STREAM),
+    Role.EXECUTOR: (),
+    Role.EGRESS: (),
+}
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard match: ``*`` is one token, a final ``>`` one or more."""
+    ptoks = pattern.split(".")
+    stoks = subject.split(".")
+    for i, p in enumerate(ptoks):
+        if p == ">":
+            return i == len(ptoks) - 1 and len(stoks) > i
+        if i >= len(stoks):
+            return False
+        if p != "*" and p != stoks[i]:
+            return False
+    return len(stoks) == len(ptoks)
+
+
+def may_publish(role: Role, subject: str) -> bool:
+    """Whether ``role`` may publish on ``subject`` (replies to inboxes always)."""
+    if subject.startswith(INBOX_PREFIX):
+        return True
+    return any(subject_matches(p, subject) for p in PUBLISH.get(role, ()))
