@@ -1,0 +1,206 @@
+"""`silo`: devsilo's command line.
+
+Exit codes: 0 ok, 1 runtime error, 2 usage error, 3 ended by model failures
+or quota, 4 replay mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from devsilo.protocol import ConfigError, Role, SiloError
+from devsilo.runtime._state import StateDir
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+def _state(args: argparse.Namespace) -> StateDir:
+    return StateDir.resolve(args.state_dir)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create (or rotate) keys, roster, certificates, NATS config and token."""
+    state = _state(args)
+    for line in state.initialize(rotate=args.rotate):
+        print(line)
+    print(f"gateway certificate fingerprint: SHA256 {state.gateway_fingerprint()}")
+    return EXIT_OK
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Run the whole stack on this machine."""
+    from ._supervisor import StackPorts, Supervisor
+
+    state = _state(args)
+    for line in state.initialize(rotate=False):
+        print(line)
+    cfg = state.config()
+    metrics = dict(cfg.metrics_ports)
+    if args.metrics_port_base:
+        metrics = {role.value: args.metrics_port_base + i for i, role in enumerate(
+            (Role.GATEWAY, Role.HARNESS, Role.EXECUTOR, Role.EGRESS))}
+    ports = StackPorts(nats=args.nats_port or cfg.nats_port, gateway=args.gateway_port or cfg.gateway_port,
+                       metrics=metrics, gateway_host=args.host or cfg.gateway_host)
+    sup = Supervisor(state, ports, nats_url=args.nats, say=lambda s: print(s, flush=True))
+    asyncio.run(sup.run())
+    return EXIT_OK
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    """Run one service in this process."""
+    from devsilo.runtime import run_service
+
+    state = _state(args)
+    role = Role(args.name)
+    body: Any
+    if role is Role.GATEWAY:
+        from devsilo.gateway._server import serve as body
+    elif role is Role.HARNESS:
+        from devsilo.harness._service import serve as body
+    elif role is Role.EXECUTOR:
+        from devsilo.executor._service import serve as body
+    else:
+        from devsilo.egress._service import serve as body
+    options: dict[str, Any] = {}
+    if args.listen:
+        host, _, port = args.listen.rpartition(":")
+        options = {"host": host.strip("[]") or "127.0.0.1", "port": int(port)}
+    nats_url = args.nats or f"tls://127.0.0.1:{state.config().nats_port}"
+    asyncio.run(run_service(role, args.id or role.value, state, nats_url, body,
+                            metrics_port=args.metrics_port, options=options, log_level=args.log_level))
+    return EXIT_OK
+
+
+def _read_script(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read script {path}: {exc.strerror}") from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Start a session and follow it."""
+    from devsilo.protocol.client import CreateSession
+
+    from ._sessions import local_gateway, run_session
+
+    if not args.headless:
+        print("error: only --headless sessions exist so far (the terminal UI is not built yet)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if not args.prompt:
+        print("error: --headless needs --prompt TEXT", file=sys.stderr)
+        return EXIT_USAGE
+    if args.llm == "mock" and not args.script:
+        print("error: --llm mock needs --script FILE", file=sys.stderr)
+        return EXIT_USAGE
+    workspace = Path(args.workspace).resolve()
+    if not workspace.is_dir():
+        print(f"error: workspace {workspace} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    req = CreateSession(workspace=str(workspace), sandbox=args.sandbox, llm=args.llm, model=args.model,
+                        script=_read_script(args.script), headless=True, prompt=args.prompt,
+                        allow_read=tuple(args.allow_read), allow_domains=tuple(args.allow_domain))
+    target = local_gateway(_state(args), args.gateway)
+    return asyncio.run(run_session(target, req, sys.stdout, as_json=args.json))
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    """List or attach to sessions."""
+    from ._sessions import attach_session, list_sessions, local_gateway
+
+    target = local_gateway(_state(args), args.gateway)
+    if args.action == "attach":
+        if not args.session:
+            print("error: attach needs a session id", file=sys.stderr)
+            return EXIT_USAGE
+        return asyncio.run(attach_session(target, args.session, args.from_seq, sys.stdout, as_json=args.json))
+    return asyncio.run(list_sessions(target, sys.stdout))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the built-in demo session."""
+    from ._sessions import demo
+
+    state = _state(args)
+    state.initialize(rotate=False)
+    return asyncio.run(demo(state, args.workspace, sys.stdout, as_json=args.json))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `silo` argument parser."""
+    p = argparse.ArgumentParser(prog="silo", description="devsilo: LLM coding agents behind static boundaries")
+    p.add_argument("--state-dir", help="state directory (default $DEVSILO_STATE_DIR or ~/.devsilo)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="create keys, roster, certificates, NATS config and token")
+    s.add_argument("--rotate", action="store_true", help="replace existing keys and certificates")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("up", help="run everything on this machine (embedded NATS)")
+    s.add_argument("--nats", help="use this NATS server or cluster instead of an embedded one")
+    s.add_argument("--nats-port", type=int)
+    s.add_argument("--gateway-port", type=int)
+    s.add_argument("--host", help="address the gateway listens on (default 127.0.0.1)")
+    s.add_argument("--metrics-port-base", type=int, help="first of four consecutive metrics ports")
+    s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("service", help="run one service (multi-machine deployments, systemd)")
+    s.add_argument("name", choices=[r.value for r in Role])
+    s.add_argument("--id", help="service id (default: the role name)")
+    s.add_argument("--nats", help="NATS URL, e.g. tls://host:4222")
+    s.add_argument("--metrics-port", type=int)
+    s.add_argument("--listen", help="gateway only: HOST:PORT to listen on")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=cmd_service)
+
+    s = sub.add_parser("run", help="start a session")
+    s.add_argument("--workspace", required=True)
+    s.add_argument("--llm", default="mock", choices=["anthropic", "openai", "openai-ws", "local", "mock"])
+    s.add_argument("--model", default="mock")
+    s.add_argument("--sandbox", default="bwrap", choices=["bwrap", "gvisor", "docker", "microvm", "mock"])
+    s.add_argument("--script", help="the mock model's script (JSON)")
+    s.add_argument("--prompt")
+    s.add_argument("--headless", action="store_true")
+    s.add_argument("--allow-read", action="append", default=[])
+    s.add_argument("--allow-domain", action="append", default=[])
+    s.add_argument("--gateway", help="gateway URL (default: the local stack's)")
+    s.add_argument("--json", action="store_true", help="print events as JSON lines")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("sessions", help="list sessions or attach to one")
+    s.add_argument("action", choices=["list", "attach"])
+    s.add_argument("session", nargs="?")
+    s.add_argument("--from-seq", type=int, default=0)
+    s.add_argument("--gateway")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_sessions)
+
+    s = sub.add_parser("demo", help="run a built-in scripted session end to end")
+    s.add_argument("--workspace", help="use this directory instead of a throw-away one")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `silo`."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except SiloError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

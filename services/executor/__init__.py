@@ -1,0 +1,1 @@
+"""devsilo executor: sandboxes, the helper inside them, workspaces."""

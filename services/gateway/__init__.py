@@ -1,0 +1,1 @@
+"""devsilo gateway: the only thing a client talks to."""

@@ -78,3 +78,7 @@ __all__ = [
     "SessionStarted", "StartSession", "ToolCall", "ToolInput", "ToolResult", "WriteInput",
     "ReplayCache", "RosterEntry", "ServiceIdentity", "TrustRoster", "key_id", "subjects", "Role",
 ]
+
+from . import _client as client  # noqa: E402  (the client protocol, as a namespace)
+
+__all__ += ["client"]

@@ -1,0 +1,7 @@
+"""`python -m devsilo.cli`: the same as `silo`."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())

@@ -1,0 +1,258 @@
+"""`silo up`: an embedded NATS server and every service as its own OS process.
+
+Services start in dependency order (egress, executor, harness, gateway) and
+each must answer ``/healthz`` before the next starts. A service that dies is
+restarted with exponential backoff (1 s doubling to 30 s, reset after a
+minute of good health). On SIGINT or SIGTERM everything stops in the reverse
+order and nothing is left behind: children also get SIGTERM from the kernel if
+the supervisor itself dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from devsilo.protocol import ConfigError, Role
+from devsilo.runtime._natsserver import NatsServer
+from devsilo.runtime._state import StateDir
+
+START_ORDER = (Role.EGRESS, Role.EXECUTOR, Role.HARNESS, Role.GATEWAY)
+STOP_GRACE_S = 10.0
+HEALTH_TIMEOUT_S = 30.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the supervisor goes away."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+@dataclass
+class ServiceProcess:
+    """One supervised service process and its restart bookkeeping."""
+
+    role: Role
+    service_id: str
+    argv: list[str]
+    metrics_port: int
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def health_url(self) -> str:
+        """Where this service answers /healthz."""
+        return f"http://127.0.0.1:{self.metrics_port}/healthz"
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    """The ports a stack listens on."""
+
+    nats: int
+    gateway: int
+    metrics: dict[str, int]
+    gateway_host: str = "127.0.0.1"
+
+
+class Supervisor:
+    """Starts, watches, restarts and stops the whole stack on one machine."""
+
+    def __init__(
+        self,
+        state: StateDir,
+        ports: StackPorts,
+        *,
+        nats_url: str | None = None,
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.state = state
+        self.ports = ports
+        self.external_nats = nats_url
+        self.say = say
+        self.nats: NatsServer | None = None
+        self.services: list[ServiceProcess] = []
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.stack_file = state.root / "run" / "stack.json"
+
+    @property
+    def nats_url(self) -> str:
+        """The NATS server the services use."""
+        if self.external_nats:
+            return self.external_nats
+        assert self.nats is not None
+        return self.nats.url
+
+    @property
+    def gateway_url(self) -> str:
+        """Where clients connect."""
+        return f"wss://{self.ports.gateway_host}:{self.ports.gateway}/ws"
+
+    async def run(self) -> None:
+        """Run until SIGINT/SIGTERM (or ``stopping`` is set), then stop everything."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            await self._start_all()
+            self._write_stack_file()
+            self.ready.set()
+            fp = self.state.gateway_fingerprint()
+            self.say(f"devsilo is up.\n  gateway:     {self.gateway_url}\n  fingerprint: SHA256 {fp}\n"
+                     f"  NATS:        {self.nats_url}\n  state:       {self.state.root}\n"
+                     f"  logs:        {self.state.root / 'logs'}\n"
+                     f"Try: silo demo   (Ctrl-C stops everything)")
+            await self._watch()
+        finally:
+            await self._stop_all()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    async def _start_all(self) -> None:
+        if self.external_nats is None:
+            self.nats = NatsServer(self.state, host="127.0.0.1", port=self.ports.nats)
+            await self.nats.start()
+            self.say(f"nats-server started on {self.nats.url}")
+        cfg = self.state.config()
+        (self.state.root / "logs").mkdir(mode=0o700, exist_ok=True)
+        for role in START_ORDER:
+            for service_id, r in cfg.services.items():
+                if r != role.value:
+                    continue
+                port = self.ports.metrics[role.value]
+                argv = [sys.executable, "-m", "devsilo.cli", "service", role.value, "--id", service_id,
+                        "--state-dir", str(self.state.root), "--nats", self.nats_url,
+                        "--metrics-port", str(port)]
+                if role is Role.GATEWAY:
+                    argv += ["--listen", f"{self.ports.gateway_host}:{self.ports.gateway}"]
+                sp = ServiceProcess(role, service_id, argv, port, self.state.root / "logs" / f"{service_id}.log")
+                self.services.append(sp)
+                await self._spawn(sp)
+                await self._wait_healthy(sp)
+                self.say(f"{service_id} ready (pid {sp.proc.pid if sp.proc else '?'}, metrics :{port})")
+
+    async def _spawn(self, sp: ServiceProcess) -> None:
+        log = open(sp.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        os.chmod(sp.log_path, 0o600)
+        try:
+            sp.proc = await asyncio.create_subprocess_exec(
+                *sp.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                preexec_fn=_die_with_parent, start_new_session=True,
+            )
+        finally:
+            log.close()
+        sp.started_at = time.monotonic()
+
+    async def _wait_healthy(self, sp: ServiceProcess) -> None:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                if sp.proc is None or sp.proc.returncode is not None:
+                    raise ConfigError(f"{sp.service_id} exited during start; see {sp.log_path}:\n"
+                                      + _tail(sp.log_path))
+                try:
+                    async with http.get(sp.health_url, timeout=aiohttp.ClientTimeout(total=1)) as r:
+                        if r.status == 200:
+                            return
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.05)
+        raise ConfigError(f"{sp.service_id} did not become healthy in {HEALTH_TIMEOUT_S:.0f}s; see {sp.log_path}")
+
+    async def _watch(self) -> None:
+        """Restart services that die, until asked to stop."""
+        while not self.stopping.is_set():
+            waits = {asyncio.ensure_future(sp.proc.wait()): sp for sp in self.services if sp.proc}
+            stop = asyncio.ensure_future(self.stopping.wait())
+            done, pending = await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
+            for f in pending:
+                f.cancel()
+            if self.stopping.is_set():
+                return
+            for f in done:
+                sp = waits.get(f)
+                if sp is None:
+                    continue
+                code = sp.proc.returncode if sp.proc else None
+                if time.monotonic() - sp.started_at > 60:
+                    sp.backoff = 1.0
+                self.say(f"{sp.service_id} exited with {code}; restarting in {sp.backoff:.0f}s "
+                         f"(restart {sp.restarts + 1}; log {sp.log_path})")
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), timeout=sp.backoff)
+                    return
+                except TimeoutError:
+                    pass
+                sp.backoff = min(sp.backoff * 2, 30.0)
+                sp.restarts += 1
+                await self._spawn(sp)
+
+    async def _stop_all(self) -> None:
+        for sp in reversed(self.services):
+            await _terminate(sp.proc)
+        if self.nats is not None:
+            await self.nats.stop()
+        self.stack_file.unlink(missing_ok=True)
+        self.say("devsilo stopped.")
+
+    def _write_stack_file(self) -> None:
+        self.stack_file.parent.mkdir(mode=0o700, exist_ok=True)
+        data = {
+            "pid": os.getpid(), "gateway_url": self.gateway_url, "nats_url": self.nats_url,
+            "fingerprint": self.state.gateway_fingerprint(),
+            "services": {sp.service_id: {"pid": sp.proc.pid if sp.proc else None,
+                                         "metrics": f"http://127.0.0.1:{sp.metrics_port}/metrics"}
+                         for sp in self.services},
+        }
+        tmp = self.stack_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.chmod(tmp, 0o600)
+        tmp.replace(self.stack_file)
+
+
+async def _terminate(proc: asyncio.subprocess.Process | None) -> None:
+    if proc is None or proc.returncode is not None:
+        return
+    try:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), timeout=STOP_GRACE_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def read_stack_file(state: StateDir) -> dict[str, Any] | None:
+    """The running stack's addresses, or None when no live `silo up` wrote one."""
+    path = state.root / "run" / "stack.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+        os.kill(int(data["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return data

@@ -1,0 +1,299 @@
+"""The gateway's TLS WebSocket: authentication, session requests, event fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+import time
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import ValidationError
+from prometheus_client import Counter, Gauge
+
+from devsilo.protocol import (
+    AuthError,
+    LLMChoice,
+    MessageRejected,
+    Role,
+    SessionEvent,
+    SessionGrant,
+    SessionInput,
+    SessionStarted,
+    SiloError,
+    StartSession,
+    seal_grant,
+    subjects,
+)
+from devsilo.protocol.client import (
+    CLIENT_REQUEST,
+    MAX_CLIENT_FRAME,
+    Attach,
+    AuthErrorFrame,
+    AuthOk,
+    Authenticate,
+    ClientFrame,
+    CreateSession,
+    ErrorFrame,
+    EventFrame,
+    Hello,
+    Interrupt,
+    ListSessions,
+    Ping,
+    Pong,
+    Prompt,
+    SessionCreated,
+    Sessions,
+)
+from devsilo.runtime import ServiceContext
+
+from ._auth import Principal, TokenAuthenticator
+from ._sessions import SessionDirectory, SessionRecord
+
+AUTH_DEADLINE_S = 30.0
+GRANT_LIFETIME_S = 24 * 3600.0
+
+LANDING_PAGE = """<!doctype html><meta charset=utf-8><title>devsilo gateway</title>
+<h1>devsilo gateway</h1><p>This is a devsilo gateway. Clients connect to <code>/ws</code>
+over TLS WebSocket. If your browser asked you to accept this certificate, compare its
+SHA-256 fingerprint with the one <code>silo up</code> printed.</p>"""
+
+
+class GatewayMetrics:
+    """The gateway's own metrics."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        reg = ctx.metrics.registry
+        self.connections = Gauge("silo_client_connections", "Open client connections.", registry=reg)
+        self.auth_failures = Counter("silo_auth_failures_total", "Failed client authentications.",
+                                     ["reason"], registry=reg)
+        self.events_sent = Counter("silo_events_delivered_total", "Events delivered to clients.",
+                                   registry=reg)
+        self.sessions_created = Counter("silo_sessions_created_total", "Sessions created.", registry=reg)
+
+
+class Gateway:
+    """One gateway: its HTTP app and the state of its client connections."""
+
+    def __init__(self, ctx: ServiceContext, auth: TokenAuthenticator) -> None:
+        self.ctx = ctx
+        self.bus = ctx.bus
+        self.auth = auth
+        self.sessions = SessionDirectory()
+        self.metrics = GatewayMetrics(ctx)
+
+    def app(self) -> web.Application:
+        """The aiohttp application: landing page and /ws."""
+        app = web.Application(client_max_size=MAX_CLIENT_FRAME)
+        app.router.add_get("/", self._landing)
+        app.router.add_get("/ws", self._websocket)
+        return app
+
+    async def _landing(self, _: web.Request) -> web.Response:
+        return web.Response(text=LANDING_PAGE, content_type="text/html")
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_CLIENT_FRAME, heartbeat=30.0)
+        await ws.prepare(request)
+        conn = ClientConnection(self, ws, request.remote or "?")
+        self.metrics.connections.inc()
+        try:
+            await conn.serve()
+        finally:
+            self.metrics.connections.dec()
+            await conn.close()
+        return ws
+
+
+class ClientConnection:
+    """One authenticated (or not yet) WebSocket client."""
+
+    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, peer: str) -> None:
+        self.gw = gw
+        self.ws = ws
+        self.peer = peer
+        self.log = gw.ctx.log.bind(peer=peer)
+        self.who: Principal | None = None
+        self._send_lock = asyncio.Lock()
+        self._followers: dict[str, asyncio.Task[None]] = {}
+
+    async def send(self, frame: ClientFrame) -> None:
+        """Send one frame (serialised: several tasks send to one socket)."""
+        async with self._send_lock:
+            if not self.ws.closed:
+                await self.ws.send_str(frame.model_dump_json())
+
+    async def serve(self) -> None:
+        """Greet, authenticate within the deadline, then answer requests until closed."""
+        await self.send(Hello(gateway=self.gw.ctx.service_id, auth_methods=("token",),
+                              auth_deadline_s=AUTH_DEADLINE_S))
+        try:
+            first = await asyncio.wait_for(self.ws.receive(), timeout=AUTH_DEADLINE_S)
+        except TimeoutError:
+            self.gw.metrics.auth_failures.labels(reason="timeout").inc()
+            await self.send(AuthErrorFrame(message=f"no authentication within {AUTH_DEADLINE_S:.0f}s"))
+            return
+        frame = self._parse(first)
+        if not isinstance(frame, Authenticate):
+            self.gw.metrics.auth_failures.labels(reason="not_authenticate").inc()
+            await self.send(AuthErrorFrame(message="authenticate first"))
+            return
+        try:
+            self.who = self.gw.auth.authenticate(frame)
+        except AuthError as exc:
+            self.gw.metrics.auth_failures.labels(reason="bad_credentials").inc()
+            self.log.info("auth_failed", error=str(exc))
+            await self.send(AuthErrorFrame(message=str(exc)))
+            return
+        self.log = self.log.bind(user=self.who.user, client=self.who.client)
+        await self.send(AuthOk(user=self.who.user))
+        async for raw in self.ws:
+            if raw.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                break
+            req = self._parse(raw)
+            if req is None:
+                continue
+            try:
+                await self._handle(req)
+            except SiloError as exc:
+                await self.send(ErrorFrame(code=type(exc).__name__, message=str(exc), request=req.type))
+            except Exception:  # one bad request must not drop the client
+                self.log.exception("request_failed", request=req.type)
+                await self.send(ErrorFrame(code="internal", message="gateway failed this request; see its log",
+                                           request=req.type))
+
+    def _parse(self, raw: Any) -> Any:
+        if raw.type != WSMsgType.TEXT:
+            asyncio.ensure_future(self.send(ErrorFrame(code="bad_request", message="send JSON text frames")))
+            return None
+        try:
+            return CLIENT_REQUEST.validate_json(raw.data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            asyncio.ensure_future(self.send(ErrorFrame(
+                code="bad_request", message=f"invalid frame at {where or 'top'}: {err.get('msg')}")))
+            return None
+
+    async def _handle(self, req: Any) -> None:
+        assert self.who is not None
+        if isinstance(req, Ping):
+            await self.send(Pong())
+        elif isinstance(req, Authenticate):
+            await self.send(ErrorFrame(code="bad_request", message="already authenticated",
+                                       request=req.type))
+        elif isinstance(req, CreateSession):
+            await self._create(req)
+        elif isinstance(req, Attach):
+            self._attach(req)
+        elif isinstance(req, (Prompt, Interrupt)):
+            await self._input(req)
+        elif isinstance(req, ListSessions):
+            await self.send(Sessions(sessions=tuple(r.summary() for r in self.gw.sessions.list_for(self.who))))
+
+    async def _create(self, req: CreateSession) -> None:
+        assert self.who is not None
+        now = time.time()
+        sid = secrets.token_hex(8)
+        grant = SessionGrant(
+            grant_id=secrets.token_hex(12), session_id=sid, user=self.who.user, workspace=req.workspace,
+            sandbox=req.sandbox, allow_read=req.allow_read, allow_domains=req.allow_domains,
+            issued_at=now, expires_at=now + GRANT_LIFETIME_S,
+        )
+        sealed = seal_grant(self.gw.bus.signer, grant)
+        start = StartSession(grant=sealed, llm=LLMChoice(backend=req.llm, model=req.model, script=req.script),
+                             headless=req.headless, prompt=req.prompt)
+        started = await self.gw.bus.request(subjects.HARNESS_START, start, SessionStarted,
+                                            from_role=Role.HARNESS, sid=sid, timeout=90.0)
+        self.gw.sessions.add(SessionRecord(sid, self.who.user, req.workspace, started.executor_id))
+        self.gw.metrics.sessions_created.inc()
+        self.log.info("session_created", session=sid, executor=started.executor_id)
+        await self.send(SessionCreated(session_id=sid, executor_id=started.executor_id))
+
+    def _visible(self, sid: str) -> SessionRecord:
+        assert self.who is not None
+        rec = self.gw.sessions.visible(self.who, sid)
+        if rec is None:
+            raise SiloError(f"no session {sid} visible to you")
+        return rec
+
+    def _attach(self, req: Attach) -> None:
+        self._visible(req.session_id)
+        old = self._followers.pop(req.session_id, None)
+        if old is not None:
+            old.cancel()
+        self._followers[req.session_id] = asyncio.create_task(self._follow(req.session_id, req.from_seq))
+
+    async def _follow(self, sid: str, from_seq: int) -> None:
+        """Forward a session's events from ``from_seq``: the stream's backlog, then live."""
+        subject = subjects.session_events(sid)
+        sub = await self.gw.bus.js.subscribe(
+            subject, ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )
+        expected = from_seq
+        try:
+            async for msg in sub.messages:
+                try:
+                    env = self.gw.bus.open(msg.data, msg.subject, fresh=False)
+                    event = env.expect(SessionEvent)
+                except MessageRejected:
+                    continue
+                if env.header.role is not Role.HARNESS or event.session_id != sid:
+                    self.log.warning("event_rejected", session=sid, sender=env.header.sender)
+                    continue
+                if event.seq < expected:
+                    continue
+                if event.seq > expected:
+                    self.log.error("event_gap", session=sid, expected=expected, got=event.seq)
+                expected = event.seq + 1
+                await self.send(EventFrame(session_id=sid, seq=event.seq, kind=event.kind,
+                                           agent=event.agent, ts=event.ts, data=event.data))
+                self.gw.metrics.events_sent.inc()
+        finally:
+            await sub.unsubscribe()
+
+    async def _input(self, req: Prompt | Interrupt) -> None:
+        assert self.who is not None
+        self._visible(req.session_id)
+        body = SessionInput(kind="prompt", text=req.text, client=self.who.client) if isinstance(req, Prompt) \
+            else SessionInput(kind="interrupt", client=self.who.client)
+        await self.gw.bus.publish(subjects.session_input(req.session_id), body, sid=req.session_id)
+
+    async def close(self) -> None:
+        """Stop following sessions."""
+        for task in self._followers.values():
+            task.cancel()
+        await asyncio.gather(*self._followers.values(), return_exceptions=True)
+
+
+def server_tls(cert: str, key: str) -> ssl.SSLContext:
+    """A TLS server context for the gateway's certificate."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def serve(ctx: ServiceContext) -> None:
+    """Run the gateway until stopped."""
+    state = ctx.state
+    cfg = state.config()
+    gw = Gateway(ctx, TokenAuthenticator(state.client_token()))
+    runner = web.AppRunner(gw.app(), access_log=None)
+    await runner.setup()
+    tls = server_tls(str(state.root / "tls" / "gateway.crt"), str(state.root / "tls" / "gateway.key"))
+    host = ctx.options.get("host") or cfg.gateway_host
+    port = int(ctx.options.get("port") or cfg.gateway_port)
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
+    await site.start()
+    ctx.status["url"] = f"wss://{host}:{port}/ws"
+    ctx.log.info("gateway_listening", url=ctx.status["url"], fingerprint=state.gateway_fingerprint())
+    try:
+        await ctx.stopping.wait()
+    finally:
+        await runner.cleanup()
+
+

@@ -1,0 +1,217 @@
+"""One session's agent loop: model turns, tool routing, and its event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from devsilo.protocol import (
+    SANDBOX_TOOLS,
+    Ack,
+    CloseSession,
+    RemoteError,
+    Role,
+    SessionEvent,
+    SessionGrant,
+    SiloError,
+    ToolCall,
+    ToolResult,
+    subjects,
+)
+from devsilo.protocol._messages import AccessReport, EventKind
+from devsilo.runtime import Bus
+
+from ._model import ModelBackend, ModelFailure, ToolUse
+
+HEADLESS_INSTRUCTION = (
+    "You are running headless: nobody will answer questions. When the task is done, "
+    "call the Exit tool with a short summary."
+)
+HEADLESS_REMINDER = "You are running headless. Continue the task, then call Exit with a summary."
+MAX_HEADLESS_NUDGES = 3
+# Exit codes, shared with the CLI (REQUIREMENTS §1).
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_MODEL = 3
+
+
+class SessionEvents:
+    """Publishes a session's events with seq from 0 and no gaps.
+
+    One writer per session; each event is acknowledged by JetStream before
+    the next is sent, and its dedupe id makes a retried publish idempotent.
+    """
+
+    def __init__(self, bus: Bus, session_id: str, clock: Callable[[], float] = time.time) -> None:
+        self._bus = bus
+        self._sid = session_id
+        self._subject = subjects.session_events(session_id)
+        self._seq = 0
+        self._lock = asyncio.Lock()
+        self._clock = clock
+
+    async def emit(self, kind: EventKind, data: dict[str, Any] | None = None, agent: str = "main") -> int:
+        """Publish one event; return its seq."""
+        async with self._lock:
+            seq = self._seq
+            event = SessionEvent(
+                session_id=self._sid, seq=seq, kind=kind, agent=agent, ts=self._clock(), data=data or {}
+            )
+            await self._bus.js_publish(self._subject, event, sid=self._sid, dedupe_id=f"{self._sid}:{seq}")
+            self._seq += 1
+            return seq
+
+
+class SessionRunner:
+    """Drives one session: the top-level agent's turns, its tools, and its end."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        grant: SessionGrant,
+        executor_id: str,
+        access: AccessReport,
+        model: ModelBackend,
+        *,
+        headless: bool,
+        log: Any,
+    ) -> None:
+        self.bus = bus
+        self.grant = grant
+        self.sid = grant.session_id
+        self.executor_id = executor_id
+        self.access = access
+        self.model = model
+        self.headless = headless
+        self.events = SessionEvents(bus, self.sid)
+        self.log = log.bind(session=self.sid)
+        self.inputs: asyncio.Queue[str] = asyncio.Queue()
+        self.messages: list[dict[str, Any]] = []
+        self.exit_code: int | None = None
+        self._turn: asyncio.Task[None] | None = None
+        self.tools = [*SANDBOX_TOOLS, "Exit"] if headless else list(SANDBOX_TOOLS)
+
+    async def run(self, prompt: str | None) -> None:
+        """Run until the agent exits, the session is stopped, or the model fails."""
+        await self.events.emit("session_started", {
+            "workspace": self.grant.workspace, "executor": self.executor_id,
+            "sandbox": self.grant.sandbox, "model": self.model.name, "headless": self.headless,
+            "user": self.grant.user,
+        })
+        await self.events.emit("access_report", self.access.model_dump(mode="json"))
+        if self.headless:
+            self.messages.append({"role": "system", "content": HEADLESS_INSTRUCTION})
+        if prompt:
+            self.inputs.put_nowait(prompt)
+        try:
+            while self.exit_code is None:
+                if self.inputs.empty():
+                    if self.headless:
+                        await self._finish(EXIT_RUNTIME, "headless session has no prompt")
+                        break
+                    await self.events.emit("awaiting_input")
+                text = await self.inputs.get()
+                if self.exit_code is not None:
+                    break
+                self._turn = asyncio.create_task(self._run_turn(text))
+                try:
+                    await self._turn
+                except asyncio.CancelledError:
+                    if self.exit_code is not None or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                        raise
+                    await self.events.emit("interrupted", {"reason": "user interrupt"})
+        except ModelFailure as exc:
+            await self.events.emit("error", {"message": str(exc)})
+            await self._finish(EXIT_MODEL, str(exc))
+        except Exception as exc:  # the session ends; the service goes on
+            self.log.exception("session_failed")
+            await self.events.emit("error", {"message": f"session failed: {exc}"})
+            await self._finish(EXIT_RUNTIME, "session failed")
+        finally:
+            await self._close_sandbox()
+
+    def interrupt(self) -> bool:
+        """Cancel the running turn (its tool calls included); True when one was running."""
+        if self._turn is not None and not self._turn.done():
+            self._turn.cancel()
+            return True
+        return False
+
+    async def stop(self, reason: str) -> None:
+        """End the session from outside (a client's stop)."""
+        if self.exit_code is None:
+            self.interrupt()
+            await self._finish(EXIT_OK, reason)
+            self.inputs.put_nowait("")
+
+    async def _run_turn(self, text: str) -> None:
+        await self.events.emit("user_prompt", {"text": text})
+        await self.events.emit("busy", {"busy": True})
+        self.messages.append({"role": "user", "content": text})
+        nudges = 0
+        while self.exit_code is None:
+            response = await self.model.complete(self.messages, self.tools)
+            if response.text:
+                await self.events.emit("assistant_text", {"text": response.text, "final": True})
+            self.messages.append({
+                "role": "assistant", "content": response.text,
+                "tool_calls": [{"id": c.id, "name": c.name, "input": c.input} for c in response.tool_calls],
+            })
+            if not response.tool_calls:
+                if not self.headless:
+                    break
+                nudges += 1
+                if nudges > MAX_HEADLESS_NUDGES:
+                    raise ModelFailure(f"model stopped {nudges} times without calling Exit")
+                self.messages.append({"role": "user", "content": HEADLESS_REMINDER})
+                continue
+            for call in response.tool_calls:
+                result = await self._call_tool(call)
+                self.messages.append({"role": "tool", "tool_call_id": call.id, "content": result.content,
+                                      "is_error": result.is_error})
+                if self.exit_code is not None:
+                    return
+        await self.events.emit("busy", {"busy": False})
+        await self.events.emit("turn_complete")
+
+    async def _call_tool(self, call: ToolUse) -> ToolResult:
+        await self.events.emit("tool_use", {"id": call.id, "name": call.name, "input": call.input})
+        if call.name not in self.tools:
+            result = ToolResult(call_id=call.id, is_error=True,
+                                content=f"unknown tool {call.name!r}; available: {', '.join(self.tools)}")
+        elif call.name == "Exit":
+            message = str(call.input.get("message", ""))
+            result = ToolResult(call_id=call.id, content="exiting")
+        else:
+            try:
+                result = await self.bus.request(
+                    subjects.exec_tool(self.executor_id, self.sid),
+                    ToolCall(call_id=call.id, name=call.name, input=call.input),
+                    ToolResult, from_role=Role.EXECUTOR, sid=self.sid, timeout=660.0,
+                )
+            except RemoteError as exc:
+                result = ToolResult(call_id=call.id, is_error=True, content=f"tool failed: {exc}")
+        await self.events.emit("tool_result", {
+            "id": call.id, "name": call.name, "content": result.content,
+            "is_error": result.is_error, "meta": result.meta,
+        })
+        if call.name == "Exit":
+            await self._finish(EXIT_OK, message or "done")
+        return result
+
+    async def _finish(self, code: int, reason: str) -> None:
+        if self.exit_code is not None:
+            return
+        self.exit_code = code
+        await self.events.emit("shutdown", {"exit_code": code, "reason": reason})
+
+    async def _close_sandbox(self) -> None:
+        try:
+            await self.bus.request(
+                subjects.exec_close(self.executor_id, self.sid), CloseSession(reason="session ended"),
+                Ack, from_role=Role.EXECUTOR, sid=self.sid, timeout=15.0,
+            )
+        except SiloError as exc:
+            self.log.warning("sandbox_close_failed", error=str(exc))

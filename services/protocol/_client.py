@@ -1,0 +1,179 @@
+"""The client protocol: JSON messages over the gateway's TLS WebSocket.
+
+Every frame is one JSON object with ``type``; clients send ``v`` (the
+protocol version, currently 1) in ``authenticate``. Frames are validated
+against these models; anything else is answered with ``error``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from ._messages import SESSION_ID_PATTERN, LLMBackend, SandboxBackend
+
+CLIENT_PROTOCOL_VERSION = 1
+MAX_CLIENT_FRAME = 1024 * 1024
+
+
+class ClientFrame(BaseModel):
+    """Base of client protocol frames."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- client -> gateway -----------------------------------------------------------------
+
+
+class Authenticate(ClientFrame):
+    """Prove who the client is: the local token (more methods come with pairing)."""
+
+    type: Literal["authenticate"] = "authenticate"
+    v: int = CLIENT_PROTOCOL_VERSION
+    method: Literal["token"]
+    token: str = Field(max_length=256)
+    client_name: str = Field(default="cli", max_length=128)
+
+
+class CreateSession(ClientFrame):
+    """Start a session; the gateway turns it into a signed grant."""
+
+    type: Literal["create_session"] = "create_session"
+    workspace: str = Field(min_length=1, max_length=4096)
+    sandbox: SandboxBackend = "bwrap"
+    llm: LLMBackend = "mock"
+    model: str = Field(default="mock", max_length=200)
+    script: str | None = Field(default=None, max_length=512 * 1024)
+    headless: bool = False
+    prompt: str | None = Field(default=None, max_length=256 * 1024)
+    allow_read: tuple[str, ...] = ()
+    allow_domains: tuple[str, ...] = ()
+
+
+class Attach(ClientFrame):
+    """Follow a session's events from ``from_seq`` (backlog first, then live)."""
+
+    type: Literal["attach"] = "attach"
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    from_seq: int = Field(default=0, ge=0)
+
+
+class Prompt(ClientFrame):
+    """A user prompt for a session."""
+
+    type: Literal["prompt"] = "prompt"
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    text: str = Field(min_length=1, max_length=256 * 1024)
+
+
+class Interrupt(ClientFrame):
+    """Interrupt a session's current turn."""
+
+    type: Literal["interrupt"] = "interrupt"
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+
+
+class ListSessions(ClientFrame):
+    """List the sessions this client's user may see."""
+
+    type: Literal["list_sessions"] = "list_sessions"
+
+
+class Ping(ClientFrame):
+    """Keep-alive; answered with ``pong``."""
+
+    type: Literal["ping"] = "ping"
+
+
+ClientRequest = Annotated[
+    Authenticate | CreateSession | Attach | Prompt | Interrupt | ListSessions | Ping,
+    Field(discriminator="type"),
+]
+CLIENT_REQUEST: TypeAdapter[Any] = TypeAdapter(ClientRequest)
+
+
+# -- gateway -> client -----------------------------------------------------------------
+
+
+class Hello(ClientFrame):
+    """First frame from the gateway: what it speaks and how long auth may take."""
+
+    type: Literal["hello"] = "hello"
+    v: int = CLIENT_PROTOCOL_VERSION
+    gateway: str
+    auth_methods: tuple[str, ...]
+    auth_deadline_s: float
+
+
+class AuthOk(ClientFrame):
+    """Authentication succeeded."""
+
+    type: Literal["auth_ok"] = "auth_ok"
+    user: str
+
+
+class AuthErrorFrame(ClientFrame):
+    """Authentication failed; the gateway closes the connection after it."""
+
+    type: Literal["auth_error"] = "auth_error"
+    message: str
+
+
+class SessionCreated(ClientFrame):
+    """A session started."""
+
+    type: Literal["session_created"] = "session_created"
+    session_id: str
+    executor_id: str
+
+
+class EventFrame(ClientFrame):
+    """One session event, as the harness published it."""
+
+    type: Literal["event"] = "event"
+    session_id: str
+    seq: int
+    kind: str
+    agent: str
+    ts: float
+    data: dict[str, Any]
+
+
+class SessionSummary(BaseModel):
+    """A line of ``sessions``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    session_id: str
+    user: str
+    workspace: str
+    created_at: float
+
+
+class Sessions(ClientFrame):
+    """Answer to ``list_sessions``."""
+
+    type: Literal["sessions"] = "sessions"
+    sessions: tuple[SessionSummary, ...]
+
+
+class Pong(ClientFrame):
+    """Answer to ``ping``."""
+
+    type: Literal["pong"] = "pong"
+
+
+class ErrorFrame(ClientFrame):
+    """A request failed; ``message`` says what to do."""
+
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    request: str | None = None
+
+
+GatewayFrame = Annotated[
+    Hello | AuthOk | AuthErrorFrame | SessionCreated | EventFrame | Sessions | Pong | ErrorFrame,
+    Field(discriminator="type"),
+]
+GATEWAY_FRAME: TypeAdapter[Any] = TypeAdapter(GatewayFrame)
