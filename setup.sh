@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Sets devsilo up on a Debian machine: system packages it needs (when missing,
+# through apt), then a virtualenv in .venv with devsilo installed.
+#   ./setup.sh         what `silo` needs to run
+#   ./setup.sh --dev   also what the test suite needs
+set -euo pipefail
+cd "$(dirname "$0")"
+
+extras=""
+[ "${1:-}" = "--dev" ] && extras="[dev]"
+
+need=()
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+[ -x /usr/bin/python3 ] || need+=(python3)   # the interpreter the in-sandbox helper runs on
+command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing system packages with apt: ${need[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+echo "setup: installing devsilo${extras} into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}" 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -c 'import devsilo.cli.main' || { echo "setup: devsilo did not install" >&2; exit 1; }
+echo "setup: done; the command line is .venv/bin/silo"
