@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +11,7 @@ from devsilo.runtime._natsserver import NatsServer
 from devsilo.runtime._state import StateDir
 from devsilo.testing._nats import free_port as _free_port
 from devsilo.testing._nats import init_state, running_nats
+from devsilo.testing._stack import Stack
 
 
 @pytest.fixture
@@ -30,3 +31,22 @@ async def nats_server(state_dir: StateDir, tmp_path: Path) -> AsyncIterator[Nats
     """A real nats-server with TLS, JetStream and per-service nkeys; stopped after the test."""
     async with running_nats(state_dir, store_dir=tmp_path / "jetstream") as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A whole devsilo (`silo up`) for the tests of one module; stopped even when tests fail."""
+    s = Stack(tmp_path_factory.mktemp("stack") / "state")
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """An empty project directory to use as a session's workspace."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    return ws

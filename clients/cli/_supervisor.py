@@ -133,10 +133,8 @@ class Supervisor:
         cfg = self.state.config()
         (self.state.root / "logs").mkdir(mode=0o700, exist_ok=True)
         for role in START_ORDER:
-            for service_id, r in cfg.services.items():
-                if r != role.value:
-                    continue
-                port = self.ports.metrics[role.value]
+            for service_id in cfg.service_ids(role):
+                port = self.ports.metrics[service_id]
                 argv = [sys.executable, "-m", "devsilo.cli", "service", role.value, "--id", service_id,
                         "--state-dir", str(self.state.root), "--nats", self.nats_url,
                         "--metrics-port", str(port)]

@@ -16,6 +16,8 @@ from devsilo.protocol import ConfigError, Role, SiloError
 from devsilo.runtime._state import StateDir
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+# --metrics-port-base hands out consecutive ports in this role order.
+ROLE_ORDER = (Role.GATEWAY, Role.HARNESS, Role.EXECUTOR, Role.EGRESS)
 
 
 def _state(args: argparse.Namespace) -> StateDir:
@@ -41,10 +43,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     cfg = state.config()
     metrics = dict(cfg.metrics_ports)
     if args.metrics_port_base:
-        metrics = {role.value: args.metrics_port_base + i for i, role in enumerate(
-            (Role.GATEWAY, Role.HARNESS, Role.EXECUTOR, Role.EGRESS))}
-    ports = StackPorts(nats=args.nats_port or cfg.nats_port, gateway=args.gateway_port or cfg.gateway_port,
-                       metrics=metrics, gateway_host=args.host or cfg.gateway_host)
+        metrics = {sid: args.metrics_port_base + i for i, sid in enumerate(sorted(
+            cfg.services, key=lambda s: (ROLE_ORDER.index(cfg.role_of(s)), s)))}
+    ports = StackPorts(nats=args.nats_port or cfg.nats.port, gateway=args.gateway_port or cfg.gateway.port,
+                       metrics=metrics, gateway_host=args.host or cfg.gateway.host)
     sup = Supervisor(state, ports, nats_url=args.nats, say=lambda s: print(s, flush=True))
     asyncio.run(sup.run())
     return EXIT_OK
@@ -69,7 +71,7 @@ def cmd_service(args: argparse.Namespace) -> int:
     if args.listen:
         host, _, port = args.listen.rpartition(":")
         options = {"host": host.strip("[]") or "127.0.0.1", "port": int(port)}
-    nats_url = args.nats or f"tls://127.0.0.1:{state.config().nats_port}"
+    nats_url = args.nats or state.config().nats.url
     asyncio.run(run_service(role, args.id or role.value, state, nats_url, body,
                             metrics_port=args.metrics_port, options=options, log_level=args.log_level))
     return EXIT_OK

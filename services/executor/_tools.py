@@ -12,6 +12,7 @@ from devsilo.protocol import (
     ReadInput,
     SandboxError,
     ToolCall,
+    ToolError,
     ToolResult,
     WriteInput,
 )
@@ -43,7 +44,7 @@ async def run_tool(helper: HelperClient, call: ToolCall) -> ToolResult:
             return await _read(helper, call, args)
         if isinstance(args, WriteInput):
             return await _write(helper, call, args)
-    except SandboxError as exc:
+    except (SandboxError, ToolError) as exc:
         return _error(call, f"{call.name} failed: {exc}")
     return _error(call, f"tool {call.name} has no executor implementation")
 

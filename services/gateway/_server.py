@@ -285,8 +285,8 @@ async def serve(ctx: ServiceContext) -> None:
     runner = web.AppRunner(gw.app(), access_log=None)
     await runner.setup()
     tls = server_tls(str(state.root / "tls" / "gateway.crt"), str(state.root / "tls" / "gateway.key"))
-    host = ctx.options.get("host") or cfg.gateway_host
-    port = int(ctx.options.get("port") or cfg.gateway_port)
+    host = ctx.options.get("host") or cfg.gateway.host
+    port = int(ctx.options.get("port") or cfg.gateway.port)
     site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
     ctx.status["url"] = f"wss://{host}:{port}/ws"

@@ -34,7 +34,7 @@ async def ensure_streams(ctx: ServiceContext) -> None:
                        (subjects.JOURNAL_STREAM, subjects.JOURNAL_SUBJECTS)):
         config = StreamConfig(
             name=name, subjects=[subj], retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE, duplicate_window=120.0, max_msg_size=ctx.bus.verifier.max_bytes,
+            storage=StorageType.FILE, duplicate_window=120.0, allow_direct=True, max_msg_size=ctx.bus.verifier.max_bytes,
         )
         try:
             await js.stream_info(name)

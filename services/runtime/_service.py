@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -71,9 +72,10 @@ async def run_service(
         connected = nc.is_connected
         metrics.nats_connected.set(1 if connected else 0)
         return {"ok": connected and not stopping.is_set(), "service": service_id, "role": role.value,
+                "pid": os.getpid(),
                 "nats_connected": connected, "uptime_s": round(time.time() - started, 1), **ctx.status}
 
-    port = metrics_port if metrics_port is not None else state.config().metrics_ports[role.value]
+    port = metrics_port if metrics_port is not None else state.config().metrics_ports[service_id]
     health = HealthServer(metrics.registry, status, metrics_host, port)
     await health.start()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,6 @@
+"""Test environments shipped with devsilo: a real NATS server, a whole stack."""
+
+from ._nats import ErrorRecorder, free_port, init_state, running_nats
+from ._stack import Stack, free_ports, pid_alive
+
+__all__ = ["ErrorRecorder", "free_port", "init_state", "running_nats", "Stack", "free_ports", "pid_alive"]

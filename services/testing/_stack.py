@@ -1,0 +1,141 @@
+"""A whole devsilo stack for tests: `silo up` as a real subprocess on free ports."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Stack:
+    """`silo up` started on free ports with its own state directory.
+
+    ``stop`` sends SIGTERM and waits; it is safe to call twice and always runs
+    from the fixtures' teardown, so a failing test leaves nothing behind.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        nats, gw, m0, m1, m2, m3 = free_ports(6)
+        self.nats_port, self.gateway_port = nats, gw
+        self.metrics_ports = {"gateway": m0, "harness": m1, "executor": m2, "egress": m3}
+        self._lines: list[str] = []
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+        self.stack: dict[str, Any] = {}
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start and wait until every service is healthy."""
+        argv = [sys.executable, "-m", "devsilo.cli", "--state-dir", str(self.state_dir), "up",
+                "--nats-port", str(self.nats_port), "--gateway-port", str(self.gateway_port),
+                "--metrics-port-base", str(self.metrics_ports["gateway"])]
+        # metrics ports must be consecutive from the base: re-pick if the OS gave scattered ones
+        base = self.metrics_ports["gateway"]
+        self.metrics_ports = {"gateway": base, "harness": base + 1, "executor": base + 2, "egress": base + 3}
+        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "devsilo is up." in self.output():
+                self.stack = json.loads((self.state_dir / "run" / "stack.json").read_text())
+                return
+            if self._proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("silo up did not come up:\n" + self.output())
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._lines.append(line)
+
+    def output(self) -> str:
+        """Everything `silo up` printed so far."""
+        return "".join(self._lines)
+
+    def service_pid(self, service_id: str) -> int:
+        """The pid the supervisor started first for ``service_id``."""
+        return int(self.stack["services"][service_id]["pid"])
+
+    def health(self, service_id: str) -> dict[str, Any] | None:
+        """The service's /healthz answer, or None when it does not answer 200."""
+        try:
+            url = f"http://127.0.0.1:{self.metrics_ports[service_id]}/healthz"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                data: dict[str, Any] = json.loads(r.read())
+                return data
+        except OSError:
+            return None
+
+    def healthy(self, service_id: str) -> bool:
+        """Whether the service answers /healthz with ok."""
+        h = self.health(service_id)
+        return bool(h and h.get("ok"))
+
+    def live_pid(self, service_id: str) -> int | None:
+        """The pid of the process answering /healthz now."""
+        h = self.health(service_id)
+        return int(h["pid"]) if h and "pid" in h else None
+
+    def metrics(self, service_id: str) -> str:
+        """The service's /metrics text."""
+        url = f"http://127.0.0.1:{self.metrics_ports[service_id]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.read().decode()
+
+    def metric(self, service_id: str, name: str, labels: str = "") -> float:
+        """One sample's value (0 when absent), e.g. metric('harness', 'x_total', 'reason="replayed"')."""
+        key = f"{name}{{{labels}}}" if labels else name
+        for line in self.metrics(service_id).splitlines():
+            if line.startswith(key + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM `silo up` and wait for it; KILL the process group if it hangs."""
+        if self._proc is None:
+            return None
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        return self._proc.returncode
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists (and is not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
