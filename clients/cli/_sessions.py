@@ -109,7 +109,8 @@ DEMO_SCRIPT = {
          "tool_calls": [{"name": "Bash", "input": {"command": "python3 primes.py && ls -l"}}]},
         {"text": "And check who I am in here, and that the host's files are out of reach.",
          "tool_calls": [{"name": "Bash", "input": {
-             "command": "id; ls /root 2>&1 | head -1; echo network: $(ls /sys/class/net 2>/dev/null)"}}]},
+             "command": "id; ls /root 2>&1 | head -1; python3 -c 'import socket; "
+                        "print(\"network interfaces:\", [n for _, n in socket.if_nameindex()])'"}}]},
         {"text": "The program works.",
          "tool_calls": [{"name": "Exit", "input": {"message": "wrote and ran primes.py"}}]},
     ]

@@ -81,7 +81,9 @@ class Supervisor:
         *,
         nats_url: str | None = None,
         say: Callable[[str], None] = print,
+        max_message_bytes: int | None = None,
     ) -> None:
+        self.max_message_bytes = max_message_bytes
         self.state = state
         self.ports = ports
         self.external_nats = nats_url
@@ -138,6 +140,8 @@ class Supervisor:
                 argv = [sys.executable, "-m", "devsilo.cli", "service", role.value, "--id", service_id,
                         "--state-dir", str(self.state.root), "--nats", self.nats_url,
                         "--metrics-port", str(port)]
+                if self.max_message_bytes:
+                    argv += ["--max-message-bytes", str(self.max_message_bytes)]
                 if role is Role.GATEWAY:
                     argv += ["--listen", f"{self.ports.gateway_host}:{self.ports.gateway}"]
                 sp = ServiceProcess(role, service_id, argv, port, self.state.root / "logs" / f"{service_id}.log")

@@ -24,6 +24,20 @@ def _state(args: argparse.Namespace) -> StateDir:
     return StateDir.resolve(args.state_dir)
 
 
+def _quiet_logging(state: StateDir | None = None) -> None:
+    """CLI processes log warnings to stderr; `silo up` logs everything to its own file."""
+    import sys as _sys
+
+    from devsilo.runtime import configure_logging
+
+    if state is None:
+        configure_logging("cli", level="warning", stream=_sys.stderr)
+        return
+    logs = state.root / "logs"
+    logs.mkdir(mode=0o700, exist_ok=True)
+    configure_logging("supervisor", level="info", stream=open(logs / "supervisor.log", "a", buffering=1))
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     """Create (or rotate) keys, roster, certificates, NATS config and token."""
     state = _state(args)
@@ -40,6 +54,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     state = _state(args)
     for line in state.initialize(rotate=False):
         print(line)
+    _quiet_logging(state)
     cfg = state.config()
     metrics = dict(cfg.metrics_ports)
     if args.metrics_port_base:
@@ -47,7 +62,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             cfg.services, key=lambda s: (ROLE_ORDER.index(cfg.role_of(s)), s)))}
     ports = StackPorts(nats=args.nats_port or cfg.nats.port, gateway=args.gateway_port or cfg.gateway.port,
                        metrics=metrics, gateway_host=args.host or cfg.gateway.host)
-    sup = Supervisor(state, ports, nats_url=args.nats, say=lambda s: print(s, flush=True))
+    sup = Supervisor(state, ports, nats_url=args.nats, say=lambda s: print(s, flush=True),
+                     max_message_bytes=args.max_message_bytes)
     asyncio.run(sup.run())
     return EXIT_OK
 
@@ -73,7 +89,8 @@ def cmd_service(args: argparse.Namespace) -> int:
         options = {"host": host.strip("[]") or "127.0.0.1", "port": int(port)}
     nats_url = args.nats or state.config().nats.url
     asyncio.run(run_service(role, args.id or role.value, state, nats_url, body,
-                            metrics_port=args.metrics_port, options=options, log_level=args.log_level))
+                            metrics_port=args.metrics_port, options=options, log_level=args.log_level,
+                            max_message_bytes=args.max_message_bytes))
     return EXIT_OK
 
 
@@ -139,30 +156,35 @@ def build_parser() -> argparse.ArgumentParser:
     """The `silo` argument parser."""
     p = argparse.ArgumentParser(prog="silo", description="devsilo: LLM coding agents behind static boundaries")
     p.add_argument("--state-dir", help="state directory (default $DEVSILO_STATE_DIR or ~/.devsilo)")
+    # --state-dir is accepted after the command name too
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("init", help="create keys, roster, certificates, NATS config and token")
+    s = sub.add_parser("init", parents=[common], help="create keys, roster, certificates, NATS config and token")
     s.add_argument("--rotate", action="store_true", help="replace existing keys and certificates")
     s.set_defaults(func=cmd_init)
 
-    s = sub.add_parser("up", help="run everything on this machine (embedded NATS)")
+    s = sub.add_parser("up", parents=[common], help="run everything on this machine (embedded NATS)")
     s.add_argument("--nats", help="use this NATS server or cluster instead of an embedded one")
     s.add_argument("--nats-port", type=int)
     s.add_argument("--gateway-port", type=int)
     s.add_argument("--host", help="address the gateway listens on (default 127.0.0.1)")
     s.add_argument("--metrics-port-base", type=int, help="first of four consecutive metrics ports")
+    s.add_argument("--max-message-bytes", type=int, help="largest signed message services accept")
     s.set_defaults(func=cmd_up)
 
-    s = sub.add_parser("service", help="run one service (multi-machine deployments, systemd)")
+    s = sub.add_parser("service", parents=[common], help="run one service (multi-machine deployments, systemd)")
     s.add_argument("name", choices=[r.value for r in Role])
     s.add_argument("--id", help="service id (default: the role name)")
     s.add_argument("--nats", help="NATS URL, e.g. tls://host:4222")
     s.add_argument("--metrics-port", type=int)
     s.add_argument("--listen", help="gateway only: HOST:PORT to listen on")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--max-message-bytes", type=int, help="largest signed message accepted")
     s.set_defaults(func=cmd_service)
 
-    s = sub.add_parser("run", help="start a session")
+    s = sub.add_parser("run", parents=[common], help="start a session")
     s.add_argument("--workspace", required=True)
     s.add_argument("--llm", default="mock", choices=["anthropic", "openai", "openai-ws", "local", "mock"])
     s.add_argument("--model", default="mock")
@@ -176,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print events as JSON lines")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("sessions", help="list sessions or attach to one")
+    s = sub.add_parser("sessions", parents=[common], help="list sessions or attach to one")
     s.add_argument("action", choices=["list", "attach"])
     s.add_argument("session", nargs="?")
     s.add_argument("--from-seq", type=int, default=0)
@@ -184,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_sessions)
 
-    s = sub.add_parser("demo", help="run a built-in scripted session end to end")
+    s = sub.add_parser("demo", parents=[common], help="run a built-in scripted session end to end")
     s.add_argument("--workspace", help="use this directory instead of a throw-away one")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_demo)
@@ -194,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `silo`."""
     args = build_parser().parse_args(argv)
+    if args.command not in ("up", "service"):
+        _quiet_logging()
     try:
         code: int = args.func(args)
     except SiloError as exc:

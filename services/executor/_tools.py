@@ -53,9 +53,9 @@ async def _bash(helper: HelperClient, call: ToolCall, args: BashInput) -> ToolRe
     res = await helper.exec(args.command, timeout_ms=args.timeout_ms, cwd=WORKSPACE)
     parts = []
     if res.stdout:
-        parts.append(res.stdout)
+        parts.append(res.stdout.rstrip("\n"))
     if res.stderr:
-        parts.append(("[stderr]\n" if res.stdout else "") + res.stderr)
+        parts.append(("[stderr]\n" if res.stdout else "") + res.stderr.rstrip("\n"))
     status = f"exit code {res.exit_code}"
     if res.timed_out:
         status = f"timed out after {args.timeout_ms} ms"

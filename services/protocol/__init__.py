@@ -79,6 +79,6 @@ __all__ = [
     "ReplayCache", "RosterEntry", "ServiceIdentity", "TrustRoster", "key_id", "subjects", "Role",
 ]
 
-from . import _client as client  # noqa: E402  (the client protocol, as a namespace)
+from . import client  # noqa: E402  (the client protocol, as a namespace)
 
 __all__ += ["client"]

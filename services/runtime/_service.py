@@ -49,6 +49,7 @@ async def run_service(
     metrics_port: int | None = None,
     log_level: str = "info",
     options: dict[str, Any] | None = None,
+    max_message_bytes: int | None = None,
 ) -> None:
     """Run ``body`` as service ``service_id`` until SIGTERM/SIGINT or until it returns.
 
@@ -63,7 +64,7 @@ async def run_service(
     metrics = ServiceMetrics(service_id, role.value)
     nc = await connect_nats(state, service_id, nats_url)
     metrics.nats_connected.set(1)
-    bus = Bus(nc, identity, roster, metrics, log=log)
+    bus = Bus(nc, identity, roster, metrics, log=log, max_bytes=max_message_bytes)
     stopping = asyncio.Event()
     ctx = ServiceContext(service_id, role, state, bus, log, metrics, stopping, options=dict(options or {}))
     started = time.time()

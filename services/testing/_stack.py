@@ -35,8 +35,9 @@ class Stack:
     from the fixtures' teardown, so a failing test leaves nothing behind.
     """
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, extra_args: list[str] | None = None) -> None:
         self.state_dir = state_dir
+        self.extra_args = list(extra_args or [])
         nats, gw, m0, m1, m2, m3 = free_ports(6)
         self.nats_port, self.gateway_port = nats, gw
         self.metrics_ports = {"gateway": m0, "harness": m1, "executor": m2, "egress": m3}
@@ -49,7 +50,7 @@ class Stack:
         """Start and wait until every service is healthy."""
         argv = [sys.executable, "-m", "devsilo.cli", "--state-dir", str(self.state_dir), "up",
                 "--nats-port", str(self.nats_port), "--gateway-port", str(self.gateway_port),
-                "--metrics-port-base", str(self.metrics_ports["gateway"])]
+                "--metrics-port-base", str(self.metrics_ports["gateway"]), *self.extra_args]
         # metrics ports must be consecutive from the base: re-pick if the OS gave scattered ones
         base = self.metrics_ports["gateway"]
         self.metrics_ports = {"gateway": base, "harness": base + 1, "executor": base + 2, "egress": base + 3}
@@ -127,6 +128,8 @@ class Stack:
                 self._proc.wait()
         if self._reader is not None:
             self._reader.join(timeout=5)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
         return self._proc.returncode
 
 
