@@ -208,7 +208,10 @@ class Supervisor:
 
     async def _stop_all(self) -> None:
         for sp in reversed(self.services):
-            await _terminate(sp.proc)
+            started = time.monotonic()
+            code = await _terminate(sp.proc)
+            if code is not None:
+                self.say(f"{sp.service_id} stopped ({code}) in {time.monotonic() - started:.1f}s")
         if self.nats is not None:
             await self.nats.stop()
         self.stack_file.unlink(missing_ok=True)
@@ -229,17 +232,18 @@ class Supervisor:
         tmp.replace(self.stack_file)
 
 
-async def _terminate(proc: asyncio.subprocess.Process | None) -> None:
+async def _terminate(proc: asyncio.subprocess.Process | None) -> int | None:
+    """TERM, then KILL after the grace period; the exit status, or None if it was not running."""
     if proc is None or proc.returncode is not None:
-        return
+        return None
     try:
         proc.terminate()
-        await asyncio.wait_for(proc.wait(), timeout=STOP_GRACE_S)
+        return await asyncio.wait_for(proc.wait(), timeout=STOP_GRACE_S)
     except TimeoutError:
         proc.kill()
-        await proc.wait()
+        return await proc.wait()
     except ProcessLookupError:
-        pass
+        return None
 
 
 def _tail(path: Path, lines: int = 15) -> str:

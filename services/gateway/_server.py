@@ -8,7 +8,7 @@ import ssl
 import time
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 from prometheus_client import Counter, Gauge
@@ -83,6 +83,7 @@ class Gateway:
         self.auth = auth
         self.sessions = SessionDirectory()
         self.metrics = GatewayMetrics(ctx)
+        self.connections: set[ClientConnection] = set()
 
     def app(self) -> web.Application:
         """The aiohttp application: landing page and /ws."""
@@ -99,9 +100,11 @@ class Gateway:
         await ws.prepare(request)
         conn = ClientConnection(self, ws, request.remote or "?")
         self.metrics.connections.inc()
+        self.connections.add(conn)
         try:
             await conn.serve()
         finally:
+            self.connections.discard(conn)
             self.metrics.connections.dec()
             await conn.close()
         return ws
@@ -294,6 +297,9 @@ async def serve(ctx: ServiceContext) -> None:
     try:
         await ctx.stopping.wait()
     finally:
+        # Open WebSockets would hold the server's shutdown; tell clients we are going away.
+        await asyncio.gather(*(c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway stopping")
+                               for c in list(gw.connections)), return_exceptions=True)
         await runner.cleanup()
 
 
