@@ -56,6 +56,19 @@ def test_headless_session_runs_tools_in_the_sandbox_and_exits_0(stack: Stack, wo
     assert events[-1]["data"]["exit_code"] == 0
 
 
+def test_log_lines_carry_session_and_message_ids(stack: Stack, workspace: Path, tmp_path: Path) -> None:
+    script = write_script(tmp_path, SCRIPT)
+    r = silo(stack, "run", "--headless", "--script", str(script), "--workspace", str(workspace),
+             "--prompt", "go", "--json")
+    assert r.returncode == 0, r.stderr
+    sid = json.loads(r.stdout.splitlines()[0])["session_id"]
+    lines = [json.loads(x) for x in (stack.state_dir / "logs" / "executor.log").read_text().splitlines()
+             if x.startswith("{")]
+    started = [x for x in lines if x.get("event") == "sandbox_started" and x.get("session") == sid]
+    assert len(started) == 1
+    assert started[0]["service"] == "executor" and len(started[0]["mid"]) >= 16
+
+
 def test_human_output_shows_the_transcript(stack: Stack, workspace: Path, tmp_path: Path) -> None:
     script = write_script(tmp_path, SCRIPT)
     r = silo(stack, "run", "--headless", "--script", str(script), "--workspace", str(workspace),

@@ -171,7 +171,13 @@ class Bus:
             await self._reply_error(msg, exc.reason, str(exc), None)
             return
         kind = env.header.type
-        log = self.log.bind(mid=env.header.mid, session=env.header.sid, type=kind, sender=env.header.sender)
+        with structlog.contextvars.bound_contextvars(mid=env.header.mid, session=env.header.sid):
+            await self._handle(msg, env, handler)
+
+    async def _handle(self, msg: Msg, env: Envelope, handler: Handler) -> None:
+        # Every line logged while handling (and by tasks started here) carries mid and session.
+        kind = env.header.type
+        log = self.log.bind(type=kind, sender=env.header.sender)
         self.metrics.messages_received.labels(type=kind).inc()
         started = time.perf_counter()
         try:
