@@ -1,0 +1,524 @@
+"""The executor's side of the helper protocol (see ``devsilo.executor.helper.helper``).
+
+The helper runs inside the sandbox, so everything it sends is hostile until
+checked: lines are length-limited, every response is type-checked, and any
+protocol violation (bad JSON, an unknown id, a malformed field, an overlong
+line) or the connection closing fails every pending request with
+:class:`~devsilo.protocol.SandboxError` and closes the client for good.
+A well-formed error reply from the helper (``ok: false``) fails only its own
+request, with :class:`HelperRequestError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from devsilo.protocol import SandboxError, ToolError
+
+from .helper.helper import (
+    DEFAULT_TIMEOUT_MS,
+    MAX_REQUEST_LINE,
+    MAX_RESPONSE_LINE,
+    MAX_TIMEOUT_MS,
+    OUTPUT_CAP,
+    READ_MAX,
+    LineReader,
+)
+
+__all__ = [
+    "ExecHandle",
+    "ExecResult",
+    "HelloInfo",
+    "HelperClient",
+    "HelperRequestError",
+    "OutputCallback",
+    "ReadResult",
+]
+
+OutputCallback = Callable[[str, str], None]
+"""Called as ``callback(stream, text)`` with ``stream`` "stdout" or "stderr"."""
+
+# How long past its own timeout an exec may take before the executor stops
+# waiting: the helper kills the command at its timeout, so silence beyond
+# this margin means the helper is stuck or lying.
+_EXEC_GRACE_S = 30.0
+_MAX_ERROR_TEXT = 4096
+# The cap plus room for the truncation mark.
+_MAX_OUTPUT_TEXT = OUTPUT_CAP + 256
+
+
+class HelperRequestError(ToolError):
+    """The helper refused or failed one request (``ok: false``).
+
+    ``code`` is the helper's short error code (``not_found``, ``bad_request``,
+    ``io_error``…); the text comes from inside the sandbox and is only shown,
+    never interpreted.
+    """
+
+    def __init__(self, op: str, code: str, message: str) -> None:
+        super().__init__(f"{op} failed in the sandbox ({code}): {message}")
+        self.op = op
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class HelloInfo:
+    """What the helper says about itself."""
+
+    pid: int
+    uid: int
+    gid: int
+    cwd: str
+    workspace: str
+    python: str
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The outcome of one command.
+
+    ``exit_code`` follows the shell: 128 + N when signal N ended the command
+    (``signal`` is then N). ``stdout``/``stderr`` hold at most 1 MiB each,
+    followed by a truncation mark when more was written.
+    """
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    cancelled: bool
+    stdout_truncated: bool
+    stderr_truncated: bool
+    duration_ms: int
+    signal: int | None = None
+
+    @property
+    def truncated(self) -> bool:
+        """True when either stream went over its cap."""
+        return self.stdout_truncated or self.stderr_truncated
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    """A slice of a file: ``content`` from ``offset``; ``size`` is the whole file's."""
+
+    content: bytes
+    offset: int
+    size: int
+    eof: bool
+
+
+class _Garbage(Exception):
+    """The helper broke the protocol."""
+
+
+@dataclass
+class _Pending:
+    op: str
+    future: asyncio.Future[dict[str, Any]]
+    on_output: OutputCallback | None = None
+    # Set when the caller stopped waiting; the late answer is then dropped.
+    abandoned: bool = False
+    # Characters streamed so far per stream: an honest helper sends at most
+    # OUTPUT_CAP each (one character per byte at worst).
+    streamed: dict[str, int] = field(default_factory=dict)
+
+
+class ExecHandle:
+    """A running ``exec``: its request ``id``, its result, and a way to cancel it."""
+
+    def __init__(self, client: HelperClient, request_id: int, waiter: asyncio.Task[ExecResult]):
+        self._client = client
+        self.id = request_id
+        self._waiter = waiter
+
+    async def result(self) -> ExecResult:
+        """Wait for the command to finish (timed out and cancelled ones finish too)."""
+        return await asyncio.shield(self._waiter)
+
+    async def cancel(self) -> bool:
+        """Kill the command's process group; its result then says ``cancelled``."""
+        return await self._client.cancel(self.id)
+
+
+class HelperClient:
+    """Talks to one helper over the executor's end of the socket pair.
+
+    Requests may run concurrently; responses are matched by id. Call
+    :meth:`start` once before any request, and :meth:`close` at the end.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        request_timeout: float = 60.0,
+        describe_exit: Callable[[], str] | None = None,
+    ) -> None:
+        """``describe_exit`` adds context (e.g. how the sandbox ended) to connection errors."""
+        self._sock = sock
+        self._request_timeout = request_timeout
+        self._describe_exit = describe_exit
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._write_lock = asyncio.Lock()
+        self._failure: SandboxError | None = None
+
+    async def start(self) -> None:
+        """Open the connection and start reading responses."""
+        if self._writer is not None:
+            raise SandboxError("helper client already started")
+        reader, writer = await asyncio.open_connection(sock=self._sock, limit=MAX_RESPONSE_LINE)
+        self._writer = writer
+        self._reader_task = asyncio.create_task(self._read_loop(reader), name="helper-reader")
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection failed or was closed; every request then fails."""
+        return self._failure is not None
+
+    # -- requests -----------------------------------------------------------
+
+    async def hello(self) -> HelloInfo:
+        """Ask the helper who and where it is."""
+        r = await self._call("hello", {})
+        return HelloInfo(
+            pid=self._field(r, "pid", int),
+            uid=self._field(r, "uid", int),
+            gid=self._field(r, "gid", int),
+            cwd=self._field(r, "cwd", str),
+            workspace=self._field(r, "workspace", str),
+            python=self._field(r, "python", str),
+        )
+
+    async def start_exec(
+        self,
+        command: str,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        on_output: OutputCallback | None = None,
+    ) -> ExecHandle:
+        """Start ``sh -c command`` and return at once with a handle to it.
+
+        ``cwd`` is relative to the workspace (default: the workspace);
+        ``env`` adds to the sandbox's environment; ``on_output`` receives
+        output chunks as they come, before the result.
+        """
+        if not 0 < timeout_ms <= MAX_TIMEOUT_MS:
+            raise ValueError(f"timeout_ms must be from 1 to {MAX_TIMEOUT_MS}, not {timeout_ms}")
+        params: dict[str, Any] = {"command": command, "timeout_ms": timeout_ms}
+        if cwd is not None:
+            params["cwd"] = cwd
+        if env:
+            params["env"] = dict(env)
+        if on_output is not None:
+            params["stream"] = True
+        request_id, pending = await self._send("exec", params, on_output)
+        waiter = asyncio.create_task(
+            self._exec_result(request_id, pending, timeout_ms / 1000 + _EXEC_GRACE_S)
+        )
+        # A handle whose result nobody awaits must not log "never retrieved".
+        waiter.add_done_callback(_ignore_result)
+        return ExecHandle(self, request_id, waiter)
+
+    async def exec(
+        self,
+        command: str,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run ``sh -c command`` and wait for it; see :meth:`start_exec`.
+
+        Cancelling the awaiting task also kills the command in the sandbox.
+        """
+        handle = await self.start_exec(
+            command, cwd=cwd, env=env, timeout_ms=timeout_ms, on_output=on_output
+        )
+        try:
+            return await handle.result()
+        except asyncio.CancelledError:
+            # Nobody will read the result; stop the command in the background.
+            with contextlib.suppress(SandboxError):
+                self._abandon(handle.id)
+                await asyncio.shield(self._fire_and_forget_cancel(handle.id))
+            raise
+
+    async def cancel(self, request_id: int) -> bool:
+        """Cancel a running exec by id; False when the helper no longer runs it."""
+        r = await self._call("cancel", {"target": request_id})
+        return bool(self._field(r, "found", bool))
+
+    async def read(self, path: str, *, offset: int = 0, limit: int = READ_MAX) -> ReadResult:
+        """Read up to ``limit`` bytes (at most 5 MiB) of a file from ``offset``.
+
+        ``path`` is relative to the workspace, or absolute inside the sandbox.
+        """
+        if offset < 0 or not 0 <= limit <= READ_MAX:
+            raise ValueError(f"offset must be >= 0 and limit from 0 to {READ_MAX}")
+        r = await self._call("read", {"path": path, "offset": offset, "limit": limit})
+        try:
+            content = base64.b64decode(self._field(r, "content", str), validate=True)
+        except ValueError as exc:
+            raise self._fatal(f"read answer is not valid base64: {exc}") from None
+        size = self._field(r, "size", int)
+        if len(content) > limit or self._field(r, "offset", int) != offset or size < 0:
+            raise self._fatal("read answer does not match the request")
+        eof = self._field(r, "eof", bool)
+        return ReadResult(content=content, offset=offset, size=size, eof=eof)
+
+    async def write(self, path: str, content: bytes | str, *, append: bool = False) -> int:
+        """Write (or append) ``content`` to a file, creating parent directories.
+
+        Returns the number of bytes written. ``path`` as for :meth:`read`.
+        """
+        if isinstance(content, str):
+            params = {"path": path, "content": content, "encoding": "utf-8", "append": append}
+        else:
+            params = {
+                "path": path,
+                "content": base64.b64encode(content).decode("ascii"),
+                "encoding": "base64",
+                "append": append,
+            }
+        r = await self._call("write", params)
+        return int(self._field(r, "written", int))
+
+    async def shutdown(self) -> None:
+        """Ask the helper to kill every command and exit (the sandbox then ends)."""
+        await self._call("shutdown", {})
+
+    async def close(self) -> None:
+        """Close the connection; pending requests fail with SandboxError."""
+        self._fail(SandboxError("helper connection closed by the executor"))
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._writer.wait_closed()
+        else:
+            self._sock.close()
+
+    # -- plumbing -----------------------------------------------------------
+
+    async def _call(self, op: str, params: dict[str, Any]) -> dict[str, Any]:
+        request_id, pending = await self._send(op, params, None)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(pending.future), timeout=self._request_timeout
+            )
+        except TimeoutError:
+            self._abandon(request_id)
+            raise SandboxError(
+                f"sandbox helper did not answer {op} within {self._request_timeout:g} s"
+            ) from None
+        except asyncio.CancelledError:
+            self._abandon(request_id)
+            raise
+
+    async def _exec_result(self, request_id: int, pending: _Pending, wait_s: float) -> ExecResult:
+        try:
+            r = await asyncio.wait_for(asyncio.shield(pending.future), timeout=wait_s)
+        except TimeoutError:
+            self._abandon(request_id)
+            raise SandboxError(
+                f"sandbox helper did not finish exec {request_id} within {wait_s:g} s"
+            ) from None
+        stdout, stderr = self._field(r, "stdout", str), self._field(r, "stderr", str)
+        if max(len(stdout), len(stderr)) > _MAX_OUTPUT_TEXT:
+            raise self._fatal(f"exec {request_id} returned more output than the cap allows")
+        return ExecResult(
+            exit_code=self._field(r, "exit_code", int),
+            stdout=stdout,
+            stderr=stderr,
+            timed_out=self._field(r, "timed_out", bool),
+            cancelled=self._field(r, "cancelled", bool),
+            stdout_truncated=self._field(r, "stdout_truncated", bool),
+            stderr_truncated=self._field(r, "stderr_truncated", bool),
+            duration_ms=self._field(r, "duration_ms", int),
+            signal=None if r.get("signal") is None else self._field(r, "signal", int),
+        )
+
+    async def _fire_and_forget_cancel(self, request_id: int) -> None:
+        request_id_c, _ = await self._send("cancel", {"target": request_id}, None)
+        self._abandon(request_id_c)
+
+    async def _send(
+        self, op: str, params: dict[str, Any], on_output: OutputCallback | None
+    ) -> tuple[int, _Pending]:
+        if self._failure is not None:
+            raise SandboxError(str(self._failure))
+        if self._writer is None:
+            raise SandboxError("helper client not started")
+        request_id = next(self._ids)
+        line = json.dumps({"id": request_id, "op": op, **params}, separators=(",", ":"))
+        data = line.encode("utf-8") + b"\n"
+        if len(data) > MAX_REQUEST_LINE:
+            raise ValueError(
+                f"{op} request is {len(data)} bytes; the helper accepts at most {MAX_REQUEST_LINE}"
+            )
+        pending = _Pending(op, asyncio.get_running_loop().create_future(), on_output)
+        self._pending[request_id] = pending
+        try:
+            async with self._write_lock:
+                self._writer.write(data)
+                await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise self._fatal(f"cannot send to the helper: {exc}") from None
+        return request_id, pending
+
+    def _abandon(self, request_id: int) -> None:
+        pending = self._pending.get(request_id)
+        if pending is not None:
+            pending.abandoned = True
+            pending.on_output = None
+            if not pending.future.done():
+                pending.future.cancel()
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        lines = LineReader(reader, MAX_RESPONSE_LINE)
+        try:
+            while True:
+                line = await lines.next_line()
+                if line is None:
+                    why = "the helper closed the connection (it died, or the sandbox ended)"
+                    self._fail(self._lost(why))
+                    return
+                if line is LineReader.OVERSIZED:
+                    raise _Garbage(f"a line longer than {MAX_RESPONSE_LINE} bytes")
+                self._dispatch(line)
+        except _Garbage as exc:
+            self._fail(self._lost(f"the helper broke the protocol: {exc}"))
+        except (ConnectionError, OSError) as exc:
+            self._fail(self._lost(f"connection error: {exc}"))
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+
+    def _dispatch(self, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            raise _Garbage("a line that is not JSON") from None
+        if not isinstance(msg, dict):
+            raise _Garbage("a JSON line that is not an object")
+        request_id = msg.get("id")
+        if request_id is None and msg.get("ok") is False:
+            # The helper could not tell which request this was about; ours are
+            # always well-formed, so it is confused or hostile.
+            raise _Garbage(f"an error without request id: {self._error_text(msg)}")
+        if type(request_id) is not int or request_id not in self._pending:
+            raise _Garbage(f"a message for unknown request id {str(request_id)[:40]!r}")
+        pending = self._pending[request_id]
+        if "stream" in msg:
+            self._on_chunk(request_id, pending, msg)
+            return
+        ok = msg.get("ok")
+        if ok is True:
+            outcome: dict[str, Any] | HelperRequestError = msg
+        elif ok is False:
+            outcome = HelperRequestError(pending.op, *self._error_text(msg))
+        else:
+            raise _Garbage("a response without a boolean 'ok'")
+        del self._pending[request_id]
+        if pending.abandoned or pending.future.done():
+            return
+        if isinstance(outcome, HelperRequestError):
+            pending.future.set_exception(outcome)
+        else:
+            pending.future.set_result(outcome)
+
+    def _on_chunk(self, request_id: int, pending: _Pending, msg: dict[str, Any]) -> None:
+        stream, data = msg.get("stream"), msg.get("data")
+        if pending.op != "exec" or stream not in ("stdout", "stderr") or not isinstance(data, str):
+            raise _Garbage(f"a malformed output chunk for request {request_id}")
+        total = pending.streamed.get(stream, 0) + len(data)
+        if total > OUTPUT_CAP:
+            raise _Garbage(
+                f"more than {OUTPUT_CAP} characters of {stream} for request {request_id}"
+            )
+        pending.streamed[stream] = total
+        callback = pending.on_output
+        if callback is None:
+            if pending.abandoned:
+                return
+            raise _Garbage(f"output chunks for request {request_id}, which did not ask for them")
+        try:
+            callback(stream, data)
+        except Exception as exc:  # noqa: BLE001 -- a caller's bug must not kill the connection
+            # Fail that exec with the callback's error and stop its command.
+            pending.on_output = None
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+            pending.abandoned = True
+            task = asyncio.get_running_loop().create_task(self._fire_and_forget_cancel(request_id))
+            task.add_done_callback(_ignore_result)
+
+    def _field(self, obj: Mapping[str, Any], key: str, kind: type) -> Any:
+        """``obj[key]`` if it has type ``kind``; otherwise the helper is broken."""
+        value = obj.get(key)
+        # bool is an int in Python; the protocol keeps them apart.
+        if (type(value) is not int) if kind is int else not isinstance(value, kind):
+            raise self._fatal(f"{obj.get('id')!r}: field {key!r} is not a {kind.__name__}")
+        return value
+
+    @staticmethod
+    def _error_text(msg: dict[str, Any]) -> tuple[str, str]:
+        err = msg.get("error")
+        if not isinstance(err, dict):
+            raise _Garbage("an error response without an error object")
+        code, text = err.get("code"), err.get("message")
+        if not isinstance(code, str) or not isinstance(text, str):
+            raise _Garbage("an error response without code and message")
+        return code[:64], text[:_MAX_ERROR_TEXT]
+
+    def _lost(self, why: str) -> SandboxError:
+        extra = ""
+        if self._describe_exit is not None:
+            with contextlib.suppress(Exception):
+                extra = self._describe_exit()
+        message = f"sandbox helper lost: {why}"
+        if extra:
+            message += f" ({extra})"
+        return SandboxError(message)
+
+    def _fatal(self, why: str) -> SandboxError:
+        """Fail everything over a protocol violation seen outside the reader."""
+        err = self._lost(f"the helper broke the protocol: {why}")
+        self._fail(err)
+        if self._writer is not None:
+            self._writer.close()
+        return err
+
+    def _fail(self, err: SandboxError) -> None:
+        if self._failure is None:
+            self._failure = err
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(SandboxError(str(self._failure)))
+                # Mark retrieved: an abandoned future's error is nobody's to see.
+                p.future.exception()
+
+
+def _ignore_result(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
