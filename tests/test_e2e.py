@@ -20,6 +20,8 @@ SCRIPT = {
             {"name": "Write", "input": {"path": "out/hello.txt", "content": "hi from the agent\n"}}]},
         {"text": "running", "tool_calls": [
             {"name": "Bash", "input": {"command": "cat out/hello.txt; echo made-in-sandbox > made.txt; id -u"}}]},
+        {"text": "reading", "tool_calls": [{"name": "Read", "input": {"path": "made.txt"}},
+                                             {"name": "Read", "input": {"path": "/root/.bashrc"}}]},
         {"text": "done", "tool_calls": [{"name": "Exit", "input": {"message": "all done"}}]},
     ]
 }
@@ -54,6 +56,9 @@ def test_headless_session_runs_tools_in_the_sandbox_and_exits_0(stack: Stack, wo
     uid_inside = bash["data"]["content"].splitlines()[1]
     assert uid_inside != "0"
     assert events[-1]["data"]["exit_code"] == 0
+    reads = [e["data"] for e in events if e["kind"] == "tool_result" and e["data"]["name"] == "Read"]
+    assert reads[0]["content"] == "made-in-sandbox\n" and not reads[0]["is_error"]
+    assert reads[1]["is_error"] and "not_found" in reads[1]["content"]
 
 
 def test_log_lines_carry_session_and_message_ids(stack: Stack, workspace: Path, tmp_path: Path) -> None:

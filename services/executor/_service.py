@@ -112,22 +112,25 @@ async def serve(ctx: ServiceContext) -> None:
             raise SandboxError(f"sandbox backend {grant.sandbox!r} is not available on {eid} (bwrap is)")
         workspace = check_workspace(grant.workspace, state_dirs)
         warnings: list[str] = []
-        if os.geteuid() == 0 and prepare_workspace_ownership(workspace, uid, gid):
-            warnings.append(f"workspace files were given to the sandbox uid {uid} so it can write them")
+        if os.geteuid() == 0:
+            skipped = prepare_workspace_ownership(workspace, uid, gid)
+            if skipped:
+                warnings.append(f"{len(skipped)} hard-linked file(s) stay read-only in the sandbox, "
+                                f"e.g. {skipped[0]}")
         started = time.perf_counter()
         sandbox = BwrapSandbox(workspace, sandbox_uid=uid, sandbox_gid=gid, scratch_root=scratch_root)
         try:
             await sandbox.start()
-        except Exception as exc:
+        except SandboxError:
             metrics.starts.labels(backend="bwrap", outcome="error").inc()
-            await sandbox.close()
-            raise SandboxError(f"bwrap sandbox failed to start: {exc}") from exc
+            raise
         metrics.starts.labels(backend="bwrap", outcome="ok").inc()
         metrics.start_seconds.labels(backend="bwrap").observe(time.perf_counter() - started)
         metrics.sandboxes.labels(backend="bwrap").inc()
         egress_id, warning = await open_egress(req.grant, grant)
         if warning:
             warnings.append(warning)
+        warnings.extend(sandbox.warnings)
         sessions[sid] = ExecSession(grant, sandbox, workspace, egress_id)
         ctx.status["sandboxes"] = len(sessions)
         ctx.log.info("sandbox_started", session=sid, workspace=str(workspace), egress=egress_id)

@@ -72,7 +72,7 @@ async def _bash(helper: HelperClient, call: ToolCall, args: BashInput) -> ToolRe
 
 async def _read(helper: HelperClient, call: ToolCall, args: ReadInput) -> ToolResult:
     res = await helper.read(args.path, offset=args.offset, limit=args.limit)
-    data = res.data
+    data = res.content
     text = data.decode("utf-8", errors="replace")
     return ToolResult(call_id=call.call_id, content=text,
                       meta={"size": res.size, "bytes": len(data), "eof": res.eof})
