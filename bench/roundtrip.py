@@ -32,7 +32,7 @@ from devsilo.protocol import (
     seal_grant,
     subjects,
 )
-from devsilo.runtime import Bus, ServiceMetrics
+from devsilo.runtime import Bus, ServiceMetrics, configure_logging
 from devsilo.runtime._natsconn import connect_nats
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
@@ -87,6 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=500, help="tool calls to time (default 500)")
     args = ap.parse_args()
+    configure_logging("bench", level="warning")
     with tempfile.TemporaryDirectory(prefix="silo-bench-") as tmp:
         stack = Stack(Path(tmp) / "state")
         stack.start()
