@@ -62,7 +62,7 @@ async def through_devsilo(stack: Stack, workspace: Path, n: int) -> list[float]:
     grant = SessionGrant(grant_id=secrets.token_hex(12), session_id=sid, user="bench", workspace=str(workspace),
                          issued_at=now, expires_at=now + 3600)
     sealed = seal_grant(Signer(state.identity("gateway")), grant)
-    lease = await bus.request(subjects.POOL_LEASE, LeaseRequest(grant=sealed), LeaseGranted,
+    lease = await bus.request(subjects.exec_lease("executor"), LeaseRequest(grant=sealed), LeaseGranted,
                               from_role=Role.EXECUTOR, sid=sid, timeout=60)
     subject = subjects.exec_tool(lease.executor_id, sid)
     out = []

@@ -20,6 +20,12 @@ EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 ROLE_ORDER = (Role.GATEWAY, Role.HARNESS, Role.EXECUTOR, Role.EGRESS)
 
 
+def metrics_port_plan(cfg: Any, base: int) -> dict[str, int]:
+    """Consecutive metrics ports from ``base``: gateway, harness, executors, egresses, by id."""
+    order = sorted(cfg.services, key=lambda s: (ROLE_ORDER.index(cfg.role_of(s)), s))
+    return {sid: base + i for i, sid in enumerate(order)}
+
+
 def _state(args: argparse.Namespace) -> StateDir:
     return StateDir.resolve(args.state_dir)
 
@@ -58,8 +64,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     cfg = state.config()
     metrics = dict(cfg.metrics_ports)
     if args.metrics_port_base:
-        metrics = {sid: args.metrics_port_base + i for i, sid in enumerate(sorted(
-            cfg.services, key=lambda s: (ROLE_ORDER.index(cfg.role_of(s)), s)))}
+        metrics = metrics_port_plan(cfg, args.metrics_port_base)
     ports = StackPorts(nats=args.nats_port or cfg.nats.port, gateway=args.gateway_port or cfg.gateway.port,
                        metrics=metrics, gateway_host=args.host or cfg.gateway.host)
     sup = Supervisor(state, ports, nats_url=args.nats, say=lambda s: print(s, flush=True),
@@ -87,11 +92,29 @@ def cmd_service(args: argparse.Namespace) -> int:
     if args.listen:
         host, _, port = args.listen.rpartition(":")
         options = {"host": host.strip("[]") or "127.0.0.1", "port": int(port)}
+    if role is Role.EXECUTOR:
+        options.update(executor_options(args, state.config().services[args.id or role.value].options))
     nats_url = args.nats or state.config().nats.url
     asyncio.run(run_service(role, args.id or role.value, state, nats_url, body,
                             metrics_port=args.metrics_port, options=options, log_level=args.log_level,
                             max_message_bytes=args.max_message_bytes))
     return EXIT_OK
+
+
+def executor_options(args: argparse.Namespace, configured: dict[str, Any]) -> dict[str, Any]:
+    """The executor's settings: config.json's ``options`` for it, then `silo service` flags."""
+    docker: dict[str, Any] = {"runtime": args.docker_runtime or configured.get("docker_runtime", "runc")}
+    if args.docker_url or configured.get("docker_url"):
+        docker["docker_url"] = args.docker_url or configured["docker_url"]
+    backends = args.backends or configured.get("backends") or ""
+    if isinstance(backends, str):
+        backends = [b for b in backends.split(",") if b]
+    return {
+        "backends": list(backends) or None,
+        "capacity": args.capacity or configured.get("capacity"),
+        "per_user": args.per_user or configured.get("per_user"),
+        "backend_config": {"docker": docker},
+    }
 
 
 def _read_script(path: str | None) -> str | None:
@@ -143,6 +166,40 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return asyncio.run(list_sessions(target, sys.stdout))
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Preflight: sandbox backends, namespaces, cgroups, clock, state directory, NATS."""
+    import json as _json
+
+    from devsilo.executor._doctor import Check, auto_backend, host_checks
+
+    from ._supervisor import read_stack_file
+
+    docker: dict[str, Any] = {"runtime": args.docker_runtime}
+    if args.docker_url:
+        docker["docker_url"] = args.docker_url
+    checks = host_checks({"docker": docker})
+    state = _state(args)
+    try:
+        state.check_root()
+        state.config()
+        state.roster()
+        state.client_token()
+        checks.append(Check("state directory", True, f"{state.root}: keys and files private"))
+    except SiloError as exc:
+        checks.append(Check("state directory", False, str(exc)))
+    stack = read_stack_file(state) if state.root.exists() else None
+    checks.append(Check("stack", stack is not None,
+                        f"running, gateway {stack['gateway_url']}" if stack else "not running (`silo up`)"))
+    auto = auto_backend(checks)
+    if args.json:
+        print(_json.dumps({"checks": [c.as_dict() for c in checks], "auto": auto}, indent=2))
+    else:
+        for c in checks:
+            print(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:22} {c.detail}")
+        print(f"--sandbox auto picks: {auto or 'nothing works here'}")
+    return EXIT_OK if auto else EXIT_RUNTIME
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the built-in demo session."""
     from ._sessions import demo
@@ -182,13 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", help="gateway only: HOST:PORT to listen on")
     s.add_argument("--log-level", default="info")
     s.add_argument("--max-message-bytes", type=int, help="largest signed message accepted")
+    s.add_argument("--backends", help="executor: comma-separated sandbox backends to offer (default: all that work)")
+    s.add_argument("--capacity", type=int, help="executor: most sandboxes at once (default 16)")
+    s.add_argument("--per-user", type=int, help="executor: most sandboxes per user (default 8)")
+    s.add_argument("--docker-url", help="executor: Docker daemon URL (default: the environment's)")
+    s.add_argument("--docker-runtime", choices=["runc", "runsc"],
+                   help="executor: Docker runtime for the docker backend")
     s.set_defaults(func=cmd_service)
 
     s = sub.add_parser("run", parents=[common], help="start a session")
     s.add_argument("--workspace", required=True)
     s.add_argument("--llm", default="mock", choices=["anthropic", "openai", "openai-ws", "local", "mock"])
     s.add_argument("--model", default="mock")
-    s.add_argument("--sandbox", default="bwrap", choices=["bwrap", "gvisor", "docker", "microvm", "mock"])
+    s.add_argument("--sandbox", default="bwrap", choices=["bwrap", "gvisor", "docker", "microvm", "mock", "auto"])
     s.add_argument("--script", help="the mock model's script (JSON)")
     s.add_argument("--prompt")
     s.add_argument("--headless", action="store_true")
@@ -205,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gateway")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_sessions)
+
+    s = sub.add_parser("doctor", parents=[common], help="what works on this host, and why not")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--docker-url")
+    s.add_argument("--docker-runtime", default="runc", choices=["runc", "runsc"])
+    s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("demo", parents=[common], help="run a built-in scripted session end to end")
     s.add_argument("--workspace", help="use this directory instead of a throw-away one")

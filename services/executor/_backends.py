@@ -39,9 +39,11 @@ class Backend:
     def probe(self, **config: Any) -> str | None:
         """None when the backend works on this host, else why not (one line)."""
         try:
-            probe: Callable[..., str | None] = self._mod().probe
+            probe: Callable[..., str | None] | None = getattr(self._mod(), "probe", None)
         except ImportError as exc:
             return f"not installed: {exc}"
+        if probe is None:
+            return f"{self.name} has no probe"
         return probe(**config)
 
     def create(self, spec: SandboxSpec, **config: Any) -> Sandbox:

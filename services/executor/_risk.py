@@ -21,26 +21,26 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
-def check_workspace(path: str, state_dirs: list[Path]) -> Path:
-    """Resolve a workspace path and refuse it when it overlaps anything risky.
+def check_workspace(path: str, state_dirs: list[Path], *, kind: str = "workspace") -> Path:
+    """Resolve a workspace (or read allow-list) path; refuse it when it overlaps anything risky.
 
     Refused: relative paths, missing or non-directories, ``/`` and system
     directories themselves, a home directory itself, any path inside or around
     a state directory or a credential directory.
     """
     if not os.path.isabs(path):
-        raise GrantError(f"workspace {path!r} must be an absolute path")
+        raise GrantError(f"{kind} {path!r} must be an absolute path")
     resolved = Path(path).resolve()
-    if not resolved.is_dir():
-        raise GrantError(f"workspace {resolved} does not exist or is not a directory")
+    if not (resolved.is_dir() if kind == "workspace" else resolved.exists()):
+        raise GrantError(f"{kind} {resolved} does not exist" + (" or is not a directory" if kind == "workspace" else ""))
     if str(resolved) in SYSTEM_PATHS:
-        raise GrantError(f"workspace {resolved} is a system directory; use a project directory")
+        raise GrantError(f"{kind} {resolved} is a system directory; use a project directory")
     home = Path(os.path.expanduser("~")).resolve()
     homes = {home, *(p for p in Path("/home").glob("*") if p.is_dir())}
     if resolved in homes:
-        raise GrantError(f"workspace {resolved} is a home directory; use a project directory inside it")
+        raise GrantError(f"{kind} {resolved} is a home directory; use a project directory inside it")
     risky = [s.resolve() for s in state_dirs] + [h / e for h in homes for e in RISKY_HOME_ENTRIES]
     for r in risky:
         if _overlaps(resolved, r):
-            raise GrantError(f"workspace {resolved} overlaps {r}, which is on the risk list")
+            raise GrantError(f"{kind} {resolved} overlaps {r}, which is on the risk list")
     return resolved

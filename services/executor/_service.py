@@ -1,12 +1,15 @@
-"""The executor service: leases sandboxes to sessions and runs their tool calls."""
+"""The executor service: announces itself to the pool, leases sandboxes, runs tool calls."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge, Histogram
@@ -20,10 +23,12 @@ from devsilo.protocol import (
     EgressSessionOpen,
     EgressSessionReady,
     Envelope,
+    ExecutorAnnounce,
     GrantError,
     LeaseGranted,
     LeaseRequest,
     Message,
+    PoolError,
     Role,
     SandboxError,
     SessionGrant,
@@ -34,11 +39,16 @@ from devsilo.protocol import (
 )
 from devsilo.runtime import ServiceContext
 
+from ._backends import STRENGTH_ORDER, get_backend
 from ._risk import check_workspace
-from ._sandbox import BwrapSandbox, prepare_workspace_ownership
-from ._tools import WORKSPACE, run_tool
+from ._sandbox import Sandbox, prepare_workspace_ownership
+from ._spec import WORKSPACE, SandboxSpec
+from ._tools import run_tool
 
 DEFAULT_SANDBOX_UID = 64123
+DEFAULT_CAPACITY = 16
+DEFAULT_PER_USER = 8
+ANNOUNCE_EVERY_S = 1.0
 
 
 @dataclass
@@ -46,21 +56,28 @@ class ExecSession:
     """A session's sandbox on this executor."""
 
     grant: SessionGrant
-    sandbox: BwrapSandbox
+    backend: str
+    sandbox: Sandbox
     workspace: Path
     egress_id: str | None
 
 
 class ExecutorMetrics:
-    """The executor's own metrics."""
+    """The executor's own metrics (labels: backend, tool, outcome; never session ids)."""
 
     def __init__(self, ctx: ServiceContext) -> None:
         reg = ctx.metrics.registry
-        self.sandboxes = Gauge("silo_sandboxes_active", "Sandboxes running.", ["backend"], registry=reg)
+        self.sandboxes = Gauge("silo_sandboxes", "Sandboxes by backend and state.", ["backend", "state"],
+                               registry=reg)
         self.starts = Counter("silo_sandbox_starts_total", "Sandbox starts by backend and outcome.",
                               ["backend", "outcome"], registry=reg)
         self.start_seconds = Histogram("silo_sandbox_start_seconds", "Sandbox start latency.",
-                                       ["backend"], registry=reg)
+                                       ["backend"], registry=reg,
+                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.capacity = Gauge("silo_executor_capacity", "Sandbox slots on this executor, by state.",
+                              ["state"], registry=reg)
+        self.lease_refusals = Counter("silo_lease_refusals_total", "Leases refused, by reason.", ["reason"],
+                                      registry=reg)
         self.tool_calls = Counter("silo_tool_calls_total", "Tool calls by tool and outcome.",
                                   ["tool", "outcome"], registry=reg)
         self.tool_seconds = Histogram("silo_tool_seconds", "Tool call latency by tool.", ["tool"],
@@ -76,17 +93,63 @@ def sandbox_ids() -> tuple[int, int]:
     return os.geteuid(), os.getegid()
 
 
+def usable_backends(wanted: list[str] | None, config: dict[str, dict[str, Any]],
+                    log: Any) -> list[str]:
+    """The backends this executor offers: those asked for (or all) that probe as working."""
+    names = wanted if wanted else [n for n in STRENGTH_ORDER if n != "microvm"]
+    usable = []
+    for name in names:
+        reason = get_backend(name).probe(**config.get(name, {}))
+        if reason is None:
+            usable.append(name)
+        else:
+            log.info("backend_unavailable", backend=name, reason=reason)
+    return usable
+
+
 async def serve(ctx: ServiceContext) -> None:
     """Run the executor until stopped; every sandbox is closed on the way out."""
     bus = ctx.bus
     eid = ctx.service_id
+    opts = ctx.options
     metrics = ExecutorMetrics(ctx)
     sessions: dict[str, ExecSession] = {}
+    starting: set[str] = set()
     uid, gid = sandbox_ids()
+    capacity = int(opts.get("capacity") or DEFAULT_CAPACITY)
+    per_user = int(opts.get("per_user") or DEFAULT_PER_USER)
+    backend_config: dict[str, dict[str, Any]] = opts.get("backend_config") or {}
+    backends = usable_backends(opts.get("backends"), backend_config, ctx.log)
+    instance = secrets.token_hex(8)
     scratch_root = Path(os.environ.get("DEVSILO_SCRATCH_DIR", f"/tmp/devsilo-scratch-{eid}"))
     scratch_root.mkdir(mode=0o711, parents=True, exist_ok=True)
     os.chmod(scratch_root, 0o711)
     state_dirs = [ctx.state.root]
+    ctx.status.update(backends=backends, capacity=capacity)
+    ctx.log.info("executor_backends", backends=backends)
+
+    def in_use() -> int:
+        return len(sessions) + len(starting)
+
+    def announcement(stopping: bool = False) -> ExecutorAnnounce:
+        users: dict[str, int] = {}
+        for s in sessions.values():
+            users[s.grant.user] = users.get(s.grant.user, 0) + 1
+        return ExecutorAnnounce(
+            executor_id=eid, instance=instance, host=socket.gethostname(), backends=tuple(backends),
+            capacity=capacity, free=max(0, capacity - in_use()), users=users,
+            sessions=tuple(sorted(sessions)), stopping=stopping,
+        )
+
+    async def announce_loop() -> None:
+        while True:
+            try:
+                await bus.publish(subjects.pool_announce(eid), announcement())
+            except Exception as exc:  # NATS down: keep trying; the pool notices our silence
+                ctx.log.warning("announce_failed", error=str(exc))
+            metrics.capacity.labels(state="free").set(max(0, capacity - in_use()))
+            metrics.capacity.labels(state="total").set(capacity)
+            await asyncio.sleep(ANNOUNCE_EVERY_S)
 
     async def open_egress(grant_text: str, grant: SessionGrant) -> tuple[str | None, str | None]:
         try:
@@ -98,46 +161,75 @@ async def serve(ctx: ServiceContext) -> None:
             return None, f"egress unavailable ({exc}); the sandbox has no network at all"
         return ready.egress_id, None
 
-    async def on_lease(env: Envelope, msg: Msg) -> Message:
-        req = env.expect(LeaseRequest)
+    def refuse(code: str, message: str) -> PoolError:
+        metrics.lease_refusals.labels(reason=code).inc()
+        return PoolError(code, message)
+
+    async def on_lease(env: Envelope, req: LeaseRequest) -> Message:
         grant = open_grant(bus.verifier, req.grant)
         sid = grant.session_id
         if env.header.sid != sid:
             raise GrantError(f"lease request signed for {env.header.sid}, grant is for {sid}")
         if grant.executor not in (None, eid):
             raise GrantError(f"grant names executor {grant.executor}, this is {eid}")
-        if sid in sessions:
+        if sid in sessions or sid in starting:
             raise GrantError(f"session {sid} already has a sandbox here")
-        if grant.sandbox != "bwrap":
-            raise SandboxError(f"sandbox backend {grant.sandbox!r} is not available on {eid} (bwrap is)")
+        if grant.sandbox == "auto" and backends:
+            pass  # start_session picks our strongest
+        elif grant.sandbox not in backends:
+            raise refuse("backend", f"sandbox backend {grant.sandbox!r} is not available on {eid} "
+                         f"(it offers {', '.join(backends) or 'none'})")
+        if in_use() >= capacity:
+            raise refuse("capacity", f"executor {eid} is full ({capacity} sandboxes)")
+        if sum(1 for s in sessions.values() if s.grant.user == grant.user) >= per_user:
+            raise refuse("user_limit", f"user {grant.user} already has {per_user} sandboxes on {eid}")
         workspace = check_workspace(grant.workspace, state_dirs)
+        allow_read = tuple(check_workspace(p, state_dirs, kind="read allow-list path")
+                           for p in grant.allow_read)
+        starting.add(sid)
+        try:
+            return await start_session(req, grant, workspace, allow_read)
+        finally:
+            starting.discard(sid)
+
+    async def start_session(req: LeaseRequest, grant: SessionGrant, workspace: Path,
+                            allow_read: tuple[Path, ...]) -> Message:
+        sid = grant.session_id
         warnings: list[str] = []
         if os.geteuid() == 0:
             skipped = prepare_workspace_ownership(workspace, uid, gid)
             if skipped:
                 warnings.append(f"{len(skipped)} hard-linked file(s) stay read-only in the sandbox, "
                                 f"e.g. {skipped[0]}")
+        spec = SandboxSpec(session_id=sid, workspace=workspace, sandbox_uid=uid, sandbox_gid=gid,
+                           scratch_root=scratch_root, allow_read=allow_read)
+        backend = grant.sandbox
+        if backend == "auto":
+            backend = next(b for b in STRENGTH_ORDER if b in backends)
+        sandbox = get_backend(backend).create(spec, **backend_config.get(backend, {}))
         started = time.perf_counter()
-        sandbox = BwrapSandbox(workspace, sandbox_uid=uid, sandbox_gid=gid, scratch_root=scratch_root)
         try:
             await sandbox.start()
         except SandboxError:
-            metrics.starts.labels(backend="bwrap", outcome="error").inc()
+            metrics.starts.labels(backend=backend, outcome="error").inc()
             raise
-        metrics.starts.labels(backend="bwrap", outcome="ok").inc()
-        metrics.start_seconds.labels(backend="bwrap").observe(time.perf_counter() - started)
-        metrics.sandboxes.labels(backend="bwrap").inc()
+        metrics.starts.labels(backend=backend, outcome="ok").inc()
+        metrics.start_seconds.labels(backend=backend).observe(time.perf_counter() - started)
+        metrics.sandboxes.labels(backend=backend, state="running").inc()
         egress_id, warning = await open_egress(req.grant, grant)
         if warning:
             warnings.append(warning)
-        warnings.extend(sandbox.warnings)
-        sessions[sid] = ExecSession(grant, sandbox, workspace, egress_id)
+        warnings.extend(getattr(sandbox, "warnings", []))
+        sessions[sid] = ExecSession(grant, backend, sandbox, workspace, egress_id)
         ctx.status["sandboxes"] = len(sessions)
-        ctx.log.info("sandbox_started", session=sid, workspace=str(workspace), egress=egress_id)
+        ctx.log.info("sandbox_started", backend=backend, workspace=str(workspace), egress=egress_id)
+        lim = spec.limits
         access = AccessReport(
-            backend="bwrap", workspace=f"{workspace} (at {WORKSPACE} inside)",
-            readable_paths=("/usr (read-only system files)",), allowed_domains=grant.allow_domains,
-            limits={"sandbox_uid": uid}, warnings=tuple(warnings),
+            backend=backend, workspace=f"{workspace} (at {WORKSPACE} inside)",
+            readable_paths=("/usr (read-only system files)", *(f"{p} (read-only)" for p in allow_read)),
+            allowed_domains=grant.allow_domains,
+            limits={"sandbox_uid": uid, "memory_bytes": lim.memory_bytes, "cpus": lim.cpus, "pids": lim.pids},
+            warnings=tuple(warnings),
         )
         return LeaseGranted(session_id=sid, executor_id=eid, access=access)
 
@@ -146,28 +238,30 @@ async def serve(ctx: ServiceContext) -> None:
         if s is None:
             return
         await s.sandbox.close()
-        metrics.sandboxes.labels(backend="bwrap").dec()
+        metrics.sandboxes.labels(backend=s.backend, state="running").dec()
         ctx.status["sandboxes"] = len(sessions)
         if s.egress_id is not None:
             try:
                 await bus.publish(subjects.egress_session(s.egress_id), EgressSessionClose(session_id=sid),
                                   sid=sid)
             except Exception as exc:  # the egress expires the session with its grant anyway
-                ctx.log.warning("egress_close_failed", session=sid, error=str(exc))
-        ctx.log.info("sandbox_closed", session=sid, reason=reason)
+                ctx.log.warning("egress_close_failed", error=str(exc))
+        ctx.log.info("sandbox_closed", reason=reason)
 
     async def on_exec(env: Envelope, msg: Msg) -> Message:
-        parts = msg.subject.split(".")  # silo.exec.<eid>.<sid>.<op>
+        parts = msg.subject.split(".")  # silo.exec.<eid>.lease | silo.exec.<eid>.<sid>.<op>
+        if len(parts) == 4 and parts[3] == "lease":
+            return await on_lease(env, env.expect(LeaseRequest))
         if len(parts) != 5:
             raise GrantError(f"bad executor subject {msg.subject}")
         sid, op = parts[3], parts[4]
         if env.header.sid != sid:
             raise GrantError(f"message signed for session {env.header.sid}, sent to {sid}")
-        session = sessions.get(sid)
         if op == "close":
             env.expect(CloseSession)
             await close_session(sid, "closed by harness")
             return Ack()
+        session = sessions.get(sid)
         if session is None:
             raise SandboxError(f"no sandbox for session {sid} on executor {eid}")
         call = env.expect(ToolCall)
@@ -178,11 +272,18 @@ async def serve(ctx: ServiceContext) -> None:
         metrics.tool_calls.labels(tool=tool, outcome="error" if result.is_error else "ok").inc()
         return result
 
-    await bus.subscribe(subjects.POOL_LEASE, on_lease, queue=subjects.EXECUTOR_QUEUE, concurrent=True)
     await bus.subscribe(subjects.exec_listen(eid), on_exec, concurrent=True)
+    announcer = asyncio.create_task(announce_loop())
     ctx.status["sandboxes"] = 0
     try:
         await ctx.stopping.wait()
     finally:
+        announcer.cancel()
+        await asyncio.gather(announcer, return_exceptions=True)
         await asyncio.gather(*(close_session(sid, "executor stopping") for sid in list(sessions)),
                              return_exceptions=True)
+        try:
+            await bus.publish(subjects.pool_announce(eid), announcement(stopping=True))
+            await bus.nc.flush(timeout=2)
+        except Exception as exc:  # the pool notices our silence within seconds anyway
+            ctx.log.warning("final_announce_failed", error=str(exc))

@@ -91,6 +91,7 @@ class SessionRunner:
         self.messages: list[dict[str, Any]] = []
         self.exit_code: int | None = None
         self._turn: asyncio.Task[None] | None = None
+        self._executor_lost = False
         self.tools = [*SANDBOX_TOOLS, "Exit"] if headless else list(SANDBOX_TOOLS)
 
     async def run(self, prompt: str | None) -> None:
@@ -121,6 +122,8 @@ class SessionRunner:
                 except asyncio.CancelledError:
                     if self.exit_code is not None or asyncio.current_task().cancelling():  # type: ignore[union-attr]
                         raise
+                    if self._executor_lost:
+                        continue  # executor_lost() reports and ends the session
                     await self.events.emit("interrupted", {"reason": "user interrupt"})
         except ModelFailure as exc:
             await self.events.emit("error", {"message": str(exc)})
@@ -145,6 +148,16 @@ class SessionRunner:
             self.interrupt()
             await self._finish(EXIT_OK, reason)
             self.inputs.put_nowait("")
+
+    async def executor_lost(self, reason: str) -> None:
+        """The session's executor is gone: end the session with a clear error."""
+        if self.exit_code is not None:
+            return
+        self._executor_lost = True
+        self.interrupt()
+        await self.events.emit("error", {"message": reason})
+        await self._finish(EXIT_RUNTIME, reason)
+        self.inputs.put_nowait("")
 
     async def _run_turn(self, text: str) -> None:
         await self.events.emit("user_prompt", {"text": text})
@@ -208,6 +221,8 @@ class SessionRunner:
         await self.events.emit("shutdown", {"exit_code": code, "reason": reason})
 
     async def _close_sandbox(self) -> None:
+        if self._executor_lost:
+            return
         try:
             await self.bus.request(
                 subjects.exec_close(self.executor_id, self.sid), CloseSession(reason="session ended"),

@@ -16,6 +16,7 @@
     │       └── InvalidBody
     ├── GrantError                  a session grant that is forged, expired or exceeds limits
     ├── RemoteError                 a service answered a request with an error reply
+    ├── PoolError                   no executor could take a session (capacity, limits, backend)
     ├── SandboxError                a sandbox could not be started or died
     ├── ToolError                   a tool call that failed in a way the model should see
     └── AuthError                   a client failed to authenticate
@@ -123,6 +124,14 @@ class RemoteError(SiloError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class PoolError(SiloError):
+    """No executor could take a session; ``code`` says why (capacity, user_limit, backend)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class SandboxError(SiloError):

@@ -11,11 +11,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._subjects import EVENTS_SUBJECTS, GRANT, HARNESS_START, INBOX_PREFIX, POOL_LEASE
+from ._subjects import EVENTS_SUBJECTS, GRANT, HARNESS_START, INBOX_PREFIX, POOL_ANNOUNCE_ALL
 
 REPLY = INBOX_PREFIX + ">"
 
-SandboxBackend = Literal["bwrap", "gvisor", "docker", "microvm", "mock"]
+SandboxBackend = Literal["bwrap", "gvisor", "docker", "microvm", "mock", "auto"]
+"""``auto``: the executor uses the strongest backend it has that works."""
 LLMBackend = Literal["anthropic", "openai", "openai-ws", "local", "mock"]
 EventKind = Literal[
     "session_started",
@@ -140,11 +141,33 @@ class AccessReport(BaseModel):
     warnings: tuple[str, ...] = ()
 
 
+class ExecutorAnnounce(Message):
+    """An executor's heartbeat: what it can run and how much room it has.
+
+    ``instance`` changes on every start, so a restarted executor is told from
+    the one whose sandboxes died with it. ``stopping`` is sent once on the
+    way out so the pool notices at once.
+    """
+
+    TYPE = "executor_announce"
+    SUBJECTS = (POOL_ANNOUNCE_ALL,)
+    executor_id: str = Field(pattern=SESSION_ID_PATTERN)
+    instance: str = Field(max_length=64)
+    host: str = Field(max_length=255)
+    backends: tuple[str, ...]
+    capacity: int = Field(ge=0)
+    free: int = Field(ge=0)
+    warm: dict[str, int] = Field(default_factory=dict)
+    users: dict[str, int] = Field(default_factory=dict)
+    sessions: tuple[str, ...] = ()
+    stopping: bool = False
+
+
 class LeaseRequest(Message):
-    """Harness asks the executor pool for a sandbox for a session."""
+    """Harness asks one executor for a sandbox for a session."""
 
     TYPE = "lease_request"
-    SUBJECTS = (POOL_LEASE,)
+    SUBJECTS = ("silo.exec.*.lease",)
     grant: str = Field(max_length=64 * 1024)
 
 
@@ -237,6 +260,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         SessionStarted,
         SessionInput,
         SessionEvent,
+        ExecutorAnnounce,
         LeaseRequest,
         LeaseGranted,
         ToolCall,

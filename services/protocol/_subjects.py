@@ -5,7 +5,8 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.harness.start              gateway  -> harness   StartSession (request, queue group)
     silo.session.<sid>.input        gateway  -> harness   SessionInput
     silo.session.<sid>.events       harness  -> stream    SessionEvent (JetStream EVENTS)
-    silo.pool.lease                 harness  -> executor  LeaseRequest (request, queue group)
+    silo.pool.announce.<eid>        executor -> harness   ExecutorAnnounce (every second)
+    silo.exec.<eid>.lease           harness  -> executor  LeaseRequest (request)
     silo.exec.<eid>.<sid>.tool      harness  -> executor  ToolCall (request)
     silo.exec.<eid>.<sid>.close     harness  -> executor  CloseSession (request)
     silo.egress.<gid>.session       executor -> egress    EgressSessionOpen / EgressSessionClose
@@ -28,7 +29,7 @@ from ._errors import ConfigError
 
 PREFIX = "silo"
 HARNESS_START = "silo.harness.start"
-POOL_LEASE = "silo.pool.lease"
+POOL_ANNOUNCE_ALL = "silo.pool.announce.*"
 GRANT = "silo.grant"
 EGRESS_ANY = "any"
 INBOX_PREFIX = "_INBOX."
@@ -76,6 +77,16 @@ def exec_tool(eid: str, sid: str) -> str:
     return f"silo.exec.{check_id(eid, 'executor id')}.{check_id(sid, 'session id')}.tool"
 
 
+def pool_announce(eid: str) -> str:
+    """Subject on which an executor announces itself and its free capacity."""
+    return f"silo.pool.announce.{check_id(eid, 'executor id')}"
+
+
+def exec_lease(eid: str) -> str:
+    """Subject on which the harness asks one executor for a sandbox."""
+    return f"silo.exec.{check_id(eid, 'executor id')}.lease"
+
+
 def exec_close(eid: str, sid: str) -> str:
     """Subject on which the harness ends a session's sandbox."""
     return f"silo.exec.{check_id(eid, 'executor id')}.{check_id(sid, 'session id')}.close"
@@ -103,12 +114,12 @@ PUBLISH: dict[Role, tuple[str, ...]] = {
     Role.GATEWAY: (GRANT, HARNESS_START, "silo.session.*.input"),
     Role.HARNESS: (
         EVENTS_SUBJECTS,
-        POOL_LEASE,
+        "silo.exec.*.lease",
         "silo.exec.*.*.tool",
         "silo.exec.*.*.close",
         JOURNAL_SUBJECTS,
     ),
-    Role.EXECUTOR: ("silo.egress.*.session",),
+    Role.EXECUTOR: ("silo.egress.*.session", POOL_ANNOUNCE_ALL),
     Role.EGRESS: (),
 }
 
@@ -116,8 +127,8 @@ PUBLISH: dict[Role, tuple[str, ...]] = {
 # in depth; the signature checks above are the application-level guarantee).
 SUBSCRIBE: dict[Role, tuple[str, ...]] = {
     Role.GATEWAY: (EVENTS_SUBJECTS,),
-    Role.HARNESS: (HARNESS_START, "silo.session.*.input"),
-    Role.EXECUTOR: (POOL_LEASE, "silo.exec.>"),
+    Role.HARNESS: (HARNESS_START, "silo.session.*.input", POOL_ANNOUNCE_ALL),
+    Role.EXECUTOR: ("silo.exec.>",),
     Role.EGRESS: ("silo.egress.*.session",),
 }
 

@@ -35,7 +35,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import nkeys  # type: ignore[import-untyped]
 from cryptography import x509
@@ -83,6 +83,8 @@ class ServiceConfig(BaseModel):
     role: Role
     metrics_port: int = Field(ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Role-specific settings, e.g. an executor's ``capacity``, ``per_user``, ``backends``."""
 
 
 class NatsSettings(BaseModel):

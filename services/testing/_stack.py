@@ -35,12 +35,26 @@ class Stack:
     from the fixtures' teardown, so a failing test leaves nothing behind.
     """
 
-    def __init__(self, state_dir: Path, extra_args: list[str] | None = None) -> None:
+    def __init__(self, state_dir: Path, extra_args: list[str] | None = None,
+                 services: dict[str, dict[str, Any]] | None = None) -> None:
+        """``services`` adds or changes entries of config.json (id -> ServiceConfig fields)."""
+        from devsilo.cli.main import metrics_port_plan
+        from devsilo.runtime._state import StackConfig, StateDir, write_private
+
         self.state_dir = state_dir
         self.extra_args = list(extra_args or [])
-        nats, gw, m0, m1, m2, m3 = free_ports(6)
+        state = StateDir(state_dir)
+        state.initialize()
+        if services:
+            data = json.loads(state.config_path.read_text())
+            for sid, fields in services.items():
+                data["services"].setdefault(sid, {}).update(fields)
+            write_private(state.config_path, json.dumps(data, indent=2).encode())
+            state.initialize()
+        nats, gw, base = free_ports(3)
         self.nats_port, self.gateway_port = nats, gw
-        self.metrics_ports = {"gateway": m0, "harness": m1, "executor": m2, "egress": m3}
+        self.metrics_ports = metrics_port_plan(StackConfig.model_validate(json.loads(
+            state.config_path.read_text())), base)
         self._lines: list[str] = []
         self._proc: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
@@ -51,9 +65,6 @@ class Stack:
         argv = [sys.executable, "-m", "devsilo.cli", "--state-dir", str(self.state_dir), "up",
                 "--nats-port", str(self.nats_port), "--gateway-port", str(self.gateway_port),
                 "--metrics-port-base", str(self.metrics_ports["gateway"]), *self.extra_args]
-        # metrics ports must be consecutive from the base: re-pick if the OS gave scattered ones
-        base = self.metrics_ports["gateway"]
-        self.metrics_ports = {"gateway": base, "harness": base + 1, "executor": base + 2, "egress": base + 3}
         self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -1,0 +1,89 @@
+"""The harness's view of the executor pool, built from executors' signed announcements."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from devsilo.protocol import ExecutorAnnounce
+
+SILENCE_S = 3.0
+"""An executor not heard from for this long is gone (it announces every second)."""
+
+
+@dataclass
+class ExecutorEntry:
+    """The latest announcement of one executor and when it arrived."""
+
+    announce: ExecutorAnnounce
+    seen_at: float
+
+
+class PoolView:
+    """Executors we have heard from recently, and which of them fit a session."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, silence_s: float = SILENCE_S) -> None:
+        self._clock = clock
+        self._silence = silence_s
+        self._entries: dict[str, ExecutorEntry] = {}
+
+    def update(self, ann: ExecutorAnnounce) -> bool:
+        """Record an announcement; True when it means the executor's earlier instance is gone.
+
+        A new instance id (a restart) or ``stopping`` both mean every sandbox
+        of the earlier instance died with it.
+        """
+        old = self._entries.get(ann.executor_id)
+        lost = old is not None and old.announce.instance != ann.instance
+        if ann.stopping:
+            self._entries.pop(ann.executor_id, None)
+            return True
+        self._entries[ann.executor_id] = ExecutorEntry(ann, self._clock())
+        return lost
+
+    def expire(self) -> list[str]:
+        """Drop executors that fell silent; return their ids."""
+        now = self._clock()
+        gone = [eid for eid, e in self._entries.items() if now - e.seen_at > self._silence]
+        for eid in gone:
+            del self._entries[eid]
+        return gone
+
+    def alive(self, executor_id: str) -> bool:
+        """Whether ``executor_id`` announced itself recently."""
+        e = self._entries.get(executor_id)
+        return e is not None and self._clock() - e.seen_at <= self._silence
+
+    def user_sandboxes(self, user: str) -> int:
+        """How many sandboxes ``user`` holds across the pool."""
+        return sum(e.announce.users.get(user, 0) for e in self._entries.values())
+
+    def candidates(self, backend: str, pinned: str | None = None) -> list[ExecutorAnnounce]:
+        """Executors that offer ``backend`` and have room, warm sandboxes and most room first."""
+        now = self._clock()
+        fits = [
+            e.announce for e in self._entries.values()
+            if now - e.seen_at <= self._silence
+            and (backend in e.announce.backends if backend != "auto" else bool(e.announce.backends))
+            and e.announce.free > 0 and (pinned is None or e.announce.executor_id == pinned)
+        ]
+        return sorted(fits, key=lambda a: (-a.warm.get(backend, 0), -a.free, a.executor_id))
+
+    def describe(self) -> str:
+        """One line on what the pool holds, for error messages."""
+        if not self._entries:
+            return "no executor has announced itself"
+        return "; ".join(
+            f"{e.announce.executor_id}: {','.join(e.announce.backends) or 'no backends'}, "
+            f"{e.announce.free}/{e.announce.capacity} free"
+            for e in sorted(self._entries.values(), key=lambda e: e.announce.executor_id)
+        )
+
+    def capacity(self) -> tuple[int, int]:
+        """(free, total) sandbox slots across live executors."""
+        live = [e.announce for e in self._entries.values() if self._clock() - e.seen_at <= self._silence]
+        return sum(a.free for a in live), sum(a.capacity for a in live)
+
+    def __len__(self) -> int:
+        return len(self._entries)
