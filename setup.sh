@@ -11,6 +11,15 @@ extras=""
 
 need=()
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need+=(libseccomp2)
+if [ -n "$extras" ]; then
+  # the test suite also runs every sandbox backend and builds test networks
+  command -v runsc >/dev/null 2>&1 || need+=(runsc)
+  command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
+  command -v ip >/dev/null 2>&1 || need+=(iproute2)
+  command -v curl >/dev/null 2>&1 || need+=(curl)
+fi
 [ -x /usr/bin/python3 ] || need+=(python3)   # the interpreter the in-sandbox helper runs on
 command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
