@@ -24,7 +24,22 @@ from typing import Any
 from devsilo.protocol import SandboxError, ToolError
 
 from .helper.helper import (
+    BLOCKED_HEADER,
     DEFAULT_TIMEOUT_MS,
+    FETCH_DEFAULT_TIMEOUT_MS,
+    FETCH_HEADERS_MAX,
+    FETCH_MAX,
+    FETCH_MAX_TIMEOUT_MS,
+    GLOB_DEFAULT,
+    GLOB_MAX,
+    GREP_DEFAULT,
+    GREP_DEFAULT_TIMEOUT_MS,
+    GREP_LINE_MAX,
+    GREP_MAX,
+    GREP_MAX_TIMEOUT_MS,
+    LIST_DEFAULT,
+    LIST_MAX,
+    MAX_REDIRECTS,
     MAX_REQUEST_LINE,
     MAX_RESPONSE_LINE,
     MAX_TIMEOUT_MS,
@@ -34,8 +49,15 @@ from .helper.helper import (
 )
 
 __all__ = [
+    "DirEntry",
+    "DirListing",
+    "EditResult",
     "ExecHandle",
     "ExecResult",
+    "FetchResult",
+    "GlobResult",
+    "GrepMatch",
+    "GrepResult",
     "HelloInfo",
     "HelperClient",
     "HelperRequestError",
@@ -53,6 +75,10 @@ _EXEC_GRACE_S = 30.0
 _MAX_ERROR_TEXT = 4096
 # The cap plus room for the truncation mark.
 _MAX_OUTPUT_TEXT = OUTPUT_CAP + 256
+# Past a grep's or fetch's own time limit (which the helper enforces), how
+# long the executor still waits for the answer.
+_WORK_GRACE_S = 10.0
+_ENTRY_TYPES = frozenset(("file", "dir", "symlink", "fifo", "socket", "char", "block", "other"))
 
 
 class HelperRequestError(ToolError):
@@ -80,6 +106,12 @@ class HelloInfo:
     cwd: str
     workspace: str
     python: str
+    proxy_port: int | None = None
+    """The helper's HTTP(S) proxy port inside, None when it runs none."""
+    dns_ports: tuple[int, ...] = ()
+    """The ports its DNS resolver answers on inside (53 only where the sandbox allows)."""
+    egress_relay: bool = False
+    """Whether the session's relay socket is there (else all traffic is refused)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +147,104 @@ class ReadResult:
     offset: int
     size: int
     eof: bool
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """A done edit: how many places changed, the file's new size, the first changed line."""
+
+    path: str
+    replacements: int
+    size: int
+    first_line: int
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    """One directory entry, described without following symlinks.
+
+    ``type`` is file, dir, symlink, fifo, socket, char, block or other;
+    ``mode`` the permission bits; ``target`` a symlink's target text.
+    """
+
+    name: str
+    type: str
+    size: int
+    mode: int
+    mtime: float
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class DirListing:
+    """A directory's entries by name; ``total`` counts all, ``truncated`` if more than given."""
+
+    path: str
+    entries: tuple[DirEntry, ...]
+    total: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class GlobResult:
+    """Absolute paths matching a pattern below ``base``, sorted."""
+
+    base: str
+    matches: tuple[str, ...]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class GrepMatch:
+    """One matching line (1-based ``line``; ``text`` cut at 1000 characters)."""
+
+    path: str
+    line: int
+    text: str
+
+
+@dataclass(frozen=True)
+class GrepResult:
+    """Matching lines, and what the search skipped."""
+
+    matches: tuple[GrepMatch, ...]
+    truncated: bool
+    files_searched: int
+    binary_skipped: int
+    large_skipped: int
+    unreadable: int
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """The final response of a GET through the sandbox's proxy (after redirects).
+
+    A refusal by the helper or the egress is a result too: ``blocked`` then
+    says why (from its header), and ``content`` holds its one-line body.
+    """
+
+    url: str
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+    content: bytes
+    truncated: bool
+    redirects: tuple[str, ...]
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or None."""
+        wanted = name.lower()
+        return next((v for k, v in self.headers if k.lower() == wanted), None)
+
+    @property
+    def blocked(self) -> str | None:
+        """Why the proxy refused the request, when it did."""
+        return self.header(BLOCKED_HEADER)
+
+    @property
+    def text(self) -> str:
+        """The body as text (UTF-8, undecodable bytes replaced)."""
+        return self.content.decode("utf-8", errors="replace")
 
 
 class _Garbage(Exception):
@@ -200,6 +330,9 @@ class HelperClient:
             cwd=self._field(r, "cwd", str),
             workspace=self._field(r, "workspace", str),
             python=self._field(r, "python", str),
+            proxy_port=None if r.get("proxy_port") is None else self._field(r, "proxy_port", int),
+            dns_ports=tuple(self._items(r, "dns_ports", int, 4)),
+            egress_relay=self._field(r, "egress_relay", bool),
         )
 
     async def start_exec(
@@ -299,6 +432,164 @@ class HelperClient:
         r = await self._call("write", params)
         return int(self._field(r, "written", int))
 
+    async def edit(self, path: str, old: str, new: str, *, replace_all: bool = False) -> EditResult:
+        """Replace ``old`` by ``new`` in a file; ``old`` must occur exactly once unless ``replace_all``.
+
+        Fails with :class:`HelperRequestError` code ``no_match`` or
+        ``multiple_matches`` (whose message says where). ``path`` as for :meth:`read`.
+        """
+        params = {"path": path, "old": old, "new": new, "replace_all": replace_all}
+        r = await self._call("edit", params)
+        result = EditResult(
+            path=self._field(r, "path", str),
+            replacements=self._field(r, "replacements", int),
+            size=self._field(r, "size", int),
+            first_line=self._field(r, "first_line", int),
+        )
+        if result.replacements < 1 or (result.replacements > 1 and not replace_all):
+            raise self._fatal("edit answer does not match the request")
+        return result
+
+    async def list_dir(self, path: str = ".", *, limit: int = LIST_DEFAULT) -> DirListing:
+        """The entries of a directory (default: the workspace), at most ``limit``."""
+        if not 0 < limit <= LIST_MAX:
+            raise ValueError(f"limit must be from 1 to {LIST_MAX}")
+        r = await self._call("list", {"path": path, "limit": limit})
+        entries = []
+        for item in self._items(r, "entries", dict, limit):
+            entry = DirEntry(
+                name=self._field(item, "name", str),
+                type=self._field(item, "type", str),
+                size=self._field(item, "size", int),
+                mode=self._field(item, "mode", int),
+                mtime=float(self._field(item, "mtime", (int, float))),
+                target=None if item.get("target") is None else self._field(item, "target", str),
+            )
+            if entry.type not in _ENTRY_TYPES:
+                raise self._fatal(f"list answer has an entry of unknown type {entry.type[:20]!r}")
+            entries.append(entry)
+        return DirListing(
+            path=self._field(r, "path", str),
+            entries=tuple(entries),
+            total=self._field(r, "total", int),
+            truncated=self._field(r, "truncated", bool),
+        )
+
+    async def glob(
+        self, pattern: str, *, path: str | None = None, limit: int = GLOB_DEFAULT
+    ) -> GlobResult:
+        """Paths matching ``pattern`` (``*``, ``?``, ``[..]``, ``**``, ``{a,b}``) below ``path``.
+
+        ``path`` defaults to the workspace; answers absolute paths, at most ``limit``.
+        """
+        if not 0 < limit <= GLOB_MAX:
+            raise ValueError(f"limit must be from 1 to {GLOB_MAX}")
+        params: dict[str, Any] = {"pattern": pattern, "limit": limit}
+        if path is not None:
+            params["path"] = path
+        r = await self._call("glob", params)
+        return GlobResult(
+            base=self._field(r, "base", str),
+            matches=tuple(self._items(r, "matches", str, limit)),
+            truncated=self._field(r, "truncated", bool),
+        )
+
+    async def grep(
+        self,
+        pattern: str,
+        *,
+        path: str | None = None,
+        glob: str | None = None,
+        case_insensitive: bool = False,
+        max_results: int = GREP_DEFAULT,
+        timeout_ms: int = GREP_DEFAULT_TIMEOUT_MS,
+    ) -> GrepResult:
+        """Lines matching the regular expression ``pattern`` below ``path`` (default: workspace).
+
+        ``glob`` filters file names; binary and huge files are skipped and
+        counted. A bad expression fails with code ``bad_pattern``; a search
+        over ``timeout_ms`` with code ``timeout``.
+        """
+        if not 0 < max_results <= GREP_MAX:
+            raise ValueError(f"max_results must be from 1 to {GREP_MAX}")
+        if not 0 < timeout_ms <= GREP_MAX_TIMEOUT_MS:
+            raise ValueError(f"timeout_ms must be from 1 to {GREP_MAX_TIMEOUT_MS}")
+        params: dict[str, Any] = {
+            "pattern": pattern,
+            "case_insensitive": case_insensitive,
+            "max_results": max_results,
+            "timeout_ms": timeout_ms,
+        }
+        if path is not None:
+            params["path"] = path
+        if glob is not None:
+            params["glob"] = glob
+        r = await self._call("grep", params, timeout=timeout_ms / 1000 + _WORK_GRACE_S)
+        matches = []
+        for item in self._items(r, "matches", dict, max_results):
+            match = GrepMatch(
+                path=self._field(item, "path", str),
+                line=self._field(item, "line", int),
+                text=self._field(item, "text", str),
+            )
+            if match.line < 1 or len(match.text) > GREP_LINE_MAX:
+                raise self._fatal("grep answer has a malformed match")
+            matches.append(match)
+        return GrepResult(
+            matches=tuple(matches),
+            truncated=self._field(r, "truncated", bool),
+            files_searched=self._field(r, "files_searched", int),
+            binary_skipped=self._field(r, "binary_skipped", int),
+            large_skipped=self._field(r, "large_skipped", int),
+            unreadable=self._field(r, "unreadable", int),
+        )
+
+    async def fetch(
+        self,
+        url: str,
+        *,
+        max_bytes: int = FETCH_MAX,
+        timeout_ms: int = FETCH_DEFAULT_TIMEOUT_MS,
+        headers: Mapping[str, str] | None = None,
+    ) -> FetchResult:
+        """HTTP(S) GET ``url`` from inside the sandbox, through its proxy and the egress.
+
+        Follows up to 10 redirects (each through the proxy); keeps at most
+        ``max_bytes`` of the body (``truncated`` says when there was more).
+        Network failures fail with codes ``fetch_failed``, ``timeout``,
+        ``tls_error``, ``too_many_redirects``; a refusal is a result (see
+        :attr:`FetchResult.blocked`).
+        """
+        if not 0 <= max_bytes <= FETCH_MAX:
+            raise ValueError(f"max_bytes must be from 0 to {FETCH_MAX}")
+        if not 0 < timeout_ms <= FETCH_MAX_TIMEOUT_MS:
+            raise ValueError(f"timeout_ms must be from 1 to {FETCH_MAX_TIMEOUT_MS}")
+        params: dict[str, Any] = {"url": url, "max_bytes": max_bytes, "timeout_ms": timeout_ms}
+        if headers:
+            params["headers"] = dict(headers)
+        r = await self._call("fetch", params, timeout=timeout_ms / 1000 + _WORK_GRACE_S)
+        try:
+            content = base64.b64decode(self._field(r, "content", str), validate=True)
+        except ValueError as exc:
+            raise self._fatal(f"fetch answer is not valid base64: {exc}") from None
+        pairs = []
+        for pair in self._items(r, "headers", list, FETCH_HEADERS_MAX):
+            if len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+                raise self._fatal("fetch answer has a malformed header")
+            pairs.append((pair[0], pair[1]))
+        status = self._field(r, "status", int)
+        if len(content) > max_bytes or not 100 <= status <= 999:
+            raise self._fatal("fetch answer does not match the request")
+        return FetchResult(
+            url=self._field(r, "url", str),
+            status=status,
+            reason=self._field(r, "reason", str),
+            headers=tuple(pairs),
+            content=content,
+            truncated=self._field(r, "truncated", bool),
+            redirects=tuple(self._items(r, "redirects", str, MAX_REDIRECTS)),
+        )
+
     async def shutdown(self) -> None:
         """Ask the helper to kill every command and exit (the sandbox then ends)."""
         await self._call("shutdown", {})
@@ -319,17 +610,17 @@ class HelperClient:
 
     # -- plumbing -----------------------------------------------------------
 
-    async def _call(self, op: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def _call(
+        self, op: str, params: dict[str, Any], *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Send one request and wait for its answer (``timeout`` overrides the default)."""
+        wait_s = self._request_timeout if timeout is None else timeout
         request_id, pending = await self._send(op, params, None)
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(pending.future), timeout=self._request_timeout
-            )
+            return await asyncio.wait_for(asyncio.shield(pending.future), timeout=wait_s)
         except TimeoutError:
             self._abandon(request_id)
-            raise SandboxError(
-                f"sandbox helper did not answer {op} within {self._request_timeout:g} s"
-            ) from None
+            raise SandboxError(f"sandbox helper did not answer {op} within {wait_s:g} s") from None
         except asyncio.CancelledError:
             self._abandon(request_id)
             raise
@@ -472,13 +763,28 @@ class HelperClient:
             task = asyncio.get_running_loop().create_task(self._fire_and_forget_cancel(request_id))
             task.add_done_callback(_ignore_result)
 
-    def _field(self, obj: Mapping[str, Any], key: str, kind: type) -> Any:
+    def _field(self, obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
         """``obj[key]`` if it has type ``kind``; otherwise the helper is broken."""
         value = obj.get(key)
         # bool is an int in Python; the protocol keeps them apart.
-        if (type(value) is not int) if kind is int else not isinstance(value, kind):
-            raise self._fatal(f"{obj.get('id')!r}: field {key!r} is not a {kind.__name__}")
+        if isinstance(value, bool) and kind is not bool:
+            ok = False
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            name = kind.__name__ if isinstance(kind, type) else "number"
+            raise self._fatal(f"{obj.get('id')!r}: field {key!r} is not a {name}")
         return value
+
+    def _items(self, obj: Mapping[str, Any], key: str, kind: type, most: int) -> list[Any]:
+        """``obj[key]``, a list of at most ``most`` items of type ``kind``; else the helper is broken."""
+        value = self._field(obj, key, list)
+        if len(value) > most:
+            raise self._fatal(f"field {key!r} has {len(value)} items, more than the {most} asked")
+        for item in value:
+            if not isinstance(item, kind) or (isinstance(item, bool) and kind is not bool):
+                raise self._fatal(f"field {key!r} holds an item that is not a {kind.__name__}")
+        return list(value)
 
     @staticmethod
     def _error_text(msg: dict[str, Any]) -> tuple[str, str]:

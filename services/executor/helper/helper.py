@@ -12,7 +12,21 @@ requests are served concurrently and each gets exactly one final response
 {"code": str, "message": str}}``. An ``exec`` asked with ``"stream": true``
 also sends ``{"id": int, "stream": "stdout"|"stderr", "data": str}`` lines
 before its final response. Ops: ``hello``, ``exec``, ``cancel``, ``read``,
-``write``, ``shutdown``.
+``write``, ``edit``, ``list``, ``glob``, ``grep``, ``fetch``, ``shutdown``
+(their fields are documented on the ``_op_*`` methods). Paths are relative
+to the workspace or absolute inside the sandbox.
+
+Network: when it runs in a sandbox whose only interface is loopback, the
+helper also listens on ``127.0.0.1:PROXY_PORT`` as an HTTP forward and
+CONNECT proxy, and on ``127.0.0.1:DNS_PORT`` (and port 53 where the sandbox
+allows it) as a DNS resolver, UDP and TCP. It decides nothing: each proxy
+connection is a new connection to the unix socket at ``RELAY_SOCKET`` (the
+executor's relay for this one session) carrying the client's bytes
+verbatim, and each DNS query goes out the same way; the egress proxy behind
+the relay applies all policy. The framing on that socket is documented in
+``devsilo.executor._relay`` (``STREAM_TCP`` / ``STREAM_DNS`` below are its
+first lines). Without the socket, proxy clients get a 502 saying ``blocked:
+no egress configured for this session`` and DNS queries are REFUSED.
 
 The helper is not a security boundary: it runs with exactly the rights of
 anything else in the sandbox, so it does not confine paths. It must only
@@ -25,12 +39,16 @@ import argparse
 import asyncio
 import base64
 import codecs
+import fnmatch
 import json
 import os
+import re
 import signal
 import socket
 import stat
+import struct
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -59,6 +77,97 @@ DEFAULT_WORKSPACE = "/workspace"
 PIPE_LINGER_S = 0.5
 
 _CHUNK = 64 * 1024
+
+# Before Python 3.11 neither is the builtin TimeoutError (and before 3.10
+# socket.timeout is only an OSError); the helper must run on 3.9, so it
+# names them.
+_ASYNC_TIMEOUT = asyncio.TimeoutError
+_SOCKET_TIMEOUT = socket.timeout
+
+EDIT_MAX = 10 * 1024 * 1024
+"""Largest file an ``edit`` rewrites (it holds the file in memory twice)."""
+
+LIST_DEFAULT = 1000
+LIST_MAX = 10_000
+"""Most entries one ``list`` returns (``limit``); more are reported as truncated."""
+
+GLOB_DEFAULT = 1000
+GLOB_MAX = 10_000
+"""Most paths one ``glob`` returns (``limit``)."""
+GLOB_VISIT_MAX = 200_000
+"""Most directory entries one ``glob`` looks at before it stops, truncated."""
+PATTERN_MAX = 4096
+"""Longest glob pattern (``glob`` op, ``grep``'s file filter), in characters."""
+BRACE_EXPANSIONS_MAX = 64
+"""Most patterns one ``{a,b}`` pattern may expand to."""
+
+REGEX_MAX = 16 * 1024
+"""Longest ``grep`` regular expression, in characters."""
+GREP_DEFAULT = 500
+GREP_MAX = 10_000
+"""Most matching lines one ``grep`` returns (``max_results``)."""
+GREP_FILE_MAX = 32 * 1024 * 1024
+"""Files larger than this are skipped by ``grep`` (and counted)."""
+GREP_VISIT_MAX = 200_000
+"""Most files one ``grep`` opens before it stops, truncated."""
+GREP_LINE_MAX = 1000
+"""Characters of a matching line that ``grep`` returns."""
+GREP_OUTPUT_MAX = 4 * 1024 * 1024
+"""Characters of paths and lines one ``grep`` answer may carry."""
+GREP_DEFAULT_TIMEOUT_MS = 30_000
+GREP_MAX_TIMEOUT_MS = 120_000
+BINARY_SNIFF = 8192
+"""A NUL byte in a file's first this many bytes makes it binary for ``grep``."""
+_VCS_DIRS = frozenset((".git", ".hg", ".svn"))
+
+FETCH_MAX = 5 * 1024 * 1024
+"""Most body bytes one ``fetch`` returns (``max_bytes``)."""
+FETCH_DEFAULT_TIMEOUT_MS = 30_000
+FETCH_MAX_TIMEOUT_MS = 120_000
+MAX_REDIRECTS = 10
+"""Redirects a ``fetch`` follows, each through the proxy again."""
+FETCH_HEADERS_MAX = 64
+"""Most request headers a ``fetch`` may add, and response headers it returns."""
+_FETCH_CONCURRENCY = 8
+_REDIRECT_STATUSES = frozenset((301, 302, 303, 307, 308))
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}\Z")
+
+# -- the sandbox's network: these must match devsilo.executor._spec ----------
+
+PROXY_PORT = 3128
+"""The proxy listener on the sandbox's loopback (``HTTP_PROXY`` points here)."""
+DNS_PORT = PROXY_PORT + 1
+"""The resolver's port that always works. Port 53 needs privilege that an
+unprivileged sandbox user lacks (see ``devsilo.executor._relay``), so the
+helper serves 53 only where the sandbox allows it, and always this one."""
+DNS_STANDARD_PORT = 53
+RELAY_SOCKET = "/.devsilo/egress.sock"
+"""The unix socket to the executor's relay for this session, if bound."""
+CA_CERT = "/.devsilo/ca.pem"
+"""The session CA certificate, if any; ``fetch`` trusts it."""
+
+STREAM_TCP = b"TCP\n"
+"""First line on a relay connection that carries one proxy client's bytes verbatim."""
+STREAM_DNS = b"DNS\n"
+"""First line on a relay connection that carries DNS messages, each preceded
+by its length as 2 bytes, big-endian (as DNS over TCP), answers likewise."""
+
+BLOCKED_HEADER = "X-Devsilo-Blocked"
+"""Header that carries the reason on every refusal the helper (or relay) answers."""
+NO_EGRESS = "no egress configured for this session"
+
+MAX_PROXY_CONNECTIONS = 256
+"""Proxy and DNS-over-TCP connections served at once; more are closed at once."""
+DNS_MAX_PENDING = 256
+"""UDP DNS queries waiting for an answer at once; more are answered SERVFAIL."""
+DNS_TIMEOUT_S = 5.0
+RELAY_CONNECT_TIMEOUT_S = 10.0
+HEAD_MAX = 64 * 1024
+"""Bytes of a request head read before answering a refusal."""
+DNS_RCODE_SERVFAIL = 2
+DNS_RCODE_REFUSED = 5
+_DNS_UDP_PLAIN = 512
+_DNS_UDP_EDNS = 1232
 
 
 def truncation_mark(stream: str, dropped: int) -> str:
@@ -199,12 +308,18 @@ class Helper:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         workspace: str = DEFAULT_WORKSPACE,
+        network: Network | None = None,
     ) -> None:
+        """``network`` is the helper's proxy and resolver, when it runs them."""
         self._lines = LineReader(reader, MAX_REQUEST_LINE)
         self._writer = writer
         self._write_lock = asyncio.Lock()
         self._workspace = workspace
+        self._network = network
         self._execs: dict[int, _Exec] = {}
+        # grep workers, killed with everything else on shutdown.
+        self._workers: set[asyncio.subprocess.Process] = set()
+        self._fetch_slots = asyncio.Semaphore(_FETCH_CONCURRENCY)
         self._inflight: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -248,6 +363,8 @@ class Helper:
             ex.cancelled = True
             ex.kill_group()
             ex.cancel_event.set()
+        for proc in self._workers:
+            _kill(proc)
 
     async def _read_loop(self) -> None:
         while True:
@@ -295,6 +412,11 @@ class Helper:
             "cancel": self._op_cancel,
             "read": self._op_read,
             "write": self._op_write,
+            "edit": self._op_edit,
+            "list": self._op_list,
+            "glob": self._op_glob,
+            "grep": self._op_grep,
+            "fetch": self._op_fetch,
             "shutdown": self._op_shutdown,
         }.get(op if isinstance(op, str) else "")
         try:
@@ -319,11 +441,15 @@ class Helper:
         finally:
             self._inflight.discard(req_id)
 
-    def _path(self, req: dict[str, Any]) -> str:
-        path = req.get("path")
+    def _path(self, req: dict[str, Any], key: str = "path", default: str | None = None) -> str:
+        """``req[key]`` made absolute against the workspace (absolute paths stay as they are)."""
+        path = req.get(key, default)
         if not isinstance(path, str) or not path or "\0" in path:
-            raise RequestError("bad_request", "path must be a non-empty string")
-        return os.path.join(self._workspace, path)  # absolute paths stay as they are
+            raise RequestError("bad_request", f"{key} must be a non-empty string without NUL")
+        if len(path) > 4096 * 4:
+            raise RequestError("bad_request", f"{key} is longer than any path can be")
+        _check_unicode(path, key)
+        return os.path.join(self._workspace, path)
 
     # -- ops ----------------------------------------------------------------
 
@@ -335,6 +461,9 @@ class Helper:
             "cwd": os.getcwd(),
             "workspace": self._workspace,
             "python": ".".join(str(n) for n in sys.version_info[:3]),
+            "proxy_port": self._network.proxy_port if self._network else None,
+            "dns_ports": list(self._network.dns_ports) if self._network else [],
+            "egress_relay": os.path.exists(RELAY_SOCKET),
         }
 
     async def _op_exec(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
@@ -515,6 +644,192 @@ class Helper:
         )
         return {"path": path, "written": len(data), "size": size}
 
+    async def _op_edit(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Replace ``old`` by ``new`` in a file: exactly one match unless ``replace_all``.
+
+        Works on the file's bytes (``old`` and ``new`` are UTF-8), keeps its
+        inode, mode and links. Errors: ``no_match``, ``multiple_matches``
+        (with where), ``too_large`` (over ``EDIT_MAX``), and those of ``read``.
+        Answers ``replacements``, the new ``size`` and ``first_line``.
+        """
+        path = self._path(req)
+        old, new = req.get("old"), req.get("new")
+        if not isinstance(old, str) or not old:
+            raise RequestError("bad_request", "old must be a non-empty string")
+        if not isinstance(new, str):
+            raise RequestError("bad_request", "new must be a string")
+        if old == new:
+            raise RequestError("bad_request", "old and new are the same: nothing to change")
+        replace_all = req.get("replace_all", False)
+        if not isinstance(replace_all, bool):
+            raise RequestError("bad_request", "replace_all must be a boolean")
+        old_b = _encode_text(old, "old")
+        new_b = _encode_text(new, "new")
+        return await asyncio.get_running_loop().run_in_executor(
+            None, _edit_file, path, old_b, new_b, replace_all
+        )
+
+    async def _op_list(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        """A directory's entries (default: the workspace), sorted by name.
+
+        Each entry has ``name``, ``type`` (file, dir, symlink, fifo, socket,
+        char, block, other), ``size``, ``mode`` (permission bits), ``mtime``;
+        symlinks are described, never followed, and carry their ``target``.
+        At most ``limit`` entries (``truncated`` says when there were more).
+        """
+        path = self._path(req, default=".")
+        limit = _int_param(req, "limit", LIST_DEFAULT, 1, LIST_MAX)
+        return await asyncio.get_running_loop().run_in_executor(None, _list_dir, path, limit)
+
+    async def _op_glob(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Absolute paths that match ``pattern`` below ``path`` (default: the workspace).
+
+        ``*``, ``?`` and ``[...]`` match within one name, ``**`` any number
+        of directories, ``{a,b}`` either; wildcards do not match a leading
+        dot unless the pattern has one there, and ``**`` does not descend
+        into hidden or symlinked directories. At most ``limit`` paths, sorted.
+        """
+        base = self._path(req, default=".")
+        pattern = req.get("pattern")
+        if not isinstance(pattern, str) or not pattern or "\0" in pattern:
+            raise RequestError("bad_request", "pattern must be a non-empty string without NUL")
+        if len(pattern) > PATTERN_MAX:
+            raise RequestError("bad_request", f"pattern is longer than {PATTERN_MAX} characters")
+        _check_unicode(pattern, "pattern")
+        patterns = _expand_braces(pattern)
+        limit = _int_param(req, "limit", GLOB_DEFAULT, 1, GLOB_MAX)
+        return await asyncio.get_running_loop().run_in_executor(None, _glob, base, patterns, limit)
+
+    async def _op_grep(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Lines matching the regular expression ``pattern`` (Python syntax) in ``path``.
+
+        ``path`` is a file or a directory searched recursively (default: the
+        workspace; symlinks and ``.git``/``.hg``/``.svn`` are skipped);
+        ``glob`` filters file names (or relative paths when it has a ``/``);
+        ``case_insensitive``; ``max_results`` lines. Binary files (a NUL in
+        their first 8 KiB) and files over ``GREP_FILE_MAX`` are skipped and
+        counted. It runs in a child process killed after ``timeout_ms``, so
+        a pathological expression cannot stall the helper.
+        """
+        path = self._path(req, default=".")
+        pattern = req.get("pattern")
+        if not isinstance(pattern, str) or not pattern:
+            raise RequestError("bad_request", "pattern must be a non-empty string")
+        if len(pattern) > REGEX_MAX:
+            raise RequestError("bad_request", f"pattern is longer than {REGEX_MAX} characters")
+        _check_unicode(pattern, "pattern")
+        name_glob = req.get("glob")
+        if name_glob is not None:
+            if not isinstance(name_glob, str) or not name_glob or "\0" in name_glob:
+                raise RequestError("bad_request", "glob must be a non-empty string without NUL")
+            if len(name_glob) > PATTERN_MAX:
+                raise RequestError("bad_request", f"glob is longer than {PATTERN_MAX} characters")
+            _check_unicode(name_glob, "glob")
+            _expand_braces(name_glob)  # refuse a bad one here, not in the worker
+        case_insensitive = req.get("case_insensitive", False)
+        if not isinstance(case_insensitive, bool):
+            raise RequestError("bad_request", "case_insensitive must be a boolean")
+        max_results = _int_param(req, "max_results", GREP_DEFAULT, 1, GREP_MAX)
+        timeout_ms = _int_param(req, "timeout_ms", GREP_DEFAULT_TIMEOUT_MS, 1, GREP_MAX_TIMEOUT_MS)
+        params = {
+            "path": path,
+            "pattern": pattern,
+            "glob": name_glob,
+            "case_insensitive": case_insensitive,
+            "max_results": max_results,
+        }
+        return await self._run_worker("--grep-worker", params, timeout_ms / 1000)
+
+    async def _run_worker(
+        self, flag: str, params: dict[str, Any], timeout_s: float
+    ) -> dict[str, Any]:
+        """Run this file in a child Python (``flag`` picks the job), bounded in time."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-I",
+                "-S",
+                os.path.abspath(__file__),
+                flag,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                cwd=self._workspace if os.path.isdir(self._workspace) else "/",
+            )
+        except OSError as exc:
+            raise RequestError("spawn_failed", f"cannot start a worker: {exc}")
+        self._workers.add(proc)
+        try:
+            out, _ = await asyncio.wait_for(
+                proc.communicate(json.dumps(params).encode("utf-8")), timeout_s
+            )
+        except _ASYNC_TIMEOUT:
+            raise RequestError(
+                "timeout",
+                f"gave up after {timeout_s:g} s (a pathological pattern, or too much to search?)",
+            )
+        finally:
+            self._workers.discard(proc)
+            _kill(proc)
+        try:
+            answer = json.loads(out)
+        except ValueError:
+            raise RequestError("internal", f"the worker died (status {proc.returncode})")
+        if not isinstance(answer, dict):
+            raise RequestError("internal", "the worker answered nonsense")
+        error = answer.get("error")
+        if isinstance(error, dict):
+            raise RequestError(str(error.get("code")), str(error.get("message")))
+        result: dict[str, Any] = answer
+        return result
+
+    async def _op_fetch(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        """HTTP(S) GET ``url`` through the sandbox's own proxy, hence through egress.
+
+        Follows up to ``MAX_REDIRECTS`` redirects, each through the proxy
+        again. Answers ``url`` (the last one), ``status``, ``reason``,
+        ``headers`` (``[name, value]`` pairs), ``content`` (base64, at most
+        ``max_bytes``), ``truncated`` and ``redirects`` (the URLs followed).
+        A refusal by the proxy is an answer too (its status and reason body),
+        so the caller sees why. ``headers`` may add request headers.
+        """
+        url = req.get("url")
+        if not isinstance(url, str) or not url or len(url) > 16 * 1024:
+            raise RequestError("bad_request", "url must be a non-empty string (at most 16 KiB)")
+        _check_unicode(url, "url")
+        if any(c in url for c in "\0\r\n\t "):
+            raise RequestError(
+                "bad_request", "url must not contain whitespace or control characters"
+            )
+        max_bytes = _int_param(req, "max_bytes", FETCH_MAX, 0, FETCH_MAX)
+        timeout_ms = _int_param(
+            req, "timeout_ms", FETCH_DEFAULT_TIMEOUT_MS, 1, FETCH_MAX_TIMEOUT_MS
+        )
+        headers = req.get("headers") or {}
+        if not isinstance(headers, dict) or len(headers) > FETCH_HEADERS_MAX:
+            raise RequestError(
+                "bad_request", f"headers must map at most {FETCH_HEADERS_MAX} names to values"
+            )
+        for name, value in headers.items():
+            if not _HEADER_NAME.match(name) or not isinstance(value, str):
+                raise RequestError("bad_request", f"invalid header name {name[:64]!r}")
+            if any(c in value for c in "\0\r\n") or len(value) > 8192:
+                raise RequestError("bad_request", f"invalid value for header {name}")
+        if self._network is None or self._network.proxy_port is None:
+            raise RequestError(
+                "no_proxy", "this helper runs no proxy (it is not inside an isolated sandbox)"
+            )
+        async with self._fetch_slots:
+            result: dict[str, Any] = await _in_daemon_thread(
+                _fetch,
+                url,
+                max_bytes,
+                timeout_ms / 1000,
+                headers,
+                self._network.proxy_port,
+            )
+        return result
+
     async def _op_shutdown(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
         # Stopping happens in _handle once the answer is on its way.
         self.kill_all()
@@ -596,6 +911,1049 @@ def _write_file(path: str, data: bytes, append: bool) -> int:
         os.close(fd)
 
 
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass  # it just exited
+
+
+def _check_unicode(value: str, key: str) -> None:
+    # A lone surrogate from JSON would fail deep inside os.* or the answer's
+    # encoding; say so up front instead.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError("bad_request", f"{key} is not valid Unicode text")
+
+
+def _encode_text(value: str, key: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError("bad_request", f"{key} is not valid Unicode text")
+
+
+def _int_param(req: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = req.get(key, default)
+    if type(value) is not int or not low <= value <= high:
+        raise RequestError("bad_request", f"{key} must be an integer from {low} to {high}")
+    return value
+
+
+def _text(name: str) -> str:
+    """A file name fit for a JSON answer: undecodable bytes become U+FFFD."""
+    return os.fsencode(name).decode("utf-8", errors="replace")
+
+
+def _tidy(path: str) -> str:
+    """``path`` without ``.`` components and doubled slashes, for answers.
+
+    Left alone when it has a ``..``: whether that climbs out of a symlink
+    or out of its textual parent is the kernel's to decide, not ours.
+    """
+    return path if ".." in path.split("/") else os.path.normpath(path)
+
+
+def _read_all(fd: int, most: int) -> bytes:
+    chunks = []
+    got = 0
+    while got < most:
+        piece = os.read(fd, min(most - got, 1024 * 1024))
+        if not piece:
+            break
+        chunks.append(piece)
+        got += len(piece)
+    return b"".join(chunks)
+
+
+def _edit_file(path: str, old: bytes, new: bytes, replace_all: bool) -> dict[str, Any]:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise RequestError("not_found", f"no such file: {path}")
+    except IsADirectoryError:
+        raise RequestError("is_directory", f"{path} is a directory")
+    except OSError as exc:
+        raise RequestError("io_error", f"cannot open {path} for editing: {exc.strerror}")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RequestError("not_regular", f"{path} is not a regular file")
+        data = _read_all(fd, EDIT_MAX + 1)
+        if len(data) > EDIT_MAX:
+            raise RequestError(
+                "too_large", f"{path} is larger than {EDIT_MAX} bytes; edit it with a command"
+            )
+        count = data.count(old)
+        if count == 0:
+            hint = ""
+            if b"\r\n" in data and b"\n" in old and b"\r\n" not in old:
+                hint = " (the file has CRLF line endings; old has bare LF)"
+            elif old.strip() and data.count(old.strip()):
+                hint = " (it does occur without its leading/trailing whitespace)"
+            raise RequestError("no_match", f"old text not found in {path}{hint}")
+        if count > 1 and not replace_all:
+            lines: list[str] = []
+            pos = data.find(old)
+            while pos >= 0 and len(lines) < 10:
+                lines.append(str(data.count(b"\n", 0, pos) + 1))
+                pos = data.find(old, pos + len(old))
+            more = ", …" if count > len(lines) else ""
+            raise RequestError(
+                "multiple_matches",
+                f"old text occurs {count} times in {path} (lines {', '.join(lines)}{more}); "
+                "include more surrounding text to make it unique, or set replace_all",
+            )
+        first_line = data.count(b"\n", 0, data.find(old)) + 1
+        result = data.replace(old, new) if replace_all else data.replace(old, new, 1)
+        # In place (not write-and-rename): keeps the inode, so its mode,
+        # owner and hard links stay as they were.
+        view = memoryview(result)
+        pos = 0
+        while pos < len(result):
+            pos += os.pwrite(fd, view[pos:], pos)
+        os.ftruncate(fd, len(result))
+        return {
+            "path": path,
+            "replacements": count if replace_all else 1,
+            "size": len(result),
+            "first_line": first_line,
+        }
+    except OSError as exc:
+        raise RequestError("io_error", f"cannot edit {path}: {exc.strerror}")
+    finally:
+        os.close(fd)
+
+
+def _entry_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISREG, "file"),
+        (stat.S_ISDIR, "dir"),
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "char"),
+        (stat.S_ISBLK, "block"),
+    ):
+        if test(mode):
+            return name
+    return "other"
+
+
+def _open_dir(path: str) -> Any:
+    try:
+        return os.scandir(path)
+    except FileNotFoundError:
+        raise RequestError("not_found", f"no such directory: {path}")
+    except NotADirectoryError:
+        raise RequestError("not_a_directory", f"{path} is not a directory")
+    except OSError as exc:
+        raise RequestError("io_error", f"cannot list {path}: {exc.strerror}")
+
+
+def _list_dir(path: str, limit: int) -> dict[str, Any]:
+    path = _tidy(path)
+    # The named directory itself may be reached through a symlink (as `ls
+    # dir/` would); its entries are described with lstat, never followed.
+    with _open_dir(path) as it:
+        found = []
+        total = 0
+        for entry in it:
+            total += 1
+            if total <= GLOB_VISIT_MAX:
+                found.append(entry)
+    found.sort(key=lambda e: e.name)
+    entries = []
+    for entry in found[:limit]:
+        item: dict[str, Any] = {"name": _text(entry.name)}
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            item.update(type="other", size=0, mode=0, mtime=0)
+            entries.append(item)
+            continue
+        kind = _entry_type(st.st_mode)
+        item.update(
+            type=kind,
+            size=st.st_size,
+            mode=stat.S_IMODE(st.st_mode),
+            mtime=round(st.st_mtime, 3),
+        )
+        if kind == "symlink":
+            try:
+                item["target"] = _text(os.readlink(entry.path))
+            except OSError:
+                item["target"] = ""
+        entries.append(item)
+    return {"path": path, "entries": entries, "total": total, "truncated": total > limit}
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """``a{b,c}d`` → ``abd``, ``acd`` (nested too), at most ``BRACE_EXPANSIONS_MAX``.
+
+    Scans by hand rather than with a regular expression: a hostile pattern
+    must not cost more than linear time per expansion.
+    """
+    todo = [pattern]
+    done: list[str] = []
+    while todo:
+        current = todo.pop()
+        group = _brace_group(current)
+        if group is None:
+            if current not in done:
+                done.append(current)
+            continue
+        start, end = group
+        for alternative in reversed(current[start + 1 : end].split(",")):
+            todo.append(current[:start] + alternative + current[end + 1 :])
+        if len(todo) + len(done) > BRACE_EXPANSIONS_MAX:
+            raise RequestError(
+                "bad_request", f"pattern expands to more than {BRACE_EXPANSIONS_MAX} patterns"
+            )
+    return done
+
+
+def _brace_group(pattern: str) -> tuple[int, int] | None:
+    """The first innermost ``{…,…}`` group's bounds, or None."""
+    start = -1
+    for i, c in enumerate(pattern):
+        if c == "{":
+            start = i
+        elif c == "}" and start >= 0:
+            if "," in pattern[start + 1 : i]:
+                return start, i
+            start = -1  # "{x}" is literal
+    return None
+
+
+class _Budget:
+    """How many more directory entries a walk may look at."""
+
+    def __init__(self, entries: int) -> None:
+        self.left = entries
+        self.exhausted = False
+
+    def scan(self, path: str) -> list[Any]:
+        """``path``'s entries sorted by name; [] when unreadable or out of budget."""
+        if self.left <= 0:
+            self.exhausted = True
+            return []
+        found = []
+        try:
+            with os.scandir(path) as it:
+                for entry in it:
+                    self.left -= 1
+                    if self.left < 0:
+                        self.exhausted = True
+                        break
+                    found.append(entry)
+        except OSError:
+            return []
+        found.sort(key=lambda e: e.name)
+        return found
+
+
+def _is_dir_entry(entry: Any) -> bool:
+    try:
+        return bool(entry.is_dir(follow_symlinks=False))
+    except OSError:
+        return False
+
+
+def _glob(base: str, patterns: list[str], limit: int) -> dict[str, Any]:
+    base = _tidy(base)
+    if not os.path.isdir(base):
+        if os.path.lexists(base):
+            raise RequestError("not_a_directory", f"{base} is not a directory")
+        raise RequestError("not_found", f"no such directory: {base}")
+    found: set[str] = set()
+    budget = _Budget(GLOB_VISIT_MAX)
+    for pattern in patterns:
+        root = "/" if pattern.startswith("/") else base
+        segments: list[str] = []
+        for seg in pattern.split("/"):
+            if seg in ("", ".") or (seg == "**" and segments[-1:] == ["**"]):
+                continue
+            segments.append(seg)
+        if segments:
+            _glob_walk(root, segments, found, budget, limit + 1)
+    matches = sorted(found)
+    truncated = len(matches) > limit or budget.exhausted
+    return {"base": base, "matches": [_text(m) for m in matches[:limit]], "truncated": truncated}
+
+
+def _glob_walk(root: str, segments: list[str], found: set[str], budget: _Budget, most: int) -> None:
+    stack = [(root, 0)]
+    seen: set[tuple[str, int]] = set()
+    last = len(segments) - 1
+    while stack and len(found) < most and not budget.exhausted:
+        directory, i = stack.pop()
+        if (directory, i) in seen:
+            continue
+        seen.add((directory, i))
+        seg = segments[i]
+        if seg == "**":
+            if i < last:
+                stack.append((directory, i + 1))  # ** matching no directory at all
+            for entry in reversed(budget.scan(directory)):
+                if entry.name.startswith("."):
+                    continue
+                if i == last:
+                    found.add(entry.path)
+                if _is_dir_entry(entry):
+                    stack.append((entry.path, i))
+            continue
+        if not any(c in seg for c in "*?["):
+            # A literal name: no listing needed, and it may be hidden or "..".
+            path = os.path.join(directory, seg)
+            if i == last:
+                if os.path.lexists(path):
+                    found.add(path)
+            elif os.path.isdir(path):
+                stack.append((path, i + 1))
+            continue
+        for entry in reversed(budget.scan(directory)):
+            if entry.name.startswith(".") and not seg.startswith("."):
+                continue
+            if not fnmatch.fnmatchcase(entry.name, seg):
+                continue
+            if i == last:
+                found.add(entry.path)
+            elif _is_dir_entry(entry):
+                stack.append((entry.path, i + 1))
+
+
+def _walk_files(root: str, budget: _Budget) -> Any:
+    """Yield ``(path, relative path)`` of every regular file below ``root``.
+
+    Never follows a symlink and skips version-control directories.
+    """
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        for entry in reversed(budget.scan(directory)):
+            try:
+                if entry.is_symlink():
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name not in _VCS_DIRS:
+                        stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    yield entry.path, os.path.relpath(entry.path, root)
+            except OSError:
+                continue
+
+
+def _grep(params: dict[str, Any]) -> dict[str, Any]:
+    """The grep op's work; runs in the worker process (see ``Helper._op_grep``)."""
+    flags = re.IGNORECASE if params["case_insensitive"] else 0
+    try:
+        regex = re.compile(params["pattern"], flags)
+    except (re.error, RecursionError, OverflowError, ValueError) as exc:
+        raise RequestError("bad_pattern", f"invalid regular expression: {exc}")
+    globs = _expand_braces(params["glob"]) if params["glob"] else None
+    max_results: int = params["max_results"]
+    root = _tidy(params["path"])
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        raise RequestError("not_found", f"no such file or directory: {root}")
+    except OSError as exc:
+        raise RequestError("io_error", f"cannot search {root}: {exc.strerror}")
+    budget = _Budget(GREP_VISIT_MAX)
+    if stat.S_ISDIR(st.st_mode):
+        files = _walk_files(root, budget)
+    else:
+        files = iter([(root, os.path.basename(root))])
+    matches: list[dict[str, Any]] = []
+    counts = {"files_searched": 0, "binary_skipped": 0, "large_skipped": 0, "unreadable": 0}
+    output_left = GREP_OUTPUT_MAX
+    truncated = False
+    for path, rel in files:
+        if globs is not None:
+            subject = rel if any("/" in g for g in globs) else os.path.basename(rel)
+            if not any(fnmatch.fnmatchcase(subject, g) for g in globs):
+                continue
+        if counts["files_searched"] >= GREP_VISIT_MAX:
+            truncated = True
+            break
+        data = _grep_read(path, counts)
+        if data is None:
+            continue
+        counts["files_searched"] += 1
+        shown_path = _text(path)
+        for number, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
+            if regex.search(line) is None:
+                continue
+            text = line.rstrip("\r")[:GREP_LINE_MAX]
+            output_left -= len(text) + len(shown_path)
+            if len(matches) >= max_results or output_left < 0:
+                truncated = True
+                break
+            matches.append({"path": shown_path, "line": number, "text": text})
+        if truncated:
+            break
+    answer: dict[str, Any] = {"matches": matches, "truncated": truncated or budget.exhausted}
+    answer.update(counts)
+    return answer
+
+
+def _grep_read(path: str, counts: dict[str, int]) -> bytes | None:
+    """A text file's bytes, or None (counted) when unreadable, too large or binary."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        counts["unreadable"] += 1
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if st.st_size > GREP_FILE_MAX:
+            counts["large_skipped"] += 1
+            return None
+        data = _read_all(fd, GREP_FILE_MAX + 1)
+    except OSError:
+        counts["unreadable"] += 1
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > GREP_FILE_MAX:
+        counts["large_skipped"] += 1
+        return None
+    if b"\0" in data[:BINARY_SNIFF]:
+        counts["binary_skipped"] += 1
+        return None
+    return data
+
+
+def _grep_worker_main() -> int:
+    """``helper.py --grep-worker``: parameters as JSON on stdin, the answer on stdout."""
+    try:
+        answer = _grep(json.loads(sys.stdin.buffer.read()))
+    except RequestError as exc:
+        answer = {"error": {"code": exc.code, "message": exc.message}}
+    except MemoryError:
+        answer = {"error": {"code": "too_large", "message": "grep ran out of memory"}}
+    except Exception as exc:  # noqa: BLE001 -- reported to the helper, which reports it
+        answer = {"error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}}
+    sys.stdout.buffer.write(_dumps(answer))
+    sys.stdout.buffer.flush()
+    return 0
+
+
+def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """Run ``fn(*args)`` in a new daemon thread; its outcome lands in the returned future.
+
+    Not the loop's default executor: a fetch may wait on the network for
+    minutes, and the default executor's few threads must stay free for
+    file requests; and a daemon thread does not hold up the helper's exit.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def deliver(ok: bool, value: Any) -> None:
+        if future.done():
+            return  # the request was cancelled meanwhile
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def run() -> None:
+        try:
+            value, ok = fn(*args), True
+        except BaseException as exc:  # noqa: BLE001 -- handed to the awaiting task
+            value, ok = exc, False
+        try:
+            loop.call_soon_threadsafe(deliver, ok, value)
+        except RuntimeError:
+            pass  # the loop is closed: the helper is exiting
+
+    threading.Thread(target=run, name="helper-fetch", daemon=True).start()
+    return future
+
+
+class _FetchTarget:
+    """One URL taken apart for sending through the proxy."""
+
+    def __init__(self, url: str) -> None:
+        import urllib.parse  # see _fetch about imports
+
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise RequestError("bad_request", f"invalid URL {url[:200]!r}: {exc}")
+        self.scheme = parts.scheme.lower()
+        if self.scheme not in ("http", "https"):
+            raise RequestError(
+                "bad_request",
+                f"only http and https URLs can be fetched, not {url[:200]!r}",
+            )
+        if parts.username is not None or parts.password is not None:
+            raise RequestError(
+                "bad_request", "URLs with credentials are not fetched; drop the user:password@"
+            )
+        host = parts.hostname or ""
+        if not host:
+            raise RequestError("bad_request", f"URL {url[:200]!r} names no host")
+        try:
+            host = host.encode("idna").decode("ascii")
+        except (UnicodeError, ValueError):
+            raise RequestError("bad_request", f"invalid host name in {url[:200]!r}")
+        self.host = host
+        self.port = port or (443 if self.scheme == "https" else 80)
+        bracketed = f"[{host}]" if ":" in host else host
+        self.authority = f"{bracketed}:{self.port}"
+        netloc = bracketed if port is None else self.authority
+        path = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=~-._")
+        if parts.query:
+            path += "?" + urllib.parse.quote(parts.query, safe="/%:@!$&'()*+,;=~-._?")
+        self.path = path
+        self.absolute = f"{self.scheme}://{netloc}{path}"
+
+
+def _fetch(
+    url: str, max_bytes: int, timeout_s: float, headers: dict[str, str], proxy_port: int
+) -> dict[str, Any]:
+    """The fetch op's work, blocking (runs in a thread)."""
+    # Imported here: together they cost milliseconds of every sandbox's start-up.
+    import http.client
+    import ssl
+    import urllib.parse
+
+    deadline = time.monotonic() + timeout_s
+    send = {"User-Agent": "devsilo-fetch/1", "Accept-Encoding": "identity", "Accept": "*/*"}
+    send.update(headers)
+    redirects: list[str] = []
+    current = url
+    try:
+        while True:
+            target = _FetchTarget(current)
+            response, close = _fetch_once(target, send, proxy_port, deadline)
+            try:
+                location = response.getheader("Location")
+                if response.status in _REDIRECT_STATUSES and location and close is not None:
+                    if len(redirects) >= MAX_REDIRECTS:
+                        raise RequestError(
+                            "too_many_redirects",
+                            f"more than {MAX_REDIRECTS} redirects, the last to {current[:500]}",
+                        )
+                    _read_body(response, 64 * 1024, deadline)
+                    current = urllib.parse.urljoin(current, location.strip())
+                    redirects.append(current)
+                    continue
+                body, truncated = _read_body(response, max_bytes, deadline)
+                return {
+                    "url": current,
+                    "status": response.status,
+                    "reason": response.reason,
+                    "headers": [
+                        [name, value[:8192]]
+                        for name, value in response.getheaders()[:FETCH_HEADERS_MAX]
+                    ],
+                    "content": base64.b64encode(body).decode("ascii"),
+                    "truncated": truncated,
+                    "redirects": redirects,
+                }
+            finally:
+                response.close()
+                if close is not None:
+                    close()
+    except RequestError:
+        raise
+    except (_SOCKET_TIMEOUT, TimeoutError):
+        raise RequestError("timeout", f"fetching {current[:500]} timed out after {timeout_s:g} s")
+    except ssl.SSLCertVerificationError as exc:
+        raise RequestError("tls_error", f"certificate of {current[:500]} not trusted: {exc}")
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise RequestError("fetch_failed", f"fetching {current[:500]} failed: {exc}")
+
+
+def _fetch_once(
+    target: _FetchTarget, headers: dict[str, str], proxy_port: int, deadline: float
+) -> tuple[Any, Callable[[], None] | None]:
+    """Send one GET through the proxy; the response and how to close its connection.
+
+    The closer is None when the response is the proxy's own refusal of a
+    CONNECT, which is then the final answer (never followed as a redirect).
+    """
+    import http.client
+    import ssl
+
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _SOCKET_TIMEOUT("out of time")
+    if target.scheme == "http":
+        conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=remaining)
+        conn.request("GET", target.absolute, headers=headers)
+        return conn.getresponse(), conn.close
+    sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=remaining)
+    try:
+        head = f"CONNECT {target.authority} HTTP/1.1\r\nHost: {target.authority}\r\n\r\n"
+        sock.sendall(head.encode("ascii"))
+        reply = http.client.HTTPResponse(sock, method="CONNECT")
+        reply.begin()
+        if reply.status != 200:
+            sock.close()  # the response keeps its own reference to the data
+            return reply, None
+        context = ssl.create_default_context()
+        if os.path.exists(CA_CERT):
+            context.load_verify_locations(CA_CERT)
+        conn = _tunnelled_https(sock, target.host, target.port, context, remaining)
+        conn.request("GET", target.path, headers=headers)
+        return conn.getresponse(), conn.close
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _tunnelled_https(
+    sock: socket.socket, host: str, port: int, context: Any, timeout: float
+) -> Any:
+    """An HTTPSConnection that speaks TLS over an already open CONNECT tunnel."""
+    import http.client
+
+    class Tunnelled(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            self.sock = context.wrap_socket(sock, server_hostname=host)
+
+    return Tunnelled(host, port, timeout=timeout, context=context)
+
+
+def _read_body(response: Any, most: int, deadline: float) -> tuple[bytes, bool]:
+    """Up to ``most`` bytes of the body, and whether there was more."""
+    chunks = []
+    got = 0
+    while got <= most:
+        if time.monotonic() > deadline:
+            raise _SOCKET_TIMEOUT("out of time")
+        piece = response.read(min(_CHUNK, most + 1 - got))
+        if not piece:
+            break
+        chunks.append(piece)
+        got += len(piece)
+    data = b"".join(chunks)
+    return data[:most], got > most
+
+
+# -- the sandbox's network ----------------------------------------------------
+
+
+def only_loopback() -> bool:
+    """Whether this network namespace has no interface but loopback.
+
+    The helper runs its proxy and resolver only then: on a host with real
+    interfaces (the helper run outside a sandbox, as in tests) they would be
+    a hole in that host's loopback, not a sandbox's only way out.
+    """
+    try:
+        return all(name == "lo" for _, name in socket.if_nameindex())
+    except OSError:
+        return False
+
+
+async def splice(
+    a_reader: asyncio.StreamReader,
+    a_writer: asyncio.StreamWriter,
+    b_reader: asyncio.StreamReader,
+    b_writer: asyncio.StreamWriter,
+    counts: list[int] | None = None,
+) -> None:
+    """Copy a→b and b→a until both directions ended, then close both.
+
+    Backpressure: each direction reads 64 KiB at most and waits for the other
+    side to drain before reading more, so a slow reader slows the writer
+    instead of filling memory. An end of stream is passed on as a half-close;
+    an error in either direction ends both. ``counts[0]`` and ``counts[1]``
+    grow by the bytes copied a→b and b→a, as they go.
+    """
+    tally = counts if counts is not None else [0, 0]
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, index: int) -> None:
+        while True:
+            data = await src.read(_CHUNK)
+            if not data:
+                break
+            dst.write(data)
+            tally[index] += len(data)
+            await dst.drain()
+        if dst.can_write_eof() and not dst.is_closing():
+            dst.write_eof()
+
+    tasks = [
+        asyncio.ensure_future(pump(a_reader, b_writer, 0)),
+        asyncio.ensure_future(pump(b_reader, a_writer, 1)),
+    ]
+    try:
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(not t.cancelled() and t.exception() is not None for t in done):
+                break
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in (a_writer, b_writer):
+            writer.close()
+
+
+async def read_head(
+    reader: asyncio.StreamReader, limit: int = HEAD_MAX, timeout: float = 5.0
+) -> bytes:
+    """What the client sends up to its request head's blank line (bounded, timed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    buf = b""
+    while b"\r\n\r\n" not in buf and b"\n\n" not in buf and len(buf) < limit:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        try:
+            chunk = await asyncio.wait_for(reader.read(4096), remaining)
+        except (_ASYNC_TIMEOUT, OSError):
+            break
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def blocked_response(reason: str) -> bytes:
+    """An HTTP 502 whose one-line body is ``blocked: <reason>``."""
+    body = f"blocked: {reason}\n".encode()
+    header = reason.encode("ascii", errors="replace").decode("ascii")
+    return (
+        "HTTP/1.1 502 Bad Gateway\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"{BLOCKED_HEADER}: {header}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("ascii") + body
+
+
+async def answer_blocked(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str
+) -> None:
+    """Refuse one proxy client: read its request head, answer 502, close."""
+    try:
+        await read_head(reader)
+        writer.write(blocked_response(reason))
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        # Swallow what else the client sends (a body) until it closes: closing
+        # with unread data would reset the connection before it read the 502.
+        await asyncio.wait_for(_discard(reader, 1024 * 1024), 2.0)
+    except (OSError, _ASYNC_TIMEOUT):
+        pass  # the client is gone or dawdles; it had its answer
+    finally:
+        writer.close()
+
+
+async def _discard(reader: asyncio.StreamReader, most: int) -> None:
+    while most > 0:
+        data = await reader.read(_CHUNK)
+        if not data:
+            return
+        most -= len(data)
+
+
+def _dns_question_end(message: bytes) -> int | None:
+    """Where the first question of a DNS message ends, or None if it is malformed."""
+    pos = 12
+    for _ in range(128):
+        if pos >= len(message):
+            return None
+        length = message[pos]
+        if length == 0:
+            pos += 1 + 4  # the root label, then type and class
+            return pos if pos <= len(message) else None
+        if length & 0xC0:
+            return None  # no compression in a query's question
+        pos += 1 + length
+    return None
+
+
+def dns_error_reply(query: bytes, rcode: int) -> bytes | None:
+    """An answer to ``query`` with only ``rcode`` (REFUSED, SERVFAIL); None for a non-query."""
+    if len(query) < 12:
+        return None
+    flags, qdcount = struct.unpack(">HH", query[2:6])
+    if flags & 0x8000:
+        return None  # a response, not a query
+    question = b""
+    end = _dns_question_end(query) if qdcount == 1 else None
+    if end is not None:
+        question = query[12:end]
+    # QR set; opcode and RD copied; RA clear.
+    out_flags = 0x8000 | (flags & 0x7800) | (flags & 0x0100) | (rcode & 0xF)
+    return query[:2] + struct.pack(">HHHHH", out_flags, 1 if question else 0, 0, 0, 0) + question
+
+
+async def answer_dns_frames(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    rcode: int,
+    *,
+    most: int = 64,
+    idle: float = 10.0,
+) -> None:
+    """Answer length-prefixed DNS queries with ``rcode`` until EOF (bounded), then close."""
+    try:
+        for _ in range(most):
+            size = struct.unpack(">H", await asyncio.wait_for(reader.readexactly(2), idle))[0]
+            query = await asyncio.wait_for(reader.readexactly(size), idle)
+            reply = dns_error_reply(query, rcode)
+            if reply is None:
+                break
+            writer.write(struct.pack(">H", len(reply)) + reply)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, _ASYNC_TIMEOUT, OSError):
+        pass  # the client closed or went quiet
+    finally:
+        writer.close()
+
+
+def _fit_udp(query: bytes, answer: bytes) -> bytes:
+    """``answer`` cut down to what a UDP client accepts: header and question, TC set.
+
+    512 bytes without EDNS (no additional record in the query), else 1232,
+    the size the DNS flag day settled on; the client then asks over TCP.
+    """
+    limit = _DNS_UDP_EDNS if query[10:12] != b"\0\0" else _DNS_UDP_PLAIN
+    if len(answer) <= limit:
+        return answer
+    flags, qdcount = struct.unpack(">HH", answer[2:6])
+    end = _dns_question_end(answer) if qdcount == 1 else None
+    question = answer[12:end] if end is not None else b""
+    header = struct.pack(">HHHHH", flags | 0x0200, 1 if question else 0, 0, 0, 0)
+    return answer[:2] + header + question
+
+
+class _DnsUpstream:
+    """One framed DNS connection through the relay, shared by every UDP query.
+
+    Each query goes out under a fresh 16-bit id (clients pick theirs
+    independently, so theirs may collide) and its answer comes back under
+    the client's own.
+    """
+
+    def __init__(self, relay_path: str) -> None:
+        self._relay_path = relay_path
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Future[None] | None = None
+        self._connecting = asyncio.Lock()
+        self._pending: dict[int, asyncio.Future[bytes]] = {}
+        self._next_id = int.from_bytes(os.urandom(2), "big")
+
+    async def resolve(self, query: bytes) -> bytes | None:
+        """The answer to ``query``, REFUSED without egress, SERVFAIL when that fails."""
+        if len(self._pending) >= DNS_MAX_PENDING:
+            return dns_error_reply(query, DNS_RCODE_SERVFAIL)
+        try:
+            writer = await self._connect()
+        except FileNotFoundError:
+            return dns_error_reply(query, DNS_RCODE_REFUSED)
+        except (OSError, _ASYNC_TIMEOUT):
+            return dns_error_reply(query, DNS_RCODE_SERVFAIL)
+        while self._next_id in self._pending:
+            self._next_id = (self._next_id + 1) & 0xFFFF
+        our_id = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFF
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[our_id] = waiter
+        try:
+            writer.write(struct.pack(">HH", len(query), our_id) + query[2:])
+            await writer.drain()
+            answer = await asyncio.wait_for(waiter, DNS_TIMEOUT_S)
+        except (OSError, _ASYNC_TIMEOUT):
+            return dns_error_reply(query, DNS_RCODE_SERVFAIL)
+        finally:
+            self._pending.pop(our_id, None)
+        return query[:2] + answer[2:]
+
+    async def _connect(self) -> asyncio.StreamWriter:
+        async with self._connecting:
+            if self._writer is not None and not self._writer.is_closing():
+                return self._writer
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self._relay_path), RELAY_CONNECT_TIMEOUT_S
+            )
+            writer.write(STREAM_DNS)
+            self._writer = writer
+            self._reader_task = asyncio.ensure_future(self._read_answers(reader, writer))
+            return writer
+
+    async def _read_answers(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while True:
+                size = struct.unpack(">H", await reader.readexactly(2))[0]
+                answer = await reader.readexactly(size)
+                if len(answer) < 12:
+                    continue
+                waiter = self._pending.get(struct.unpack(">H", answer[:2])[0])
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(answer)
+        except (asyncio.IncompleteReadError, OSError):
+            pass  # the relay went away; the next query reconnects
+        finally:
+            writer.close()
+            if self._writer is writer:
+                self._writer = None
+            for waiter in self._pending.values():
+                if not waiter.done():
+                    waiter.set_exception(ConnectionResetError("the relay closed"))
+
+    def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+
+
+class _DnsUdp(asyncio.DatagramProtocol):
+    """The UDP side of the resolver."""
+
+    def __init__(self, upstream: _DnsUpstream, spawn: Callable[[Awaitable[None]], None]) -> None:
+        self._upstream = upstream
+        self._spawn = spawn
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(data) < 12 or data[2] & 0x80:
+            return  # not a query: nothing to answer
+        self._spawn(self._answer(data, addr))
+
+    async def _answer(self, query: bytes, addr: tuple[str, int]) -> None:
+        answer = await self._upstream.resolve(query)
+        transport = self._transport
+        if answer is not None and transport is not None and not transport.is_closing():
+            transport.sendto(_fit_udp(query, answer), addr)
+
+
+class Network:
+    """The helper's proxy and resolver listeners (see the module docstring)."""
+
+    def __init__(self, relay_path: str = RELAY_SOCKET) -> None:
+        self.relay_path = relay_path
+        self.proxy_port: int | None = None
+        """The port the proxy listens on, None if it could not."""
+        self.dns_ports: list[int] = []
+        """The ports the resolver answers on (UDP and TCP)."""
+        self.errors: list[str] = []
+        """Why a listener could not start (port 53 in most sandboxes)."""
+        self._servers: list[asyncio.AbstractServer] = []
+        self._udp: list[asyncio.BaseTransport] = []
+        self._upstream = _DnsUpstream(relay_path)
+        self._active = 0
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    async def start(
+        self,
+        proxy_port: int = PROXY_PORT,
+        dns_ports: tuple[int, ...] = (DNS_PORT, DNS_STANDARD_PORT),
+    ) -> None:
+        """Bind what can be bound; failures land in ``errors``, never raise."""
+        try:
+            server = await asyncio.start_server(self._proxy_client, "127.0.0.1", proxy_port)
+            self._servers.append(server)
+            self.proxy_port = proxy_port
+        except OSError as exc:
+            self.errors.append(f"proxy on port {proxy_port}: {exc.strerror}")
+        loop = asyncio.get_running_loop()
+        for port in dns_ports:
+            try:
+                udp, _ = await loop.create_datagram_endpoint(
+                    lambda: _DnsUdp(self._upstream, self._spawn), local_addr=("127.0.0.1", port)
+                )
+            except OSError as exc:
+                self.errors.append(f"dns on port {port}: {exc.strerror}")
+                continue
+            try:
+                tcp = await asyncio.start_server(self._dns_client, "127.0.0.1", port)
+            except OSError as exc:
+                udp.close()
+                self.errors.append(f"dns over tcp on port {port}: {exc.strerror}")
+                continue
+            self._udp.append(udp)
+            self._servers.append(tcp)
+            self.dns_ports.append(port)
+
+    def close(self) -> None:
+        """Stop listening and drop every connection in flight."""
+        for server in self._servers:
+            server.close()
+        for transport in self._udp:
+            transport.close()
+        for task in self._tasks:
+            task.cancel()
+        self._upstream.close()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        if len(self._tasks) >= DNS_MAX_PENDING:
+            return  # a flood: the client will retry
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open_relay(
+        self, first_line: bytes
+    ) -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None, str]:
+        """A new relay connection announced as ``first_line``, or None and why not."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.relay_path), RELAY_CONNECT_TIMEOUT_S
+            )
+        except FileNotFoundError:
+            return None, NO_EGRESS
+        except _ASYNC_TIMEOUT:
+            return None, "egress relay unavailable: timed out"
+        except OSError as exc:
+            return None, f"egress relay unavailable: {exc.strerror or exc}"
+        writer.write(first_line)
+        return (reader, writer), ""
+
+    async def _proxy_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self._serve(reader, writer, STREAM_TCP)
+
+    async def _dns_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._serve(reader, writer, STREAM_DNS)
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, kind: bytes
+    ) -> None:
+        if self._active >= MAX_PROXY_CONNECTIONS:
+            writer.close()
+            return
+        self._active += 1
+        try:
+            relay, why = await self._open_relay(kind)
+            if relay is not None:
+                await splice(reader, writer, *relay)
+            elif kind == STREAM_TCP:
+                await answer_blocked(reader, writer, why)
+            else:
+                rcode = DNS_RCODE_REFUSED if why == NO_EGRESS else DNS_RCODE_SERVFAIL
+                await answer_dns_frames(reader, writer, rcode)
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # either end went away
+        finally:
+            self._active -= 1
+            writer.close()
+
+
 def _close_other_fds(keep: int) -> None:
     # Only stdio and the connection may survive: a stray descriptor to a host
     # directory would be a way out of the sandbox for anything we start.
@@ -616,15 +1974,29 @@ async def _main_async(fd: int, workspace: str) -> None:
     if sock.type != socket.SOCK_STREAM:
         raise SystemExit(f"helper: fd {fd} is not a stream socket")
     reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_REQUEST_LINE)
-    await Helper(reader, writer, workspace).serve()
+    network = None
+    if only_loopback():
+        network = Network()
+        await network.start()
+    try:
+        await Helper(reader, writer, workspace, network).serve()
+    finally:
+        if network is not None:
+            network.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point inside the sandbox: ``helper.py --fd N [--workspace DIR]``."""
     parser = argparse.ArgumentParser(prog="helper.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--fd", type=int, required=True, help="inherited unix socket")
+    parser.add_argument("--fd", type=int, help="inherited unix socket (required)")
     parser.add_argument("--workspace", default=DEFAULT_WORKSPACE)
+    # The helper starting itself as a grep worker: see Helper._op_grep.
+    parser.add_argument("--grep-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.grep_worker:
+        return _grep_worker_main()
+    if args.fd is None:
+        parser.error("--fd is required")
     _close_other_fds(args.fd)
     os.set_inheritable(args.fd, False)  # commands we run must not get the connection
     try:
