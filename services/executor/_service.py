@@ -42,6 +42,7 @@ from devsilo.runtime import ServiceContext
 from ._backends import STRENGTH_ORDER, get_backend
 from ._risk import check_workspace
 from ._sandbox import Sandbox, prepare_workspace_ownership
+from ._relay import SessionRelay
 from ._spec import WORKSPACE, SandboxSpec
 from ._tools import run_tool
 
@@ -58,6 +59,7 @@ class ExecSession:
     grant: SessionGrant
     backend: str
     sandbox: Sandbox
+    relay: SessionRelay
     workspace: Path
     egress_id: str | None
 
@@ -107,6 +109,16 @@ def usable_backends(wanted: list[str] | None, config: dict[str, dict[str, Any]],
     return usable
 
 
+def parse_addr(addr: str | None) -> tuple[str, int] | None:
+    """``host:port`` (or ``[v6]:port``) as a tuple; GrantError when malformed."""
+    if addr is None:
+        return None
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise GrantError(f"egress address {addr!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
 async def serve(ctx: ServiceContext) -> None:
     """Run the executor until stopped; every sandbox is closed on the way out."""
     bus = ctx.bus
@@ -124,6 +136,8 @@ async def serve(ctx: ServiceContext) -> None:
     scratch_root = Path(os.environ.get("DEVSILO_SCRATCH_DIR", f"/tmp/devsilo-scratch-{eid}"))
     scratch_root.mkdir(mode=0o711, parents=True, exist_ok=True)
     os.chmod(scratch_root, 0o711)
+    relay_dir = scratch_root / ".relay"
+    relay_dir.mkdir(mode=0o711, exist_ok=True)
     state_dirs = [ctx.state.root]
     ctx.status.update(backends=backends, capacity=capacity)
     ctx.log.info("executor_backends", backends=backends)
@@ -201,8 +215,13 @@ async def serve(ctx: ServiceContext) -> None:
             if skipped:
                 warnings.append(f"{len(skipped)} hard-linked file(s) stay read-only in the sandbox, "
                                 f"e.g. {skipped[0]}")
+        # The sandbox's one way out: a socket only its uid can use, relayed to the egress.
+        relay = SessionRelay(sid, relay_dir / f"{sid}.sock", parse_addr(grant.egress_addr), uid=uid)
+        await relay.start()
         spec = SandboxSpec(session_id=sid, workspace=workspace, sandbox_uid=uid, sandbox_gid=gid,
-                           scratch_root=scratch_root, allow_read=allow_read)
+                           scratch_root=scratch_root, allow_read=allow_read, relay_socket=relay.socket_path)
+        if grant.egress_addr is None:
+            warnings.append("no egress for this session: every network request is refused")
         backend = grant.sandbox
         if backend == "auto":
             backend = next(b for b in STRENGTH_ORDER if b in backends)
@@ -210,8 +229,9 @@ async def serve(ctx: ServiceContext) -> None:
         started = time.perf_counter()
         try:
             await sandbox.start()
-        except SandboxError:
+        except BaseException:
             metrics.starts.labels(backend=backend, outcome="error").inc()
+            await relay.close()
             raise
         metrics.starts.labels(backend=backend, outcome="ok").inc()
         metrics.start_seconds.labels(backend=backend).observe(time.perf_counter() - started)
@@ -220,7 +240,7 @@ async def serve(ctx: ServiceContext) -> None:
         if warning:
             warnings.append(warning)
         warnings.extend(getattr(sandbox, "warnings", []))
-        sessions[sid] = ExecSession(grant, backend, sandbox, workspace, egress_id)
+        sessions[sid] = ExecSession(grant, backend, sandbox, relay, workspace, egress_id)
         ctx.status["sandboxes"] = len(sessions)
         ctx.log.info("sandbox_started", backend=backend, workspace=str(workspace), egress=egress_id)
         lim = spec.limits
@@ -238,6 +258,7 @@ async def serve(ctx: ServiceContext) -> None:
         if s is None:
             return
         await s.sandbox.close()
+        await s.relay.close()
         metrics.sandboxes.labels(backend=s.backend, state="running").dec()
         ctx.status["sandboxes"] = len(sessions)
         if s.egress_id is not None:

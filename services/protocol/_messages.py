@@ -71,6 +71,8 @@ class SessionGrant(Message):
     credentials: tuple[str, ...] = ()
     quota_tokens: int | None = Field(default=None, ge=0)
     quota_usd: float | None = Field(default=None, ge=0)
+    egress_addr: str | None = Field(default=None, max_length=300,
+                                    description="host:port of the egress proxy this session goes out through")
     issued_at: float
     expires_at: float
 
@@ -305,8 +307,45 @@ class WriteInput(ToolInput):
     append: bool = False
 
 
+class EditInput(ToolInput):
+    """Replace ``old_string`` by ``new_string``; it must occur once unless ``replace_all``."""
+
+    path: str = Field(min_length=1, max_length=4096)
+    old_string: str = Field(min_length=1, max_length=1024 * 1024)
+    new_string: str = Field(max_length=1024 * 1024)
+    replace_all: bool = False
+
+
+class GlobInput(ToolInput):
+    """Paths matching a pattern (``*``, ``?``, ``**``, ``{a,b}``) below ``path``."""
+
+    pattern: str = Field(min_length=1, max_length=4096)
+    path: str | None = Field(default=None, max_length=4096)
+
+
+class GrepInput(ToolInput):
+    """Lines matching a regular expression below ``path``, optionally in files matching ``glob``."""
+
+    pattern: str = Field(min_length=1, max_length=4096)
+    path: str | None = Field(default=None, max_length=4096)
+    glob: str | None = Field(default=None, max_length=4096)
+    case_insensitive: bool = False
+    max_results: int = Field(default=200, ge=1, le=5000)
+
+
+class WebFetchInput(ToolInput):
+    """GET a URL from inside the sandbox, through its proxy and the egress."""
+
+    url: str = Field(min_length=1, max_length=8192)
+    max_bytes: int = Field(default=1024 * 1024, ge=1, le=5 * 1024 * 1024)
+
+
 SANDBOX_TOOLS: dict[str, type[ToolInput]] = {
     "Bash": BashInput,
     "Read": ReadInput,
     "Write": WriteInput,
+    "Edit": EditInput,
+    "Glob": GlobInput,
+    "Grep": GrepInput,
+    "WebFetch": WebFetchInput,
 }
