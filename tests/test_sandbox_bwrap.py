@@ -2,7 +2,9 @@
 
 Every sandbox here is a real bwrap. As root the sandbox runs as the unused
 uid 64123 (so files it makes must be owned by that uid on the host); as any
-other user it runs as that user.
+other user it runs as that user. The attack battery is in test_attacks.py;
+this file checks the confinement's parts one by one (seccomp, cgroups,
+mounts, environment) and the helper protocol end to end.
 """
 
 from __future__ import annotations
@@ -10,26 +12,36 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from devsilo.executor import _cgroups, _seccomp
+from devsilo.executor import _sandbox as sandbox_module
+from devsilo.executor._cgroups import CgroupUnavailable, SandboxCgroup
 from devsilo.executor._helper_client import HelperClient, HelperRequestError
 from devsilo.executor._sandbox import (
+    CA_CERT,
     HOME,
     INNER_UID,
+    RELAY_SOCKET,
     TMP,
     WORKSPACE,
     BwrapSandbox,
     prepare_workspace_ownership,
+    probe,
 )
+from devsilo.executor._spec import SandboxLimits, SandboxSpec
 from devsilo.executor.helper import helper as helper_module
 from devsilo.executor.helper.helper import MAX_REQUEST_LINE, OUTPUT_CAP
 from devsilo.protocol import SandboxError
@@ -49,6 +61,17 @@ def _make_workspace(path: Path) -> Path:
     return path
 
 
+def _spec(workspace: Path, tmp_path: Path, **fields: object) -> SandboxSpec:
+    return SandboxSpec(
+        session_id="test-session",
+        workspace=workspace,
+        sandbox_uid=SANDBOX_UID,
+        sandbox_gid=SANDBOX_GID,
+        scratch_root=tmp_path / "scratch",
+        **fields,  # type: ignore[arg-type]
+    )
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     """A small workspace the sandbox uid may write."""
@@ -58,12 +81,7 @@ def workspace(tmp_path: Path) -> Path:
 @pytest_asyncio.fixture
 async def sandbox(workspace: Path, tmp_path: Path) -> AsyncIterator[BwrapSandbox]:
     """A started bwrap sandbox on ``workspace``; closed after the test."""
-    sb = BwrapSandbox(
-        workspace,
-        sandbox_uid=SANDBOX_UID,
-        sandbox_gid=SANDBOX_GID,
-        scratch_root=tmp_path / "scratch",
-    )
+    sb = BwrapSandbox(_spec(workspace, tmp_path))
     await sb.start()
     try:
         yield sb
@@ -204,13 +222,7 @@ async def test_allow_listed_path_is_readable_but_not_writable(
     ref.mkdir()
     (ref / "doc.txt").write_text("shared docs\n")
     ref.chmod(0o755)
-    async with BwrapSandbox(
-        workspace,
-        sandbox_uid=SANDBOX_UID,
-        sandbox_gid=SANDBOX_GID,
-        scratch_root=tmp_path / "scratch",
-        allow_read=[ref],
-    ) as sb:
+    async with BwrapSandbox(_spec(workspace, tmp_path, allow_read=(ref,))) as sb:
         read = await sb.helper.exec(f"cat {ref}/doc.txt")
         write = await sb.helper.exec(f"echo x > {ref}/doc.txt")
     assert (read.exit_code, read.stdout) == (0, "shared docs\n")
@@ -237,12 +249,7 @@ async def test_the_project_tree_is_not_visible(sandbox: BwrapSandbox) -> None:
 
 async def test_the_state_directory_is_not_visible(state_dir: StateDir, workspace: Path) -> None:
     # The hard case: the sandbox's own scratch lives inside the state dir.
-    async with BwrapSandbox(
-        workspace,
-        sandbox_uid=SANDBOX_UID,
-        sandbox_gid=SANDBOX_GID,
-        scratch_root=state_dir.root / "scratch",
-    ) as sb:
+    async with BwrapSandbox(_spec(workspace, state_dir.root)) as sb:
         result = await sb.helper.exec(
             f"cat {state_dir.roster_path}; ls {state_dir.keys_dir} {state_dir.root}"
         )
@@ -315,6 +322,232 @@ async def test_the_helper_holds_no_directory_descriptor(sandbox: BwrapSandbox) -
     )
     result = await sandbox.helper.exec(f'python3 -c "{script}" $PPID')
     assert (result.exit_code, result.stdout) == (0, "[]\n"), result.stderr
+
+
+# -- the confinement's parts ------------------------------------------------
+
+
+def test_probe_finds_bwrap_working_here() -> None:
+    assert probe() is None
+
+
+def test_probe_names_a_missing_bwrap() -> None:
+    assert probe(bwrap="/nonexistent/bwrap") == (
+        "bwrap not installed (/nonexistent/bwrap; apt-get install bubblewrap)"
+    )
+
+
+async def test_commands_run_under_the_seccomp_filter(sandbox: BwrapSandbox) -> None:
+    result = await sandbox.helper.exec("grep -E '^Seccomp(_filters)?:' /proc/self/status")
+    assert result.stdout.split() == ["Seccomp:", "2", "Seccomp_filters:", "1"]
+
+
+async def test_the_filter_refuses_namespace_flags_but_not_plain_clone(
+    sandbox: BwrapSandbox,
+) -> None:
+    # Threads and subprocesses (clone without namespace flags, clone3 falling
+    # back to clone) keep working; a mount namespace does not.
+    script = (
+        "import subprocess, threading, ctypes; t = threading.Thread(target=print); "
+        "t.start(); t.join(); print(subprocess.run(['echo', 'child'], capture_output=True)"
+        ".stdout.decode().strip()); libc = ctypes.CDLL(None, use_errno=True); "
+        "print(libc.unshare(0x20000), ctypes.get_errno())"
+    )
+    result = await sandbox.helper.exec(f'python3 -c "{script}"')
+    assert (result.exit_code, result.stdout) == (0, "\nchild\n-1 1\n"), result.stderr
+
+
+def test_the_filter_is_a_whole_bpf_program() -> None:
+    program = _seccomp.build_filter()
+    assert len(program) % 8 == 0 and len(program) // 8 > len(_seccomp.DENIED_SYSCALLS)
+
+
+async def test_tmp_is_a_private_tmpfs_only_the_sandbox_user_may_enter(
+    sandbox: BwrapSandbox,
+) -> None:
+    result = await sandbox.helper.exec("stat -f -c %T /tmp; stat -c '%a %U' /tmp $HOME")
+    assert result.stdout == "tmpfs\n700 silo\n700 silo\n", result.stderr
+
+
+async def test_tmp_is_capped_at_half_the_memory_limit(workspace: Path, tmp_path: Path) -> None:
+    limits = SandboxLimits(memory_bytes=128 * 1024**2)
+    async with BwrapSandbox(_spec(workspace, tmp_path, limits=limits)) as sb:
+        result = await sb.helper.exec("head -c 80000000 /dev/zero > /tmp/fill; echo rc=$?")
+    assert "No space left on device" in result.stderr
+    assert result.stdout == "rc=1\n"
+
+
+async def test_proc_and_dev_are_the_sandbox_own(sandbox: BwrapSandbox) -> None:
+    result = await sandbox.helper.exec("ls /dev; echo; ls /proc | grep -c '^[0-9]'")
+    devices, count = result.stdout.split("\n\n")
+    assert set(devices.split()) <= {
+        "console",
+        "core",
+        "fd",
+        "full",
+        "mqueue",
+        "null",
+        "ptmx",
+        "pts",
+        "random",
+        "shm",
+        "stderr",
+        "stdin",
+        "stdout",
+        "tty",
+        "urandom",
+        "zero",
+    }
+    # init, the helper, the shell, ls and grep: no host process is listed.
+    assert int(count) <= 6
+
+
+async def test_the_environment_is_the_spec(workspace: Path, tmp_path: Path) -> None:
+    spec = _spec(workspace, tmp_path, env={"PROJECT": "demo"}, ca_cert_pem=b"CERT\n")
+    async with BwrapSandbox(spec) as sb:
+        result = await sb.helper.exec(
+            'echo "$HTTPS_PROXY $SSL_CERT_FILE $PROJECT $HOME $TMPDIR"; cat "$SSL_CERT_FILE"; '
+            "echo x >> $SSL_CERT_FILE"
+        )
+    lines = result.stdout.splitlines()
+    assert lines == [f"http://127.0.0.1:3128 {CA_CERT} demo {HOME} {TMP}", "CERT"]
+    assert "cannot create /.devsilo/ca.pem" in result.stderr
+
+
+async def test_a_ca_with_a_private_key_is_refused(workspace: Path, tmp_path: Path) -> None:
+    pem = b"-----BEGIN CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\n"
+    with pytest.raises(SandboxError, match="holds a private key"):
+        await BwrapSandbox(_spec(workspace, tmp_path, ca_cert_pem=pem)).start()
+
+
+async def test_the_relay_socket_is_the_one_way_out(workspace: Path, tmp_path: Path) -> None:
+    path = tmp_path / "relay.sock"
+    server = await asyncio.start_unix_server(_answer_pong, path=str(path))
+    path.chmod(0o666)  # the sandbox uid must be able to connect
+    try:
+        async with BwrapSandbox(_spec(workspace, tmp_path, relay_socket=path)) as sb:
+            script = (
+                "import socket; s = socket.socket(socket.AF_UNIX); "
+                f"s.connect('{RELAY_SOCKET}'); s.sendall(b'ping\\n'); print(s.recv(10).decode())"
+            )
+            result = await sb.helper.exec(f'python3 -c "{script}"')
+            gone = await sb.helper.exec(f"rm -f {RELAY_SOCKET}")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (result.exit_code, result.stdout) == (0, "pong\n\n"), result.stderr
+    assert gone.exit_code != 0 and path.exists()
+
+
+async def _answer_pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readline()
+    writer.write(b"pong\n")
+    await writer.drain()
+    writer.close()
+
+
+async def test_a_relay_socket_that_is_no_socket_is_refused(workspace: Path, tmp_path: Path) -> None:
+    with pytest.raises(SandboxError, match="is not a unix socket"):
+        await BwrapSandbox(_spec(workspace, tmp_path, relay_socket=workspace / "README")).start()
+
+
+@root_only
+async def test_the_sandbox_gets_its_own_cgroup_with_the_spec_limits(
+    workspace: Path, tmp_path: Path
+) -> None:
+    limits = SandboxLimits(memory_bytes=300 * 1024**2, cpus=0.5, pids=77)
+    sb = BwrapSandbox(_spec(workspace, tmp_path, limits=limits))
+    await sb.start()
+    try:
+        group = sb.cgroup
+        assert group is not None and sb.warnings == []
+        inside = await sb.helper.exec("cat /proc/self/cgroup")
+        assert group.name in inside.stdout
+        # init and the helper, from before the helper's first instruction.
+        assert sb.init_pid in group.pids() and len(group.pids()) == 2
+        if group.version == 1:
+            memory = group.dirs["memory"] / "memory.limit_in_bytes"
+            cpu = group.dirs["cpu"] / "cpu.cfs_quota_us"
+            assert (memory.read_text(), cpu.read_text()) == ("314572800\n", "50000\n")
+        else:
+            memory = group.dirs["memory"] / "memory.max"
+            assert memory.read_text() == "314572800\n"
+        assert (group.dirs["pids"] / "pids.max").read_text() == "77\n"
+    finally:
+        await sb.close()
+    assert not any(path.exists() for path in group.dirs.values())
+
+
+@root_only
+async def test_the_pids_limit_stops_a_fork_bomb_and_is_counted(
+    workspace: Path, tmp_path: Path
+) -> None:
+    limits = SandboxLimits(pids=40)
+    async with BwrapSandbox(_spec(workspace, tmp_path, limits=limits)) as sb:
+        result = await sb.helper.exec(
+            "for i in $(seq 60); do sleep 5 & done; wait", timeout_ms=2000
+        )
+        assert sb.cgroup is not None
+        events = sb.cgroup.events()
+    assert "Cannot fork" in result.stderr
+    assert events["pids_max"] > 0
+
+
+@root_only
+async def test_the_memory_limit_kills_the_biggest_process_not_the_sandbox(
+    workspace: Path, tmp_path: Path
+) -> None:
+    limits = SandboxLimits(memory_bytes=128 * 1024**2)
+    async with BwrapSandbox(_spec(workspace, tmp_path, limits=limits)) as sb:
+        bomb = await sb.helper.exec("python3 -c \"x = b'1' * (400 << 20)\"")
+        after = await sb.helper.exec("echo still here")
+        assert sb.cgroup is not None
+        events = sb.cgroup.events()
+    assert bomb.exit_code == 137  # SIGKILL, as the shell reports it
+    assert after.stdout == "still here\n"
+    assert events["oom_kill"] >= 1
+
+
+async def test_without_a_cgroup_the_sandbox_runs_and_says_so(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(session_id: str, limits: SandboxLimits) -> SandboxCgroup:
+        raise CgroupUnavailable("no permission to make a cgroup (test)")
+
+    monkeypatch.setattr(SandboxCgroup, "create", staticmethod(refuse))
+    async with BwrapSandbox(_spec(workspace, tmp_path)) as sb:
+        result = await sb.helper.exec("echo fine")
+    assert result.stdout == "fine\n"
+    assert sb.warnings == [
+        "no memory, CPU or pids limits for this sandbox: no permission to make a cgroup (test)"
+    ]
+
+
+_V1_MOUNTINFO = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+
+
+def test_cgroup_mounts_and_own_paths_are_parsed() -> None:
+    mounts = _cgroups._mounts(_V1_MOUNTINFO)
+    assert [(m.point.name, m.fstype) for m in mounts] == [
+        ("cpu,cpuacct", "cgroup"),
+        ("memory", "cgroup"),
+        ("pids", "cgroup"),
+        ("unified", "cgroup2"),
+    ]
+    own = _cgroups._own_paths("4:memory:/svc/x\n2:cpu,cpuacct:/\n0::/user.slice\n")
+    assert own == {"memory": "/svc/x", "cpu": "/", "cpuacct": "/", "": "/user.slice"}
+    memory = mounts[1]
+    assert _cgroups._below(memory, "/svc/x") == Path("/sys/fs/cgroup/memory/svc/x")
+    # Under a cgroup namespace the mount's root is not "/".
+    namespaced = dataclasses.replace(memory, root="/svc")
+    assert _cgroups._below(namespaced, "/svc/x") == Path("/sys/fs/cgroup/memory/x")
+    assert _cgroups._below(namespaced, "/other") == Path("/sys/fs/cgroup/memory")
 
 
 # -- a helper that dies or misbehaves ---------------------------------------
@@ -496,12 +729,7 @@ def test_the_helper_writes_base64_content_verbatim(
 async def test_close_removes_scratch_and_ends_every_process(
     workspace: Path, tmp_path: Path
 ) -> None:
-    sb = BwrapSandbox(
-        workspace,
-        sandbox_uid=SANDBOX_UID,
-        sandbox_gid=SANDBOX_GID,
-        scratch_root=tmp_path / "scratch",
-    )
+    sb = BwrapSandbox(_spec(workspace, tmp_path))
     await sb.start()
     scratch = sb.scratch_dir
     assert scratch is not None and scratch.is_dir()
@@ -518,26 +746,39 @@ async def test_close_removes_scratch_and_ends_every_process(
         sb.helper  # noqa: B018
 
 
-async def test_a_sandbox_that_cannot_start_says_why(workspace: Path, tmp_path: Path) -> None:
-    sb = BwrapSandbox(
-        workspace,
-        sandbox_uid=SANDBOX_UID,
-        sandbox_gid=SANDBOX_GID,
-        scratch_root=tmp_path / "scratch",
-        python="/usr/bin/true",
-    )
-    with pytest.raises(SandboxError, match="did not start.*helper lost"):
+async def test_a_python_that_cannot_run_the_helper_is_named(
+    workspace: Path, tmp_path: Path
+) -> None:
+    sb = BwrapSandbox(_spec(workspace, tmp_path), python="/usr/bin/true")
+    with pytest.raises(
+        SandboxError, match="did not start: /usr/bin/true cannot compile the helper"
+    ):
         await sb.start()
+    assert not (tmp_path / "scratch").exists() or list((tmp_path / "scratch").iterdir()) == []
+
+
+async def test_a_bwrap_that_fails_says_why_and_leaves_nothing(
+    workspace: Path, tmp_path: Path
+) -> None:
+    # As root it runs as the sandbox uid: it must be where that uid can read it.
+    place = Path(tempfile.mkdtemp(prefix="devsilo-fake-bwrap-"))
+    place.chmod(0o755)
+    fake = place / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: no luck today' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    try:
+        sb = BwrapSandbox(_spec(workspace, tmp_path), bwrap=str(fake))
+        with pytest.raises(SandboxError, match="did not start.*status 1.*no luck today"):
+            await sb.start()
+    finally:
+        shutil.rmtree(place)
     assert list((tmp_path / "scratch").iterdir()) == []
+    if AS_ROOT:
+        assert not list(Path("/sys/fs/cgroup/pids/devsilo").glob("test-session-*"))
 
 
 async def test_a_missing_workspace_is_refused(tmp_path: Path) -> None:
-    sb = BwrapSandbox(
-        tmp_path / "nowhere",
-        sandbox_uid=SANDBOX_UID,
-        sandbox_gid=SANDBOX_GID,
-        scratch_root=tmp_path / "scratch",
-    )
+    sb = BwrapSandbox(_spec(tmp_path / "nowhere", tmp_path))
     with pytest.raises(SandboxError, match="nowhere is not a directory"):
         await sb.start()
 
@@ -585,3 +826,81 @@ def _running_in(pid: int, pid_ns: str) -> bool:
     # A zombie runs nothing; the host's init reaps it in its own time.
     state = _status_field(pid, "State")
     return bool(state) and not state.startswith("Z") and _pid_ns(pid) == pid_ns
+
+
+def test_cgroups_orphaned_by_a_dead_executor_are_swept(tmp_path: Path) -> None:
+    old = time.time() - 3600
+    for name in ("gone-0123abcd", "fresh-89abcdef", "gvisor"):
+        (tmp_path / name).mkdir()
+    os.utime(tmp_path / "gone-0123abcd", (old, old))
+    os.utime(tmp_path / "gvisor", (old, old))
+    _cgroups._sweep(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh-89abcdef", "gvisor"]
+
+
+@root_only
+async def test_a_source_swapped_during_start_is_refused(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the stage finds at the path is not what the executor opened.
+    real_open = sandbox_module._Source.open
+
+    def swapped(host: Path, dest: str, *, writable: bool, directory: bool) -> object:
+        source = real_open(host, dest, writable=writable, directory=directory)
+        return dataclasses.replace(source, identity=(0, 0)) if dest == WORKSPACE else source
+
+    monkeypatch.setattr(sandbox_module._Source, "open", staticmethod(swapped))
+    with pytest.raises(SandboxError, match=f"{workspace} was replaced while the sandbox started"):
+        await BwrapSandbox(_spec(workspace, tmp_path)).start()
+
+
+_DIES_WITH_EXECUTOR = """
+import asyncio, os, sys
+from pathlib import Path
+from devsilo.executor._sandbox import BwrapSandbox
+from devsilo.executor._spec import SandboxSpec
+
+async def main():
+    spec = SandboxSpec("orphan", Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[2]),
+                       Path(sys.argv[3]))
+    sandbox = BwrapSandbox(spec)
+    await sandbox.start()
+    groups = sorted(set(sandbox.cgroup.dirs.values())) if sandbox.cgroup else []
+    print(sandbox.init_pid, *groups, flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_the_sandbox_dies_with_the_executor(workspace: Path, tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _DIES_WITH_EXECUTOR,
+        str(workspace),
+        str(SANDBOX_UID),
+        str(tmp_path / "scratch"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    pid, *groups = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().split()
+    pidfd = os.pidfd_open(int(pid))
+    try:
+        proc.kill()
+        await proc.wait()
+        # The launcher thread died with the executor: PR_SET_PDEATHSIG fires.
+        assert await sandbox_module._readable(pidfd, 5.0), "the sandbox outlived its executor"
+    finally:
+        os.close(pidfd)
+        # A killed executor cannot remove its cgroups (a later one sweeps them);
+        # they empty once the host's init reaps the orphaned processes.
+        for group in groups:
+            for _ in range(200):
+                with contextlib.suppress(FileNotFoundError):
+                    try:
+                        Path(group).rmdir()
+                    except OSError:
+                        await asyncio.sleep(0.05)
+                        continue
+                break

@@ -2,81 +2,113 @@
 
 A started sandbox runs the helper (``devsilo.executor.helper.helper``) inside
 it, connected to the executor over a socket pair; :attr:`Sandbox.helper` is
-the executor's client for it. Inside every sandbox the workspace is at
-:data:`WORKSPACE`, the scratch home at :data:`HOME` and scratch tmp at
-:data:`TMP`; both scratch directories are per sandbox and removed by
-:meth:`Sandbox.close`.
+the executor's client for it. Every backend builds what a
+:class:`~devsilo.executor._spec.SandboxSpec` asks for, with the paths of
+:mod:`devsilo.executor._spec` (:data:`WORKSPACE`, :data:`HOME`, :data:`TMP`,
+:data:`RELAY_SOCKET`, :data:`CA_CERT`…).
 
-The bubblewrap backend (:class:`BwrapSandbox`) gives first confinement:
-user, pid, ipc, uts, net and cgroup namespaces (loopback only, no new user
-namespaces inside), no capabilities, no_new_privs, a read-only root built
-from the host's ``/usr`` and a few public ``/etc`` files, and nothing else of
-the host but the workspace, the scratch and the read allow-list. Seccomp
-filters and cgroup limits come later.
+The bubblewrap backend (:class:`BwrapSandbox`) confines the helper and all it
+starts with: user, pid, ipc, uts, net and cgroup namespaces (loopback only;
+no new user namespaces inside); a uid that maps to the unprivileged host
+``spec.sandbox_uid``, never to host root; no capabilities; no_new_privs; the
+seccomp filter of :mod:`devsilo.executor._seccomp`; a read-only root built
+from the host's ``/usr`` and a few public ``/etc`` files; a fresh ``/proc``,
+a minimal ``/dev`` and a size-capped tmpfs ``/tmp`` (mode 0700); the
+workspace and a scratch home read-write (the home is removed at close);
+the read allow-list, the session's relay socket and CA certificate
+read-only; and a cgroup of its own with the spec's memory, CPU and pids
+limits (:mod:`devsilo.executor._cgroups`).
 
-bubblewrap always runs as an unprivileged host uid. When the executor runs as
-root it cannot simply drop to that uid and hand bubblewrap the paths: the uid
-may have no search permission on their parents, and bubblewrap (0.8) resolves
-even ``--bind-fd`` sources by path as that uid. So, as root, the launcher
-first enters a private mount namespace, bind-mounts every host source onto a
-fresh tmpfs stage (checking each is still the very directory the executor
-opened), and only then drops to the sandbox uid and runs bubblewrap on the
-stage. Nothing of this is visible on the host.
+bubblewrap always runs as the unprivileged sandbox uid. When the executor
+runs as root it cannot simply drop to that uid and hand bubblewrap the
+paths: the uid may have no search permission on their parents, and
+bubblewrap (0.8) resolves even ``--bind-fd`` sources by path as that uid.
+So, as root, each launch first enters a private mount namespace, mounts a
+fresh tmpfs stage on a world-searchable directory, bind-mounts every host
+source onto the stage (opening each again and checking it is still the very
+object the executor opened), and only then drops to the sandbox uid
+(``setpriv``) and runs bubblewrap on the stage. Nothing of this is visible
+on the host, and it takes no process but ``setpriv`` itself: the namespace
+and the mounts are made by :class:`_Launcher`, one thread of the executor
+set aside for starting sandboxes.
+
+bubblewrap's ``--block-fd`` holds the sandbox's init after its mounts are
+set up and before it starts the helper; the executor uses that moment to
+move init into the sandbox's cgroup, so that nothing inside ever runs
+unconfined.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import contextlib
+import ctypes
 import fcntl
 import functools
 import importlib.resources
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import socket
 import stat
+import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, TypeVar
 
 from devsilo.protocol import SandboxError, ToolError
 
+from ._cgroups import CgroupUnavailable, SandboxCgroup
 from ._helper_client import HelperClient
+from ._seccomp import build_filter
+from ._seccomp import probe as _seccomp_probe
+from ._spec import (
+    CA_CERT,
+    HELPER_PATH,
+    HOME,
+    INNER_GID,
+    INNER_UID,
+    RELAY_SOCKET,
+    TMP,
+    WORKSPACE,
+    SandboxSpec,
+    sandbox_env,
+)
 
 __all__ = [
+    "CA_CERT",
     "HELPER_PATH",
+    "HELPER_PYC",
     "HOME",
     "INNER_GID",
     "INNER_UID",
+    "RELAY_SOCKET",
     "TMP",
     "WORKSPACE",
     "BwrapSandbox",
     "Sandbox",
     "prepare_workspace_ownership",
+    "probe",
 ]
 
-WORKSPACE = "/workspace"
-"""Where every backend mounts the workspace, read-write."""
-HOME = "/home/silo"
-"""The sandbox user's home: per-sandbox scratch, read-write."""
-TMP = "/tmp"
-"""Per-sandbox scratch tmp, read-write."""
-HELPER_PATH = "/.devsilo/helper.py"
-"""Where the helper's source sits inside the sandbox, read-only."""
-INNER_UID = 1000
-"""The sandbox user's uid as seen inside; outside it is the sandbox uid."""
-INNER_GID = 1000
+HELPER_PYC = "/.devsilo/helper.pyc"
+"""The helper compiled for the sandbox's Python, run instead of the source: a
+script given as source is compiled at every start, which costs a cold start
+several milliseconds."""
 
 _LAUNCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-_SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _STDERR_KEEP = 8192
+_PROBE_UID = 65534  # nobody: a probe run as root tries bwrap as some unprivileged uid
 
 # Public, secret-free host files that ordinary tools need: the dynamic
 # linker's cache and config, the alternatives symlinks (awk, editor… point
@@ -93,38 +125,29 @@ _HOST_ETC = (
 # The top-level names that merged-/usr systems make symlinks and others
 # make directories; mirrored as the host has them.
 _USR_ALIASES = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
-
-# Runs as root in a private mount namespace: "$1" is the stage directory,
-# then (source, dev:ino, d|f) triples up to "--", then the command to exec.
-_STAGE_SCRIPT = r"""set -eu
-stage=$1
-shift
-mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev devsilo-stage "$stage"
-n=0
-while [ "$1" != "--" ]; do
-    src=$1 want=$2 kind=$3
-    shift 3
-    if [ "$kind" = d ]; then mkdir "$stage/$n"; else : > "$stage/$n"; fi
-    mount --bind "$src" "$stage/$n"
-    got=$(stat -c %d:%i "$stage/$n")
-    if [ "$got" != "$want" ]; then
-        echo "devsilo: $src was replaced while the sandbox started" >&2
-        exit 1
-    fi
-    n=$((n + 1))
-done
-shift
-exec "$@"
-"""
 # Where the stage may go: top-level directories that anyone may search. The
-# stage hides what is below it (in the private namespace only), so it must
-# not hold any source.
+# stage hides what is below it (in the launch's private namespace only), so
+# it must not hold any source.
 _STAGE_CANDIDATES = ("/tmp", "/var/tmp", "/mnt", "/media", "/srv", "/run")
+_STAGE_SIZE = "1m"
 
+# Linux ABI values for the launcher's namespace and mount calls (Python 3.11
+# has no os.unshare / os.setns / mount).
+_CLONE_FS = 0x00000200
+_CLONE_NEWNS = 0x00020000
+_MS_NOSUID, _MS_NODEV, _MS_BIND = 0x2, 0x4, 0x1000
+_MS_REC, _MS_PRIVATE = 0x4000, 0x40000
 
-@functools.cache
-def _helper_source() -> bytes:
-    return (importlib.resources.files("devsilo.executor.helper") / "helper.py").read_bytes()
+# Compiles the helper with the sandbox's own interpreter: source on stdin,
+# a .pyc on stdout. Only the magic number is checked when a .pyc is run as
+# the main script, so the rest of the header stays zero.
+_COMPILE_HELPER = (
+    "import importlib.util, marshal, sys; "
+    "code = compile(sys.stdin.buffer.read(), sys.argv[1], 'exec', dont_inherit=True); "
+    "sys.stdout.buffer.write(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code))"
+)
+
+_T = TypeVar("_T")
 
 
 def prepare_workspace_ownership(path: Path, uid: int, gid: int) -> list[str]:
@@ -202,79 +225,287 @@ class Sandbox(abc.ABC):
         await self.close()
 
 
-class _Source:
-    """A host path to bind into the sandbox, pinned by an O_PATH descriptor."""
+# -- probing ------------------------------------------------------------------
 
-    def __init__(self, host: Path, dest: str, *, writable: bool, directory: bool) -> None:
+
+def probe(*, bwrap: str = "bwrap", python: str = "/usr/bin/python3", **_config: Any) -> str | None:
+    """None when bwrap sandboxes work on this host, else one line saying why not.
+
+    Checks what the kernel says about user namespaces, that libseccomp can
+    build the filter, then starts a real (tiny) sandbox with the same
+    namespaces and filter, as an unprivileged uid. Other backend settings
+    (``start_timeout``…) are accepted and ignored.
+    """
+    found = shutil.which(bwrap)
+    if found is None:
+        return f"bwrap not installed ({bwrap}; apt-get install bubblewrap)"
+    if not os.access(python, os.X_OK):
+        return f"{python} is missing: the helper needs a Python 3 in /usr"
+    if _sysctl("kernel/unprivileged_userns_clone") == "0":
+        return "unprivileged user namespaces disabled (kernel.unprivileged_userns_clone=0)"
+    if _sysctl("user/max_user_namespaces") == "0":
+        return "user namespaces disabled (user.max_user_namespaces=0)"
+    as_root = os.geteuid() == 0
+    if as_root and shutil.which("setpriv", path=_LAUNCH_PATH) is None:
+        return "setpriv (util-linux) is missing: root cannot drop to the sandbox uid"
+    problem = _seccomp_probe()
+    if problem is not None:
+        return problem
+    return _trial_run(found, as_root)
+
+
+def _sysctl(name: str) -> str | None:
+    try:
+        return Path("/proc/sys", name).read_text().strip()
+    except OSError:
+        return None
+
+
+def _trial_run(bwrap: str, as_root: bool) -> str | None:
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, build_filter())
+    finally:
+        os.close(write_fd)
+    # fmt: off
+    argv = [
+        bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
+        "--die-with-parent", "--clearenv", "--seccomp", str(read_fd),
+        "--ro-bind", "/usr", "/usr", *_usr_alias_args(), "--proc", "/proc", "--dev", "/dev",
+        "--", "/usr/bin/true",
+    ]
+    if as_root:
+        argv = [
+            shutil.which("setpriv", path=_LAUNCH_PATH) or "setpriv",
+            f"--reuid={_PROBE_UID}", f"--regid={_PROBE_UID}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--", *argv,
+        ]
+    # fmt: on
+    try:
+        done = subprocess.run(
+            argv,
+            pass_fds=(read_fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={"PATH": _LAUNCH_PATH, "LC_ALL": "C"},
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"bwrap cannot start a sandbox here: {exc}"
+    finally:
+        os.close(read_fd)
+    if done.returncode == 0:
+        return None
+    said = done.stderr.decode(errors="replace").strip().splitlines()
+    why = said[-1] if said else f"exit status {done.returncode}"
+    if _sysctl("kernel/apparmor_restrict_unprivileged_userns") == "1":
+        return (
+            "AppArmor restricts unprivileged user namespaces "
+            f"(kernel.apparmor_restrict_unprivileged_userns=1): {why}"
+        )
+    return f"bwrap cannot start a sandbox here: {why}"
+
+
+# -- the launcher thread ------------------------------------------------------
+
+
+def _libc_call(name: str, *args: Any) -> None:
+    """Call a libc function that returns -1 and sets errno on failure."""
+    func = getattr(_libc(), name)
+    if func(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}: {os.strerror(err)}")
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_ulong,
+        ctypes.c_char_p,
+    ]
+    libc.unshare.argtypes = [ctypes.c_int]
+    libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+    return libc
+
+
+class _Launcher:
+    """The executor's one thread for starting sandboxes.
+
+    Why a thread of its own: bwrap's ``--die-with-parent`` (PR_SET_PDEATHSIG)
+    fires when the *thread* that forked it exits, so the forking thread must
+    live as long as the executor; and as root each launch moves that thread
+    into a new mount namespace, which no thread running anything else may do.
+    Launches are quick (a few mount calls and one fork) and run one at a time.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[concurrent.futures.Future[Any], Callable[[_Launcher], Any]]
+        ] = queue.SimpleQueue()
+        self._start_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._host_mount_ns = -1
+
+    def submit(self, job: Callable[[_Launcher], _T]) -> concurrent.futures.Future[_T]:
+        """Run ``job(self)`` on the launcher thread."""
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="devsilo-sandbox-launcher", daemon=True
+                )
+                self._thread.start()
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        self._jobs.put((future, job))
+        return future
+
+    def fresh_mount_namespace(self) -> None:
+        """Move this thread into a new private copy of the executor's mount namespace."""
+        if self._host_mount_ns < 0:
+            # setns() refuses a thread that shares its fs_struct with others.
+            _libc_call("unshare", _CLONE_FS)
+            self._host_mount_ns = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            _libc_call("setns", self._host_mount_ns, _CLONE_NEWNS)
+        _libc_call("unshare", _CLONE_NEWNS)
+        # Private: nothing mounted here may propagate to the host.
+        _libc_call("mount", None, b"/", None, _MS_REC | _MS_PRIVATE, None)
+
+    def _serve(self) -> None:
+        while True:
+            future, job = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job(self))
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                future.set_exception(exc)
+
+
+_LAUNCHER = _Launcher()
+"""Process-wide on purpose: see :class:`_Launcher` for why one thread starts every sandbox."""
+
+
+@dataclass
+class _Spawned:
+    """bwrap's outer process, with a pidfd to wait on it without reaping races."""
+
+    proc: subprocess.Popen[bytes]
+    pidfd: int
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A host path to bind into the sandbox, opened by the executor (O_PATH)."""
+
+    path: str
+    dest: str
+    writable: bool
+    directory: bool
+    fd: int
+    identity: tuple[int, int]
+
+    @classmethod
+    def open(cls, host: Path, dest: str, *, writable: bool, directory: bool) -> _Source:
+        """Open ``host`` (its real path, the last component not followed)."""
         flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
         if directory:
             flags |= os.O_DIRECTORY
         real = os.path.realpath(host)
         try:
-            self.fd = os.open(real, flags)
+            fd = os.open(real, flags)
         except OSError as exc:
             raise SandboxError(f"cannot open {host} for the sandbox: {exc.strerror}") from None
-        st = os.fstat(self.fd)
-        self.path = real
-        self.dest = dest
-        self.writable = writable
-        self.directory = stat.S_ISDIR(st.st_mode)
-        self.identity = f"{st.st_dev}:{st.st_ino}"
+        st = os.fstat(fd)
+        return cls(real, dest, writable, stat.S_ISDIR(st.st_mode), fd, (st.st_dev, st.st_ino))
+
+    def stage_into(self, target: str) -> None:
+        """Bind this very source onto ``target`` (a new name in the stage); as root only."""
+        flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+        if self.directory:
+            flags |= os.O_DIRECTORY
+            os.mkdir(target, 0o755)
+        else:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        # Open again in the launch's own mount namespace (a mount can only be
+        # bound from the namespace it belongs to) and check it is still what
+        # the executor opened: a path swapped meanwhile is refused.
+        fd = os.open(self.path, flags)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self.identity:
+                raise SandboxError(f"{self.path} was replaced while the sandbox started")
+            # The magic link binds the object the descriptor holds, not whatever
+            # the path names by now.
+            _libc_call(
+                "mount", f"/proc/self/fd/{fd}".encode(), target.encode(), None, _MS_BIND, None
+            )
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
+        """Close the executor's descriptor."""
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
 
-class BwrapSandbox(Sandbox):
-    """A bubblewrap sandbox on this host (see the module docstring).
+# -- the bwrap sandbox --------------------------------------------------------
 
-    ``workspace`` is mounted read-write at :data:`WORKSPACE`; ``allow_read``
-    host paths read-only at the same paths; ``env`` is added to the
-    sandbox's environment. The sandbox runs as host ``sandbox_uid`` /
-    ``sandbox_gid`` (``INNER_UID`` inside): as root the executor drops to
-    them; otherwise they must be the executor's own. Scratch lives in a new
-    directory under ``scratch_root``.
+
+class BwrapSandbox(Sandbox):
+    """A bubblewrap sandbox on this host, built from ``spec`` (see the module docstring).
+
+    As root the executor drops to ``spec.sandbox_uid``/``sandbox_gid`` (``INNER_UID``
+    inside); otherwise those must be the executor's own. Scratch home lives in a
+    new directory under ``spec.scratch_root``. ``bwrap`` and ``python`` (the
+    helper's interpreter, from the host's ``/usr``) may be overridden;
+    ``start_timeout`` bounds :meth:`start`.
     """
 
     backend = "bwrap"
 
     def __init__(
         self,
-        workspace: Path,
+        spec: SandboxSpec,
         *,
-        sandbox_uid: int,
-        sandbox_gid: int,
-        scratch_root: Path,
-        allow_read: Sequence[Path] = (),
-        env: Mapping[str, str] | None = None,
         bwrap: str = "bwrap",
         python: str = "/usr/bin/python3",
         start_timeout: float = 10.0,
     ) -> None:
-        self.workspace = Path(workspace)
-        self.sandbox_uid = sandbox_uid
-        self.sandbox_gid = sandbox_gid
-        self.scratch_root = Path(scratch_root)
-        self.allow_read = [Path(p) for p in allow_read]
-        self.env = dict(env or {})
+        self.spec = spec
         self.bwrap = bwrap
         self.python = python
         self.start_timeout = start_timeout
         self.warnings: list[str] = []
         """Things a user should know about this sandbox (for the access report)."""
         self.scratch_dir: Path | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        """The host directory holding this sandbox's scratch home (until close)."""
+        self.cgroup: SandboxCgroup | None = None
+        """The sandbox's cgroup, None when this host gave none (see :attr:`warnings`)."""
+        self.init_pid: int | None = None
+        """The host pid of the sandbox's init (pid 1 inside), once started."""
+        self._spawned: _Spawned | None = None
         self._client: HelperClient | None = None
         self._stderr = bytearray()
         self._stderr_task: asyncio.Task[None] | None = None
         self._stderr_transport: asyncio.BaseTransport | None = None
         self._info_fd = -1
+        self._block_fd = -1
         self._init_pidfd = -1
         self._started = False
         self._closed = False
 
     # -- public -------------------------------------------------------------
+
+    @property
+    def workspace(self) -> Path:
+        """The host workspace directory."""
+        return self.spec.workspace
 
     @property
     def helper(self) -> HelperClient:
@@ -285,8 +516,8 @@ class BwrapSandbox(Sandbox):
 
     @property
     def pid(self) -> int | None:
-        """The host pid of bubblewrap, while it runs."""
-        return self._proc.pid if self._proc is not None else None
+        """The host pid of bubblewrap's outer process, while it runs."""
+        return self._spawned.proc.pid if self._spawned is not None else None
 
     async def start(self) -> None:
         """Launch bubblewrap and the helper; returns once the helper answered hello."""
@@ -294,39 +525,50 @@ class BwrapSandbox(Sandbox):
             raise SandboxError("this sandbox was already started; make a new one")
         self._started = True
         try:
-            await self._launch()
-            assert self._client is not None
-            await asyncio.wait_for(self._client.hello(), self.start_timeout)
-            await self._pin_init()
+            await asyncio.wait_for(self._start(), self.start_timeout)
         except (TimeoutError, SandboxError, ToolError, OSError) as exc:
             detail = await self._exit_detail(wait=2.0)
-            await self.close()
+            await self._close_quietly()
             why = str(exc) or type(exc).__name__
             raise SandboxError(
-                f"bwrap sandbox for {self.workspace} did not start: {why}"
+                f"bwrap sandbox for {self.spec.workspace} did not start: {why}"
                 + (f"; {detail}" if detail and detail not in why else "")
             ) from None
         except BaseException:
-            await self.close()
+            await self._close_quietly()
             raise
 
     async def close(self) -> None:
-        """Shut the helper down, then TERM and KILL bubblewrap; remove the scratch."""
+        """Shut the helper down, kill everything left (bwrap, init, the cgroup), remove scratch.
+
+        Every step runs even when one fails; the first failure is raised at the end.
+        """
         if self._closed:
             return
         self._closed = True
-        client, proc = self._client, self._proc
-        if client is not None and not client.closed:
+        errors: list[SandboxError] = []
+        client = self._client
+        clean = False
+        if client is not None and not client.closed and self._block_fd < 0:
             # A clean exit first: the helper kills its commands' groups and
             # exits, and with it the whole pid namespace.
             with contextlib.suppress(SandboxError, ToolError, asyncio.TimeoutError):
                 await asyncio.wait_for(client.shutdown(), 1.0)
-        if proc is not None:
-            await _stop_process(proc)
-        await self._wait_for_init()
-        if self._info_fd >= 0:
-            os.close(self._info_fd)
-            self._info_fd = -1
+                clean = True
+        steps = (
+            functools.partial(self._stop_bwrap, grace=1.0 if clean else 0.0),
+            self._wait_for_init,
+            self._remove_cgroup,
+        )
+        for step in steps:
+            try:
+                await step()
+            except SandboxError as exc:
+                errors.append(exc)
+        for fd in (self._info_fd, self._block_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._info_fd = self._block_fd = -1
         if client is not None:
             await client.close()
         if self._stderr_task is not None:
@@ -335,19 +577,47 @@ class BwrapSandbox(Sandbox):
         if self._stderr_transport is not None:
             self._stderr_transport.close()
         if self.scratch_dir is not None:
-            await asyncio.get_running_loop().run_in_executor(None, _remove_tree, self.scratch_dir)
-            self.scratch_dir = None
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, _remove_tree, self.scratch_dir
+                )
+                self.scratch_dir = None
+            except SandboxError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
-    # -- launching ----------------------------------------------------------
+    # -- starting -----------------------------------------------------------
+
+    async def _start(self) -> None:
+        bwrap, as_root = self._check()
+        loop = asyncio.get_running_loop()
+        pyc = await loop.run_in_executor(None, _helper_pyc, self.python)
+        await self._launch(bwrap, as_root, pyc)
+        init_pid = await self._read_init_pid()
+        self.init_pid = init_pid
+        try:
+            self._init_pidfd = os.pidfd_open(init_pid)
+        except OSError as exc:
+            raise SandboxError(f"cannot track the sandbox's processes: {exc}") from None
+        if self.cgroup is not None:
+            # init waits on --block-fd: nothing inside runs before this.
+            self.cgroup.add(init_pid)
+        os.write(self._block_fd, b"1")
+        os.close(self._block_fd)
+        self._block_fd = -1
+        assert self._client is not None
+        await self._client.hello()
 
     def _check(self) -> tuple[str, bool]:
-        if self.sandbox_uid <= 0 or self.sandbox_gid <= 0:
+        spec = self.spec
+        if spec.sandbox_uid <= 0 or spec.sandbox_gid <= 0:
             raise SandboxError("the sandbox uid and gid must not be 0: never host root")
         as_root = os.geteuid() == 0
-        if not as_root and (self.sandbox_uid, self.sandbox_gid) != (os.geteuid(), os.getegid()):
+        if not as_root and (spec.sandbox_uid, spec.sandbox_gid) != (os.geteuid(), os.getegid()):
             raise SandboxError(
                 f"the executor runs as uid {os.geteuid()} and cannot switch to sandbox uid "
-                f"{self.sandbox_uid}; run it as root or set the sandbox uid/gid to its own"
+                f"{spec.sandbox_uid}; run it as root or set the sandbox uid/gid to its own"
             )
         bwrap = shutil.which(self.bwrap)
         if bwrap is None:
@@ -356,29 +626,51 @@ class BwrapSandbox(Sandbox):
             )
         if not os.access(self.python, os.X_OK):
             raise SandboxError(f"{self.python} is missing: the helper needs a Python 3 in /usr")
-        if not self.workspace.is_dir():
-            raise SandboxError(f"workspace {self.workspace} is not a directory")
-        for name, value in self.env.items():
+        if not spec.workspace.is_dir():
+            raise SandboxError(f"workspace {spec.workspace} is not a directory")
+        for name, value in sandbox_env(spec).items():
             if not _ENV_NAME.match(name) or "\0" in value:
                 raise SandboxError(f"invalid environment variable for the sandbox: {name!r}")
+        if spec.ca_cert_pem is not None and b"PRIVATE KEY" in spec.ca_cert_pem:
+            raise SandboxError("the session CA for the sandbox holds a private key: refused")
+        if spec.relay_socket is not None:
+            try:
+                is_socket = stat.S_ISSOCK(os.stat(spec.relay_socket).st_mode)
+            except OSError as exc:
+                raise SandboxError(
+                    f"relay socket {spec.relay_socket} is missing: {exc.strerror}"
+                ) from None
+            if not is_socket:
+                raise SandboxError(f"relay socket {spec.relay_socket} is not a unix socket")
         return bwrap, as_root
 
-    async def _launch(self) -> None:
-        bwrap, as_root = self._check()
-        dests = [self._allow_dest(p) for p in self.allow_read]
+    async def _launch(self, bwrap: str, as_root: bool, helper_pyc: bytes) -> None:
+        spec = self.spec
+        dests = [self._allow_dest(p) for p in spec.allow_read]
         self.scratch_dir = Path(self._make_scratch(as_root))
+        try:
+            self.cgroup = SandboxCgroup.create(spec.session_id, spec.limits)
+        except CgroupUnavailable as exc:
+            self.warnings.append(f"no memory, CPU or pids limits for this sandbox: {exc}")
         sources: list[_Source] = []
         child_fds: list[int] = []  # ours to close once bwrap has them
-        stderr_w: list[int] = []
+        err_w = -1
+        parent_sock: socket.socket | None = None
+        err_r = -1
         try:
-            sources.append(_Source(self.workspace, WORKSPACE, writable=True, directory=True))
-            sources.append(_Source(self.scratch_dir / "home", HOME, writable=True, directory=True))
-            sources.append(_Source(self.scratch_dir / "tmp", TMP, writable=True, directory=True))
-            for host, dest in zip(self.allow_read, dests, strict=True):
-                sources.append(_Source(host, dest, writable=False, directory=False))
-            if as_root and os.fstat(sources[0].fd).st_uid != self.sandbox_uid:
+            sources.append(_Source.open(spec.workspace, WORKSPACE, writable=True, directory=True))
+            sources.append(
+                _Source.open(self.scratch_dir / "home", HOME, writable=True, directory=True)
+            )
+            for host, dest in zip(spec.allow_read, dests, strict=True):
+                sources.append(_Source.open(host, dest, writable=False, directory=False))
+            if spec.relay_socket is not None:
+                sources.append(
+                    _Source.open(spec.relay_socket, RELAY_SOCKET, writable=False, directory=False)
+                )
+            if as_root and os.fstat(sources[0].fd).st_uid != spec.sandbox_uid:
                 self.warnings.append(
-                    f"sandbox uid {self.sandbox_uid} does not own {self.workspace}: commands "
+                    f"sandbox uid {spec.sandbox_uid} does not own {spec.workspace}: commands "
                     "cannot write it (see prepare_workspace_ownership)"
                 )
             parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -386,32 +678,26 @@ class BwrapSandbox(Sandbox):
             info_r, info_w = os.pipe()
             child_fds.append(info_w)
             self._info_fd = info_r
-            # A plain pipe read by us, not asyncio's PIPE: before Python 3.12,
-            # Process.wait() also waits for asyncio's pipes to close.
+            block_r, block_w = os.pipe()
+            child_fds.append(block_r)
+            self._block_fd = block_w
+            # A plain pipe read by us, not subprocess.PIPE: read without a thread.
             err_r, err_w = os.pipe()
-            stderr_w.append(err_w)
-            try:
-                argv = self._argv(bwrap, as_root, sources, child_fds)
-                fds = child_fds + ([] if as_root else [s.fd for s in sources])
-                self._proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=err_w,
-                    pass_fds=fds,
-                    env={"PATH": _LAUNCH_PATH, "LC_ALL": "C"},
-                    # Own session: a Ctrl-C meant for the executor must not
-                    # reach the sandbox behind its back.
-                    start_new_session=True,
-                )
-            except BaseException:
+            stage = _stage_dir(sources) if as_root else None
+            argv = self._argv(bwrap, stage, sources, child_fds, helper_pyc)
+            fds = child_fds + ([] if as_root else [s.fd for s in sources])
+            job = functools.partial(_spawn, argv, fds, err_w, sources if as_root else [], stage)
+            self._spawned = await _run_on_launcher(job)
+        except BaseException:
+            if parent_sock is not None:
                 parent_sock.close()
+            if err_r >= 0:
                 os.close(err_r)
-                raise
+            raise
         finally:
             for source in sources:
                 source.close()
-            for fd in child_fds + stderr_w:
+            for fd in child_fds + ([err_w] if err_w >= 0 else []):
                 os.close(fd)
         pipe = os.fdopen(err_r, "rb", buffering=0)
         stderr = asyncio.StreamReader()
@@ -436,7 +722,8 @@ class BwrapSandbox(Sandbox):
         # The sandbox's own mount points must stay its own. Below the scratch
         # mounts is fine (mounted after them, on top); below the workspace is
         # not: it would plant mount points in the user's files.
-        for mine in (WORKSPACE, HOME, TMP, HELPER_PATH, "/proc", "/dev", *_etc_files()):
+        own = (WORKSPACE, HOME, TMP, os.path.dirname(HELPER_PATH), "/proc", "/dev")
+        for mine in (*own, *_etc_files()):
             inside = dest.startswith(mine + "/") and mine not in (HOME, TMP)
             if dest == "/" or dest == mine or mine.startswith(dest + "/") or inside:
                 raise SandboxError(
@@ -445,112 +732,123 @@ class BwrapSandbox(Sandbox):
         return dest
 
     def _make_scratch(self, as_root: bool) -> str:
-        self.scratch_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        scratch = tempfile.mkdtemp(prefix="bwrap-", dir=self.scratch_root)
-        for sub in ("home", "tmp"):
-            path = os.path.join(scratch, sub)
-            os.mkdir(path, 0o700)
-            os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
-            if as_root:
-                os.chown(path, self.sandbox_uid, self.sandbox_gid)
+        self.spec.scratch_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix="bwrap-", dir=self.spec.scratch_root)
+        home = os.path.join(scratch, "home")
+        os.mkdir(home, 0o700)
+        os.chmod(home, 0o700)  # mkdir's mode is filtered by the umask
+        if as_root:
+            os.chown(home, self.spec.sandbox_uid, self.spec.sandbox_gid)
         return scratch
 
     def _argv(
-        self, bwrap: str, as_root: bool, sources: list[_Source], child_fds: list[int]
+        self,
+        bwrap: str,
+        stage: str | None,
+        sources: list[_Source],
+        child_fds: list[int],
+        helper_pyc: bytes,
     ) -> list[str]:
-        sock_fd, info_fd = child_fds[0], child_fds[1]
+        """bwrap's command line; as root (``stage`` set) behind setpriv, sources from the stage."""
+        spec = self.spec
+        sock_fd, info_fd, block_fd = child_fds[0], child_fds[1], child_fds[2]
+        seccomp_fd = _data_fd(build_filter(), child_fds)
         # bwrap's options read best in their groups.
         # fmt: off
         args = [
             bwrap,
-            # Tells us the host pid of the sandbox's init; see _wait_for_init.
-            "--info-fd", str(info_fd),
+            # The host pid of the sandbox's init, then init waits for us to
+            # put it in its cgroup; see _start.
+            "--info-fd", str(info_fd), "--block-fd", str(block_fd),
+            "--seccomp", str(seccomp_fd),
             "--unshare-all", "--unshare-user", "--disable-userns",
             "--uid", str(INNER_UID), "--gid", str(INNER_GID), "--hostname", "silo",
             "--die-with-parent", "--new-session", "--clearenv", "--cap-drop", "ALL",
-            "--ro-bind", "/usr", "/usr",
+            "--ro-bind", "/usr", "/usr", *_usr_alias_args(),
         ]
         # fmt: on
-        for name in _USR_ALIASES:
-            host = f"/{name}"
-            if os.path.islink(host):
-                args += ["--symlink", os.readlink(host), host]
-            elif os.path.isdir(host):
-                args += ["--ro-bind", host, host]
         for path in _HOST_ETC:
             args += ["--ro-bind-try", path, path]
         for dest, content in _etc_files().items():
             args += ["--perms", "0644", "--ro-bind-data", str(_data_fd(content, child_fds)), dest]
         args += ["--proc", "/proc", "--dev", "/dev"]
-        stage_dir = _stage_dir(sources) if as_root else ""
+        # Scratch tmp lives in the sandbox's memory: removed with it, charged
+        # to its memory cgroup, and capped so a full /tmp is ENOSPC, not OOM.
+        tmp_size = str(max(16 * 1024 * 1024, spec.limits.memory_bytes // 2))
+        args += ["--perms", "0700", "--size", tmp_size, "--tmpfs", TMP]
         for i, source in enumerate(sources):
-            if as_root:
-                staged = f"{stage_dir}/{i}"
-                args += ["--bind" if source.writable else "--ro-bind", staged, source.dest]
+            if stage is not None:
+                option = "--bind" if source.writable else "--ro-bind"
+                args += [option, f"{stage}/{i}", source.dest]
             else:
                 option = "--bind-fd" if source.writable else "--ro-bind-fd"
                 args += [option, str(source.fd), source.dest]
         helper_fd = _data_fd(_helper_source(), child_fds)
+        pyc_fd = _data_fd(helper_pyc, child_fds)
         args += ["--perms", "0444", "--ro-bind-data", str(helper_fd), HELPER_PATH]
+        args += ["--perms", "0444", "--ro-bind-data", str(pyc_fd), HELPER_PYC]
+        if spec.ca_cert_pem is not None:
+            ca_fd = _data_fd(spec.ca_cert_pem, child_fds)
+            args += ["--perms", "0444", "--ro-bind-data", str(ca_fd), CA_CERT]
         # Everything is in place: the root itself (and /etc, /home) goes read-only.
         args += ["--remount-ro", "/", "--chdir", WORKSPACE]
-        env = {
-            "PATH": _SANDBOX_PATH,
-            "HOME": HOME,
-            "TMPDIR": TMP,
-            "LANG": "C.UTF-8",
-            "USER": "silo",
-            "LOGNAME": "silo",
-            "SHELL": "/bin/sh",
-            **self.env,
-        }
-        for name, value in env.items():
+        for name, value in sandbox_env(spec).items():
             args += ["--setenv", name, value]
-        helper_argv = [self.python, "-I", "-S", HELPER_PATH, "--fd", str(sock_fd)]
+        helper_argv = [self.python, "-I", "-S", HELPER_PYC, "--fd", str(sock_fd)]
         args += ["--", *helper_argv, "--workspace", WORKSPACE]
-        if not as_root:
+        if stage is None:
             return args
-        stage: list[str] = []
-        for source in sources:
-            stage += [source.path, source.identity, "d" if source.directory else "f"]
-        setpriv = _tool("setpriv")
         # fmt: off
-        drop = [
-            setpriv, f"--reuid={self.sandbox_uid}", f"--regid={self.sandbox_gid}",
-            "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
-        ]
         return [
-            _tool("unshare"), "--mount", "--propagation", "private", "--",
-            "/bin/sh", "-c", _STAGE_SCRIPT, "devsilo-stage", stage_dir, *stage, "--", *drop, *args,
+            _tool("setpriv"), f"--reuid={spec.sandbox_uid}", f"--regid={spec.sandbox_gid}",
+            "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
+            *args,
         ]
         # fmt: on
 
-    # -- watching -----------------------------------------------------------
-
-    async def _pin_init(self) -> None:
-        """Hold a pidfd on the sandbox's init (pid 1 inside), from bwrap's info."""
+    async def _read_init_pid(self) -> int:
+        """The host pid of the sandbox's init, from bwrap's --info-fd."""
         info = b""
         pid: object = None
-        try:
-            os.set_blocking(self._info_fd, False)
-            while pid is None and len(info) < 65536 and await _readable(self._info_fd, 2.0):
-                chunk = os.read(self._info_fd, 4096)
-                if not chunk:
-                    break
-                info += chunk
-                with contextlib.suppress(ValueError):
-                    pid = json.loads(info).get("child-pid")
-        except (OSError, AttributeError):
-            pid = None
-        finally:
-            os.close(self._info_fd)
-            self._info_fd = -1
+        os.set_blocking(self._info_fd, False)
+        while pid is None and len(info) < 65536 and await _readable(self._info_fd, 2.0):
+            chunk = os.read(self._info_fd, 4096)
+            if not chunk:
+                break
+            info += chunk
+            with contextlib.suppress(ValueError, AttributeError):
+                pid = json.loads(info).get("child-pid")
+        os.close(self._info_fd)
+        self._info_fd = -1
         if type(pid) is not int or pid <= 1:
             raise SandboxError(f"bwrap did not report its sandbox's pid (got {info[:200]!r})")
+        return pid
+
+    # -- stopping -----------------------------------------------------------
+
+    async def _close_quietly(self) -> None:
+        # A failed start's own error is the one to report.
+        with contextlib.suppress(SandboxError):
+            await self.close()
+
+    async def _stop_bwrap(self, grace: float) -> None:
+        """Give bwrap ``grace`` seconds to exit, then TERM it, then KILL it; reap it."""
+        spawned = self._spawned
+        if spawned is None or spawned.pidfd < 0:
+            return
         try:
-            self._init_pidfd = os.pidfd_open(pid)
-        except OSError as exc:
-            raise SandboxError(f"cannot track the sandbox's processes: {exc}") from None
+            steps = ((None, grace), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0))
+            for sig, wait in steps:
+                if sig is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(spawned.pidfd, sig)
+                if await _readable(spawned.pidfd, wait):
+                    spawned.proc.wait()
+                    return
+            raise SandboxError(f"bwrap (pid {spawned.proc.pid}) did not die after SIGKILL")
+        finally:
+            os.close(spawned.pidfd)
+            spawned.pidfd = -1
 
     async def _wait_for_init(self) -> None:
         # bwrap's outer process exits as soon as it learns the helper's exit
@@ -571,6 +869,14 @@ class BwrapSandbox(Sandbox):
         finally:
             os.close(pidfd)
 
+    async def _remove_cgroup(self) -> None:
+        # Anything that got out of the pid namespace's reach is still in the
+        # cgroup: killed here, then the cgroup goes.
+        if self.cgroup is not None:
+            await self.cgroup.remove()
+
+    # -- watching -----------------------------------------------------------
+
     async def _collect_stderr(self, stream: asyncio.StreamReader) -> None:
         # bubblewrap's own errors and a crashing helper's traceback land here;
         # keep only the tail, the sandbox could write without end.
@@ -580,17 +886,17 @@ class BwrapSandbox(Sandbox):
 
     def _describe_exit(self) -> str:
         parts = []
-        if self._proc is not None and self._proc.returncode is not None:
-            parts.append(f"bwrap exited with status {self._proc.returncode}")
+        if self._spawned is not None and self._spawned.proc.returncode is not None:
+            parts.append(f"bwrap exited with status {self._spawned.proc.returncode}")
         tail = self._stderr.decode("utf-8", errors="replace").strip()
         if tail:
             parts.append("its stderr: " + tail[-1000:])
         return "; ".join(parts)
 
     async def _exit_detail(self, wait: float) -> str:
-        if self._proc is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._proc.wait(), wait)
+        spawned = self._spawned
+        if spawned is not None and spawned.pidfd >= 0 and await _readable(spawned.pidfd, wait):
+            spawned.proc.wait()
         if self._stderr_task is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._stderr_task), 0.5)
@@ -598,7 +904,109 @@ class BwrapSandbox(Sandbox):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self._started else "new"
-        return f"<BwrapSandbox {self.workspace} uid={self.sandbox_uid} {state}>"
+        return f"<BwrapSandbox {self.spec.workspace} uid={self.spec.sandbox_uid} {state}>"
+
+
+# -- launching ----------------------------------------------------------------
+
+
+async def _run_on_launcher(job: Callable[[_Launcher], _Spawned]) -> _Spawned:
+    """Run a spawn on the launcher thread; a spawn whose caller gave up is killed."""
+    future = _LAUNCHER.submit(job)
+    try:
+        return await asyncio.shield(asyncio.wrap_future(future))
+    except asyncio.CancelledError:
+        future.add_done_callback(_kill_orphan)
+        raise
+
+
+def _kill_orphan(future: concurrent.futures.Future[_Spawned]) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    spawned = future.result()
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(spawned.pidfd, signal.SIGKILL)
+    spawned.proc.wait()
+    os.close(spawned.pidfd)
+
+
+def _spawn(
+    argv: list[str],
+    pass_fds: list[int],
+    stderr_fd: int,
+    staged: list[_Source],
+    stage: str | None,
+    launcher: _Launcher,
+) -> _Spawned:
+    """On the launcher thread: (as root) stage the sources, then start bwrap."""
+    if stage is not None:
+        launcher.fresh_mount_namespace()
+        try:
+            _libc_call(
+                "mount",
+                b"devsilo-stage",
+                stage.encode(),
+                b"tmpfs",
+                _MS_NOSUID | _MS_NODEV,
+                f"mode=0755,size={_STAGE_SIZE}".encode(),
+            )
+            for i, source in enumerate(staged):
+                source.stage_into(f"{stage}/{i}")
+        except OSError as exc:
+            raise SandboxError(f"cannot stage the sandbox's mounts: {exc}") from None
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr_fd,
+        pass_fds=pass_fds,
+        env={"PATH": _LAUNCH_PATH, "LC_ALL": "C"},
+        # Own session: a Ctrl-C meant for the executor must not reach the
+        # sandbox behind its back.
+        start_new_session=True,
+    )
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError:
+        proc.kill()
+        proc.wait()
+        raise
+    return _Spawned(proc, pidfd)
+
+
+@functools.cache
+def _helper_source() -> bytes:
+    return (importlib.resources.files("devsilo.executor.helper") / "helper.py").read_bytes()
+
+
+@functools.cache
+def _helper_pyc(python: str) -> bytes:
+    """The helper compiled by ``python`` itself (its magic number must match); once per process."""
+    try:
+        done = subprocess.run(
+            [python, "-I", "-S", "-c", _COMPILE_HELPER, HELPER_PATH],
+            input=_helper_source(),
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SandboxError(f"cannot compile the helper with {python}: {exc}") from None
+    if done.returncode != 0 or len(done.stdout) <= 16:
+        said = done.stderr.decode(errors="replace").strip()[-500:]
+        raise SandboxError(f"{python} cannot compile the helper: {said}")
+    return done.stdout
+
+
+def _usr_alias_args() -> list[str]:
+    args = []
+    for name in _USR_ALIASES:
+        host = f"/{name}"
+        if os.path.islink(host):
+            args += ["--symlink", os.readlink(host), host]
+        elif os.path.isdir(host):
+            args += ["--ro-bind", host, host]
+    return args
 
 
 def _etc_files() -> dict[str, bytes]:
@@ -678,21 +1086,6 @@ async def _readable(fd: int, timeout: float) -> bool:
         return False
     finally:
         loop.remove_reader(fd)
-
-
-async def _stop_process(proc: asyncio.subprocess.Process) -> None:
-    """Give the process a moment to exit, then TERM it, then KILL it."""
-    steps = ((None, 1.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0))
-    for sig, wait in steps:
-        if sig is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-        try:
-            await asyncio.wait_for(proc.wait(), wait)
-            return
-        except TimeoutError:
-            continue
-    raise SandboxError(f"bwrap (pid {proc.pid}) did not die after SIGKILL")
 
 
 def _remove_tree(path: Path) -> None:
