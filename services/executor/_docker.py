@@ -545,6 +545,7 @@ class DockerSandbox(Sandbox):
             raise SandboxError(f"unknown docker sandbox settings: {', '.join(sorted(unknown))}")
         self.spec = spec
         self.runtime = runtime
+        self.limit_ends_sandbox = runtime == "runsc"
         self.docker_url = _daemon_url(docker_url)
         self.image: str | None = config.get("image")
         self.start_timeout = float(config.get("start_timeout", 20.0))

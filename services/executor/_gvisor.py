@@ -259,6 +259,7 @@ class GvisorSandbox(Sandbox):
     """
 
     backend = "gvisor"
+    limit_ends_sandbox = True
 
     def __init__(
         self,

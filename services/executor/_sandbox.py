@@ -198,6 +198,9 @@ class Sandbox(abc.ABC):
 
     backend: str = "abstract"
     workspace_path: str = WORKSPACE
+    limit_ends_sandbox: bool = False
+    """True where hitting the memory limit kills the sandbox as a whole (gVisor's
+    sentry is one host process) rather than only the process that caused it."""
 
     @abc.abstractmethod
     async def start(self) -> None:

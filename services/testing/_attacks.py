@@ -444,6 +444,10 @@ class Attack:
     bomb: bool = False
     """A resource bomb: the host is watched while it runs, and the sandbox must
     still answer afterwards."""
+    limit_may_end_sandbox: bool = False
+    """On a backend whose whole sandbox is one process in the limit's cgroup
+    (gVisor's sentry: ``Sandbox.limit_ends_sandbox``), the limit stopping the
+    bomb ends the sandbox too; that still counts as stopped, if the host held."""
 
     @property
     def bait_fields(self) -> frozenset[str]:
@@ -971,6 +975,7 @@ ATTACKS: tuple[Attack, ...] = (
         r"Cannot fork|Resource temporarily unavailable|can't fork",
         timeout_ms=4_000,
         bomb=True,
+        limit_may_end_sandbox=True,
     ),
     Attack(
         "memory_bomb",
@@ -979,6 +984,7 @@ ATTACKS: tuple[Attack, ...] = (
         r"signal=9 |^exit=137 |MemoryError|Cannot allocate memory",
         timeout_ms=30_000,
         bomb=True,
+        limit_may_end_sandbox=True,
     ),
 )
 """The battery, in the order :func:`run_battery` runs it (bombs last)."""
@@ -1038,9 +1044,15 @@ async def run_attack(sandbox: Sandbox, attack: Attack, bait: Bait) -> Outcome:
     try:
         result = await sandbox.helper.exec(command, timeout_ms=attack.timeout_ms)
     except (SandboxError, ToolError) as exc:
-        return Outcome(attack.name, "wrong-reason", f"the sandbox failed instead: {exc}")
-    finally:
         worst = await stall.stop() if stall is not None else 0.0
+        if attack.limit_may_end_sandbox and sandbox.limit_ends_sandbox and worst <= HOST_STALL_LIMIT_S:
+            return Outcome(attack.name, "blocked", f"the limit ended the whole sandbox ({exc}); "
+                           f"the host's worst bare command took {worst:.3f} s")
+        return Outcome(attack.name, "wrong-reason", f"the sandbox failed instead: {exc}")
+    if stall is not None:
+        worst = await stall.stop()
+    else:
+        worst = 0.0
     transcript = _transcript(result)
     shown = transcript[-2000:]
     if bait.secret in result.stdout or bait.secret in result.stderr:
@@ -1054,6 +1066,9 @@ async def run_attack(sandbox: Sandbox, attack: Attack, bait: Bait) -> Outcome:
     if worst > HOST_STALL_LIMIT_S:
         return Outcome(attack.name, "succeeded", f"the host stalled {worst:.2f} s; {shown}")
     if attack.bomb and (dead := await _still_answers(sandbox)) is not None:
+        if attack.limit_may_end_sandbox and sandbox.limit_ends_sandbox and sandbox_lost(dead):
+            return Outcome(attack.name, "blocked", f"the limit ended the whole sandbox ({dead}); "
+                           f"the host's worst bare command took {worst:.3f} s")
         return Outcome(attack.name, "wrong-reason", f"{dead}; {shown}")
     if m := re.search(r"^NOT-APPLICABLE (.*)$", result.stdout, re.MULTILINE):
         return Outcome(attack.name, "not-applicable", m.group(1))
@@ -1071,6 +1086,11 @@ async def run_battery(
     return [await run_attack(sandbox, attack, bait) for attack in ordered]
 
 
+def sandbox_lost(why: str) -> bool:
+    """Whether ``_still_answers``'s reason is the sandbox having ended (not merely stuck)."""
+    return why.startswith("the sandbox stopped answering")
+
+
 async def _still_answers(sandbox: Sandbox) -> str | None:
     """None once the sandbox runs a command again; else why not (after a few seconds)."""
     deadline = time.monotonic() + _ALIVE_WAIT_S
@@ -1078,8 +1098,12 @@ async def _still_answers(sandbox: Sandbox) -> str | None:
     while time.monotonic() < deadline:
         try:
             result = await sandbox.helper.exec("echo alive", timeout_ms=2_000)
-        except (SandboxError, ToolError) as exc:
+        except SandboxError as exc:
             return f"the sandbox stopped answering: {exc}"
+        except ToolError as exc:  # e.g. no fork yet while the bomb's processes are reaped
+            last = str(exc)[-300:]
+            await asyncio.sleep(0.2)
+            continue
         if result.stdout == "alive\n":
             return None
         last = _transcript(result)[-300:]
