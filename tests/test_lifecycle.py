@@ -16,8 +16,10 @@ def _children_of(pid: int) -> set[int]:
     todo = [pid]
     while todo:
         p = todo.pop()
-        try:
-            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        kids = []
+        try:  # children of every thread: the executor forks sandboxes from a launcher thread
+            for task in Path(f"/proc/{p}/task").iterdir():
+                kids += (task / "children").read_text().split()
         except OSError:
             continue
         for k in map(int, kids):

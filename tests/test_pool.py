@@ -78,6 +78,7 @@ def two_executors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(tmp_path_factory.mktemp("pool") / "state", services={
         "executor": {"options": {"capacity": 1}},
         "executor-2": {"role": "executor", "metrics_port": 0, "options": {"capacity": 1}},
+        "harness": {"options": {"lease_wait_s": 2}},
     })
     s.start()
     try:
@@ -124,11 +125,17 @@ def test_sessions_spread_over_executors_with_room_and_a_full_pool_says_so(
         third = start_run(two_executors, tmp_path, "three", SLOW)
         out, err = third.communicate(timeout=60)
         assert third.returncode == 1
-        assert "no executor could run a bwrap sandbox" in err and "executor is full" in err, err
+        assert "no executor could run a bwrap sandbox within 2s" in err, err
+        assert "every executor offering it is full" in err and "0/1 free" in err, err
     finally:
         for p in (first, second):
             p.kill()
             p.communicate()
+        for events in (a, b):
+            stop = subprocess.run([sys.executable, "-m", "devsilo.cli", "--state-dir", str(two_executors.state_dir),
+                                   "sessions", "stop", str(events[0]["session_id"])],
+                                  capture_output=True, text=True, timeout=60)
+            assert stop.returncode == 0, stop.stderr
 
 
 def test_a_backend_no_executor_offers_is_a_clear_error(two_executors: Stack, tmp_path: Path) -> None:

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from devsilo.protocol import ConfigError
-from devsilo.protocol.client import Attach, CreateSession, EventFrame, ListSessions, SessionCreated, Sessions
+from devsilo.protocol.client import (
+    Attach,
+    CreateSession,
+    EventFrame,
+    ListSessions,
+    SessionCreated,
+    Sessions,
+    Shutdown,
+)
 from devsilo.runtime._state import StateDir
 
 from ._client import GatewayClient, GatewayError
@@ -75,6 +83,26 @@ async def attach_session(target: GatewayTarget, session_id: str, from_seq: int, 
     async with GatewayClient(target.url, target.fingerprint, client_name="silo-attach") as client:
         await client.connect(target.token)
         return await follow(client, session_id, from_seq, out, as_json=as_json)
+
+
+async def stop_session(target: GatewayTarget, session_id: str, out: TextIO) -> int:
+    """Stop a session and wait for its shutdown event; return its exit code."""
+    async with GatewayClient(target.url, target.fingerprint, client_name="silo-stop") as client:
+        await client.connect(target.token)
+        await client.send(Shutdown(session_id=session_id))
+        code = await follow(client, session_id, 0, _Discard(), as_json=True)
+        out.write(f"session {session_id} stopped\n")
+        return code
+
+
+class _Discard:
+    """A text sink for events nobody wants printed."""
+
+    def write(self, _: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
 
 
 async def list_sessions(target: GatewayTarget, out: TextIO) -> int:

@@ -88,10 +88,10 @@ def cmd_service(args: argparse.Namespace) -> int:
         from devsilo.executor._service import serve as body
     else:
         from devsilo.egress._service import serve as body
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = dict(state.config().services[args.id or role.value].options)
     if args.listen:
         host, _, port = args.listen.rpartition(":")
-        options = {"host": host.strip("[]") or "127.0.0.1", "port": int(port)}
+        options.update(host=host.strip("[]") or "127.0.0.1", port=int(port))
     if role is Role.EXECUTOR:
         options.update(executor_options(args, state.config().services[args.id or role.value].options))
     nats_url = args.nats or state.config().nats.url
@@ -155,14 +155,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sessions(args: argparse.Namespace) -> int:
     """List or attach to sessions."""
-    from ._sessions import attach_session, list_sessions, local_gateway
+    from ._sessions import attach_session, list_sessions, local_gateway, stop_session
 
     target = local_gateway(_state(args), args.gateway)
+    if args.action in ("attach", "stop") and not args.session:
+        print(f"error: {args.action} needs a session id", file=sys.stderr)
+        return EXIT_USAGE
     if args.action == "attach":
-        if not args.session:
-            print("error: attach needs a session id", file=sys.stderr)
-            return EXIT_USAGE
         return asyncio.run(attach_session(target, args.session, args.from_seq, sys.stdout, as_json=args.json))
+    if args.action == "stop":
+        asyncio.run(stop_session(target, args.session, sys.stdout))
+        return EXIT_OK
     return asyncio.run(list_sessions(target, sys.stdout))
 
 
@@ -262,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("sessions", parents=[common], help="list sessions or attach to one")
-    s.add_argument("action", choices=["list", "attach"])
+    s.add_argument("action", choices=["list", "attach", "stop"])
     s.add_argument("session", nargs="?")
     s.add_argument("--from-seq", type=int, default=0)
     s.add_argument("--gateway")

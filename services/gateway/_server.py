@@ -46,6 +46,7 @@ from devsilo.protocol.client import (
     Prompt,
     SessionCreated,
     Sessions,
+    Shutdown,
 )
 from devsilo.runtime import ServiceContext
 
@@ -191,7 +192,7 @@ class ClientConnection:
             await self._create(req)
         elif isinstance(req, Attach):
             self._attach(req)
-        elif isinstance(req, (Prompt, Interrupt)):
+        elif isinstance(req, (Prompt, Interrupt, Shutdown)):
             await self._input(req)
         elif isinstance(req, ListSessions):
             await self.send(Sessions(sessions=tuple(r.summary() for r in self.gw.sessions.list_for(self.who))))
@@ -258,11 +259,15 @@ class ClientConnection:
         finally:
             await sub.unsubscribe()
 
-    async def _input(self, req: Prompt | Interrupt) -> None:
+    async def _input(self, req: Prompt | Interrupt | Shutdown) -> None:
         assert self.who is not None
         self._visible(req.session_id)
-        body = SessionInput(kind="prompt", text=req.text, client=self.who.client) if isinstance(req, Prompt) \
-            else SessionInput(kind="interrupt", client=self.who.client)
+        if isinstance(req, Prompt):
+            body = SessionInput(kind="prompt", text=req.text, client=self.who.client)
+        elif isinstance(req, Interrupt):
+            body = SessionInput(kind="interrupt", client=self.who.client)
+        else:
+            body = SessionInput(kind="stop", client=self.who.client)
         await self.gw.bus.publish(subjects.session_input(req.session_id), body, sid=req.session_id)
 
     async def close(self) -> None:

@@ -70,6 +70,16 @@ class PoolView:
         ]
         return sorted(fits, key=lambda a: (-a.warm.get(backend, 0), -a.free, a.executor_id))
 
+    def why_none(self, backend: str, pinned: str | None = None) -> str:
+        """Why :meth:`candidates` is empty, in a few words."""
+        now = self._clock()
+        offering = [e for e in self._entries.values() if now - e.seen_at <= self._silence
+                    and (backend == "auto" or backend in e.announce.backends)
+                    and (pinned is None or e.announce.executor_id == pinned)]
+        if not offering:
+            return f"no executor{' ' + pinned if pinned else ''} offers it"
+        return f"every executor offering it is full ({len(offering)})"
+
     def describe(self) -> str:
         """One line on what the pool holds, for error messages."""
         if not self._entries:

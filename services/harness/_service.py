@@ -87,11 +87,14 @@ async def lease_sandbox(bus: Bus, pool: PoolView, grant: SessionGrant, sealed: s
                         wait_s: float = LEASE_WAIT_S) -> LeaseGranted:
     """Lease a sandbox from an executor that fits the grant, waiting for room up to ``wait_s``."""
     deadline = time.monotonic() + wait_s
-    last = "no executor offers it"
+    last = ""
     if pool.user_sandboxes(grant.user) >= PER_USER_SANDBOXES:
         raise PoolError("user_limit", f"user {grant.user} already holds {PER_USER_SANDBOXES} sandboxes")
     while True:
-        for ann in pool.candidates(grant.sandbox, grant.executor):
+        candidates = pool.candidates(grant.sandbox, grant.executor)
+        if not candidates:
+            last = pool.why_none(grant.sandbox, grant.executor)
+        for ann in candidates:
             try:
                 lease = await bus.request(
                     subjects.exec_lease(ann.executor_id), LeaseRequest(grant=sealed), LeaseGranted,
@@ -159,7 +162,8 @@ async def serve(ctx: ServiceContext) -> None:
         model = make_model(start)
         started = time.monotonic()
         try:
-            lease = await lease_sandbox(bus, pool, grant, start.grant)
+            lease = await lease_sandbox(bus, pool, grant, start.grant,
+                                        wait_s=float(ctx.options.get("lease_wait_s", LEASE_WAIT_S)))
         except Exception:
             metrics.lease_wait.labels(outcome="error").observe(time.monotonic() - started)
             raise

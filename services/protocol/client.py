@@ -74,6 +74,13 @@ class Interrupt(ClientFrame):
     session_id: str = Field(pattern=SESSION_ID_PATTERN)
 
 
+class Shutdown(ClientFrame):
+    """Stop a session: its agent ends and its sandbox closes."""
+
+    type: Literal["shutdown"] = "shutdown"
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+
+
 class ListSessions(ClientFrame):
     """List the sessions this client's user may see."""
 
@@ -87,7 +94,7 @@ class Ping(ClientFrame):
 
 
 ClientRequest = Annotated[
-    Authenticate | CreateSession | Attach | Prompt | Interrupt | ListSessions | Ping,
+    Authenticate | CreateSession | Attach | Prompt | Interrupt | Shutdown | ListSessions | Ping,
     Field(discriminator="type"),
 ]
 CLIENT_REQUEST: TypeAdapter[Any] = TypeAdapter(ClientRequest)
