@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import hashlib
 import importlib.resources
@@ -68,6 +67,7 @@ from docker.types import LogConfig, Mount, Ulimit
 
 from ._helper_client import HelperClient
 from ._sandbox import Sandbox
+from ._seccomp import oci_profile
 from ._spec import (
     CA_CERT,
     HELPER_PATH,
@@ -141,127 +141,17 @@ _LOG_TAIL = 2000
 
 # -- seccomp ------------------------------------------------------------------
 
+
 # Replaces Docker's built-in profile, which in Docker 20.10 still allows
-# io_uring. The policy is the bwrap backend's (``_seccomp``), written as
-# Docker's JSON: allow by default, refuse with EPERM what a sandboxed
-# development tool has no business calling and what widens the kernel's
-# attack surface. Names this kernel or libseccomp does not know are skipped
-# by runc.
-_DENIED_SYSCALLS = (
-    # mounts and root changes
-    "mount", "umount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree",
-    "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
-    # another process's memory and descriptors
-    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp",
-    # kernel modules
-    "init_module", "finit_module", "delete_module", "create_module", "query_module",
-    "get_kernel_syms",
-    # the clock is the host's
-    "clock_settime", "clock_settime64", "settimeofday", "stime", "adjtimex",
-    "clock_adjtime", "clock_adjtime64",
-    # the kernel keyring is not namespaced
-    "keyctl", "add_key", "request_key",
-    # kernel programs, tracing, io_uring (which also sidesteps this filter)
-    "bpf", "perf_event_open", "io_uring_setup", "io_uring_enter", "io_uring_register",
-    # joining namespaces (creating them is refused per flag below)
-    "setns",
-    # the machine itself
-    "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff", "acct",
-    "quotactl", "quotactl_fd", "syslog", "vhangup", "nfsservctl", "lookup_dcookie",
-    "uselib", "ustat", "sysfs", "_sysctl", "iopl", "ioperm", "vm86", "vm86old",
-    "sethostname", "setdomainname", "fanotify_init",
-    # file handles bypass path permissions; userfaultfd is an exploit primitive
-    "open_by_handle_at", "name_to_handle_at", "userfaultfd",
-)  # fmt: skip
-_NAMESPACE_FLAGS = (
-    0x00020000,  # CLONE_NEWNS
-    0x02000000,  # CLONE_NEWCGROUP
-    0x04000000,  # CLONE_NEWUTS
-    0x08000000,  # CLONE_NEWIPC
-    0x10000000,  # CLONE_NEWUSER
-    0x20000000,  # CLONE_NEWPID
-    0x40000000,  # CLONE_NEWNET
-)
-_CLONE_NEWTIME = 0x00000080  # shares its bit with clone's exit signal: unshare only
-_AF_INET, _AF_INET6, _AF_PACKET = 2, 10, 17
-_AF_VSOCK = 40  # reaches the hypervisor's host from a VM, network or not
-_SOCK_RAW, _SOCK_PACKET = 3, 10
-_SOCK_TYPE_MASK = 0xF  # the rest of socket(2)'s type is SOCK_NONBLOCK | SOCK_CLOEXEC
-_TIOCSTI, _TIOCLINUX = 0x5412, 0x541C  # push input into (or read) the terminal
-# personality(2): only PER_LINUX32 and UNAME26 may be set, or the query 0xffffffff.
-_PERSONALITY_ALLOWED_BITS = 0x00000008 | 0x00020000
-_BIT31 = 0x80000000
-# The kernel reads these arguments as 32-bit ints: compare the low half only,
-# or 0x1_00000011 would pass a rule for AF_PACKET (17).
-_LOW32 = 0xFFFFFFFF
-
-
-def _deny_rules(runtime: str) -> list[tuple[str, int, tuple[tuple[int, int, int], ...]]]:
-    """``(syscall, errno, ((arg, mask, value), ...))``: refuse when every masked arg matches."""
-    rules: list[tuple[str, int, tuple[tuple[int, int, int], ...]]] = []
-    rules += [(name, errno.EPERM, ()) for name in _DENIED_SYSCALLS]
-    if not runtime.startswith("runsc"):
-        rules.append(("clone3", errno.ENOSYS, ()))
-    for bit in _NAMESPACE_FLAGS:
-        rules.append(("clone", errno.EPERM, ((0, bit, bit),)))
-        rules.append(("unshare", errno.EPERM, ((0, bit, bit),)))
-    rules.append(("unshare", errno.EPERM, ((0, _CLONE_NEWTIME, _CLONE_NEWTIME),)))
-    for family in (_AF_PACKET, _AF_VSOCK):
-        rules.append(("socket", errno.EPERM, ((0, _LOW32, family),)))
-    for family in (_AF_INET, _AF_INET6):
-        for kind in (_SOCK_RAW, _SOCK_PACKET):
-            rules.append(("socket", errno.EPERM, ((0, _LOW32, family), (1, _SOCK_TYPE_MASK, kind))))
-    for request in (_TIOCSTI, _TIOCLINUX):
-        rules.append(("ioctl", errno.EPERM, ((1, _LOW32, request),)))
-    # One comparison per argument and rule, so "a bad bit is set and this is
-    # not the query" is spelt out bit by bit: with bit 31 clear (the query has
-    # it set) any bit outside the allowed ones refuses; with bit 31 set, any
-    # clear bit refuses (only the query has none).
-    for bit_no in range(31):
-        bit = 1 << bit_no
-        if not bit & _PERSONALITY_ALLOWED_BITS:
-            rules.append(("personality", errno.EPERM, ((0, bit | _BIT31, bit),)))
-        rules.append(("personality", errno.EPERM, ((0, bit | _BIT31, _BIT31),)))
-    return rules
-
-
+# io_uring: the one sandbox policy (``_seccomp``), as Docker's JSON.
 def seccomp_profile(runtime: str = "runc") -> dict[str, Any]:
-    """The container's seccomp profile (Docker's JSON format), native architecture only.
+    """The container's seccomp profile, native architecture only.
 
-    Allows by default; refuses ``_DENIED_SYSCALLS``, ``clone`` and
-    ``unshare`` with any namespace flag, raw IP, packet and vsock sockets,
-    terminal input injection and dangerous ``personality`` flags, each with
-    EPERM. ``clone3`` answers ENOSYS, since its flags sit in memory a filter
-    cannot read: libc then falls back to ``clone``, which the filter checks.
-    No ``architectures`` are listed, so only the native ABI passes (32-bit
-    and x32 calls would otherwise dodge a by-name deny list).
-
-    Under ``runsc`` (which applies the profile inside gVisor with
-    ``--oci-seccomp``) the ``clone3`` rule is left out: gVisor has no
-    ``clone3`` of its own (ENOSYS already), and it ignores ``errnoRet``, so
-    the rule would answer EPERM and libc would never fall back: no thread
-    could start.
+    Under ``runsc`` (which applies it inside gVisor with ``--oci-seccomp``)
+    the ``clone3`` rule is left out: gVisor ignores ``errnoRet``, so it would
+    answer EPERM and libc would never fall back to ``clone``.
     """
-    syscalls: list[dict[str, Any]] = []
-    plain: dict[int, list[str]] = {}  # unconditional refusals, one rule per errno
-    for name, errno_value, masked in _deny_rules(runtime):
-        if not masked:
-            plain.setdefault(errno_value, []).append(name)
-            continue
-        rule: dict[str, Any] = {
-            "names": [name],
-            "action": "SCMP_ACT_ERRNO",
-            "errnoRet": errno_value,
-        }
-        if masked:
-            rule["args"] = [
-                {"index": arg, "value": mask, "valueTwo": value, "op": "SCMP_CMP_MASKED_EQ"}
-                for arg, mask, value in masked
-            ]
-        syscalls.append(rule)
-    for errno_value, names in plain.items():
-        syscalls.insert(0, {"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": errno_value})
-    return {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": syscalls}
+    return oci_profile(clone3=not runtime.startswith("runsc"))
 
 
 # -- the launcher inside ------------------------------------------------------

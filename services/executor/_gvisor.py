@@ -83,6 +83,7 @@ from ._sandbox import (
     _remove_tree,
     _tool,
 )
+from ._seccomp import oci_profile
 from ._spec import (
     CA_CERT,
     HELPER_PATH,
@@ -151,34 +152,6 @@ exec "$@"
 # Where the sandbox's own mounts live: the allow-list must not cover them.
 _OWN_PATHS = (WORKSPACE, HOME, TMP, "/.devsilo", "/proc", "/dev", "/sys", "/usr")
 
-_CLONE_NAMESPACE_FLAGS = (
-    0x00020000,  # CLONE_NEWNS
-    0x02000000,  # CLONE_NEWCGROUP
-    0x04000000,  # CLONE_NEWUTS
-    0x08000000,  # CLONE_NEWIPC
-    0x10000000,  # CLONE_NEWUSER
-    0x20000000,  # CLONE_NEWPID
-    0x40000000,  # CLONE_NEWNET
-)
-_AF_INET = 2
-_AF_INET6 = 10
-_AF_PACKET = 17
-_SOCK_RAW = 3
-_SOCK_TYPE_MASK = 0xF
-
-# Refused with EPERM on top of what gVisor refuses anyway: the same list as
-# every backend (REQUIREMENTS §2), so the attack battery sees one behaviour.
-_DENIED_SYSCALLS = (
-    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns",
-    "ptrace", "process_vm_readv", "process_vm_writev",
-    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
-    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
-    "keyctl", "add_key", "request_key", "bpf", "perf_event_open",
-    "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "userfaultfd", "open_by_handle_at", "name_to_handle_at",
-    "reboot", "swapon", "swapoff", "acct", "syslog",
-)  # fmt: skip
-
 
 class _Pinned:
     """A host path to bind into the sandbox, pinned by an O_PATH descriptor until staged."""
@@ -206,43 +179,11 @@ class _Pinned:
 
 
 def _seccomp_profile() -> dict[str, Any]:
-    """The OCI seccomp profile: allow by default, refuse the dangerous calls with EPERM."""
+    """The one sandbox policy (``_seccomp``) as an OCI profile for ``--oci-seccomp``.
 
-    def masked(index: int, mask: int, value: int) -> dict[str, Any]:
-        return {"index": index, "value": mask, "valueTwo": value, "op": "SCMP_CMP_MASKED_EQ"}
-
-    rules: list[dict[str, Any]] = [{"names": list(_DENIED_SYSCALLS), "action": "SCMP_ACT_ERRNO"}]
-    # One rule per flag: several conditions on one argument would be ORed by
-    # some runtimes and ANDed by others, a rule each is unambiguous.
-    for flag in _CLONE_NAMESPACE_FLAGS:
-        rules.append(
-            {"names": ["clone"], "action": "SCMP_ACT_ERRNO", "args": [masked(0, flag, flag)]}
-        )
-    rules.append(
-        {
-            "names": ["socket"],
-            "action": "SCMP_ACT_ERRNO",
-            "args": [{"index": 0, "value": _AF_PACKET, "op": "SCMP_CMP_EQ"}],
-        }
-    )
-    # Raw IP sockets only: netlink sockets are SOCK_RAW too, and the helper
-    # lists the interfaces through one.
-    for family in (_AF_INET, _AF_INET6):
-        rules.append(
-            {
-                "names": ["socket"],
-                "action": "SCMP_ACT_ERRNO",
-                "args": [
-                    {"index": 0, "value": family, "op": "SCMP_CMP_EQ"},
-                    masked(1, _SOCK_TYPE_MASK, _SOCK_RAW),
-                ],
-            }
-        )
-    return {
-        "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_AARCH64"],
-        "syscalls": rules,
-    }
+    Without the ``clone3`` rule: gVisor has no clone3 and ignores ``errnoRet``.
+    """
+    return oci_profile(clone3=False, architectures=("SCMP_ARCH_X86_64", "SCMP_ARCH_AARCH64"))
 
 
 class GvisorSandbox(Sandbox):

@@ -29,12 +29,16 @@ import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from devsilo.protocol import SandboxError
 
 __all__ = [
     "DENIED_SYSCALLS",
+    "DenyRule",
     "build_filter",
+    "deny_rules",
+    "oci_profile",
     "probe",
 ]
 
@@ -85,6 +89,7 @@ _NAMESPACE_FLAGS = {
 _CLONE_NEWTIME = 0x00000080
 
 _AF_INET, _AF_INET6, _AF_PACKET = 2, 10, 17
+_AF_VSOCK = 40  # reaches a VM's host, network namespace or not
 _SOCK_RAW, _SOCK_PACKET = 3, 10
 _SOCK_TYPE_MASK = 0xF  # the rest of socket(2)'s type is SOCK_NONBLOCK | SOCK_CLOEXEC
 
@@ -121,7 +126,7 @@ class _ArgCmp(ctypes.Structure):
 
 
 @dataclass(frozen=True)
-class _Rule:
+class DenyRule:
     """Refuse ``syscall`` with ``errno_value`` when every ``(arg, mask, value)`` holds."""
 
     syscall: str
@@ -129,16 +134,26 @@ class _Rule:
     masked: tuple[tuple[int, int, int], ...] = ()
 
 
-def _rules(native_arch: int) -> list[_Rule]:
+_Rule = DenyRule
+
+
+def deny_rules(*, clone_flags_arg: int = 0, clone3: bool = True) -> list[DenyRule]:
+    """The sandbox policy as rules, the one source for every backend.
+
+    ``clone_flags_arg`` is 1 on s390 (which swaps clone's first arguments).
+    ``clone3=False`` leaves out the ``clone3 -> ENOSYS`` rule, for gVisor,
+    which has no clone3 and ignores ``errnoRet`` (the rule would answer EPERM
+    and libc would never fall back to ``clone``).
+    """
     rules = [_Rule(name) for name in DENIED_SYSCALLS]
-    rules.append(_Rule("clone3", errno.ENOSYS))
-    # s390 swaps clone's first two arguments; everywhere else flags come first.
-    clone_flags_arg = 1 if native_arch in (_ARCH_S390, _ARCH_S390X) else 0
+    if clone3:
+        rules.append(_Rule("clone3", errno.ENOSYS))
     for bit in _NAMESPACE_FLAGS.values():
         rules.append(_Rule("clone", masked=((clone_flags_arg, bit, bit),)))
         rules.append(_Rule("unshare", masked=((0, bit, bit),)))
     rules.append(_Rule("unshare", masked=((0, _CLONE_NEWTIME, _CLONE_NEWTIME),)))
-    rules.append(_Rule("socket", masked=((0, _LOW32, _AF_PACKET),)))
+    for family in (_AF_PACKET, _AF_VSOCK):
+        rules.append(_Rule("socket", masked=((0, _LOW32, family),)))
     for family in (_AF_INET, _AF_INET6):
         for kind in (_SOCK_RAW, _SOCK_PACKET):
             rules.append(_Rule("socket", masked=((0, _LOW32, family), (1, _SOCK_TYPE_MASK, kind))))
@@ -154,6 +169,44 @@ def _rules(native_arch: int) -> list[_Rule]:
             rules.append(_Rule("personality", masked=((0, bit | _BIT31, bit),)))
         rules.append(_Rule("personality", masked=((0, bit | _BIT31, _BIT31),)))
     return rules
+
+
+def _rules(native_arch: int) -> list[DenyRule]:
+    # s390 swaps clone's first two arguments; everywhere else flags come first.
+    return deny_rules(clone_flags_arg=1 if native_arch in (_ARCH_S390, _ARCH_S390X) else 0)
+
+
+def oci_profile(*, clone3: bool = True, architectures: Sequence[str] = ()) -> dict[str, Any]:
+    """The same policy as an OCI / Docker seccomp profile (JSON-ready).
+
+    Allows by default and refuses per :func:`deny_rules`; each masked rule is
+    its own entry, since several conditions on one argument are ORed by some
+    runtimes and ANDed by others. With no ``architectures`` only the native
+    ABI passes (32-bit calls would otherwise dodge a by-name deny list).
+    """
+    plain: dict[int, list[str]] = {}
+    syscalls: list[dict[str, Any]] = []
+    for rule in deny_rules(clone3=clone3):
+        if not rule.masked:
+            plain.setdefault(rule.errno_value, []).append(rule.syscall)
+            continue
+        syscalls.append(
+            {
+                "names": [rule.syscall],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": rule.errno_value,
+                "args": [
+                    {"index": arg, "value": mask, "valueTwo": value, "op": "SCMP_CMP_MASKED_EQ"}
+                    for arg, mask, value in rule.masked
+                ],
+            }
+        )
+    for errno_value, names in plain.items():
+        syscalls.insert(0, {"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": errno_value})
+    profile: dict[str, Any] = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": syscalls}
+    if architectures:
+        profile["architectures"] = list(architectures)
+    return profile
 
 
 def _load() -> ctypes.CDLL:
