@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from devsilo.executor._backends import BACKENDS, get_backend
 from devsilo.executor._doctor import Check, auto_backend
 from devsilo.executor._spec import SandboxSpec

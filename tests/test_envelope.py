@@ -6,12 +6,11 @@ import json
 import time
 
 import pytest
-from nacl.signing import SigningKey
-
 from devsilo.protocol import (
     Ack,
     BadSignature,
     Expired,
+    GrantError,
     InvalidBody,
     Malformed,
     Oversized,
@@ -19,19 +18,19 @@ from devsilo.protocol import (
     Role,
     RoleNotAllowed,
     ServiceIdentity,
-    SessionInput,
     SessionGrant,
+    SessionInput,
     Signer,
     TrustRoster,
     UnknownSender,
     Verifier,
     WrongKey,
     WrongSubject,
-    GrantError,
     open_grant,
     seal_grant,
     subjects,
 )
+from nacl.signing import SigningKey
 
 SUBJECT = "silo.session.s1.input"
 

@@ -15,8 +15,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from nacl.signing import SigningKey
-
 from devsilo.protocol import (
     ErrorReply,
     LLMChoice,
@@ -31,6 +29,7 @@ from devsilo.protocol import (
 from devsilo.runtime._natsconn import connect_nats
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
+from nacl.signing import SigningKey
 
 LIMIT = 64 * 1024
 

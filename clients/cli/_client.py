@@ -8,12 +8,11 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
-
 from devsilo.protocol import AuthError, SiloError
 from devsilo.protocol.client import (
     GATEWAY_FRAME,
-    AuthOk,
     Authenticate,
+    AuthOk,
     ClientFrame,
     ErrorFrame,
     Hello,

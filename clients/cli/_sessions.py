@@ -112,8 +112,7 @@ async def list_sessions(target: GatewayTarget, out: TextIO) -> int:
         await client.send(ListSessions())
         async for frame in client.frames():
             if isinstance(frame, Sessions):
-                for s in frame.sessions:
-                    out.write(f"{s.session_id}  {s.user}  {s.workspace}\n")
+                out.writelines(f"{s.session_id}  {s.user}  {s.workspace}\n" for s in frame.sessions)
                 return 0
     return EXIT_RUNTIME
 

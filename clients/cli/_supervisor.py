@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
 from devsilo.protocol import ConfigError, Role
 from devsilo.runtime._natsserver import NatsServer
 from devsilo.runtime._state import StateDir

@@ -6,9 +6,6 @@ injection, DNS) is not built yet: until it is, sandboxes have no network.
 
 from __future__ import annotations
 
-from nats.aio.msg import Msg
-from prometheus_client import Gauge
-
 from devsilo.protocol import (
     EgressSessionClose,
     EgressSessionOpen,
@@ -20,6 +17,8 @@ from devsilo.protocol import (
     subjects,
 )
 from devsilo.runtime import ServiceContext
+from nats.aio.msg import Msg
+from prometheus_client import Gauge
 
 from ._policy import PolicyTable
 

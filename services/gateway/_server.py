@@ -9,10 +9,6 @@ import time
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
-from nats.js.api import ConsumerConfig, DeliverPolicy
-from pydantic import ValidationError
-from prometheus_client import Counter, Gauge
-
 from devsilo.protocol import (
     AuthError,
     LLMChoice,
@@ -31,9 +27,9 @@ from devsilo.protocol.client import (
     CLIENT_REQUEST,
     MAX_CLIENT_FRAME,
     Attach,
+    Authenticate,
     AuthErrorFrame,
     AuthOk,
-    Authenticate,
     ClientFrame,
     CreateSession,
     ErrorFrame,
@@ -49,6 +45,9 @@ from devsilo.protocol.client import (
     Shutdown,
 )
 from devsilo.runtime import ServiceContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
 
 from ._auth import Principal, TokenAuthenticator
 from ._sessions import SessionDirectory, SessionRecord

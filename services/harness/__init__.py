@@ -4,5 +4,13 @@ from ._model import ModelBackend, ModelFailure, ModelResponse, ScriptedModel, To
 from ._service import serve
 from ._session import SessionEvents, SessionRunner
 
-__all__ = ["ModelBackend", "ModelFailure", "ModelResponse", "ScriptedModel", "ToolUse", "serve",
-           "SessionEvents", "SessionRunner"]
+__all__ = [
+           "ModelBackend",
+           "ModelFailure",
+           "ModelResponse",
+           "ScriptedModel",
+           "SessionEvents",
+           "SessionRunner",
+           "ToolUse",
+           "serve",
+]

@@ -6,9 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from devsilo.protocol import SiloError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class ModelFailure(SiloError):

@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-from nats.aio.msg import Msg
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-from prometheus_client import Gauge, Histogram
-
 from devsilo.protocol import (
     Envelope,
     ExecutorAnnounce,
@@ -27,6 +23,9 @@ from devsilo.protocol import (
     subjects,
 )
 from devsilo.runtime import Bus, ServiceContext
+from nats.aio.msg import Msg
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from prometheus_client import Gauge, Histogram
 
 from ._model import ModelBackend, ModelFailure, ScriptedModel
 from ._pool import PoolView
@@ -139,7 +138,6 @@ async def serve(ctx: ServiceContext) -> None:
             raise GrantError(f"{env.header.sender} announced itself as {ann.executor_id}")
         if pool.update(ann):
             executor_gone(ann.executor_id, "stopped" if ann.stopping else "restarted")
-        return None
 
     async def watch_pool() -> None:
         while True:
@@ -198,7 +196,6 @@ async def serve(ctx: ServiceContext) -> None:
             runner.interrupt()
         elif inp.kind == "stop":
             await runner.stop(f"stopped by {inp.client or 'a client'}")
-        return None
 
     await bus.subscribe(subjects.POOL_ANNOUNCE_ALL, on_announce)
     await bus.subscribe(subjects.HARNESS_START, on_start, queue=subjects.HARNESS_QUEUE, concurrent=True)

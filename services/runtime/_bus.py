@@ -17,13 +17,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import structlog
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import PubAck
-
 from devsilo.protocol import (
     Envelope,
     ErrorReply,
@@ -39,6 +32,12 @@ from devsilo.protocol import (
     peek_header,
     subjects,
 )
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import PubAck
 
 from ._metrics import ServiceMetrics
 
@@ -170,7 +169,6 @@ class Bus:
         except MessageRejected as exc:
             await self._reply_error(msg, exc.reason, str(exc), None)
             return
-        kind = env.header.type
         with structlog.contextvars.bound_contextvars(mid=env.header.mid, session=env.header.sid):
             await self._handle(msg, env, handler)
 
