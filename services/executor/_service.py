@@ -11,9 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nats.aio.msg import Msg
-from prometheus_client import Counter, Gauge, Histogram
-
 from devsilo.protocol import (
     SANDBOX_TOOLS,
     AccessReport,
@@ -38,11 +35,13 @@ from devsilo.protocol import (
     subjects,
 )
 from devsilo.runtime import ServiceContext
+from nats.aio.msg import Msg
+from prometheus_client import Counter, Gauge, Histogram
 
 from ._backends import STRENGTH_ORDER, get_backend
+from ._relay import SessionRelay
 from ._risk import check_workspace
 from ._sandbox import Sandbox, prepare_workspace_ownership
-from ._relay import SessionRelay
 from ._spec import WORKSPACE, SandboxSpec
 from ._tools import run_tool
 

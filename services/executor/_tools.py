@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
-
 from devsilo.protocol import (
     SANDBOX_TOOLS,
     BashInput,
     EditInput,
     GlobInput,
     GrepInput,
-    WebFetchInput,
     ReadInput,
     SandboxError,
     ToolCall,
     ToolError,
     ToolResult,
+    WebFetchInput,
     WriteInput,
 )
+from pydantic import ValidationError
 
 from ._helper_client import HelperClient
 

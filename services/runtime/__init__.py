@@ -6,4 +6,4 @@ from ._logging import configure_logging
 from ._metrics import ServiceMetrics
 from ._service import ServiceContext, run_service
 
-__all__ = ["Bus", "HealthServer", "configure_logging", "ServiceMetrics", "ServiceContext", "run_service"]
+__all__ = ["Bus", "HealthServer", "ServiceContext", "ServiceMetrics", "configure_logging", "run_service"]
