@@ -26,13 +26,21 @@ SANDBOX_UID = SANDBOX_GID = 64123
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="attaching mounts in a sandbox needs root"),
-    pytest.mark.skipif(os.geteuid() == 0 and probe() is not None, reason="bwrap does not work here"),
+    pytest.mark.skipif(
+        os.geteuid() == 0 and probe() is not None, reason="bwrap does not work here"
+    ),
 ]
 
 # umount2 from inside, by ctypes: prints the errno's name (or "ok").
 _UMOUNT = (
     "import ctypes, errno, sys; libc = ctypes.CDLL(None, use_errno=True); "
     "r = libc.umount2(sys.argv[1].encode(), int(sys.argv[2])); "
+    "print('ok' if r == 0 else errno.errorcode[ctypes.get_errno()])"
+)
+# mount(2) from inside: remount the workspace read-only (MS_REMOUNT | MS_BIND | MS_RDONLY).
+_REMOUNT = (
+    "import ctypes, errno; libc = ctypes.CDLL(None, use_errno=True); "
+    "r = libc.mount(None, b'" + WORKSPACE + "', None, ctypes.c_ulong(0x20 | 0x1000 | 0x1), None); "
     "print('ok' if r == 0 else errno.errorcode[ctypes.get_errno()])"
 )
 _RELAY_HELLO = (
@@ -125,7 +133,14 @@ async def test_take_gives_the_sessions_workspace_read_write(pool: WarmPool, tmp_
         assert (await sandbox.helper.read("README")).content == b"the project of alice\n"
         r = await sandbox.helper.exec("echo made inside > made && cat README && pwd && ls -a")
         assert r.exit_code == 0, r.stderr
-        assert r.stdout.splitlines() == ["the project of alice", WORKSPACE, ".", "..", "README", "made"]
+        assert r.stdout.splitlines() == [
+            "the project of alice",
+            WORKSPACE,
+            ".",
+            "..",
+            "README",
+            "made",
+        ]
         await sandbox.helper.write("sub/written.txt", b"via the helper\n")
         made = spec.workspace / "made"
         assert made.read_text() == "made inside\n"
@@ -183,8 +198,11 @@ async def test_the_sandbox_user_cannot_take_the_workspace_off(
             assert r.stdout.strip() == "EPERM", r
         r = await sandbox.helper.exec(f'python3 -c "{_UMOUNT}" {RELAY_SOCKET} 0')
         assert r.stdout.strip() == "EPERM", r
+        r = await sandbox.helper.exec(f'python3 -c "{_REMOUNT}"')
+        assert r.stdout.strip() == "EPERM", r
         r = await sandbox.helper.exec(f"mount --bind /tmp {WORKSPACE}")
         assert r.exit_code != 0
+        await sandbox.helper.write("still-writable", b"yes")
         assert (await sandbox.helper.read("README")).content == b"the project of carol\n"
     finally:
         await sandbox.close()
@@ -231,7 +249,7 @@ async def test_the_pool_refills_after_a_take(pool: WarmPool, tmp_path: Path) -> 
 
 
 async def test_a_dead_warm_sandbox_is_skipped(pool: WarmPool, tmp_path: Path) -> None:
-    dead = pool._ready[0].sandbox
+    dead = pool._ready[0].sandbox  # killed on purpose below
     assert dead.init_pid is not None
     os.kill(dead.init_pid, signal.SIGKILL)
     await asyncio.sleep(0.2)
@@ -276,7 +294,9 @@ async def test_an_attach_over_anything_but_the_placeholder_is_refused(
         await mounter.start()
         try:
             with pytest.raises(MountError, match="not its placeholder") as caught:
-                await mounter.attach(pidfd, [Attach(other, WORKSPACE, expect=(st.st_dev, st.st_ino))])
+                await mounter.attach(
+                    pidfd, [Attach(other, WORKSPACE, expect=(st.st_dev, st.st_ino))]
+                )
             assert caught.value.errno is not None
         finally:
             await mounter.close()
@@ -295,7 +315,7 @@ async def test_close_leaves_nothing_behind(tmp_path: Path) -> None:
     await pool.wait_ready()
     leased = await pool.take(_session(pool, "judy", tmp_path))
     await pool.wait_ready()
-    mounter_pid = pool._mounter.pid
+    mounter_pid = pool._mounter.pid  # checked gone below
     assert mounter_pid is not None and mounter_pid in _children()
     assert len(_children() - before) == 4  # three bwraps and the mounter
     await leased.close()
@@ -305,3 +325,21 @@ async def test_close_leaves_nothing_behind(tmp_path: Path) -> None:
     assert list(scratch.iterdir()) == []
     with pytest.raises(ProcessLookupError):
         os.kill(mounter_pid, 0)
+
+
+async def test_a_dead_mounter_is_started_again(pool: WarmPool, tmp_path: Path) -> None:
+    mounter = pool._mounter  # the test kills its process on purpose
+    first = mounter.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    for _ in range(100):
+        if mounter.pid is None:
+            break
+        await asyncio.sleep(0.02)
+    sandbox = await pool.take(_session(pool, "judy", tmp_path))
+    try:
+        assert pool.stats.warm_leases == 1
+        assert mounter.pid not in (None, first)
+        assert (await sandbox.helper.read("README")).content == b"the project of judy\n"
+    finally:
+        await sandbox.close()
