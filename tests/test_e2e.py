@@ -73,6 +73,16 @@ def test_log_lines_carry_session_and_message_ids(stack: Stack, workspace: Path, 
     assert started[0]["service"] == "executor" and len(started[0]["mid"]) >= 16
 
 
+def test_sessions_lease_warm_sandboxes(stack: Stack, workspace: Path, tmp_path: Path) -> None:
+    before = stack.metric("executor", "silo_sandbox_leases_total", 'backend="bwrap",kind="warm"')
+    script = write_script(tmp_path, SCRIPT)
+    r = silo(stack, "run", "--headless", "--script", str(script), "--workspace", str(workspace),
+             "--prompt", "go")
+    assert r.returncode == 0, r.stderr
+    assert (workspace / "made.txt").read_text() == "made-in-sandbox\n"
+    assert stack.metric("executor", "silo_sandbox_leases_total", 'backend="bwrap",kind="warm"') == before + 1
+
+
 def test_human_output_shows_the_transcript(stack: Stack, workspace: Path, tmp_path: Path) -> None:
     script = write_script(tmp_path, SCRIPT)
     r = silo(stack, "run", "--headless", "--script", str(script), "--workspace", str(workspace),

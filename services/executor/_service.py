@@ -44,10 +44,13 @@ from ._risk import check_workspace
 from ._sandbox import Sandbox, prepare_workspace_ownership
 from ._spec import WORKSPACE, SandboxSpec
 from ._tools import run_tool
+from ._warm import WarmPool
 
 DEFAULT_SANDBOX_UID = 64123
 DEFAULT_CAPACITY = 16
 DEFAULT_PER_USER = 8
+DEFAULT_WARM = 2
+"""Pre-started bwrap sandboxes waiting for a lease (root only)."""
 ANNOUNCE_EVERY_S = 1.0
 
 
@@ -75,6 +78,10 @@ class ExecutorMetrics:
         self.start_seconds = Histogram("silo_sandbox_start_seconds", "Sandbox start latency.",
                                        ["backend"], registry=reg,
                                        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.leases = Counter("silo_sandbox_leases_total", "Sandboxes leased, by backend and kind.",
+                              ["backend", "kind"], registry=reg)
+        self.warm = Gauge("silo_sandboxes_warm", "Warm sandboxes waiting for a lease, by backend.",
+                          ["backend"], registry=reg)
         self.capacity = Gauge("silo_executor_capacity", "Sandbox slots on this executor, by state.",
                               ["state"], registry=reg)
         self.lease_refusals = Counter("silo_lease_refusals_total", "Leases refused, by reason.", ["reason"],
@@ -141,6 +148,20 @@ async def serve(ctx: ServiceContext) -> None:
     ctx.status.update(backends=backends, capacity=capacity)
     ctx.log.info("executor_backends", backends=backends)
 
+    warm_pool: WarmPool | None = None
+    warm_size = int(opts.get("warm", DEFAULT_WARM))
+    if "bwrap" in backends and warm_size > 0 and os.geteuid() == 0:
+        def template() -> SandboxSpec:
+            return SandboxSpec(session_id="warm", workspace=scratch_root, sandbox_uid=uid, sandbox_gid=gid,
+                               scratch_root=scratch_root)
+
+        warm_pool = WarmPool(template, warm_size, **backend_config.get("bwrap", {}))
+        try:
+            await warm_pool.start()
+        except SandboxError as exc:
+            ctx.log.warning("warm_pool_unavailable", error=str(exc))
+            warm_pool = None
+
     def in_use() -> int:
         return len(sessions) + len(starting)
 
@@ -151,6 +172,7 @@ async def serve(ctx: ServiceContext) -> None:
         return ExecutorAnnounce(
             executor_id=eid, instance=instance, host=socket.gethostname(), backends=tuple(backends),
             capacity=capacity, free=max(0, capacity - in_use()), users=users,
+            warm={"bwrap": warm_pool.ready} if warm_pool is not None else {},
             sessions=tuple(sorted(sessions)), stopping=stopping,
         )
 
@@ -161,6 +183,8 @@ async def serve(ctx: ServiceContext) -> None:
             except Exception as exc:  # NATS down: keep trying; the pool notices our silence
                 ctx.log.warning("announce_failed", error=str(exc))
             metrics.capacity.labels(state="free").set(max(0, capacity - in_use()))
+            if warm_pool is not None:
+                metrics.warm.labels(backend="bwrap").set(warm_pool.ready)
             metrics.capacity.labels(state="total").set(capacity)
             await asyncio.sleep(ANNOUNCE_EVERY_S)
 
@@ -224,15 +248,24 @@ async def serve(ctx: ServiceContext) -> None:
         backend = grant.sandbox
         if backend == "auto":
             backend = next(b for b in STRENGTH_ORDER if b in backends)
-        sandbox = get_backend(backend).create(spec, **backend_config.get(backend, {}))
         started = time.perf_counter()
+        sandbox: Sandbox | None = None
         try:
-            await sandbox.start()
+            if backend == "bwrap" and warm_pool is not None:
+                try:
+                    sandbox = await warm_pool.try_take(spec)
+                except SandboxError as exc:  # no warm one used up, or that one closed: go cold
+                    ctx.log.warning("warm_lease_failed", error=str(exc))
+            kind = "warm" if sandbox is not None else "cold"
+            if sandbox is None:
+                sandbox = get_backend(backend).create(spec, **backend_config.get(backend, {}))
+                await sandbox.start()
         except BaseException:
             metrics.starts.labels(backend=backend, outcome="error").inc()
             await relay.close()
             raise
         metrics.starts.labels(backend=backend, outcome="ok").inc()
+        metrics.leases.labels(backend=backend, kind=kind).inc()
         metrics.start_seconds.labels(backend=backend).observe(time.perf_counter() - started)
         metrics.sandboxes.labels(backend=backend, state="running").inc()
         egress_id, warning = await open_egress(req.grant, grant)
@@ -241,7 +274,7 @@ async def serve(ctx: ServiceContext) -> None:
         warnings.extend(getattr(sandbox, "warnings", []))
         sessions[sid] = ExecSession(grant, backend, sandbox, relay, workspace, egress_id)
         ctx.status["sandboxes"] = len(sessions)
-        ctx.log.info("sandbox_started", backend=backend, workspace=str(workspace), egress=egress_id)
+        ctx.log.info("sandbox_started", backend=backend, kind=kind, workspace=str(workspace), egress=egress_id)
         lim = spec.limits
         access = AccessReport(
             backend=backend, workspace=f"{workspace} (at {WORKSPACE} inside)",
@@ -302,6 +335,8 @@ async def serve(ctx: ServiceContext) -> None:
         await asyncio.gather(announcer, return_exceptions=True)
         await asyncio.gather(*(close_session(sid, "executor stopping") for sid in list(sessions)),
                              return_exceptions=True)
+        if warm_pool is not None:
+            await warm_pool.close()
         try:
             await bus.publish(subjects.pool_announce(eid), announcement(stopping=True))
             await bus.nc.flush(timeout=2)
