@@ -42,6 +42,14 @@ def test_candidates_fit_backend_room_and_pin() -> None:
     assert pool.candidates("gvisor") == []
 
 
+def test_candidates_must_be_where_the_workspace_is() -> None:
+    pool = PoolView(FakeClock())
+    pool.update(ann("a"))
+    assert [a.executor_id for a in pool.candidates("bwrap", host="h")] == ["a"]
+    assert pool.candidates("bwrap", host="laptop") == []
+    assert "on laptop, where the workspace is," in pool.why_none("bwrap", host="laptop")
+
+
 def test_silent_executor_expires_after_three_seconds() -> None:
     clock = FakeClock()
     pool = PoolView(clock)
@@ -142,6 +150,31 @@ def test_a_backend_no_executor_offers_is_a_clear_error(two_executors: Stack, tmp
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "no executor could run a microvm sandbox" in err, err
+
+
+def test_a_workspace_on_another_machine_is_a_clear_error(two_executors: Stack, tmp_path: Path) -> None:
+    import asyncio
+
+    from devsilo.cli._client import GatewayClient, GatewayError
+    from devsilo.cli._sessions import local_gateway
+    from devsilo.protocol.client import CreateSession
+    from devsilo.runtime._state import StateDir
+
+    async def create() -> str:
+        target = local_gateway(StateDir(two_executors.state_dir))
+        async with GatewayClient(target.url, target.fingerprint) as client:
+            await client.connect(target.token)
+            await client.send(CreateSession(workspace=str(tmp_path), workspace_host="far-away-laptop",
+                                            script=json.dumps(SLOW), headless=True, prompt="go"))
+            try:
+                async for frame in client.frames():
+                    return f"unexpected {frame.type}"
+            except GatewayError as exc:
+                return str(exc)
+        return "closed"
+
+    message = asyncio.run(create())
+    assert "no executor on far-away-laptop, where the workspace is, offers it" in message, message
 
 
 def test_killed_executor_ends_its_sessions_with_a_clear_error_within_5s(

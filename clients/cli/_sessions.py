@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -173,7 +174,7 @@ async def demo(state: StateDir, workspace: str | None, out: TextIO, *, as_json: 
     try:
         ws = workspace or tempfile.mkdtemp(prefix="silo-demo-")
         out.write(f"workspace: {ws}\n")
-        request = CreateSession(workspace=os.path.abspath(ws), llm="mock", script=json.dumps(DEMO_SCRIPT),
+        request = CreateSession(workspace=os.path.abspath(ws), workspace_host=socket.gethostname(), llm="mock", script=json.dumps(DEMO_SCRIPT),
                                 headless=True, prompt="Write a small program and run it.")
         code = await run_session(local_gateway(state), request, out, as_json=as_json)
         out.write(f"demo finished with exit code {code}; the program is in {ws}/primes.py\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not workspace.is_dir():
         print(f"error: workspace {workspace} is not a directory", file=sys.stderr)
         return EXIT_USAGE
-    req = CreateSession(workspace=str(workspace), sandbox=args.sandbox, llm=args.llm, model=args.model,
+    req = CreateSession(workspace=str(workspace), workspace_host=socket.gethostname(), sandbox=args.sandbox, llm=args.llm, model=args.model,
                         script=_read_script(args.script), headless=True, prompt=args.prompt,
                         allow_read=tuple(args.allow_read), allow_domains=tuple(args.allow_domain))
     target = local_gateway(_state(args), args.gateway)

@@ -211,6 +211,9 @@ async def serve(ctx: ServiceContext) -> None:
             raise GrantError(f"grant names executor {grant.executor}, this is {eid}")
         if sid in sessions or sid in starting:
             raise GrantError(f"session {sid} already has a sandbox here")
+        if grant.workspace_host is not None and grant.workspace_host != socket.gethostname():
+            raise refuse("host", f"the workspace is on {grant.workspace_host}; executor {eid} runs on "
+                         f"{socket.gethostname()} and cannot mount it")
         if grant.sandbox == "auto" and backends:
             pass  # start_session picks our strongest
         elif grant.sandbox not in backends:

@@ -59,25 +59,26 @@ class PoolView:
         """How many sandboxes ``user`` holds across the pool."""
         return sum(e.announce.users.get(user, 0) for e in self._entries.values())
 
-    def candidates(self, backend: str, pinned: str | None = None) -> list[ExecutorAnnounce]:
-        """Executors that offer ``backend`` and have room, warm sandboxes and most room first."""
-        now = self._clock()
-        fits = [
-            e.announce for e in self._entries.values()
-            if now - e.seen_at <= self._silence
-            and (backend in e.announce.backends if backend != "auto" else bool(e.announce.backends))
-            and e.announce.free > 0 and (pinned is None or e.announce.executor_id == pinned)
-        ]
+    def _offers(self, e: ExecutorEntry, backend: str, pinned: str | None, host: str | None) -> bool:
+        a = e.announce
+        return (self._clock() - e.seen_at <= self._silence
+                and (backend in a.backends if backend != "auto" else bool(a.backends))
+                and (pinned is None or a.executor_id == pinned)
+                and (host is None or a.host == host))
+
+    def candidates(self, backend: str, pinned: str | None = None,
+                   host: str | None = None) -> list[ExecutorAnnounce]:
+        """Executors on ``host`` (if named) that offer ``backend`` and have room; warm and roomy first."""
+        fits = [e.announce for e in self._entries.values()
+                if self._offers(e, backend, pinned, host) and e.announce.free > 0]
         return sorted(fits, key=lambda a: (-a.warm.get(backend, 0), -a.free, a.executor_id))
 
-    def why_none(self, backend: str, pinned: str | None = None) -> str:
+    def why_none(self, backend: str, pinned: str | None = None, host: str | None = None) -> str:
         """Why :meth:`candidates` is empty, in a few words."""
-        now = self._clock()
-        offering = [e for e in self._entries.values() if now - e.seen_at <= self._silence
-                    and (backend == "auto" or backend in e.announce.backends)
-                    and (pinned is None or e.announce.executor_id == pinned)]
+        offering = [e for e in self._entries.values() if self._offers(e, backend, pinned, host)]
         if not offering:
-            return f"no executor{' ' + pinned if pinned else ''} offers it"
+            where = f" on {host}, where the workspace is," if host else ""
+            return f"no executor{' ' + pinned if pinned else ''}{where} offers it"
         return f"every executor offering it is full ({len(offering)})"
 
     def describe(self) -> str:

@@ -36,7 +36,7 @@ LEASE_WAIT_S = 15.0
 PER_USER_SANDBOXES = 8
 """Concurrent sandboxes one user may hold across the pool."""
 # Refusals after which the next executor is tried rather than giving up.
-RETRYABLE_LEASE_CODES = {"capacity", "user_limit", "backend", "no_responders", "timeout"}
+RETRYABLE_LEASE_CODES = {"capacity", "user_limit", "backend", "host", "no_responders", "timeout"}
 
 
 async def ensure_streams(ctx: ServiceContext) -> None:
@@ -90,9 +90,9 @@ async def lease_sandbox(bus: Bus, pool: PoolView, grant: SessionGrant, sealed: s
     if pool.user_sandboxes(grant.user) >= PER_USER_SANDBOXES:
         raise PoolError("user_limit", f"user {grant.user} already holds {PER_USER_SANDBOXES} sandboxes")
     while True:
-        candidates = pool.candidates(grant.sandbox, grant.executor)
+        candidates = pool.candidates(grant.sandbox, grant.executor, grant.workspace_host)
         if not candidates:
-            last = pool.why_none(grant.sandbox, grant.executor)
+            last = pool.why_none(grant.sandbox, grant.executor, grant.workspace_host)
         for ann in candidates:
             try:
                 lease = await bus.request(

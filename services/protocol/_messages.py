@@ -64,6 +64,8 @@ class SessionGrant(Message):
     session_id: str = Field(pattern=SESSION_ID_PATTERN)
     user: str = Field(min_length=1, max_length=128)
     workspace: str = Field(min_length=1, max_length=4096)
+    workspace_host: str | None = Field(default=None, max_length=255,
+                                       description="the machine the workspace path is on; executors elsewhere cannot serve it")
     sandbox: SandboxBackend = "bwrap"
     executor: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)
     allow_read: tuple[str, ...] = ()

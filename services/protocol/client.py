@@ -41,6 +41,7 @@ class CreateSession(ClientFrame):
 
     type: Literal["create_session"] = "create_session"
     workspace: str = Field(min_length=1, max_length=4096)
+    workspace_host: str | None = Field(default=None, max_length=255)
     sandbox: SandboxBackend = "bwrap"
     llm: LLMBackend = "mock"
     model: str = Field(default="mock", max_length=200)
