@@ -42,16 +42,13 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import importlib.resources
 import io
 import json
 import os
 import re
 import secrets
-import shutil
 import socket
 import stat
-import subprocess
 import tarfile
 import tempfile
 import time
@@ -66,7 +63,15 @@ from devsilo.protocol import SandboxError, ToolError
 from docker.types import LogConfig, Mount, Ulimit
 
 from ._helper_client import HelperClient
-from ._sandbox import Sandbox
+from ._sandbox import (
+    _ENV_NAME,
+    _USR_ALIASES,
+    HELPER_PYC,
+    Sandbox,
+    _helper_source,
+    _remove_tree,
+)
+from ._sandbox import _helper_pyc as _compile_helper
 from ._seccomp import oci_profile
 from ._spec import (
     CA_CERT,
@@ -112,19 +117,14 @@ LAUNCHER_PATH = "/.devsilo/connect.py"
 HELPER_SOCKET_DIR = "/.devsilo/run"
 """Directory (bound read-only) holding the executor's socket for the helper."""
 HELPER_SOCKET = HELPER_SOCKET_DIR + "/helper.sock"
-HELPER_PYC = "/.devsilo/helper.pyc"
-"""The helper compiled by the sandbox's Python (its source stays at HELPER_PATH)."""
+"""The executor's socket the launcher connects to."""
 
 _PYTHON = "/usr/bin/python3"
 # Docker's own init binary is tini; Debian's docker.io also installs it as tini.
 # Docker's `init=True` cannot be used: it mounts the binary at
 # /sbin/docker-init, and /sbin here is a symlink into the read-only /usr.
 _INIT_CANDIDATES = ("/usr/bin/docker-init", "/usr/bin/tini", "/usr/bin/tini-static")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-# The top-level names that merged-/usr systems make symlinks and others make
-# directories; the image mirrors the host's symlinks, real directories are bound.
-_USR_ALIASES = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # Public, secret-free host files that ordinary tools need (see _sandbox._HOST_ETC);
 # copied into the image when it is built.
 _HOST_ETC = (
@@ -183,42 +183,6 @@ def main():
 
 sys.exit(main())
 '''
-
-
-# Compiles the helper with the sandbox's own interpreter (the host's
-# /usr/bin/python3, whose magic number the .pyc must carry): source on stdin,
-# a .pyc on stdout. Only the magic number is checked when runpy runs a .pyc,
-# so the rest of the header stays zero. Saves compiling the helper at every
-# sandbox start.
-_COMPILE_HELPER = (
-    "import importlib.util, marshal, sys; "
-    "code = compile(sys.stdin.buffer.read(), sys.argv[1], 'exec', dont_inherit=True); "
-    "sys.stdout.buffer.write(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code))"
-)
-
-
-@functools.cache
-def _helper_source() -> bytes:
-    return (importlib.resources.files("devsilo.executor.helper") / "helper.py").read_bytes()
-
-
-@functools.cache
-def _helper_pyc() -> bytes:
-    """The helper compiled by the sandbox's Python; once per process."""
-    try:
-        done = subprocess.run(
-            [_PYTHON, "-I", "-S", "-c", _COMPILE_HELPER, HELPER_PATH],
-            input=_helper_source(),
-            capture_output=True,
-            timeout=30,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SandboxError(f"cannot compile the helper with {_PYTHON}: {exc}") from None
-    if done.returncode != 0 or len(done.stdout) <= 16:
-        said = done.stderr.decode(errors="replace").strip()[-500:]
-        raise SandboxError(f"{_PYTHON} cannot compile the helper: {said}")
-    return done.stdout
 
 
 # -- the base image -----------------------------------------------------------
@@ -873,25 +837,6 @@ def _allow_dest(host: Path) -> str:
     return dest
 
 
-def _remove_tree(path: Path) -> None:
-    """Remove a scratch tree that the sandbox may have made hard to remove."""
-    last: OSError | None = None
-    for _ in range(5):
-        try:
-            shutil.rmtree(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            last = exc
-        # A directory the sandbox chmod'ed to 000 stops a non-root rmtree;
-        # give every real directory back its owner bits and try again.
-        for dirpath, dirnames, _files in os.walk(path):
-            for name in dirnames:
-                full = os.path.join(dirpath, name)
-                with contextlib.suppress(OSError):
-                    if stat.S_ISDIR(os.lstat(full).st_mode):
-                        os.chmod(full, 0o700)
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o700)
-    raise SandboxError(f"cannot remove sandbox scratch {path}: {last}")
+def _helper_pyc() -> bytes:
+    """The helper compiled by the sandbox's Python (cached per process by ``_sandbox``)."""
+    return _compile_helper(_PYTHON)

@@ -79,6 +79,7 @@ from ._sandbox import (
     _USR_ALIASES,
     Sandbox,
     _etc_files,
+    _helper_pyc,
     _helper_source,
     _remove_tree,
     _tool,
@@ -119,11 +120,6 @@ script given as source is compiled at every start, slowly under gVisor."""
 # Compiles the helper with the sandbox's own interpreter: source on stdin, a
 # .pyc on stdout. Only the magic number is checked when a .pyc is run as the
 # main script, so the rest of the header stays zero.
-_COMPILE_HELPER = (
-    "import importlib.util, marshal, sys; "
-    "code = compile(sys.stdin.buffer.read(), sys.argv[1], 'exec', dont_inherit=True); "
-    "sys.stdout.buffer.write(importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(code))"
-)
 
 # Runs as root in a private mount namespace: "$1" is the stage directory,
 # then (source, dev:ino, d|f) triples up to "--", then the command to exec.
@@ -750,25 +746,6 @@ def _generated_etc() -> dict[str, bytes]:
     # user bind port 53); there is no other server to reach.
     etc.setdefault("/etc/resolv.conf", b"nameserver 127.0.0.1\n")
     return etc
-
-
-@functools.cache
-def _helper_pyc(python: str) -> bytes:
-    """The helper compiled by ``python`` itself (its magic number must match); once per process."""
-    try:
-        done = subprocess.run(
-            [python, "-I", "-S", "-c", _COMPILE_HELPER, HELPER_PATH],
-            input=_helper_source(),
-            capture_output=True,
-            timeout=30,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SandboxError(f"cannot compile the helper with {python}: {exc}") from None
-    if done.returncode != 0 or len(done.stdout) <= 16:
-        said = done.stderr.decode(errors="replace").strip()[-500:]
-        raise SandboxError(f"{python} cannot compile the helper: {said}")
-    return done.stdout
 
 
 def _allow_dest(host: Path) -> str:
