@@ -117,10 +117,6 @@ HELPER_PYC = "/.devsilo/helper.pyc"
 """The helper compiled by the sandbox's Python, run instead of its source: a
 script given as source is compiled at every start, slowly under gVisor."""
 
-# Compiles the helper with the sandbox's own interpreter: source on stdin, a
-# .pyc on stdout. Only the magic number is checked when a .pyc is run as the
-# main script, so the rest of the header stays zero.
-
 # Runs as root in a private mount namespace: "$1" is the stage directory,
 # then (source, dev:ino, d|f) triples up to "--", then the command to exec.
 # Each source is bound at "$stage/<index>" and must still be the very object
