@@ -24,6 +24,7 @@ SERVICES = ("gateway", "harness", "executor", "egress")
 SECRETS = (
     *(f"keys/{s}.sign" for s in SERVICES),
     *(f"nats/{s}.nk" for s in SERVICES),
+    "nats/server.conf",
     "tls/ca.crt",
     "tls/ca.key",
     "tls/nats.crt",
@@ -290,3 +291,17 @@ def test_stack_config_is_frozen() -> None:
     cfg = StackConfig.default()
     with pytest.raises(Exception, match="frozen"):
         cfg.version = 1
+
+
+def test_init_writes_the_nats_config_with_one_user_per_service(tmp_path: Path) -> None:
+    import json as _json
+
+    state = StateDir(tmp_path / "st")
+    state.initialize()
+    conf = state.nats_conf_path
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+    body = _json.loads(conf.read_text().split("\n", 1)[1])
+    users = body["authorization"]["users"]
+    assert sorted(u["nkey"] for u in users) == sorted(state.nats_public_key(s) for s in state.config().services)
+    assert "tls" in body and "jetstream" in body
+    assert state.initialize() == [f"state directory {state.root} is complete; nothing to do"]

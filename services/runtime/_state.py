@@ -581,9 +581,22 @@ class StateDir:
         self._init_tls(cfg, rotate, done)
         self._init_token(rotate, done)
         self._init_roster(cfg, done)
+        self._init_nats_conf(cfg, done)
         if not done:
             done.append(f"state directory {self.root} is complete; nothing to do")
         return done
+
+    def _init_nats_conf(self, cfg: StackConfig, done: list[str]) -> None:
+        """The NATS server config for config.json's address (`silo up` rewrites it per start)."""
+        conf = render_nats_config(self, host=cfg.nats.host, port=cfg.nats.port, store_dir=self.jetstream_dir,
+                                  max_payload=cfg.nats.max_payload).encode()
+        try:
+            if self.nats_conf_path.read_bytes() == conf:
+                return
+        except OSError:
+            pass  # not written yet
+        write_private(self.nats_conf_path, conf)
+        done.append(f"wrote {self._rel(self.nats_conf_path)} (one nkey user per service, per-role permissions)")
 
     def _init_identities(self, cfg: StackConfig, rotate: bool, done: list[str]) -> None:
         """Signing keys and nkeys of every service in the config."""
