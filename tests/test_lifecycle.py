@@ -60,3 +60,33 @@ def test_sigterm_stops_every_process_including_busy_sandboxes(tmp_path: Path) ->
     for service in ("gateway", "harness", "executor", "egress"):
         assert f"{service} stopped (0)" in stack.output(), stack.output()
     assert not (stack.state_dir / "run" / "stack.json").exists()
+
+
+async def test_up_with_an_existing_nats_server_starts_none_of_its_own(tmp_path: Path) -> None:
+    import asyncio
+
+    from devsilo.testing import init_state, running_nats
+
+    state = init_state(tmp_path / "state")
+    async with running_nats(state, store_dir=tmp_path / "js") as server:
+        stack = Stack(state.root, extra_args=["--nats", server.url])
+        await asyncio.to_thread(stack.start)
+        try:
+            assert f"NATS:        {server.url}" in stack.output()
+            assert "nats-server started" not in stack.output()
+            ws = tmp_path / "ws"
+            ws.mkdir()
+            script = tmp_path / "s.json"
+            script.write_text(json.dumps({"responses": [
+                {"tool_calls": [{"name": "Bash", "input": {"command": "echo over-external-nats"}}]},
+                {"tool_calls": [{"name": "Exit", "input": {"message": "ok"}}]}]}))
+            r = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "devsilo.cli", "--state-dir", str(state.root), "run", "--headless",
+                 "--script", str(script), "--workspace", str(ws), "--prompt", "go"],
+                capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert "over-external-nats" in r.stdout
+        finally:
+            await asyncio.to_thread(stack.stop)
+        assert server.pid is not None and pid_alive(server.pid)  # ours to stop, not silo up's
