@@ -51,9 +51,11 @@ def test_a_symlink_to_the_state_directory_is_refused(tmp_path: Path) -> None:
         check_workspace(str(link), [state])
 
 
-def test_credential_directories_are_refused_for_the_read_allow_list() -> None:
-    ssh = Path(os.path.expanduser("~/.ssh"))
-    ssh.mkdir(mode=0o700, exist_ok=True)
+def test_credential_directories_are_refused_for_the_read_allow_list(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    ssh = tmp_path / "home" / ".ssh"
+    ssh.mkdir(parents=True)
     with pytest.raises(GrantError, match="risk list"):
         check_workspace(str(ssh), [], kind="read allow-list path")
 
