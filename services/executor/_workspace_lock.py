@@ -1,0 +1,460 @@
+"""Workspace lock and unlock: move a directory's contents into executor-owned storage and back.
+
+Storage is a root-only (0700) directory per workspace::
+
+    <store root>/<id>/
+        state.json      phase and step, rewritten atomically (fsync) around every step
+        manifest.json   the lock-time snapshot (every entry, hashes, modes, owners)
+        originals/      a copy of every regular file at lock time, content-addressed
+        files/          the workspace's contents while locked (what the sandbox mounts)
+        after.json      the snapshot taken at unlock, before the files move back
+        report.json     the change report of the last unlock
+
+Every step is idempotent and the state records which step is done, so a
+process killed at any point (SIGKILL included) is finished by running the
+same operation again: moves are per top-level entry with ``rename(2)``
+(atomic: an entry is either still at the path or already in the store), and
+across filesystems each entry is copied to a temporary name, verified,
+renamed into place, and only then removed from its source.
+
+This storage protects the contents by file permissions only; the ext4 image
+mounted only inside the sandbox's mount namespace is a separate backend.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from devsilo.protocol import SiloError
+
+from ._risk import check_workspace
+from ._snapshot import (
+    ChangeReport,
+    Entry,
+    WorkspaceSnapshot,
+    diff,
+    hash_fd,
+    open_dir_nofollow,
+    open_nofollow,
+    original_path,
+)
+
+MARKER = ".devsilo-locked"
+"""The file left at a locked workspace's path, naming the store and how to unlock."""
+ROOT_ONLY_WARNING = (
+    "workspace storage is a root-only directory on this host, not an ext4 image mounted only "
+    "inside the sandbox: the contents are protected by file permissions alone, so any root "
+    "process on this host can read and change them")
+CRASH_ENV = "DEVSILO_TEST_CRASH_AFTER"
+"""TEST ONLY: when set to a step name, the process SIGKILLs itself right after that step.
+
+Crash tests use it to kill lock and unlock at exact points; it has no other use.
+"""
+_LOCK_STEPS = ("started", "snapshotted", "originals", "moved", "marked", "sealed")
+_UNLOCK_STEPS = ("started", "opened", "measured", "owners", "unmarked", "restored", "moded")
+
+
+class WorkspaceLockError(SiloError):
+    """A workspace could not be locked or unlocked; the message says what to do."""
+
+
+def _crash_point(step: str) -> None:
+    """Kill this process right here when a crash test asked for this step (test-only hook)."""
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write, fsync, rename over, fsync the directory: a reader sees the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _lchown(path: Path, uid: int, gid: int) -> None:
+    os.chown(path, uid, gid, follow_symlinks=False)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, symlink or whole tree without following symlinks; missing is fine."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _copy_entry(src: Path, dst: Path) -> None:
+    """Copy one entry (tree, file or symlink) with modes, owners and times; never follow links."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True)
+    else:
+        shutil.copy2(src, dst, follow_symlinks=False)
+    # copytree/copy2 keep modes and times but not owners; files keep their owner.
+    pairs = [(src, dst)]
+    if src.is_dir() and not src.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(src):
+            rel = Path(dirpath).relative_to(src)
+            pairs += [(Path(dirpath) / n, dst / rel / n) for n in dirnames + filenames]
+    for s, d in pairs:
+        st = os.lstat(s)
+        _lchown(d, st.st_uid, st.st_gid)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(d, stat.S_IMODE(st.st_mode))  # chown clears set-id bits; put them back
+
+
+def _entry_manifest(parent: Path, name: str) -> set[tuple[Any, ...]]:
+    """Everything about one top-level entry and what is below it, with its own name cut off."""
+    others = frozenset(os.listdir(parent)) - {name}
+    snap = WorkspaceSnapshot.take(parent, skip=others)
+    return {(e.path.partition("/")[2], e.type, e.mode, e.uid, e.gid, e.size, e.sha256, e.target)
+            for e in snap.entries.values()}
+
+
+def _move_entries(src_dir: Path, dst_dir: Path, *, skip: frozenset[str], step: str,
+                  journal: Path) -> None:
+    """Move every top-level entry of ``src_dir`` into ``dst_dir``, resumably.
+
+    Same filesystem: one ``rename`` each, atomic, so a killed run leaves every
+    entry on exactly one side. Across filesystems: the entry is copied to a
+    partial name with a random part (no workspace entry can collide with it),
+    verified, renamed into place, then removed from its source; ``journal``
+    records which entry is in flight and whether its rename happened, so a
+    rerun either drops the partial copy or finishes removing the source.
+    """
+    if journal.exists():
+        inflight = json.loads(journal.read_text())
+        if inflight["renamed"]:
+            _remove(src_dir / inflight["name"])
+        else:
+            _remove(dst_dir / inflight["partial"])
+        journal.unlink()
+    for i, name in enumerate(sorted(os.listdir(src_dir))):
+        if name in skip:
+            continue
+        src, dst = src_dir / name, dst_dir / name
+        if os.path.lexists(dst):
+            raise WorkspaceLockError(f"both {src} and {dst} exist; move one aside and run the "
+                                     "command again")
+        try:
+            os.rename(src, dst)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise WorkspaceLockError(f"cannot move {src} to {dst}: {e.strerror}") from e
+            partial = f".devsilo-partial-{secrets.token_hex(8)}"
+            _write_atomic(journal, json.dumps({"name": name, "partial": partial,
+                                               "renamed": False}))
+            _copy_entry(src, dst_dir / partial)
+            if _entry_manifest(src_dir, name) != _entry_manifest(dst_dir, partial):
+                _remove(dst_dir / partial)
+                journal.unlink()
+                raise WorkspaceLockError(f"copy of {src} to {dst_dir} did not verify; "
+                                         "run the command again") from e
+            _crash_point(f"{step}.copied")
+            os.rename(dst_dir / partial, dst)
+            _write_atomic(journal, json.dumps({"name": name, "partial": partial,
+                                               "renamed": True}))
+            _crash_point(f"{step}.renamed")
+            _remove(src)
+            journal.unlink()
+        _crash_point(f"{step}.{i}")
+
+
+def _give_back(files: Path, rel: str, entry: Entry, old: Entry | None,
+               before: WorkspaceSnapshot) -> None:
+    """Give one entry its lock-time owner (new entries: the workspace's owner).
+
+    Walks by directory descriptors with ``O_NOFOLLOW``, so a symlink in the
+    tree cannot redirect the chown outside it. Set-id bits survive only on
+    an entry that had exactly this mode and content at lock time: anything
+    else the session marked set-id would otherwise become a set-id file of
+    the user (or of root) on the host.
+    """
+    uid, gid = (old.uid, old.gid) if old else (before.root_uid, before.root_gid)
+    parent, _, name = rel.rpartition("/")
+    try:
+        dir_fd = open_dir_nofollow(files)
+        for part in parent.split("/") if parent else []:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            os.close(dir_fd)
+            dir_fd = nxt
+    except OSError:
+        return  # gone since it was measured; nothing to give back
+    try:
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        if entry.type not in ("file", "dir"):
+            return
+        kept = (old is not None and old.type == entry.type and old.mode == entry.mode
+                and old.sha256 == entry.sha256)
+        mode = entry.mode if kept else entry.mode & ~0o6000
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, mode)  # chown may have cleared set-id bits; set exactly what stays
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        return
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class LockedWorkspace:
+    """A locked workspace: where its contents are and what the lock took."""
+
+    path: Path
+    id: str
+    store_dir: Path
+    files_dir: Path
+    originals_dir: Path
+    locked_at: float
+    entries: int
+    warning: str
+
+
+class WorkspaceStore:
+    """Executor-owned storage for locked workspaces under ``root`` (created 0700)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+
+    def workspace_id(self, path: Path) -> str:
+        """A stable id per resolved path, so lock and unlock find the same store after a crash."""
+        digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
+        return f"{path.name or 'root'}-{digest}"
+
+    def store_dir(self, path: Path) -> Path:
+        """The per-workspace storage directory."""
+        return self.root / self.workspace_id(path.resolve())
+
+    def originals_dir(self, path: Path) -> Path:
+        """Where the lock-time originals are (for :meth:`ChangeReport.render`)."""
+        return self.store_dir(path) / "originals"
+
+    def state(self, path: Path) -> dict[str, Any] | None:
+        """The recorded state of a workspace's lock, or None when it was never locked here."""
+        f = self.store_dir(path) / "state.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def _set(self, sdir: Path, state: dict[str, Any], phase: str, step: str) -> None:
+        state.update(phase=phase, step=step)
+        _write_atomic(sdir / "state.json", json.dumps(state))
+        _crash_point(f"{'lock' if phase in ('locking', 'locked') else 'unlock'}.{step}")
+
+    # ---- lock -------------------------------------------------------------------------
+
+    def lock(self, path: Path, *, state_dirs: list[Path]) -> LockedWorkspace:
+        """Lock ``path``: snapshot, store originals, move the contents here, leave a marker.
+
+        Refuses ``/``, system and home directories and anything overlapping a
+        state directory (the risk list) or this store. Locking a locked
+        workspace returns it unchanged; a lock that was killed is finished.
+        """
+        ws = check_workspace(str(path), state_dirs)
+        store = self.root.resolve()
+        if ws == store or ws.is_relative_to(store) or store.is_relative_to(ws):
+            raise WorkspaceLockError(f"workspace {ws} overlaps the workspace store {store}")
+        sdir = self.store_dir(ws)
+        state = self.state(ws)
+        if state and state["phase"] == "unlocking":
+            raise WorkspaceLockError(f"{ws} is being unlocked; run unlock again to finish it")
+        if state is None or state["phase"] == "unlocked":
+            if os.path.lexists(ws / MARKER):
+                raise WorkspaceLockError(
+                    f"{ws} holds a {MARKER} file but this executor has no lock for it; "
+                    "it is locked elsewhere, or remove the file if it is stale")
+            if sdir.exists():
+                shutil.rmtree(sdir)  # the previous lock's store, kept for its report
+            sdir.mkdir(mode=0o700)
+            os.chmod(sdir, 0o700)
+            state = {"path": str(ws), "id": sdir.name}
+            self._set(sdir, state, "locking", "started")
+        done = _LOCK_STEPS.index(state["step"])
+        files, originals = sdir / "files", sdir / "originals"
+
+        if done < _LOCK_STEPS.index("snapshotted"):
+            # Nothing has moved yet, so a killed lock simply takes the snapshot again.
+            snap = WorkspaceSnapshot.take(ws)
+            _write_atomic(sdir / "manifest.json", snap.to_json())
+            state.update(root_mode=snap.root_mode, root_uid=snap.root_uid,
+                         root_gid=snap.root_gid, locked_at=snap.taken_at)
+            self._set(sdir, state, "locking", "snapshotted")
+        snap = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
+
+        if done < _LOCK_STEPS.index("originals"):
+            self._store_originals(ws, snap, originals)
+            self._set(sdir, state, "locking", "originals")
+
+        if done < _LOCK_STEPS.index("moved"):
+            files.mkdir(mode=0o700, exist_ok=True)
+            # files/ stands for the workspace root: give it the root's owner and mode.
+            _lchown(files, snap.root_uid, snap.root_gid)
+            os.chmod(files, snap.root_mode)
+            _move_entries(ws, files, skip=frozenset({MARKER}), step="lock.move",
+                          journal=sdir / "moving.json")
+            self._set(sdir, state, "locking", "moved")
+
+        if done < _LOCK_STEPS.index("marked"):
+            os.chmod(ws, 0o755)  # a rerun after "sealed" would otherwise find it read-only
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(state["locked_at"]))
+            tmp = ws / f"{MARKER}.tmp"
+            if os.path.lexists(tmp):
+                os.unlink(tmp)  # left by a killed run; it is read-only
+            tmp.write_text(
+                f"This directory is locked by devsilo since {stamp}.\n"
+                f"Its contents are in executor-owned storage at {files}\n"
+                "(where only the sandbox works on them).\n"
+                f"Run `silo workspace unlock {ws}` to get them back with a report of every "
+                "change.\n")
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, ws / MARKER)
+            self._set(sdir, state, "locking", "marked")
+
+        if done < _LOCK_STEPS.index("sealed"):
+            os.chmod(ws, 0o555)
+            self._set(sdir, state, "locking", "sealed")
+        if state["phase"] != "locked":
+            self._set(sdir, state, "locked", "sealed")
+        return LockedWorkspace(path=ws, id=sdir.name, store_dir=sdir, files_dir=files,
+                               originals_dir=originals, locked_at=state["locked_at"],
+                               entries=len(snap.entries), warning=ROOT_ONLY_WARNING)
+
+    def _store_originals(self, ws: Path, snap: WorkspaceSnapshot, originals: Path) -> None:
+        """Copy every regular file, by hash; existing copies (from a killed run) are kept."""
+        originals.mkdir(mode=0o700, exist_ok=True)
+        for entry in snap.entries.values():
+            if entry.type != "file" or entry.sha256 is None:
+                continue
+            dst = original_path(originals, entry.sha256)
+            if dst.exists():
+                continue
+            dst.parent.mkdir(mode=0o700, exist_ok=True)
+            tmp = dst.with_name(dst.name + ".tmp")
+            src_fd = open_nofollow(ws, entry.path)
+            try:
+                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                               "wb") as out, os.fdopen(src_fd, "rb", closefd=False) as src:
+                    shutil.copyfileobj(src, out, 1024 * 1024)
+                    out.flush()
+                    os.fsync(out.fileno())
+                    os.lseek(src_fd, 0, os.SEEK_SET)
+                    if hash_fd(src_fd) != entry.sha256:
+                        raise WorkspaceLockError(
+                            f"{ws / entry.path} changed while being locked; run lock again")
+            finally:
+                os.close(src_fd)
+            check = os.open(tmp, os.O_RDONLY)
+            try:
+                if hash_fd(check) != entry.sha256:
+                    raise WorkspaceLockError(f"stored copy of {entry.path} did not verify; "
+                                             "run lock again")
+            finally:
+                os.close(check)
+            os.replace(tmp, dst)
+        _fsync_dir(originals)
+
+    # ---- unlock -----------------------------------------------------------------------
+
+    def unlock(self, path: Path) -> ChangeReport:
+        """Move the contents back, restore owners and the directory's mode, report the changes.
+
+        Owners recorded at lock are given back; entries the session added get
+        the workspace root's owner. Modes are left as the session set them
+        (mode changes are in the report). Unlocking an unlocked workspace
+        returns the last report; a half-done lock is finished first.
+
+        The caller stops every sandbox, shell and session on the workspace
+        first: the tree is measured once and must not change under the moves.
+        """
+        ws = path.resolve()
+        sdir = self.store_dir(ws)
+        state = self.state(ws)
+        if state is None:
+            raise WorkspaceLockError(f"{ws} is not locked by this executor")
+        if state["phase"] == "unlocked":
+            return self._load_report(sdir)
+        if state["phase"] == "locking":
+            # The caller wants it back; finishing the lock first keeps one path through unlock.
+            self.lock(ws, state_dirs=[])
+            state = self.state(ws)
+            assert state is not None
+        if state["phase"] == "locked":
+            self._set(sdir, state, "unlocking", "started")
+        done = _UNLOCK_STEPS.index(state["step"])
+        files = sdir / "files"
+        before = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
+
+        if done < _UNLOCK_STEPS.index("opened"):
+            os.chmod(ws, 0o700)  # writable for the moves back; the real mode comes last
+            self._set(sdir, state, "unlocking", "opened")
+
+        if done < _UNLOCK_STEPS.index("measured"):
+            after = WorkspaceSnapshot.take(files)
+            _write_atomic(sdir / "after.json", after.to_json())
+            self._set(sdir, state, "unlocking", "measured")
+        after = WorkspaceSnapshot.from_json((sdir / "after.json").read_text())
+
+        if done < _UNLOCK_STEPS.index("owners"):
+            for rel, entry in after.entries.items():
+                _give_back(files, rel, entry, before.entries.get(rel), before)
+            self._set(sdir, state, "unlocking", "owners")
+
+        if done < _UNLOCK_STEPS.index("unmarked"):
+            # The marker goes first, so a file of that name the session made comes back intact.
+            for name in (MARKER, f"{MARKER}.tmp"):
+                if os.path.lexists(ws / name):
+                    os.unlink(ws / name)
+            self._set(sdir, state, "unlocking", "unmarked")
+
+        if done < _UNLOCK_STEPS.index("restored"):
+            _move_entries(files, ws, skip=frozenset(), step="unlock.move",
+                          journal=sdir / "moving.json")
+            self._set(sdir, state, "unlocking", "restored")
+
+        if done < _UNLOCK_STEPS.index("moded"):
+            _lchown(ws, before.root_uid, before.root_gid)
+            os.chmod(ws, before.root_mode)
+            self._set(sdir, state, "unlocking", "moded")
+
+        report = diff(before, after)
+        _write_atomic(sdir / "report.json", json.dumps({"after": after.to_json()}))
+        self._set(sdir, state, "unlocked", "moded")
+        return report
+
+    def _load_report(self, sdir: Path) -> ChangeReport:
+        before = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
+        after = WorkspaceSnapshot.from_json(json.loads((sdir / "report.json").read_text())["after"])
+        return diff(before, after)
