@@ -326,3 +326,60 @@ def test_unlock_never_hands_back_new_set_id_bits(tmp_path: Path) -> None:
         == (0, 0o755)
     assert (os.stat(ws / "new").st_uid, stat.S_IMODE(os.stat(ws / "new").st_mode)) == (1000, 0o755)
     assert stat.S_IMODE(os.stat(ws / "tool").st_mode) == 0o2755
+
+
+def test_report_large_files_retargets_type_changes(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "big.txt").write_text("a\n" * 600_000)  # 1.2 MB: summarised, never diffed
+    os.symlink("one", ws / "link")
+    (ws / "was_file").write_text("x\n")
+    (ws / ".editorconfig").write_text("root = true\n")
+    secret = tmp_path / "secret"
+    secret.write_text("not yours\n")
+    store = WorkspaceStore(tmp_path / "store")
+    f = store.lock(ws, state_dirs=[]).files_dir
+    with open(f / "big.txt", "a") as fh:
+        fh.write("b\n")
+    (f / "link").unlink()
+    os.symlink("two", f / "link")
+    (f / "was_file").unlink()
+    os.symlink(str(secret), f / "was_file")  # a file turned into a link pointing outside
+    (f / ".editorconfig").write_text("root = false\n")
+    report = store.unlock(ws)
+    assert not report.auto_exec_changed
+    text = report.render(store.originals_dir(ws), ws)
+    assert "not yours" not in text
+    assert text == (
+        "Changes since lock: 4\n"
+        "Modified (2):\n"
+        "  .editorconfig\n"
+        "  big.txt\n"
+        "Type changed (1):\n"
+        "  was_file  file -> symlink\n"
+        "Symlink retargeted (1):\n"
+        "  link  one -> two\n"
+        "\n"
+        "--- a/.editorconfig\n"
+        "+++ b/.editorconfig\n"
+        "@@ -1 +1 @@\n"
+        "-root = true\n"
+        "+root = false\n"
+        "Large file big.txt modified (1200000 -> 1200002 bytes), not shown\n"
+    )
+
+
+def test_marker_without_lock_and_path_moved_away(tmp_path: Path) -> None:
+    ws, _ = make_tree(tmp_path)
+    original = tree_state(ws)
+    store = WorkspaceStore(tmp_path / "store")
+    store.lock(ws, state_dirs=[])
+    # Another executor (another store) finds the marker and refuses to lock it again.
+    with pytest.raises(SiloError, match="locked elsewhere"):
+        WorkspaceStore(tmp_path / "store2").lock(ws, state_dirs=[])
+    with pytest.raises(SiloError, match="not locked by this executor"):
+        WorkspaceStore(tmp_path / "store2").unlock(ws)
+    # The user moved the marker directory away: unlock brings the contents back to the path.
+    ws.rename(tmp_path / "moved")
+    assert store.unlock(ws).changes == []
+    assert tree_state(ws) == original

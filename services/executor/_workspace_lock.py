@@ -418,6 +418,13 @@ class WorkspaceStore:
         before = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
 
         if done < _UNLOCK_STEPS.index("opened"):
+            if not os.path.lexists(ws):
+                # Renamed or removed while locked (the marker directory is the user's to
+                # move): the contents come back where they were locked from.
+                ws.mkdir(mode=0o700)
+            elif not ws.is_dir() or ws.is_symlink():
+                raise WorkspaceLockError(f"{ws} is no longer a directory; move it aside and "
+                                         "run unlock again")
             os.chmod(ws, 0o700)  # writable for the moves back; the real mode comes last
             self._set(sdir, state, "unlocking", "opened")
 
