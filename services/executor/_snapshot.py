@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import os
+import secrets
 import stat
 import time
 from collections.abc import Iterator
@@ -89,7 +90,28 @@ def open_nofollow(root: Path, relpath: str) -> int:
         os.close(fd)
 
 
-def _walk(dir_fd: int, prefix: str, skip: frozenset[str] = frozenset()) -> Iterator[Entry]:
+def _hash_and_store(fd: int, originals: Path | None) -> str:
+    """Hash a file; with ``originals``, also store a copy under its hash in the same pass."""
+    if originals is None:
+        return hash_fd(fd)
+    tmp = originals / f".tmp-{secrets.token_hex(8)}"
+    h = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        while chunk := os.read(fd, _READ_CHUNK):
+            h.update(chunk)
+            out.write(chunk)
+    digest = h.hexdigest()
+    dst = original_path(originals, digest)
+    if dst.exists():
+        tmp.unlink()  # same content seen before: one copy is enough
+    else:
+        dst.parent.mkdir(mode=0o700, exist_ok=True)
+        os.replace(tmp, dst)
+    return digest
+
+
+def _walk(dir_fd: int, prefix: str, skip: frozenset[str] = frozenset(),
+          originals: Path | None = None) -> Iterator[Entry]:
     with os.scandir(dir_fd) as it:
         names = sorted(e.name for e in it if e.name not in skip)
     for name in names:
@@ -101,7 +123,7 @@ def _walk(dir_fd: int, prefix: str, skip: frozenset[str] = frozenset()) -> Itera
             sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
             try:
                 yield Entry(type="dir", **common)
-                yield from _walk(sub, rel + "/")
+                yield from _walk(sub, rel + "/", originals=originals)
             finally:
                 os.close(sub)
         elif kind == "symlink":
@@ -113,7 +135,8 @@ def _walk(dir_fd: int, prefix: str, skip: frozenset[str] = frozenset()) -> Itera
                 fst = os.fstat(fd)
                 if not stat.S_ISREG(fst.st_mode):
                     raise SnapshotError(f"{rel} changed type while being snapshotted; try again")
-                yield Entry(type="file", size=fst.st_size, sha256=hash_fd(fd), **common)
+                digest = _hash_and_store(fd, originals)
+                yield Entry(type="file", size=fst.st_size, sha256=digest, **common)
             finally:
                 os.close(fd)
         else:
@@ -133,17 +156,21 @@ class WorkspaceSnapshot:
     entries: dict[str, Entry] = field(default_factory=dict)
 
     @classmethod
-    def take(cls, root: Path, *, skip: frozenset[str] = frozenset()) -> WorkspaceSnapshot:
+    def take(cls, root: Path, *, skip: frozenset[str] = frozenset(),
+             originals: Path | None = None) -> WorkspaceSnapshot:
         """Walk ``root`` (hidden entries too) without following any symlink.
 
-        ``skip`` names top-level entries left out (the lock marker).
+        ``skip`` names top-level entries left out (the lock marker). With
+        ``originals`` (an existing directory), every regular file is also
+        copied there under its hash (:func:`original_path`) in the same read
+        that hashes it, so the copy is exactly the content the manifest names.
         """
         fd = open_dir_nofollow(root)
         try:
             st = os.fstat(fd)
             snap = cls(root=str(root), taken_at=time.time(), root_mode=stat.S_IMODE(st.st_mode),
                        root_uid=st.st_uid, root_gid=st.st_gid)
-            for entry in _walk(fd, "", skip):
+            for entry in _walk(fd, "", skip, originals):
                 snap.entries[entry.path] = entry
             return snap
         except FileNotFoundError as e:

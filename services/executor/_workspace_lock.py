@@ -44,10 +44,7 @@ from ._snapshot import (
     Entry,
     WorkspaceSnapshot,
     diff,
-    hash_fd,
     open_dir_nofollow,
-    open_nofollow,
-    original_path,
 )
 
 MARKER = ".devsilo-locked"
@@ -306,8 +303,12 @@ class WorkspaceStore:
         files, originals = sdir / "files", sdir / "originals"
 
         if done < _LOCK_STEPS.index("snapshotted"):
-            # Nothing has moved yet, so a killed lock simply takes the snapshot again.
-            snap = WorkspaceSnapshot.take(ws)
+            # Nothing has moved yet, so a killed lock simply takes the snapshot again
+            # (originals already stored are content-addressed and simply reused).
+            originals.mkdir(mode=0o700, exist_ok=True)
+            for stale in originals.glob(".tmp-*"):
+                stale.unlink()  # a copy the killed run had not finished
+            snap = WorkspaceSnapshot.take(ws, originals=originals)
             _write_atomic(sdir / "manifest.json", snap.to_json())
             state.update(root_mode=snap.root_mode, root_uid=snap.root_uid,
                          root_gid=snap.root_gid, locked_at=snap.taken_at)
@@ -315,7 +316,9 @@ class WorkspaceStore:
         snap = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
 
         if done < _LOCK_STEPS.index("originals"):
-            self._store_originals(ws, snap, originals)
+            # The copies were written without a per-file fsync (one per file is what makes a
+            # large tree slow); one sync makes them durable before anything is moved.
+            os.sync()
             self._set(sdir, state, "locking", "originals")
 
         if done < _LOCK_STEPS.index("moved"):
@@ -351,40 +354,6 @@ class WorkspaceStore:
         return LockedWorkspace(path=ws, id=sdir.name, store_dir=sdir, files_dir=files,
                                originals_dir=originals, locked_at=state["locked_at"],
                                entries=len(snap.entries), warning=ROOT_ONLY_WARNING)
-
-    def _store_originals(self, ws: Path, snap: WorkspaceSnapshot, originals: Path) -> None:
-        """Copy every regular file, by hash; existing copies (from a killed run) are kept."""
-        originals.mkdir(mode=0o700, exist_ok=True)
-        for entry in snap.entries.values():
-            if entry.type != "file" or entry.sha256 is None:
-                continue
-            dst = original_path(originals, entry.sha256)
-            if dst.exists():
-                continue
-            dst.parent.mkdir(mode=0o700, exist_ok=True)
-            tmp = dst.with_name(dst.name + ".tmp")
-            src_fd = open_nofollow(ws, entry.path)
-            try:
-                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
-                               "wb") as out, os.fdopen(src_fd, "rb", closefd=False) as src:
-                    shutil.copyfileobj(src, out, 1024 * 1024)
-                    out.flush()
-                    os.fsync(out.fileno())
-                    os.lseek(src_fd, 0, os.SEEK_SET)
-                    if hash_fd(src_fd) != entry.sha256:
-                        raise WorkspaceLockError(
-                            f"{ws / entry.path} changed while being locked; run lock again")
-            finally:
-                os.close(src_fd)
-            check = os.open(tmp, os.O_RDONLY)
-            try:
-                if hash_fd(check) != entry.sha256:
-                    raise WorkspaceLockError(f"stored copy of {entry.path} did not verify; "
-                                             "run lock again")
-            finally:
-                os.close(check)
-            os.replace(tmp, dst)
-        _fsync_dir(originals)
 
     # ---- unlock -----------------------------------------------------------------------
 
