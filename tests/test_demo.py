@@ -17,6 +17,10 @@ def test_demo_writes_and_runs_a_program_in_the_sandbox(tmp_path: Path) -> None:
     assert "No such file or directory" in r.stdout  # /root is not there inside
     assert "network interfaces: ['lo']" in r.stdout
     assert (ws / "primes.py").exists()
+    # the workspace was locked for the session and the demo ends with the unlock's report
+    assert "locked on executor" in r.stdout
+    assert "Changes since lock: 1" in r.stdout and "+limit = 50" in r.stdout
+    assert not (ws / ".devsilo-locked").exists()
     assert "stopped the demo's devsilo" in r.stdout
     assert not (tmp_path / "state" / "run" / "stack.json").exists()
 

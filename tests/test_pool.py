@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from devsilo.harness._pool import PoolView
+from devsilo.runtime._pool import PoolView
 from devsilo.protocol import ExecutorAnnounce
 from devsilo.testing import Stack
 

@@ -23,6 +23,8 @@ from devsilo.protocol.client import (
     SessionCreated,
     Sessions,
     Shutdown,
+    WorkspaceCommand,
+    WorkspaceResult,
 )
 from devsilo.runtime._state import StateDir
 
@@ -106,6 +108,56 @@ class _Discard:
         pass
 
 
+EXIT_AUTO_EXEC = 3
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+async def workspace_command(target: GatewayTarget, cmd: WorkspaceCommand, out: TextIO, *,
+                            as_json: bool = False) -> int:
+    """Run `silo workspace lock|unlock|status|list`; 3 after an unlock that changed an auto-exec surface."""
+    async with GatewayClient(target.url, target.fingerprint, client_name="silo-workspace") as client:
+        await client.connect(target.token)
+        await client.send(cmd)
+        async for frame in client.frames():
+            if isinstance(frame, WorkspaceResult):
+                return _print_workspace(frame, cmd, out, as_json=as_json)
+    return EXIT_RUNTIME
+
+
+def _print_workspace(res: WorkspaceResult, cmd: WorkspaceCommand, out: TextIO, *, as_json: bool) -> int:
+    if as_json:
+        out.write(json.dumps(res.model_dump(mode="json"), indent=2) + "\n")
+    elif res.op == "unlock":
+        out.write(res.report_text if res.report_text.endswith("\n") else res.report_text + "\n")
+    else:
+        if not res.workspaces:
+            out.write("no locked workspaces\n")
+        for w in res.workspaces:
+            line = f"{w['path']}: {w['phase']}"
+            if w.get("executor"):
+                line += f" on {w['executor']}"
+            if w["phase"] == "locked":
+                line += f", {w.get('entries', 0)} entries, {_size(int(w.get('size_bytes', 0)))}"
+                sessions = w.get("sessions") or []
+                line += f", sessions: {', '.join(sessions) if sessions else 'none'}"
+            out.write(line + "\n")
+            for warning in w.get("warnings") or []:
+                out.write(f"  warning: {warning}\n")
+    if res.op == "unlock" and res.auto_exec_changed and not cmd.accept:
+        if not as_json:
+            out.write("An auto-exec surface changed: review it before running anything here "
+                      "(`--accept` to acknowledge).\n")
+        return EXIT_AUTO_EXEC
+    return 0
+
+
 async def list_sessions(target: GatewayTarget, out: TextIO) -> int:
     """Print the sessions this user may see."""
     async with GatewayClient(target.url, target.fingerprint, client_name="silo-list") as client:
@@ -172,13 +224,18 @@ async def demo(state: StateDir, workspace: str | None, out: TextIO, *, as_json: 
             _stop(proc)
             raise
     try:
-        ws = workspace or tempfile.mkdtemp(prefix="silo-demo-")
+        ws = os.path.abspath(workspace or tempfile.mkdtemp(prefix="silo-demo-"))
         out.write(f"workspace: {ws}\n")
+        target = local_gateway(state)
+        here = socket.gethostname()
+        await workspace_command(target, WorkspaceCommand(op="lock", path=ws, workspace_host=here), out)
         request = CreateSession(workspace=os.path.abspath(ws), workspace_host=socket.gethostname(), llm="mock", script=json.dumps(DEMO_SCRIPT),
                                 headless=True, prompt="Write a small program and run it.")
-        code = await run_session(local_gateway(state), request, out, as_json=as_json)
-        out.write(f"demo finished with exit code {code}; the program is in {ws}/primes.py\n")
-        return code
+        code = await run_session(target, request, out, as_json=as_json)
+        out.write(f"\nunlocking {ws}: the change report\n")
+        unlocked = await workspace_command(target, WorkspaceCommand(op="unlock", path=ws), out)
+        out.write(f"demo finished with exit code {code or unlocked}; the program is in {ws}/primes.py\n")
+        return code or unlocked
     except GatewayError as exc:
         out.write(f"error: {exc}\n")
         return EXIT_RUNTIME

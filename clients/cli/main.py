@@ -170,6 +170,25 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return asyncio.run(list_sessions(target, sys.stdout))
 
 
+def cmd_workspace(args: argparse.Namespace) -> int:
+    """Lock, unlock, describe or list workspaces."""
+    from devsilo.protocol.client import WorkspaceCommand
+
+    from ._sessions import local_gateway, workspace_command
+
+    if args.action != "list" and not args.path:
+        print(f"error: workspace {args.action} needs a PATH", file=sys.stderr)
+        return EXIT_USAGE
+    path = str(Path(args.path).resolve()) if args.path else None
+    if args.action == "lock" and (path is None or not Path(path).is_dir()):
+        print(f"error: {args.path} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    cmd = WorkspaceCommand(op=args.action, path=path, workspace_host=socket.gethostname(),
+                           executor=args.executor, accept=args.accept)
+    target = local_gateway(_state(args), args.gateway)
+    return asyncio.run(workspace_command(target, cmd, sys.stdout, as_json=args.json))
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Preflight: sandbox backends, namespaces, cgroups, clock, state directory, NATS."""
     import json as _json
@@ -272,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gateway")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_sessions)
+
+    s = sub.add_parser("workspace", parents=[common], help="lock, unlock (with a change report), status, list")
+    s.add_argument("action", choices=["lock", "unlock", "status", "list"])
+    s.add_argument("path", nargs="?")
+    s.add_argument("--executor", help="lock on this executor (default: one on this machine)")
+    s.add_argument("--accept", action="store_true", help="unlock: exit 0 even when an auto-exec surface changed")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--gateway")
+    s.set_defaults(func=cmd_workspace)
 
     s = sub.add_parser("doctor", parents=[common], help="what works on this host, and why not")
     s.add_argument("--json", action="store_true")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import socket
@@ -22,11 +23,15 @@ from devsilo.protocol import (
     Envelope,
     ExecutorAnnounce,
     GrantError,
+    WorkspaceInfo,
+    WorkspaceReply,
+    WorkspaceRequest,
     LeaseGranted,
     LeaseRequest,
     Message,
     PoolError,
     Role,
+    SandboxClosed,
     SandboxError,
     SessionGrant,
     SiloError,
@@ -45,6 +50,7 @@ from ._sandbox import Sandbox, prepare_workspace_ownership
 from ._spec import WORKSPACE, SandboxSpec
 from ._tools import run_tool
 from ._warm import WarmPool
+from ._workspace_lock import ROOT_ONLY_WARNING, WorkspaceStore
 
 DEFAULT_SANDBOX_UID = 64123
 DEFAULT_CAPACITY = 16
@@ -115,6 +121,13 @@ def usable_backends(wanted: list[str] | None, config: dict[str, dict[str, Any]],
     return usable
 
 
+def default_store(eid: str) -> Path:
+    """Where locked workspaces live: executor-owned, outside every state directory."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/devsilo") / eid / "workspaces"
+    return Path(os.path.expanduser("~/.local/share/devsilo")) / eid / "workspaces"
+
+
 def parse_addr(addr: str | None) -> tuple[str, int] | None:
     """``host:port`` (or ``[v6]:port``) as a tuple; GrantError when malformed."""
     if addr is None:
@@ -145,6 +158,21 @@ async def serve(ctx: ServiceContext) -> None:
     relay_dir = scratch_root / ".relay"
     relay_dir.mkdir(mode=0o711, exist_ok=True)
     state_dirs = [ctx.state.root]
+    store = WorkspaceStore(Path(opts.get("workspace_store") or default_store(eid)))
+    unlocking: set[str] = set()
+
+    def locked_paths() -> dict[str, Path]:
+        """Locked workspace path -> where its files are, from the store's records."""
+        out: dict[str, Path] = {}
+        for state_file in store.root.glob("*/state.json"):
+            try:
+                st = json.loads(state_file.read_text())
+            except (OSError, ValueError):
+                continue
+            if st.get("phase") == "locked":
+                out[str(st["path"])] = state_file.parent / "files"
+        return out
+
     ctx.status.update(backends=backends, capacity=capacity)
     ctx.log.info("executor_backends", backends=backends)
 
@@ -173,15 +201,18 @@ async def serve(ctx: ServiceContext) -> None:
             executor_id=eid, instance=instance, host=socket.gethostname(), backends=tuple(backends),
             capacity=capacity, free=max(0, capacity - in_use()), users=users,
             warm={"bwrap": warm_pool.ready} if warm_pool is not None else {},
-            sessions=tuple(sorted(sessions)), stopping=stopping,
+            sessions=tuple(sorted(sessions)), locked=tuple(sorted(locked_paths())), stopping=stopping,
         )
+
+    async def announce_now() -> None:
+        try:
+            await bus.publish(subjects.pool_announce(eid), announcement())
+        except Exception as exc:  # NATS down: keep trying; the pool notices our silence
+            ctx.log.warning("announce_failed", error=str(exc))
 
     async def announce_loop() -> None:
         while True:
-            try:
-                await bus.publish(subjects.pool_announce(eid), announcement())
-            except Exception as exc:  # NATS down: keep trying; the pool notices our silence
-                ctx.log.warning("announce_failed", error=str(exc))
+            await announce_now()
             metrics.capacity.labels(state="free").set(max(0, capacity - in_use()))
             if warm_pool is not None:
                 metrics.warm.labels(backend="bwrap").set(warm_pool.ready)
@@ -224,6 +255,9 @@ async def serve(ctx: ServiceContext) -> None:
         if sum(1 for s in sessions.values() if s.grant.user == grant.user) >= per_user:
             raise refuse("user_limit", f"user {grant.user} already has {per_user} sandboxes on {eid}")
         workspace = check_workspace(grant.workspace, state_dirs)
+        if str(workspace) in unlocking:
+            raise GrantError(f"workspace {workspace} is being unlocked; no new sessions on it")
+        workspace = locked_paths().get(str(workspace), workspace)  # a locked one: its stored files
         allow_read = tuple(check_workspace(p, state_dirs, kind="read allow-list path")
                            for p in grant.allow_read)
         starting.add(sid)
@@ -304,10 +338,55 @@ async def serve(ctx: ServiceContext) -> None:
                 ctx.log.warning("egress_close_failed", error=str(exc))
         ctx.log.info("sandbox_closed", reason=reason)
 
+    def info(path: str, files: Path | None) -> WorkspaceInfo:
+        st = store.state(Path(path)) or {}
+        attached = tuple(sorted(sid for sid, s in sessions.items() if s.workspace == files))
+        size = entries = 0
+        if files is not None and files.is_dir():
+            for f in files.rglob("*"):
+                entries += 1
+                if f.is_file() and not f.is_symlink():
+                    size += f.lstat().st_size
+        return WorkspaceInfo(path=path, executor=eid, phase=str(st.get("phase", "unlocked")),
+                             locked_at=st.get("locked_at"), entries=entries, size_bytes=size,
+                             sessions=attached, warnings=(ROOT_ONLY_WARNING,) if files else ())
+
+    async def on_workspace(req: WorkspaceRequest) -> Message:
+        if req.op == "list":
+            return WorkspaceReply(workspaces=tuple(info(p, f) for p, f in sorted(locked_paths().items())))
+        if req.path is None:
+            raise GrantError(f"workspace {req.op} needs a path")
+        if req.op == "status":
+            path = str(Path(req.path).resolve())
+            return WorkspaceReply(workspaces=(info(path, locked_paths().get(path)),))
+        if req.op == "lock":
+            locked = await asyncio.to_thread(store.lock, Path(req.path), state_dirs=state_dirs)
+            ctx.log.info("workspace_locked", path=str(locked.path), entries=locked.entries)
+            await announce_now()  # sessions on it must lease here: tell the pool before replying
+            return WorkspaceReply(workspaces=(info(str(locked.path), locked.files_dir),))
+        path = check_workspace(req.path, state_dirs)
+        files = locked_paths().get(str(path))
+        unlocking.add(str(path))
+        try:
+            # No new attachments, then every sandbox on it ends (TERM, 5 s, KILL inside close()).
+            on_it = [sid for sid, s in sessions.items() if files is not None and s.workspace == files]
+            await asyncio.gather(*(close_session(sid, "workspace unlocked") for sid in on_it))
+            report = await asyncio.to_thread(store.unlock, path)
+            text = await asyncio.to_thread(report.render, store.originals_dir(path), path)
+        finally:
+            unlocking.discard(str(path))
+        await announce_now()
+        ctx.log.info("workspace_unlocked", path=str(path), changes=len(report.changed_paths),
+                     auto_exec=report.auto_exec_changed, sessions_ended=len(on_it))
+        return WorkspaceReply(workspaces=(info(str(path), None),), report_text=text,
+                              report=json.loads(report.to_json()), auto_exec_changed=report.auto_exec_changed)
+
     async def on_exec(env: Envelope, msg: Msg) -> Message:
         parts = msg.subject.split(".")  # silo.exec.<eid>.lease | silo.exec.<eid>.<sid>.<op>
         if len(parts) == 4 and parts[3] == "lease":
             return await on_lease(env, env.expect(LeaseRequest))
+        if len(parts) == 4 and parts[3] == "workspace":
+            return await on_workspace(env.expect(WorkspaceRequest))
         if len(parts) != 5:
             raise GrantError(f"bad executor subject {msg.subject}")
         sid, op = parts[3], parts[4]
@@ -319,10 +398,13 @@ async def serve(ctx: ServiceContext) -> None:
             return Ack()
         session = sessions.get(sid)
         if session is None:
-            raise SandboxError(f"no sandbox for session {sid} on executor {eid}")
+            raise SandboxClosed(f"no sandbox for session {sid} on executor {eid} (closed or never leased)")
         call = env.expect(ToolCall)
         started = time.perf_counter()
         result = await run_tool(session.sandbox.helper, call)
+        if sessions.get(sid) is not session:
+            raise SandboxClosed(f"the sandbox of session {sid} was closed on executor {eid} while "
+                                f"{call.name} ran (was its workspace unlocked?)")
         tool = call.name if call.name in SANDBOX_TOOLS else "other"  # bounded label values
         metrics.tool_seconds.labels(tool=tool).observe(time.perf_counter() - started)
         metrics.tool_calls.labels(tool=tool, outcome="error" if result.is_error else "ok").inc()

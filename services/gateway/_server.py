@@ -9,7 +9,9 @@ import time
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from nats.aio.msg import Msg
 from devsilo.protocol import (
+    Envelope,
     AuthError,
     LLMChoice,
     MessageRejected,
@@ -19,6 +21,10 @@ from devsilo.protocol import (
     SessionInput,
     SessionStarted,
     SiloError,
+    ExecutorAnnounce,
+    GrantError,
+    WorkspaceReply,
+    WorkspaceRequest,
     StartSession,
     seal_grant,
     subjects,
@@ -43,8 +49,11 @@ from devsilo.protocol.client import (
     SessionCreated,
     Sessions,
     Shutdown,
+    WorkspaceCommand,
+    WorkspaceResult,
 )
 from devsilo.runtime import ServiceContext
+from devsilo.runtime._pool import PoolView
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
@@ -84,6 +93,9 @@ class Gateway:
         self.sessions = SessionDirectory()
         self.metrics = GatewayMetrics(ctx)
         self.connections: set[ClientConnection] = set()
+        self.pool = PoolView()
+        self.locks: dict[str, str] = {}
+        """Workspaces this gateway locked or saw unlocked: path -> executor (None once unlocked)."""
 
     def app(self) -> web.Application:
         """The aiohttp application: landing page and /ws."""
@@ -193,6 +205,8 @@ class ClientConnection:
             self._attach(req)
         elif isinstance(req, (Prompt, Interrupt, Shutdown)):
             await self._input(req)
+        elif isinstance(req, WorkspaceCommand):
+            await self._workspace(req)
         elif isinstance(req, ListSessions):
             await self.send(Sessions(sessions=tuple(r.summary() for r in self.gw.sessions.list_for(self.who))))
 
@@ -215,6 +229,52 @@ class ClientConnection:
         self.gw.metrics.sessions_created.inc()
         self.log.info("session_created", session=sid, executor=started.executor_id)
         await self.send(SessionCreated(session_id=sid, executor_id=started.executor_id))
+
+    async def _workspace(self, req: WorkspaceCommand) -> None:
+        """Route a workspace command to the executor that holds (or should lock) it."""
+        assert self.who is not None
+        pool = self.gw.pool
+        # Executors announce themselves every second: a gateway that just started waits for them.
+        deadline = time.monotonic() + 3.0
+        while not pool.on_host(None) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        body = WorkspaceRequest(op=req.op, path=req.path, user=self.who.user, accept=req.accept)
+        if req.op == "list":
+            targets = pool.on_host(None)
+        else:
+            if req.path is None:
+                raise GrantError(f"workspace {req.op} needs a path")
+            # Our own record first: the holder's next announcement may be up to a second away.
+            holder = self.gw.locks.get(req.path) or pool.locked_on(req.path)
+            if req.op == "lock":
+                here = pool.on_host(req.workspace_host)
+                chosen = req.executor or holder or (here[0] if here else None)
+                if chosen is None:
+                    raise GrantError(f"no executor runs on {req.workspace_host or 'any host'} to lock "
+                                     f"{req.path}; pool: {pool.describe()}")
+                targets = [chosen]
+            elif holder is None and req.op == "unlock":
+                raise GrantError(f"{req.path} is not locked on any executor")
+            else:
+                targets = [holder] if holder else []
+        replies: list[WorkspaceReply] = []
+        for eid in targets:
+            replies.append(await self.gw.bus.request(
+                subjects.exec_workspace(eid), body, WorkspaceReply, from_role=Role.EXECUTOR,
+                timeout=600.0))
+        for eid, r in zip(targets, replies, strict=True):
+            for w in r.workspaces:
+                if w.phase == "locked":
+                    self.gw.locks[w.path] = eid
+                elif req.op == "unlock":
+                    self.gw.locks.pop(w.path, None)
+        infos = tuple(w.model_dump(mode="json") for r in replies for w in r.workspaces)
+        if req.op == "status" and not infos:
+            infos = ({"path": req.path, "executor": None, "phase": "unlocked"},)
+        first = replies[0] if replies and req.op == "unlock" else None
+        await self.send(WorkspaceResult(
+            op=req.op, workspaces=infos, report_text=first.report_text if first else "",
+            report=first.report if first else {}, auto_exec_changed=bool(first and first.auto_exec_changed)))
 
     def _visible(self, sid: str) -> SessionRecord:
         assert self.who is not None
@@ -290,6 +350,14 @@ async def serve(ctx: ServiceContext) -> None:
     state = ctx.state
     cfg = state.config()
     gw = Gateway(ctx, TokenAuthenticator(state.client_token()))
+
+    async def on_announce(env: Envelope, msg: Msg) -> None:
+        ann = env.expect(ExecutorAnnounce)
+        if ann.executor_id == env.header.sender:
+            gw.pool.update(ann)
+        return None
+
+    await ctx.bus.subscribe(subjects.POOL_ANNOUNCE_ALL, on_announce)
     runner = web.AppRunner(gw.app(), access_log=None)
     await runner.setup()
     tls = server_tls(str(state.root / "tls" / "gateway.crt"), str(state.root / "tls" / "gateway.key"))

@@ -28,9 +28,11 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from prometheus_client import Gauge, Histogram
 
 from ._model import ModelBackend, ModelFailure, ScriptedModel
-from ._pool import PoolView
+from devsilo.runtime._pool import PoolView
 from ._session import SessionRunner
 
+ANNOUNCE_GRACE_S = 2.5
+"""Executors announce every second; a session leased this recently may not be listed yet."""
 LEASE_WAIT_S = 15.0
 """How long a session start waits for an executor with room."""
 PER_USER_SANDBOXES = 8
@@ -90,7 +92,7 @@ async def lease_sandbox(bus: Bus, pool: PoolView, grant: SessionGrant, sealed: s
     if pool.user_sandboxes(grant.user) >= PER_USER_SANDBOXES:
         raise PoolError("user_limit", f"user {grant.user} already holds {PER_USER_SANDBOXES} sandboxes")
     while True:
-        candidates = pool.candidates(grant.sandbox, grant.executor, grant.workspace_host)
+        candidates = pool.candidates(grant.sandbox, grant.executor, grant.workspace_host, grant.workspace)
         if not candidates:
             last = pool.why_none(grant.sandbox, grant.executor, grant.workspace_host)
         for ann in candidates:
@@ -138,6 +140,16 @@ async def serve(ctx: ServiceContext) -> None:
             raise GrantError(f"{env.header.sender} announced itself as {ann.executor_id}")
         if pool.update(ann):
             executor_gone(ann.executor_id, "stopped" if ann.stopping else "restarted")
+            return
+        # A sandbox the executor no longer lists was closed there (e.g. its workspace was
+        # unlocked). Sessions leased in the last moments may not be listed yet.
+        listed = set(ann.sessions)
+        for runner in list(runners.values()):
+            if (runner.executor_id == ann.executor_id and runner.sid not in listed
+                    and time.monotonic() - runner.leased_at > ANNOUNCE_GRACE_S):
+                spawn(runner.executor_lost(
+                    f"executor {ann.executor_id} closed this session's sandbox "
+                    "(was its workspace unlocked?); the session cannot continue"))
 
     async def watch_pool() -> None:
         while True:

@@ -13,6 +13,7 @@ from devsilo.protocol import (
     CloseSession,
     RemoteError,
     Role,
+    SandboxClosed,
     SessionEvent,
     SessionGrant,
     SiloError,
@@ -92,6 +93,7 @@ class SessionRunner:
         self.exit_code: int | None = None
         self._turn: asyncio.Task[None] | None = None
         self._executor_lost = False
+        self.leased_at = time.monotonic()
         self.tools = [*SANDBOX_TOOLS, "Exit"] if headless else list(SANDBOX_TOOLS)
 
     async def run(self, prompt: str | None) -> None:
@@ -206,6 +208,15 @@ class SessionRunner:
                 )
             except RemoteError as exc:
                 result = ToolResult(call_id=call.id, is_error=True, content=f"tool failed: {exc}")
+                if exc.code == SandboxClosed.code:
+                    # No sandbox, no session: end it here (interrupting would cancel this very turn).
+                    self._executor_lost = True
+                    await self.events.emit("tool_result", {"id": call.id, "name": call.name,
+                                                           "content": result.content, "is_error": True,
+                                                           "meta": {}})
+                    await self.events.emit("error", {"message": exc.message})
+                    await self._finish(EXIT_RUNTIME, exc.message)
+                    return result
         await self.events.emit("tool_result", {
             "id": call.id, "name": call.name, "content": result.content,
             "is_error": result.is_error, "meta": result.meta,

@@ -28,6 +28,7 @@ from ._errors import (
     RemoteError,
     Replayed,
     RoleNotAllowed,
+    SandboxClosed,
     SandboxError,
     SiloError,
     ToolError,
@@ -66,6 +67,9 @@ from ._messages import (
     ToolInput,
     ToolResult,
     WebFetchInput,
+    WorkspaceInfo,
+    WorkspaceReply,
+    WorkspaceRequest,
     WriteInput,
 )
 from ._replay import ReplayCache
@@ -73,6 +77,8 @@ from ._roster import RosterEntry, ServiceIdentity, TrustRoster, key_id
 from ._subjects import Role
 
 __all__ = [
+    "SandboxClosed",
+    "WorkspaceInfo", "WorkspaceReply", "WorkspaceRequest",
     "DEFAULT_MAX_BYTES",
     "MESSAGE_TYPES",
     "SANDBOX_TOOLS",

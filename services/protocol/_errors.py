@@ -18,6 +18,7 @@
     ├── RemoteError                 a service answered a request with an error reply
     ├── PoolError                   no executor could take a session (capacity, limits, backend)
     ├── SandboxError                a sandbox could not be started or died
+    │   └── SandboxClosed           a session's sandbox was closed under it
     ├── ToolError                   a tool call that failed in a way the model should see
     └── AuthError                   a client failed to authenticate
 
@@ -136,6 +137,12 @@ class PoolError(SiloError):
 
 class SandboxError(SiloError):
     """A sandbox could not be started, or died."""
+
+
+class SandboxClosed(SandboxError):
+    """A session's sandbox is gone (closed by its executor, e.g. on unlock); the session ends."""
+
+    code = "sandbox_closed"
 
 
 class ToolError(SiloError):

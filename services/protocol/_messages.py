@@ -164,6 +164,8 @@ class ExecutorAnnounce(Message):
     warm: dict[str, int] = Field(default_factory=dict)
     users: dict[str, int] = Field(default_factory=dict)
     sessions: tuple[str, ...] = ()
+    locked: tuple[str, ...] = ()
+    """Workspace paths locked on this executor (sessions on them must lease here)."""
     stopping: bool = False
 
 
@@ -240,6 +242,42 @@ class EgressSessionReady(Message):
     allowed_domains: tuple[str, ...]
 
 
+class WorkspaceRequest(Message):
+    """Gateway asks an executor to lock, unlock or describe workspaces for a user."""
+
+    TYPE = "workspace_request"
+    SUBJECTS = ("silo.exec.*.workspace",)
+    op: Literal["lock", "unlock", "status", "list"]
+    path: str | None = Field(default=None, max_length=4096)
+    user: str = Field(min_length=1, max_length=128)
+    accept: bool = False
+
+
+class WorkspaceInfo(BaseModel):
+    """One locked (or once-locked) workspace on an executor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    executor: str
+    phase: str
+    locked_at: float | None = None
+    entries: int = 0
+    size_bytes: int = 0
+    sessions: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+class WorkspaceReply(Message):
+    """An executor's answer: the workspaces concerned and, for unlock, the change report."""
+
+    TYPE = "workspace_reply"
+    SUBJECTS = (REPLY,)
+    workspaces: tuple[WorkspaceInfo, ...] = ()
+    report_text: str = ""
+    report: dict[str, Any] = Field(default_factory=dict)
+    auto_exec_changed: bool = False
+
+
 class Ack(Message):
     """A reply that says only: done."""
 
@@ -265,6 +303,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         SessionInput,
         SessionEvent,
         ExecutorAnnounce,
+        WorkspaceRequest,
+        WorkspaceReply,
         LeaseRequest,
         LeaseGranted,
         ToolCall,

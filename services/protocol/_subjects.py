@@ -7,6 +7,7 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.session.<sid>.events       harness  -> stream    SessionEvent (JetStream EVENTS)
     silo.pool.announce.<eid>        executor -> harness   ExecutorAnnounce (every second)
     silo.exec.<eid>.lease           harness  -> executor  LeaseRequest (request)
+    silo.exec.<eid>.workspace       gateway  -> executor  WorkspaceRequest (request)
     silo.exec.<eid>.<sid>.tool      harness  -> executor  ToolCall (request)
     silo.exec.<eid>.<sid>.close     harness  -> executor  CloseSession (request)
     silo.egress.<gid>.session       executor -> egress    EgressSessionOpen / EgressSessionClose
@@ -87,6 +88,11 @@ def exec_lease(eid: str) -> str:
     return f"silo.exec.{check_id(eid, 'executor id')}.lease"
 
 
+def exec_workspace(eid: str) -> str:
+    """Subject on which the gateway asks an executor to lock, unlock or describe workspaces."""
+    return f"silo.exec.{check_id(eid, 'executor id')}.workspace"
+
+
 def exec_close(eid: str, sid: str) -> str:
     """Subject on which the harness ends a session's sandbox."""
     return f"silo.exec.{check_id(eid, 'executor id')}.{check_id(sid, 'session id')}.close"
@@ -111,7 +117,7 @@ def journal(sid: str) -> str:
 # every role; requesters check that the reply answers their message id and comes
 # from the role they asked.
 PUBLISH: dict[Role, tuple[str, ...]] = {
-    Role.GATEWAY: (GRANT, HARNESS_START, "silo.session.*.input"),
+    Role.GATEWAY: (GRANT, HARNESS_START, "silo.session.*.input", "silo.exec.*.workspace"),
     Role.HARNESS: (
         EVENTS_SUBJECTS,
         "silo.exec.*.lease",
@@ -126,7 +132,7 @@ PUBLISH: dict[Role, tuple[str, ...]] = {
 # What each role subscribes to: used for the NATS server's permissions (defence
 # in depth; the signature checks above are the application-level guarantee).
 SUBSCRIBE: dict[Role, tuple[str, ...]] = {
-    Role.GATEWAY: (EVENTS_SUBJECTS,),
+    Role.GATEWAY: (EVENTS_SUBJECTS, POOL_ANNOUNCE_ALL),
     Role.HARNESS: (HARNESS_START, "silo.session.*.input", POOL_ANNOUNCE_ALL),
     Role.EXECUTOR: ("silo.exec.>",),
     Role.EGRESS: ("silo.egress.*.session",),

@@ -82,6 +82,17 @@ class Shutdown(ClientFrame):
     session_id: str = Field(pattern=SESSION_ID_PATTERN)
 
 
+class WorkspaceCommand(ClientFrame):
+    """Lock, unlock, describe one workspace, or list the locked ones."""
+
+    type: Literal["workspace"] = "workspace"
+    op: Literal["lock", "unlock", "status", "list"]
+    path: str | None = Field(default=None, max_length=4096)
+    workspace_host: str | None = Field(default=None, max_length=255)
+    executor: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)
+    accept: bool = False
+
+
 class ListSessions(ClientFrame):
     """List the sessions this client's user may see."""
 
@@ -95,7 +106,8 @@ class Ping(ClientFrame):
 
 
 ClientRequest = Annotated[
-    Authenticate | CreateSession | Attach | Prompt | Interrupt | Shutdown | ListSessions | Ping,
+    Authenticate | CreateSession | Attach | Prompt | Interrupt | Shutdown | WorkspaceCommand | ListSessions
+    | Ping,
     Field(discriminator="type"),
 ]
 CLIENT_REQUEST: TypeAdapter[Any] = TypeAdapter(ClientRequest)
@@ -165,6 +177,17 @@ class Sessions(ClientFrame):
     sessions: tuple[SessionSummary, ...]
 
 
+class WorkspaceResult(ClientFrame):
+    """Answer to ``workspace``: the workspaces concerned and, after unlock, the change report."""
+
+    type: Literal["workspace_result"] = "workspace_result"
+    op: str
+    workspaces: tuple[dict[str, Any], ...]
+    report_text: str = ""
+    report: dict[str, Any] = Field(default_factory=dict)
+    auto_exec_changed: bool = False
+
+
 class Pong(ClientFrame):
     """Answer to ``ping``."""
 
@@ -181,7 +204,8 @@ class ErrorFrame(ClientFrame):
 
 
 GatewayFrame = Annotated[
-    Hello | AuthOk | AuthErrorFrame | SessionCreated | EventFrame | Sessions | Pong | ErrorFrame,
+    Hello | AuthOk | AuthErrorFrame | SessionCreated | EventFrame | Sessions | WorkspaceResult | Pong
+    | ErrorFrame,
     Field(discriminator="type"),
 ]
 GATEWAY_FRAME: TypeAdapter[Any] = TypeAdapter(GatewayFrame)

@@ -45,12 +45,15 @@ class Stack:
         self.extra_args = list(extra_args or [])
         state = StateDir(state_dir)
         state.initialize()
-        if services:
-            data = json.loads(state.config_path.read_text())
-            for sid, fields in services.items():
-                data["services"].setdefault(sid, {}).update(fields)
-            write_private(state.config_path, json.dumps(data, indent=2).encode())
-            state.initialize()
+        data = json.loads(state.config_path.read_text())
+        for sid, fields in (services or {}).items():
+            data["services"].setdefault(sid, {}).update(fields)
+        for sid, svc in data["services"].items():
+            if svc.get("role") == "executor":  # locked workspaces stay with this stack
+                svc.setdefault("options", {}).setdefault(
+                    "workspace_store", str(state_dir.parent / f"workspaces-{sid}"))
+        write_private(state.config_path, json.dumps(data, indent=2).encode())
+        state.initialize()
         nats, gw, base = free_ports(3)
         self.nats_port, self.gateway_port = nats, gw
         self.metrics_ports = metrics_port_plan(StackConfig.model_validate(json.loads(

@@ -1,4 +1,8 @@
-"""The harness's view of the executor pool, built from executors' signed announcements."""
+"""A view of the executor pool, built from executors' signed announcements.
+
+The harness uses it to lease sandboxes, the gateway to find the executor
+that holds (or should lock) a workspace.
+"""
 
 from __future__ import annotations
 
@@ -66,9 +70,31 @@ class PoolView:
                 and (pinned is None or a.executor_id == pinned)
                 and (host is None or a.host == host))
 
+    def locked_on(self, workspace: str) -> str | None:
+        """The live executor that holds ``workspace`` locked, if one does."""
+        now = self._clock()
+        for e in self._entries.values():
+            if now - e.seen_at <= self._silence and workspace in e.announce.locked:
+                return e.announce.executor_id
+        return None
+
+    def on_host(self, host: str | None) -> list[str]:
+        """Live executors on ``host`` (all when None), by id."""
+        now = self._clock()
+        return sorted(e.announce.executor_id for e in self._entries.values()
+                      if now - e.seen_at <= self._silence and (host is None or e.announce.host == host))
+
     def candidates(self, backend: str, pinned: str | None = None,
-                   host: str | None = None) -> list[ExecutorAnnounce]:
-        """Executors on ``host`` (if named) that offer ``backend`` and have room; warm and roomy first."""
+                   host: str | None = None, workspace: str | None = None) -> list[ExecutorAnnounce]:
+        """Executors on ``host`` (if named) that offer ``backend`` and have room; warm and roomy first.
+
+        A workspace locked on an executor can only be served there.
+        """
+        holder = self.locked_on(workspace) if workspace is not None else None
+        if holder is not None:
+            if pinned not in (None, holder):
+                return []
+            pinned, host = holder, None
         fits = [e.announce for e in self._entries.values()
                 if self._offers(e, backend, pinned, host) and e.announce.free > 0]
         return sorted(fits, key=lambda a: (-a.warm.get(backend, 0), -a.free, a.executor_id))
