@@ -1,0 +1,85 @@
+"""Lock then unlock of a generated tree, against `git add -A && git status --porcelain`.
+
+Generates FILES files totalling about MB megabytes in a fresh directory,
+locks it into a workspace store (snapshot with hashes, originals, move),
+changes 1% of the files as a session would (in the stored copy), unlocks
+(move back, diff, report rendered), and times that against git indexing and
+diffing the same tree in the same run.
+
+    .venv/bin/python bench/workspace.py [--files 50000] [--mb 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from devsilo.executor._workspace_lock import WorkspaceStore
+
+
+def generate(root: Path, files: int, total_bytes: int) -> list[Path]:
+    size = max(1, total_bytes // files)
+    block = os.urandom(size)
+    paths = []
+    for i in range(files):
+        d = root / f"d{i // 500:03d}"
+        d.mkdir(exist_ok=True)
+        p = d / f"f{i:06d}.txt"
+        p.write_bytes(block[: size - 8] + f"{i:08d}".encode())
+        paths.append(p.relative_to(root))
+    return paths
+
+
+def change(root: Path, paths: list[Path]) -> None:
+    """Append to 1% of the files, as a session would."""
+    for rel in paths[:: 100]:  # 1%
+        with open(root / rel, "ab") as f:
+            f.write(b"changed by the session\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=50_000)
+    ap.add_argument("--mb", type=int, default=500)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="silo-bench-ws-", dir="/var/tmp") as tmp:
+        base = Path(tmp)
+        tree, gtree = base / "tree", base / "gtree"
+        tree.mkdir()
+        paths = generate(tree, args.files, args.mb * 1024 * 1024)
+        shutil.copytree(tree, gtree, symlinks=True)
+
+        # The baseline the issue names: git hashing and listing the same fresh tree.
+        subprocess.run(["git", "init", "-q", str(gtree)], check=True)
+        t0 = time.perf_counter()
+        subprocess.run(["git", "-C", str(gtree), "add", "-A"], check=True)
+        subprocess.run(["git", "-C", str(gtree), "status", "--porcelain"], check=True,
+                       stdout=subprocess.DEVNULL)
+        git_s = time.perf_counter() - t0
+
+        store = WorkspaceStore(base / "store")
+        t0 = time.perf_counter()
+        locked = store.lock(tree, state_dirs=[base / "no-state"])
+        lock_s = time.perf_counter() - t0
+        change(locked.files_dir, paths)
+        t0 = time.perf_counter()
+        report = store.unlock(tree)
+        report.render(store.originals_dir(tree), tree)
+        unlock_s = time.perf_counter() - t0
+
+    silo_total = lock_s + unlock_s
+    print(f"tree: {args.files} files, {args.mb} MB; 1% changed ({len(report.changed_paths)} files)")
+    print(f"{'':44} {'seconds':>8}")
+    print(f"{'git add -A && git status --porcelain':44} {git_s:8.2f}")
+    print(f"{'silo lock (snapshot, originals, move)':44} {lock_s:8.2f}")
+    print(f"{'silo unlock (move back, diff, report)':44} {unlock_s:8.2f}")
+    print(f"{'ratio lock+unlock / git':44} {silo_total / git_s:8.2f}x  (goal: within 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
