@@ -28,6 +28,27 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def free_port_run(n: int, tries: int = 200) -> int:
+    """The first of ``n`` consecutive ports all free on 127.0.0.1 right now."""
+    import random
+
+    for _ in range(tries):
+        base = random.randint(20000, 60000 - n)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no run of {n} free ports found")
+
+
 class Stack:
     """`silo up` started on free ports with its own state directory.
 
@@ -38,7 +59,6 @@ class Stack:
     def __init__(self, state_dir: Path, extra_args: list[str] | None = None,
                  services: dict[str, dict[str, Any]] | None = None) -> None:
         """``services`` adds or changes entries of config.json (id -> ServiceConfig fields)."""
-        from devsilo.cli.main import metrics_port_plan
         from devsilo.runtime._state import StackConfig, StateDir, write_private
 
         self.state_dir = state_dir
@@ -54,17 +74,36 @@ class Stack:
                     "workspace_store", str(state_dir.parent / f"workspaces-{sid}"))
         write_private(state.config_path, json.dumps(data, indent=2).encode())
         state.initialize()
-        nats, gw, base = free_ports(3)
-        self.nats_port, self.gateway_port = nats, gw
-        self.metrics_ports = metrics_port_plan(StackConfig.model_validate(json.loads(
-            state.config_path.read_text())), base)
+        self._config = StackConfig.model_validate(json.loads(state.config_path.read_text()))
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        from devsilo.cli.main import metrics_port_plan
+
+        self.nats_port, self.gateway_port = free_ports(2)
+        self.metrics_ports = metrics_port_plan(self._config, free_port_run(len(self._config.services)))
         self._lines: list[str] = []
         self._proc: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
         self.stack: dict[str, Any] = {}
 
-    def start(self, timeout: float = 60.0) -> None:
-        """Start and wait until every service is healthy."""
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> None:
+        """Start and wait until every service is healthy.
+
+        Ports are picked free but can be taken by another process before the
+        services bind them; then the stack is started again on new ports.
+        """
+        for attempt in range(attempts):
+            try:
+                self._start_once(timeout)
+                return
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc) or attempt == attempts - 1:
+                    raise
+                self._lines.clear()
+                self._pick_ports()
+
+    def _start_once(self, timeout: float) -> None:
         argv = [sys.executable, "-m", "devsilo.cli", "--state-dir", str(self.state_dir), "up",
                 "--nats-port", str(self.nats_port), "--gateway-port", str(self.gateway_port),
                 "--metrics-port-base", str(self.metrics_ports["gateway"]), *self.extra_args]
