@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+
+import pytest
 import os
 import subprocess
 import sys
@@ -123,3 +125,51 @@ def test_locking_a_state_directory_is_refused(stack: Stack) -> None:
     r = silo(stack, "workspace", "lock", str(stack.state_dir))
     assert r.returncode == 1
     assert "risk list" in r.stderr
+
+
+def _tree_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
+
+
+def _wait_healthy_again(stack: Stack, old_pid: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pid = stack.live_pid("executor")
+        if pid not in (None, old_pid) and stack.healthy("executor"):
+            time.sleep(1.5)  # its first announcement reaches the gateway
+            return
+        time.sleep(0.2)
+    raise AssertionError("the executor was not restarted:\n" + stack.output())
+
+
+def test_executor_killed_during_lock_and_unlock_completes_on_rerun(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = tmp_path / "crashy"
+    (ws / "a" / "b").mkdir(parents=True)
+    for i in range(30):
+        (ws / "a" / f"f{i}.txt").write_text(f"file {i}\n")
+    (ws / "a" / "b" / "deep.bin").write_bytes(bytes(range(256)) * 40)
+    (ws / ".env").write_text("X=1\n")
+    before = _tree_files(ws)
+    state = tmp_path / "state"
+    for step, op in (("lock.moved", "lock"), ("unlock.restored", "unlock")):
+        # The executor's test-only hook: it SIGKILLs itself right after that step.
+        monkeypatch.setenv("DEVSILO_TEST_CRASH_AFTER", step)
+        stack = Stack(state)
+        stack.start()
+        try:
+            old = stack.live_pid("executor")
+            assert old is not None
+            first = silo(stack, "workspace", op, str(ws))
+            assert first.returncode == 1, first.stdout + first.stderr  # the executor died under it
+            _wait_healthy_again(stack, old)
+            again = silo(stack, "workspace", op, str(ws))
+            assert again.returncode == 0, again.stdout + again.stderr
+        finally:
+            stack.stop()
+        if op == "lock":
+            assert sorted(os.listdir(ws)) == [".devsilo-locked"]
+    assert _tree_files(ws) == before  # every file back exactly once, content intact

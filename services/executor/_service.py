@@ -161,17 +161,26 @@ async def serve(ctx: ServiceContext) -> None:
     store = WorkspaceStore(Path(opts.get("workspace_store") or default_store(eid)))
     unlocking: set[str] = set()
 
-    def locked_paths() -> dict[str, Path]:
-        """Locked workspace path -> where its files are, from the store's records."""
+    def store_records(phases: tuple[str, ...]) -> dict[str, Path]:
+        """Workspace path -> where its files are, for the store's records in ``phases``."""
         out: dict[str, Path] = {}
         for state_file in store.root.glob("*/state.json"):
             try:
                 st = json.loads(state_file.read_text())
             except (OSError, ValueError):
                 continue
-            if st.get("phase") == "locked":
+            if st.get("phase") in phases:
                 out[str(st["path"])] = state_file.parent / "files"
         return out
+
+    def locked_paths() -> dict[str, Path]:
+        """Workspaces locked here and ready for sessions."""
+        return store_records(("locked",))
+
+    def held_paths() -> dict[str, Path]:
+        """Workspaces this executor holds in any way: locked, or a lock/unlock not finished
+        (a crash mid-way: running the command again here completes it)."""
+        return store_records(("locked", "locking", "unlocking"))
 
     ctx.status.update(backends=backends, capacity=capacity)
     ctx.log.info("executor_backends", backends=backends)
@@ -201,7 +210,7 @@ async def serve(ctx: ServiceContext) -> None:
             executor_id=eid, instance=instance, host=socket.gethostname(), backends=tuple(backends),
             capacity=capacity, free=max(0, capacity - in_use()), users=users,
             warm={"bwrap": warm_pool.ready} if warm_pool is not None else {},
-            sessions=tuple(sorted(sessions)), locked=tuple(sorted(locked_paths())), stopping=stopping,
+            sessions=tuple(sorted(sessions)), locked=tuple(sorted(held_paths())), stopping=stopping,
         )
 
     async def announce_now() -> None:
@@ -257,6 +266,9 @@ async def serve(ctx: ServiceContext) -> None:
         workspace = check_workspace(grant.workspace, state_dirs)
         if str(workspace) in unlocking:
             raise GrantError(f"workspace {workspace} is being unlocked; no new sessions on it")
+        if str(workspace) in held_paths() and str(workspace) not in locked_paths():
+            raise GrantError(f"workspace {workspace} is half locked or unlocked; run `silo workspace "
+                             "lock` or `unlock` again to finish that first")
         workspace = locked_paths().get(str(workspace), workspace)  # a locked one: its stored files
         allow_read = tuple(check_workspace(p, state_dirs, kind="read allow-list path")
                            for p in grant.allow_read)
@@ -353,19 +365,19 @@ async def serve(ctx: ServiceContext) -> None:
 
     async def on_workspace(req: WorkspaceRequest) -> Message:
         if req.op == "list":
-            return WorkspaceReply(workspaces=tuple(info(p, f) for p, f in sorted(locked_paths().items())))
+            return WorkspaceReply(workspaces=tuple(info(p, f) for p, f in sorted(held_paths().items())))
         if req.path is None:
             raise GrantError(f"workspace {req.op} needs a path")
         if req.op == "status":
             path = str(Path(req.path).resolve())
-            return WorkspaceReply(workspaces=(info(path, locked_paths().get(path)),))
+            return WorkspaceReply(workspaces=(info(path, held_paths().get(path)),))
         if req.op == "lock":
             locked = await asyncio.to_thread(store.lock, Path(req.path), state_dirs=state_dirs)
             ctx.log.info("workspace_locked", path=str(locked.path), entries=locked.entries)
             await announce_now()  # sessions on it must lease here: tell the pool before replying
             return WorkspaceReply(workspaces=(info(str(locked.path), locked.files_dir),))
         path = check_workspace(req.path, state_dirs)
-        files = locked_paths().get(str(path))
+        files = held_paths().get(str(path))
         unlocking.add(str(path))
         try:
             # No new attachments, then every sandbox on it ends (TERM, 5 s, KILL inside close()).

@@ -23,6 +23,7 @@ from devsilo.protocol import (
     SiloError,
     ExecutorAnnounce,
     GrantError,
+    RemoteError,
     WorkspaceReply,
     WorkspaceRequest,
     StartSession,
@@ -257,11 +258,7 @@ class ClientConnection:
                 raise GrantError(f"{req.path} is not locked on any executor")
             else:
                 targets = [holder] if holder else []
-        replies: list[WorkspaceReply] = []
-        for eid in targets:
-            replies.append(await self.gw.bus.request(
-                subjects.exec_workspace(eid), body, WorkspaceReply, from_role=Role.EXECUTOR,
-                timeout=600.0))
+        replies = [await self._ask_executor(eid, body) for eid in targets]
         for eid, r in zip(targets, replies, strict=True):
             for w in r.workspaces:
                 if w.phase == "locked":
@@ -275,6 +272,22 @@ class ClientConnection:
         await self.send(WorkspaceResult(
             op=req.op, workspaces=infos, report_text=first.report_text if first else "",
             report=first.report if first else {}, auto_exec_changed=bool(first and first.auto_exec_changed)))
+
+    async def _ask_executor(self, eid: str, body: WorkspaceRequest) -> WorkspaceReply:
+        """Ask one executor; give up when it dies or restarts while working on it."""
+        pool = self.gw.pool
+        instance = pool.instance_of(eid)
+        ask = asyncio.create_task(self.gw.bus.request(
+            subjects.exec_workspace(eid), body, WorkspaceReply, from_role=Role.EXECUTOR, timeout=3600.0))
+        try:
+            while not ask.done():
+                await asyncio.wait({ask}, timeout=0.5)
+                if not ask.done() and (not pool.alive(eid) or pool.instance_of(eid) != instance):
+                    raise RemoteError("executor_lost", f"executor {eid} stopped while working on "
+                                      f"{body.op} {body.path}; run the command again to finish it")
+            return ask.result()
+        finally:
+            ask.cancel()
 
     def _visible(self, sid: str) -> SessionRecord:
         assert self.who is not None

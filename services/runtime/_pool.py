@@ -59,6 +59,11 @@ class PoolView:
         e = self._entries.get(executor_id)
         return e is not None and self._clock() - e.seen_at <= self._silence
 
+    def instance_of(self, executor_id: str) -> str | None:
+        """The instance id of ``executor_id``'s latest announcement (it changes on restart)."""
+        e = self._entries.get(executor_id)
+        return e.announce.instance if e is not None else None
+
     def user_sandboxes(self, user: str) -> int:
         """How many sandboxes ``user`` holds across the pool."""
         return sum(e.announce.users.get(user, 0) for e in self._entries.values())
