@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -93,19 +94,10 @@ async def stop_session(target: GatewayTarget, session_id: str, out: TextIO) -> i
     async with GatewayClient(target.url, target.fingerprint, client_name="silo-stop") as client:
         await client.connect(target.token)
         await client.send(Shutdown(session_id=session_id))
-        code = await follow(client, session_id, 0, _Discard(), as_json=True)
+        code = await follow(client, session_id, 0, io.StringIO(), as_json=True)
         out.write(f"session {session_id} stopped\n")
         return code
 
-
-class _Discard:
-    """A text sink for events nobody wants printed."""
-
-    def write(self, _: str) -> int:
-        return 0
-
-    def flush(self) -> None:
-        pass
 
 
 EXIT_AUTO_EXEC = 3

@@ -11,6 +11,7 @@ the supervisor itself dies (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -168,12 +169,10 @@ class Supervisor:
                 if sp.proc is None or sp.proc.returncode is not None:
                     raise ConfigError(f"{sp.service_id} exited during start; see {sp.log_path}:\n"
                                       + _tail(sp.log_path))
-                try:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):  # not listening yet
                     async with http.get(sp.health_url, timeout=aiohttp.ClientTimeout(total=1)) as r:
                         if r.status == 200:
                             return
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
                 await asyncio.sleep(0.05)
         raise ConfigError(f"{sp.service_id} did not become healthy in {HEALTH_TIMEOUT_S:.0f}s; see {sp.log_path}")
 
@@ -196,11 +195,9 @@ class Supervisor:
                     sp.backoff = 1.0
                 self.say(f"{sp.service_id} exited with {code}; restarting in {sp.backoff:.0f}s "
                          f"(restart {sp.restarts + 1}; log {sp.log_path})")
-                try:
+                with contextlib.suppress(TimeoutError):  # the backoff passed: restart
                     await asyncio.wait_for(self.stopping.wait(), timeout=sp.backoff)
                     return
-                except TimeoutError:
-                    pass
                 sp.backoff = min(sp.backoff * 2, 30.0)
                 sp.restarts += 1
                 await self._spawn(sp)

@@ -77,6 +77,7 @@ from ._helper_client import HelperClient
 from ._sandbox import (
     _HOST_ETC,
     _USR_ALIASES,
+    OutputTail,
     Sandbox,
     _etc_files,
     _helper_pyc,
@@ -102,7 +103,6 @@ __all__ = ["GvisorSandbox", "probe"]
 
 _LAUNCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_STDERR_KEEP = 8192
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 _CPU_PERIOD_US = 100_000
 # Host tasks per sandboxed process on the ptrace platform (measured ~18: one
@@ -224,9 +224,7 @@ class GvisorSandbox(Sandbox):
         self._runsc_path = ""
         self._proc: asyncio.subprocess.Process | None = None
         self._client: HelperClient | None = None
-        self._stderr = bytearray()
-        self._stderr_task: asyncio.Task[None] | None = None
-        self._stderr_transport: asyncio.BaseTransport | None = None
+        self._stderr = OutputTail()
         self._pins: list[_Pinned] = []
         self._started = False
         self._closed = False
@@ -295,11 +293,7 @@ class GvisorSandbox(Sandbox):
             await asyncio.get_running_loop().run_in_executor(None, self._reap_leftovers)
         if client is not None:
             await client.close()
-        if self._stderr_task is not None:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._stderr_task, 1.0)
-        if self._stderr_transport is not None:
-            self._stderr_transport.close()
+        await self._stderr.close()
         if self.scratch_dir is not None:
             await asyncio.get_running_loop().run_in_executor(None, _remove_tree, self.scratch_dir)
             self.scratch_dir = None
@@ -370,17 +364,11 @@ class GvisorSandbox(Sandbox):
             # inode pinned open cannot be freed and its number reused by an
             # impostor before the stage checks it.
             self._pins = sources
-        pipe = os.fdopen(err_r, "rb", buffering=0)
-        stderr = asyncio.StreamReader()
         try:
-            self._stderr_transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(stderr), pipe
-            )
+            await self._stderr.follow(err_r)
         except BaseException:
-            pipe.close()
             parent_sock.close()
             raise
-        self._stderr_task = asyncio.create_task(self._collect_stderr(stderr))
         self._client = HelperClient(parent_sock, describe_exit=self._describe_exit)
         await self._client.start()
 
@@ -656,13 +644,6 @@ class GvisorSandbox(Sandbox):
 
     # -- watching -----------------------------------------------------------
 
-    async def _collect_stderr(self, stream: asyncio.StreamReader) -> None:
-        # runsc's own errors and a crashing helper's traceback land here;
-        # keep only the tail, the sandbox could write without end.
-        while data := await stream.read(65536):
-            self._stderr += data
-            del self._stderr[:-_STDERR_KEEP]
-
     def _describe_exit(self) -> str:
         return "; ".join(part for part in (self._exit_status(), self._output_tail()) if part)
 
@@ -672,7 +653,7 @@ class GvisorSandbox(Sandbox):
         return ""
 
     def _output_tail(self) -> str:
-        tail = self._stderr.decode("utf-8", errors="replace").strip()
+        tail = self._stderr.text()
         return "its output: " + tail[-1000:] if tail else ""
 
     async def _exit_detail(self, wait: float, known: str) -> str:
@@ -680,9 +661,7 @@ class GvisorSandbox(Sandbox):
         if self._proc is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._proc.wait(), wait)
-        if self._stderr_task is not None:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._stderr_task), 0.5)
+        await self._stderr.settle(0.5)
         parts = (self._exit_status(), self._output_tail())
         return "; ".join(part for part in parts if part and part[-200:] not in known)
 

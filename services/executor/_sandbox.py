@@ -189,6 +189,54 @@ def prepare_workspace_ownership(path: Path, uid: int, gid: int) -> list[str]:
     return skipped
 
 
+class OutputTail:
+    """The last bytes a sandbox launcher and helper wrote to stderr, read from a pipe.
+
+    The launcher's own errors and a crashing helper's traceback land here; only
+    the tail is kept, since the sandbox could write without end.
+    """
+
+    def __init__(self, keep: int = _STDERR_KEEP) -> None:
+        self._data = bytearray()
+        self._keep = keep
+        self._task: asyncio.Task[None] | None = None
+        self._transport: asyncio.BaseTransport | None = None
+
+    async def follow(self, read_fd: int) -> None:
+        """Start reading the pipe's read end ``read_fd`` (owned from here on)."""
+        pipe = os.fdopen(read_fd, "rb", buffering=0)
+        stream = asyncio.StreamReader()
+        try:
+            self._transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(stream), pipe
+            )
+        except BaseException:
+            pipe.close()
+            raise
+        self._task = asyncio.create_task(self._collect(stream))
+
+    async def _collect(self, stream: asyncio.StreamReader) -> None:
+        while data := await stream.read(65536):
+            self._data += data
+            del self._data[: -self._keep]
+
+    async def settle(self, wait: float) -> None:
+        """Give the reader up to ``wait`` seconds to take in what is still in the pipe."""
+        if self._task is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._task), wait)
+
+    async def close(self) -> None:
+        """Read what is left (briefly), then stop."""
+        await self.settle(1.0)
+        if self._transport is not None:
+            self._transport.close()
+
+    def text(self) -> str:
+        """The tail, decoded and stripped."""
+        return self._data.decode("utf-8", errors="replace").strip()
+
+
 class Sandbox(abc.ABC):
     """One sandbox per session: start it, talk to its helper, close it.
 
@@ -494,9 +542,7 @@ class BwrapSandbox(Sandbox):
         """The host pid of the sandbox's init (pid 1 inside), once started."""
         self._spawned: _Spawned | None = None
         self._client: HelperClient | None = None
-        self._stderr = bytearray()
-        self._stderr_task: asyncio.Task[None] | None = None
-        self._stderr_transport: asyncio.BaseTransport | None = None
+        self._stderr = OutputTail()
         self._info_fd = -1
         self._block_fd = -1
         self._init_pidfd = -1
@@ -574,11 +620,7 @@ class BwrapSandbox(Sandbox):
         self._info_fd = self._block_fd = -1
         if client is not None:
             await client.close()
-        if self._stderr_task is not None:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._stderr_task, 1.0)
-        if self._stderr_transport is not None:
-            self._stderr_transport.close()
+        await self._stderr.close()
         if self.scratch_dir is not None:
             try:
                 await asyncio.get_running_loop().run_in_executor(
@@ -702,17 +744,11 @@ class BwrapSandbox(Sandbox):
                 source.close()
             for fd in child_fds + ([err_w] if err_w >= 0 else []):
                 os.close(fd)
-        pipe = os.fdopen(err_r, "rb", buffering=0)
-        stderr = asyncio.StreamReader()
         try:
-            self._stderr_transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(stderr), pipe
-            )
+            await self._stderr.follow(err_r)
         except BaseException:
-            pipe.close()
             parent_sock.close()
             raise
-        self._stderr_task = asyncio.create_task(self._collect_stderr(stderr))
         self._client = HelperClient(parent_sock, describe_exit=self._describe_exit)
         await self._client.start()
 
@@ -880,18 +916,11 @@ class BwrapSandbox(Sandbox):
 
     # -- watching -----------------------------------------------------------
 
-    async def _collect_stderr(self, stream: asyncio.StreamReader) -> None:
-        # bubblewrap's own errors and a crashing helper's traceback land here;
-        # keep only the tail, the sandbox could write without end.
-        while data := await stream.read(65536):
-            self._stderr += data
-            del self._stderr[:-_STDERR_KEEP]
-
     def _describe_exit(self) -> str:
         parts = []
         if self._spawned is not None and self._spawned.proc.returncode is not None:
             parts.append(f"bwrap exited with status {self._spawned.proc.returncode}")
-        tail = self._stderr.decode("utf-8", errors="replace").strip()
+        tail = self._stderr.text()
         if tail:
             parts.append("its stderr: " + tail[-1000:])
         return "; ".join(parts)
@@ -900,9 +929,7 @@ class BwrapSandbox(Sandbox):
         spawned = self._spawned
         if spawned is not None and spawned.pidfd >= 0 and await _readable(spawned.pidfd, wait):
             spawned.proc.wait()
-        if self._stderr_task is not None:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._stderr_task), 0.5)
+        await self._stderr.settle(0.5)
         return self._describe_exit()
 
     def __repr__(self) -> str:
