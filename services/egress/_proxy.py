@@ -45,6 +45,7 @@ import contextlib
 import ssl
 import struct
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -103,6 +104,7 @@ class TrafficRecord:
     """The reason's low-cardinality label, for metrics."""
     credential: bool = False
     started: float = field(default_factory=time.monotonic, repr=False)
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex, repr=False)
 
 
 class Blocked(Exception):
@@ -200,7 +202,9 @@ class EgressProxy:
             except ProtocolError:
                 return
             policy = self.policies.get(preamble.session_id)
-            if policy is None or preamble.session_id not in self._cas:
+            if policy is None:
+                self.close_session(preamble.session_id)  # expired: its CA goes too
+            elif preamble.session_id not in self._cas:
                 policy = None
             if preamble.kind == "dns":
                 await self._serve_dns(preamble.session_id, policy, reader, writer)

@@ -240,6 +240,30 @@ class EgressSessionReady(Message):
     session_id: str
     egress_id: str
     allowed_domains: tuple[str, ...]
+    proxy_addr: str | None = Field(default=None, max_length=300,
+                                   description="host:port where this egress serves the session's relay")
+    ca_cert: str | None = Field(default=None, max_length=16 * 1024,
+                                description="the session CA's certificate (PEM; never a key) for the sandbox")
+    credentials: tuple[str, ...] = Field(default=(), description="granted credentials this user may really use")
+
+
+class NetworkRecord(Message):
+    """One request through the egress, for the session's journal: never bodies or header values."""
+
+    TYPE = "network_record"
+    SUBJECTS = ("silo.journal.*.network",)
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    host: str = Field(max_length=255)
+    port: int = Field(ge=0, le=65535)
+    method: str = Field(max_length=32)
+    path: str = Field(max_length=1024)
+    status: int = Field(ge=0, le=999)
+    bytes_in: int = Field(ge=0)
+    bytes_out: int = Field(ge=0)
+    duration_ms: float = Field(ge=0)
+    allowed: bool
+    reason: str = Field(default="", max_length=512)
+    credential: bool = False
 
 
 class WorkspaceRequest(Message):
@@ -313,6 +337,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         EgressSessionOpen,
         EgressSessionClose,
         EgressSessionReady,
+        NetworkRecord,
         Ack,
         ErrorReply,
     )

@@ -13,6 +13,7 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.egress.<gid>.session       executor -> egress    EgressSessionOpen / EgressSessionClose
     silo.egress.any.session         executor -> egress    same, any egress (queue group)
     silo.journal.<sid>              harness  -> stream    JournalRecord (JetStream JOURNAL)
+    silo.journal.<sid>.network      egress   -> stream    NetworkRecord (JetStream JOURNAL)
     _INBOX.>                        any role              replies, correlated by ``reply_to``
 
 ``silo.grant`` is never published: it is the subject a session grant is
@@ -38,7 +39,9 @@ INBOX_PREFIX = "_INBOX."
 EVENTS_STREAM = "SILO_EVENTS"
 EVENTS_SUBJECTS = "silo.session.*.events"
 JOURNAL_STREAM = "SILO_JOURNAL"
-JOURNAL_SUBJECTS = "silo.journal.*"
+JOURNAL_SUBJECTS = "silo.journal.>"
+HARNESS_JOURNAL = "silo.journal.*"
+EGRESS_JOURNAL = "silo.journal.*.network"
 
 HARNESS_QUEUE = "harness"
 EXECUTOR_QUEUE = "executor"
@@ -113,6 +116,11 @@ def journal(sid: str) -> str:
     return f"silo.journal.{check_id(sid, 'session id')}"
 
 
+def journal_network(sid: str) -> str:
+    """Subject of a session's network records (from the egress), kept in the journal stream."""
+    return f"silo.journal.{check_id(sid, 'session id')}.network"
+
+
 # Which role may publish on which subject pattern. Replies on _INBOX.> are open to
 # every role; requesters check that the reply answers their message id and comes
 # from the role they asked.
@@ -123,10 +131,10 @@ PUBLISH: dict[Role, tuple[str, ...]] = {
         "silo.exec.*.lease",
         "silo.exec.*.*.tool",
         "silo.exec.*.*.close",
-        JOURNAL_SUBJECTS,
+        HARNESS_JOURNAL,
     ),
     Role.EXECUTOR: ("silo.egress.*.session", POOL_ANNOUNCE_ALL),
-    Role.EGRESS: (),
+    Role.EGRESS: (EGRESS_JOURNAL,),
 }
 
 # What each role subscribes to: used for the NATS server's permissions (defence
@@ -143,7 +151,7 @@ STREAMS: dict[Role, tuple[str, ...]] = {
     Role.GATEWAY: (EVENTS_STREAM,),
     Role.HARNESS: (EVENTS_STREAM, JOURNAL_STREAM),
     Role.EXECUTOR: (),
-    Role.EGRESS: (),
+    Role.EGRESS: (),  # publishes network records into the journal; never reads it
 }
 
 
