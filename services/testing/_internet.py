@@ -185,7 +185,8 @@ class TestInternet:
         self.ca_pem = self._ca.public_bytes(serialization.Encoding.PEM)
         self.ca_file.write_bytes(self.ca_pem)
 
-    def _server_context(self, site: Site) -> ssl.SSLContext:
+    def issue(self, site: Site) -> tuple[bytes, bytes]:
+        """A certificate (PEM) for ``site`` from the test CA (or a stranger's, if untrusted) and its key."""
         now = dt.datetime.now(dt.UTC)
         key = ec.generate_private_key(ec.SECP256R1())
         if site.trusted:
@@ -202,11 +203,19 @@ class TestInternet:
                 x509.DNSName(site.name), x509.IPAddress(ipaddress.ip_address(site.address))]), critical=False)
             .sign(issuer_key, hashes.SHA256())
         )
+        return cert.public_bytes(serialization.Encoding.PEM), key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+    def hosts_file(self) -> str:
+        """``/etc/hosts`` lines for the web sites, for programs that cannot be told a DNS server."""
+        return "".join(f"{site.address} {site.name}\n" for site in self.sites.values())
+
+    def _server_context(self, site: Site) -> ssl.SSLContext:
+        cert, key = self.issue(site)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         fd = os.memfd_create("inet-cert", os.MFD_CLOEXEC)
         try:
-            os.write(fd, cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            os.write(fd, cert + key)
             ctx.load_cert_chain(f"/proc/self/fd/{fd}")
         finally:
             os.close(fd)
