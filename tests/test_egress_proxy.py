@@ -390,3 +390,41 @@ async def test_closing_a_session_drops_its_ca_and_policy(egress: Egress) -> None
     async with relay:
         _code, out, _ = await curl(port, f"https://{WWW}/hello", egress.ca_file)
     assert blocked_reason(out) == "no policy for this session (it ended or was never opened)"
+
+
+async def test_http2_from_the_sandbox_is_checked_per_stream(egress: Egress, internet: TestInternet,
+                                                            tmp_path: Path) -> None:
+    egress.open("s1", [WWW, API], credentials=("api",))
+    relay, port = await egress.relay("s1")
+    upload = tmp_path / "upload"
+    upload.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    async with relay:
+        code, out, err = await curl(port, f"https://{WWW}/hello", egress.ca_file, "--http2", "-v")
+        assert code == 0, err
+        assert "ALPN: server accepted h2" in err and out.rstrip().endswith(f"hello from {WWW}")
+        assert "HTTP/2 200" in out
+        # a body up and a larger one down, through HTTP/2 flow control
+        code, out, err = await curl(port, f"https://{WWW}/echo", egress.ca_file, "--http2",
+                                    "--data-binary", f"@{upload}", "-o", str(tmp_path / "echoed"))
+        assert code == 0, err
+        echoed = (tmp_path / "echoed").read_bytes()  # -i: the response head comes first
+        assert echoed.endswith(upload.read_bytes()) and len(echoed) - upload.stat().st_size < 1024
+        code, out, err = await curl(port, f"https://{WWW}/bytes?n={8 << 20}", egress.ca_file, "--http2",
+                                    "-o", "/dev/null", "-w", "%{size_download}")
+        assert code == 0 and out.endswith(str(8 << 20)), err
+        # two streams on one connection, each its own request
+        code, out, err = await curl(port, f"https://{WWW}/hello", egress.ca_file, "--http2", "--parallel",
+                                    "--parallel-immediate", "-o", "/dev/null", "-o", "/dev/null",
+                                    f"https://{WWW}/hello?x=2")
+        assert code == 0, err
+        # the authority must name the tunnel's host, per stream
+        code, out, err = await curl(port, f"https://{WWW}/hello", egress.ca_file, "--http2", "-H", f"Host: {API}")
+        assert "HTTP/2 403" in out and blocked_reason(out) == f"Host header disagrees with the tunnel to {WWW}:443"
+        # credentials for the exact host, over HTTP/2 too
+        code, out, err = await curl(port, f"https://{API}/headers", egress.ca_file, "--http2")
+        seen = json.loads(out.rsplit("\r\n\r\n", 1)[1])
+        assert seen["authorization_sha256"] == hashlib.sha256(f"Bearer {SECRET}".encode()).hexdigest()
+    assert internet.hits[API] == 1
+    got = [(r.path, r.status, r.allowed) for r in egress.records if r.method in ("GET", "POST")]
+    assert ("/echo", 200, True) in got and ("/hello", 403, False) in got
+    assert [r for r in egress.records if r.path == "/echo"][0].bytes_out == upload.stat().st_size

@@ -34,8 +34,8 @@ header values.
 allowed names get their checked A/AAAA addresses, other names NXDOMAIN,
 names whose addresses the guard refuses REFUSED.
 
-Not built here yet: HTTP/2 (ALPN offers http/1.1 only, which every client
-falls back to).
+HTTP/2: a sandbox client that offers ``h2`` gets it (:mod:`._h2`), with
+every stream checked as above; upstream connections are HTTP/1.1.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from devsilo.executor.helper.helper import splice
 from devsilo.protocol import ProtocolError
 
 from ._ca import SessionCA
+from ._h2 import H2Tunnel
 from ._names import AllowList, BadHost, normalise_host
 from ._policy import PolicyTable, SessionPolicy
 from ._secrets import CredentialError, CredentialStore, inject
@@ -182,7 +183,7 @@ class EgressProxy:
         """Create the session's allow-list and CA; returns the CA certificate (PEM) for the sandbox."""
         allow = AllowList(policy.allowed_domains)
         self._allow[policy.session_id] = allow
-        ca = SessionCA(policy.session_id, allow.entries())
+        ca = SessionCA(policy.session_id, allow.entries(), alpn=("h2", "http/1.1"))
         self._cas[policy.session_id] = ca
         return ca.cert_pem
 
@@ -270,7 +271,11 @@ class EgressProxy:
             self._finish(record)
             return
         self._finish_tunnel(record)
-        await self._requests(route, _Half(h11.SERVER, reader, writer), None, up)
+        ssl_object = writer.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            await H2Tunnel(self, route, reader, writer, up).run()
+        else:
+            await self._requests(route, _Half(h11.SERVER, reader, writer), None, up)
 
     def _route(self, policy: SessionPolicy, request: h11.Request) -> _Route:
         """The decision on a client connection's first request (CONNECT target or absolute URI)."""
