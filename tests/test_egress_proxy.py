@@ -427,4 +427,4 @@ async def test_http2_from_the_sandbox_is_checked_per_stream(egress: Egress, inte
     assert internet.hits[API] == 1
     got = [(r.path, r.status, r.allowed) for r in egress.records if r.method in ("GET", "POST")]
     assert ("/echo", 200, True) in got and ("/hello", 403, False) in got
-    assert [r for r in egress.records if r.path == "/echo"][0].bytes_out == upload.stat().st_size
+    assert next(r for r in egress.records if r.path == "/echo").bytes_out == upload.stat().st_size
