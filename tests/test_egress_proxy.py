@@ -428,3 +428,32 @@ async def test_http2_from_the_sandbox_is_checked_per_stream(egress: Egress, inte
     got = [(r.path, r.status, r.allowed) for r in egress.records if r.method in ("GET", "POST")]
     assert ("/echo", 200, True) in got and ("/hello", 403, False) in got
     assert next(r for r in egress.records if r.path == "/echo").bytes_out == upload.stat().st_size
+
+
+async def test_git_clone_and_pip_install_through_the_egress(egress: Egress, internet: TestInternet,
+                                                            tmp_path: Path) -> None:
+    commit = internet.add_git_repo("tool", {"README": "a repository in the test internet\n"})
+    internet.add_package("silo-test-pkg", "1.0", "ANSWER = 42\n")
+    egress.open("s1", [WWW])
+    relay, port = await egress.relay("s1")
+    proxy = f"http://127.0.0.1:{port}"
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    async with relay:
+        git = await asyncio.create_subprocess_exec(
+            "git", "-c", f"http.proxy={proxy}", "-c", f"http.sslCAInfo={egress.ca_file}", "clone", "-q",
+            f"https://{WWW}/static/git/tool.git", str(tmp_path / "tool"),
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await git.communicate()
+        assert git.returncode == 0, err.decode()
+        pip = await asyncio.create_subprocess_exec(
+            "/usr/bin/python3", "-m", "pip", "install", "-q", "--no-cache-dir", "--disable-pip-version-check",
+            "--target", str(tmp_path / "site"), "--index-url", f"https://{WWW}/simple/",
+            "--cert", str(egress.ca_file), "--proxy", proxy, "silo-test-pkg",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await pip.communicate()
+        assert pip.returncode == 0, err.decode()
+    assert (tmp_path / "tool" / "README").read_text() == "a repository in the test internet\n"
+    head = await asyncio.create_subprocess_exec("git", "-C", str(tmp_path / "tool"), "rev-parse", "HEAD",
+                                                stdout=asyncio.subprocess.PIPE)
+    assert (await head.communicate())[0].decode().strip() == commit
+    assert (tmp_path / "site" / "silo_test_pkg.py").read_text() == "ANSWER = 42\n"

@@ -154,6 +154,57 @@ class TestInternet:
         with contextlib.suppress(OSError):
             self.ca_file.unlink()
 
+    def add_git_repo(self, name: str, files: dict[str, str]) -> str:
+        """A git repository served over dumb HTTP at ``/static/git/<name>.git``; returns its commit."""
+        work = self.static / "git-work" / name
+        bare = self.static / "git" / f"{name}.git"
+        work.mkdir(parents=True)
+        for path, text in files.items():
+            (work / path).parent.mkdir(parents=True, exist_ok=True)
+            (work / path).write_text(text)
+        env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@example", "HOME": str(work), "PATH": os.environ.get("PATH", "")}
+
+        def git(*args: str, cwd: Path = work) -> str:
+            return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True,
+                                  text=True, timeout=30).stdout.strip()
+
+        git("init", "-q", "-b", "main")
+        git("add", "-A")
+        git("commit", "-qm", "test repository")
+        git("clone", "-q", "--bare", str(work), str(bare), cwd=self.static)
+        git("update-server-info", cwd=bare)
+        return git("rev-parse", "HEAD")
+
+    def add_package(self, name: str, version: str, module_text: str) -> None:
+        """A pure-Python wheel in a PEP 503 index at ``/simple/<name>/``."""
+        import base64
+        import zipfile
+
+        dist = f"{name.replace('-', '_')}-{version}"
+        wheel_name = f"{dist}-py3-none-any.whl"
+        folder = self.static / "simple" / name
+        folder.mkdir(parents=True)
+        files = {
+            f"{name.replace('-', '_')}.py": module_text.encode(),
+            f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+            f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: silo-test\nRoot-Is-Purelib: true\n"
+                                       b"Tag: py3-none-any\n",
+        }
+        record = []
+        for path, data in files.items():
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{path},sha256={digest},{len(data)}")
+        record.append(f"{dist}.dist-info/RECORD,,")
+        files[f"{dist}.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
+        with zipfile.ZipFile(folder / wheel_name, "w") as whl:
+            for path, data in files.items():
+                whl.writestr(path, data)
+        sha = hashlib.sha256((folder / wheel_name).read_bytes()).hexdigest()
+        (folder / "index.html").write_text(
+            f'<!DOCTYPE html><html><body><a href="/static/simple/{name}/{wheel_name}#sha256={sha}">'
+            f"{wheel_name}</a></body></html>\n")
+
     def _make_namespace(self) -> None:
         host_if, ns_if = f"dih{self.token}", f"din{self.token}"
 
@@ -273,6 +324,15 @@ class TestInternet:
         app.router.add_get("/bytes", some_bytes)
         app.router.add_post("/echo", echo)
         app.router.add_get("/ws", ws)
+        async def simple(request: web.Request) -> web.StreamResponse:
+            self.hits[site.name] += 1
+            project = request.match_info["project"]
+            page = self.static / "simple" / project / "index.html"
+            if "/" in project or not page.is_file():
+                raise web.HTTPNotFound()
+            return web.FileResponse(page)
+
+        app.router.add_get("/simple/{project}/", simple)
         app.router.add_static("/static/", self.static, show_index=False)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
