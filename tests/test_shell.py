@@ -19,7 +19,7 @@ import pexpect
 import pytest
 from devsilo.cli._client import GatewayClient
 from devsilo.cli._sessions import local_gateway
-from devsilo.protocol import SHELL_CHUNK
+from devsilo.protocol import SHELL_CHUNK, Signer, ToolCall, subjects
 from devsilo.protocol.client import (
     ErrorFrame,
     ShellExitFrame,
@@ -28,6 +28,7 @@ from devsilo.protocol.client import (
     ShellOpenFrame,
     ShellOutputFrame,
 )
+from devsilo.runtime._natsconn import connect_nats
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
 
@@ -345,6 +346,35 @@ def test_input_only_reaches_a_shell_from_the_connection_that_opened_it(stack: St
     asyncio.run(scenario())
 
 
+def test_the_harness_cannot_run_tools_in_a_users_shell_sandbox(stack: Stack, locked: Path) -> None:
+    async def scenario() -> None:
+        client = await _connect(stack)
+        state = StateDir(stack.state_dir)
+        nc = await connect_nats(state, "harness", f"tls://127.0.0.1:{stack.nats_port}")
+        try:
+            await client.send(ShellOpenFrame(workspace=str(locked), command="cat", tty=False))
+            opened = await _next(client, ShellOpenedFrame)
+            assert isinstance(opened, ShellOpenedFrame), opened
+            shid = opened.shell_id
+            subject = subjects.exec_tool(opened.executor_id, shid)
+            wire, _ = Signer(state.identity("harness")).seal(
+                ToolCall(call_id="c1", name="Bash", input={"command": "echo pwned > pwned.txt"}), subject, sid=shid)
+            reply = await nc.request(subject, wire, timeout=WAIT)
+            doc = json.loads(reply.data[64:])
+            assert doc["type"] == "error"
+            assert doc["body"]["message"] == f"{shid} is a user's shell on executor {opened.executor_id}, not a session"
+            await client.send(ShellInputFrame(shell_id=shid, data=base64.b64encode(b"ls\n").decode(), eof=True))
+            exit_frame = await _next(client, ShellExitFrame)
+            assert isinstance(exit_frame, ShellExitFrame) and exit_frame.exit_code == 0
+        finally:
+            await nc.close()
+            await client.close()
+
+    asyncio.run(scenario())
+    r = silo(stack, "shell", "--workspace", str(locked), "--", "ls")
+    assert "pwned" not in r.stdout
+
+
 def test_an_oversized_input_frame_is_refused_with_a_clear_error(stack: Stack, locked: Path) -> None:
     async def scenario() -> None:
         client = await _connect(stack)
@@ -369,3 +399,22 @@ def test_an_oversized_input_frame_is_refused_with_a_clear_error(stack: Stack, lo
             await client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_shell_whose_executor_dies_ends_with_a_clear_error(tmp_path: Path) -> None:
+    own = Stack(tmp_path / "state")
+    own.start()
+    try:
+        ws = tmp_path / "doomed"
+        ws.mkdir()
+        assert silo(own, "workspace", "lock", str(ws)).returncode == 0
+        child = spawn_shell(own, "--workspace", str(ws))
+        child.sendline("echo alive-$((8*8))")
+        child.expect(r"alive-64\r\n")
+        pid = own.live_pid("executor")
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        child.expect(r"executor executor stopped or restarted; the shell ended with its sandbox")
+        assert finish(child) == 1
+    finally:
+        own.stop()

@@ -443,6 +443,9 @@ async def serve(ctx: ServiceContext) -> None:
         session = sessions[shid]
         output: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
         try:
+            if not hasattr(session.sandbox.helper, "start_shell"):
+                raise SandboxError(f"the {session.backend} sandbox runs no shells (it executes nothing); "
+                                   "pick a real backend with --sandbox")
             handle = await session.sandbox.helper.start_shell(
                 req.command, tty=req.tty, rows=req.rows, cols=req.cols, env={"TERM": req.term},
                 on_output=lambda stream, data: output.put_nowait((stream, data)))
