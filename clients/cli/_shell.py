@@ -140,10 +140,9 @@ class ShellSession:
                 data = base64.b64decode(frame.data)
                 _write_all(self.stderr if frame.stream == "stderr" else self.stdout, data)
             elif isinstance(frame, ShellExitFrame) and frame.shell_id == self.shell_id:
-                if frame.exit_code is None:
+                if frame.exit_code is None or frame.message:
                     _write_all(self.stderr, f"\r\nsilo shell: {frame.message or 'the shell ended'}\r\n".encode())
-                    return EXIT_RUNTIME
-                return int(frame.exit_code)
+                return EXIT_RUNTIME if frame.exit_code is None else int(frame.exit_code)
             elif isinstance(frame, ErrorFrame):
                 _write_all(self.stderr, f"\r\nsilo shell: {frame.code}: {frame.message}\r\n".encode())
 

@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import json
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,8 +72,10 @@ __all__ = [
 
 OutputCallback = Callable[[str, str], None]
 """Called as ``callback(stream, text)`` with ``stream`` "stdout" or "stderr"."""
-ShellOutputCallback = Callable[[str, bytes], None]
-"""Called as ``callback(stream, data)`` with ``stream`` "pty", "stdout" or "stderr"."""
+ShellOutputCallback = Callable[[str, bytes], Awaitable[None] | None]
+"""Called as ``callback(stream, data)`` with ``stream`` "pty", "stdout" or "stderr". When it
+returns an awaitable, nothing more is read from the helper until it is done: output then
+waits in the sandbox (the helper stops reading the terminal) instead of piling up here."""
 
 # How long past its own timeout an exec may take before the executor stops
 # waiting: the helper kills the command at its timeout, so silence beyond
@@ -351,6 +353,7 @@ class HelperClient:
         self._reader_task: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         self._failure: SandboxError | None = None
+        self._backpressure: Awaitable[None] | None = None
 
     async def start(self) -> None:
         """Open the connection and start reading responses."""
@@ -773,6 +776,13 @@ class HelperClient:
                 if line is LineReader.OVERSIZED:
                     raise _Garbage(f"a line longer than {MAX_RESPONSE_LINE} bytes")
                 self._dispatch(line)
+                if self._backpressure is not None:
+                    waiting, self._backpressure = self._backpressure, None
+                    try:
+                        await waiting
+                    except Exception as exc:  # noqa: BLE001 -- reported as the connection's end
+                        self._fail(self._lost(f"the shell output consumer failed: {exc!r}"))
+                        return
         except _Garbage as exc:
             self._fail(self._lost(f"the helper broke the protocol: {exc}"))
         except (ConnectionError, OSError) as exc:
@@ -857,11 +867,14 @@ class HelperClient:
         if callback is None:
             return  # the caller is gone
         try:
-            callback(str(stream), raw)
+            waiting = callback(str(stream), raw)
         except Exception as exc:  # noqa: BLE001 -- a caller's bug must not kill the connection
             pending.on_shell_output = None
             if not pending.future.done():
                 pending.future.set_exception(exc)
+            return
+        if waiting is not None:
+            self._backpressure = waiting
 
     def _field(self, obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
         """``obj[key]`` if it has type ``kind``; otherwise the helper is broken."""

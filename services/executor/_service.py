@@ -11,11 +11,10 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from devsilo.protocol import (
     SANDBOX_TOOLS,
-    SHELL_CHUNK,
     AccessReport,
     Ack,
     CloseSession,
@@ -55,6 +54,7 @@ from ._helper_client import ShellHandle
 from ._relay import SessionRelay
 from ._risk import check_workspace
 from ._sandbox import Sandbox, prepare_workspace_ownership
+from ._shell_stream import ShellStream
 from ._spec import WORKSPACE, SandboxSpec
 from ._tools import run_tool
 from ._warm import WarmPool
@@ -441,17 +441,21 @@ async def serve(ctx: ServiceContext) -> None:
         lease = await admit(env, req.grant, "shell")
         shid = lease.session_id
         session = sessions[shid]
-        output: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+
+        async def publish(body: ShellOutput) -> None:
+            await bus.publish(subjects.shell_output(shid), body, sid=shid)
+
+        output = ShellStream(publish)
         try:
             if not hasattr(session.sandbox.helper, "start_shell"):
                 raise SandboxError(f"the {session.backend} sandbox runs no shells (it executes nothing); "
                                    "pick a real backend with --sandbox")
             handle = await session.sandbox.helper.start_shell(
                 req.command, tty=req.tty, rows=req.rows, cols=req.cols, env={"TERM": req.term},
-                on_output=lambda stream, data: output.put_nowait((stream, data)))
+                on_output=output.put)
             opener = env.header.sender
             sub = await bus.subscribe(subjects.shell_input(shid),
-                                      lambda e, m: on_shell_input(e, shid, opener, handle))
+                                      lambda e, m: on_shell_input(e, shid, opener, handle, output))
         except BaseException:
             await close_session(shid, "shell failed to start")
             raise
@@ -460,7 +464,8 @@ async def serve(ctx: ServiceContext) -> None:
                      command=req.command is not None)
         return ShellOpened(shell_id=shid, executor_id=eid, access=lease.access)
 
-    async def on_shell_input(env: Envelope, shid: str, opener: str, handle: ShellHandle) -> None:
+    async def on_shell_input(env: Envelope, shid: str, opener: str, handle: ShellHandle,
+                             output: ShellStream) -> None:
         inp = env.expect(ShellInput)
         if env.header.sid != shid or env.header.sender != opener:
             raise GrantError(f"input for shell {shid} from {env.header.sender}, which did not open it")
@@ -476,32 +481,26 @@ async def serve(ctx: ServiceContext) -> None:
             await handle.resize(inp.rows, inp.cols)
         elif inp.kind == "signal" and inp.signal is not None:
             await handle.signal(inp.signal)
+        elif inp.kind == "ack":
+            output.ack(inp.seq)
         elif inp.kind == "close":
             # Not awaited here: ending the shell unsubscribes this very handler.
             own(close_session(shid, "closed by the user"))
 
-    async def run_shell(shid: str, session: ExecSession, handle: ShellHandle,
-                        output: asyncio.Queue[tuple[str, bytes] | None], sub: Any) -> None:
+    async def run_shell(shid: str, session: ExecSession, handle: ShellHandle, output: ShellStream,
+                        sub: Any) -> None:
         """Forward a shell's output in order, then its exit; its sandbox closes after it."""
-        seq = 0
-
-        async def pump() -> None:
-            nonlocal seq
-            while (item := await output.get()) is not None:
-                stream, data = item
-                for i in range(0, len(data), SHELL_CHUNK):
-                    chunk = base64.b64encode(data[i:i + SHELL_CHUNK]).decode("ascii")
-                    await bus.publish(subjects.shell_output(shid),
-                                      ShellOutput(seq=seq, stream=cast(Any, stream), data=chunk), sid=shid)
-                    seq += 1
-
-        pumping = asyncio.create_task(pump())
+        pumping = asyncio.create_task(output.run())
+        ended = asyncio.ensure_future(handle.result())
         code: int | None = None
         signum: int | None = None
         message = ""
         try:
+            await asyncio.wait({pumping, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if pumping.done() and not ended.done():  # stalled: nobody reads this shell any more
+                await close_session(shid, str(pumping.exception()))
             try:
-                result = await handle.result()
+                result = await ended
                 code, signum = result.exit_code, result.signal
             except SiloError as exc:
                 why = shell_closed_why.get(shid)
@@ -509,11 +508,19 @@ async def serve(ctx: ServiceContext) -> None:
                     message = f"the shell's sandbox was closed on executor {eid}: {why}"
                 else:
                     message = f"the shell failed: {exc}"
-            output.put_nowait(None)
-            await pumping
+            if shell_closed_why.get(shid) is None:  # its output is all queued: send the rest
+                finishing = asyncio.ensure_future(output.finish())  # waits while the queue is full
+                try:
+                    await pumping
+                except SiloError as exc:
+                    message = message or f"the shell's output could not be delivered: {exc}"
+                finally:
+                    finishing.cancel()
             await bus.publish(subjects.shell_output(shid),
-                              ShellExit(seq=seq, exit_code=code, signal=signum, message=message), sid=shid)
+                              ShellExit(seq=output.seq, exit_code=code, signal=signum, message=message),
+                              sid=shid)
         finally:
+            ended.cancel()
             pumping.cancel()
             await sub.unsubscribe()
             await close_session(shid, "shell ended")

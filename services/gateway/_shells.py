@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from devsilo.protocol import (
+    SHELL_ACK_EVERY,
     Envelope,
     GrantError,
     Role,
@@ -92,6 +93,8 @@ class ShellRecord:
     opened: asyncio.Event = field(default_factory=asyncio.Event)
     failed: bool = False
     next_seq: int = 0
+    acked: int = 0
+    lost: int = 0
     sub: Any = None
     instance: str | None = None
     """The executor's instance when the shell opened; another one means the shell died with it."""
@@ -189,12 +192,19 @@ class ShellBroker:
         if isinstance(body, ShellOutput):
             if body.seq != rec.next_seq:
                 self.ctx.log.error("shell_output_gap", shell=rec.shell_id, expected=rec.next_seq, got=body.seq)
+                rec.lost += max(0, body.seq - rec.next_seq)
             rec.next_seq = body.seq + 1
             await rec.client.send(ShellOutputFrame(shell_id=rec.shell_id, stream=body.stream, data=body.data))
+            # Delivered (the socket took it): the executor may send further ahead.
+            if rec.next_seq - rec.acked >= SHELL_ACK_EVERY:
+                rec.acked = rec.next_seq
+                await self.bus.publish(subjects.shell_input(rec.shell_id), ShellInput(kind="ack", seq=rec.acked),
+                                       sid=rec.shell_id)
         elif isinstance(body, ShellExit):
             message = body.message
-            if body.seq != rec.next_seq and not message:
-                message = f"{body.seq - rec.next_seq} chunk(s) of output were lost on the way"
+            rec.lost += max(0, body.seq - rec.next_seq)
+            if rec.lost:
+                message = (f"{message}; " if message else "") + f"{rec.lost} chunk(s) of output were lost on the way"
             await rec.client.send(ShellExitFrame(shell_id=rec.shell_id, exit_code=body.exit_code,
                                                  signal=body.signal, message=message))
             self._drop(rec)

@@ -304,6 +304,11 @@ SHELL_CHUNK = 16 * 1024
 """Most bytes of shell input or output one message carries (base64 in JSON)."""
 SHELL_DATA_MAX = 4 * ((SHELL_CHUNK + 2) // 3)
 """Longest base64 text of one chunk."""
+SHELL_WINDOW = 64
+"""Output chunks an executor sends ahead of the gateway's ``ack``: a slow client slows the
+shell's process (its writes block) instead of filling memory on the way."""
+SHELL_ACK_EVERY = 16
+"""The gateway acknowledges output every this many chunks delivered."""
 SHELL_SIGNALS = ("INT", "TERM", "HUP", "QUIT", "KILL", "TSTP", "CONT", "USR1", "USR2", "WINCH")
 """Signals a user may send to their shell's foreground process group."""
 ShellSignalName = Literal["INT", "TERM", "HUP", "QUIT", "KILL", "TSTP", "CONT", "USR1", "USR2", "WINCH"]
@@ -339,15 +344,17 @@ class ShellOpened(Message):
 
 
 class ShellInput(Message):
-    """The user's input to a shell, in order: bytes, end of input, window size, a signal, or close."""
+    """The user's input to a shell, in order: bytes, end of input, window size, a signal, or close;
+    or ``ack``: the gateway delivered output chunks up to (not including) ``seq`` to its client."""
 
     TYPE = "shell_input"
     SUBJECTS = ("silo.shell.*.input",)
-    kind: Literal["data", "eof", "resize", "signal", "close"]
+    kind: Literal["data", "eof", "resize", "signal", "close", "ack"]
     data: str = Field(default="", max_length=SHELL_DATA_MAX, description="base64, for data")
     rows: int = Field(default=0, ge=0, le=1000)
     cols: int = Field(default=0, ge=0, le=1000)
     signal: ShellSignalName | None = None
+    seq: int = Field(default=0, ge=0)
 
 
 class ShellOutput(Message):
