@@ -97,7 +97,8 @@ def test_the_remote_terminal_follows_the_local_window_size(stack: Stack, locked:
 
 def test_ctrl_c_interrupts_the_running_command_not_the_shell(stack: Stack, locked: Path) -> None:
     child = spawn_shell(stack, "--workspace", str(locked))
-    child.sendline("echo start-$((1+1)); sleep 1000")
+    # The marker comes from the job itself, so it already holds the terminal when ^C comes.
+    child.sendline("sh -c 'echo start-$((1+1)); exec sleep 1000'")
     child.expect(r"start-2\r\n")
     child.sendcontrol("c")
     child.sendline("echo status=$?")
@@ -344,6 +345,56 @@ def test_input_only_reaches_a_shell_from_the_connection_that_opened_it(stack: St
             await other.close()
 
     asyncio.run(scenario())
+
+
+PRODUCER = """python3 -c '
+import sys
+block = b"x" * (1 << 20)
+for i in range(64):
+    sys.stdout.buffer.write(block)
+    sys.stdout.buffer.flush()
+    with open("progress", "w") as f:
+        f.write(str(i + 1))
+'"""
+
+
+def test_a_client_that_stops_reading_holds_the_shell_back_and_then_gets_everything(
+        stack: Stack, locked: Path) -> None:
+    def progress() -> int:
+        r = silo(stack, "shell", "--workspace", str(locked), "--", "cat progress 2>/dev/null || echo 0")
+        return int(r.stdout)
+
+    async def scenario() -> None:
+        client = await _connect(stack)
+        try:
+            await client.send(ShellOpenFrame(workspace=str(locked), command=PRODUCER, tty=False))
+            opened = await _next(client, ShellOpenedFrame)
+            assert isinstance(opened, ShellOpenedFrame), opened
+            first = await _next(client, ShellOutputFrame)
+            assert isinstance(first, ShellOutputFrame)
+            received = len(base64.b64decode(first.data))
+            # We read nothing now. Wait for the producer to stop getting further (each look
+            # is a shell of its own); without flow control it would write all 64 MiB.
+            seen = [await asyncio.to_thread(progress)]
+            while len(seen) < 3 or seen[-1] != seen[-2]:
+                assert len(seen) < 120, seen
+                await asyncio.sleep(0.5)
+                seen.append(await asyncio.to_thread(progress))
+            assert seen[-1] < 32, seen
+            while True:
+                frame = await _next(client, (ShellOutputFrame, ShellExitFrame))
+                if isinstance(frame, ShellOutputFrame):
+                    received += len(base64.b64decode(frame.data))
+                else:
+                    assert isinstance(frame, ShellExitFrame)
+                    assert (frame.exit_code, frame.message) == (0, "")
+                    break
+            assert received == 64 << 20
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+    assert progress() == 64
 
 
 def test_the_harness_cannot_run_tools_in_a_users_shell_sandbox(stack: Stack, locked: Path) -> None:
