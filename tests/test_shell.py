@@ -115,6 +115,24 @@ def test_the_exit_code_of_the_remote_shell_is_silo_shells(stack: Stack, locked: 
     assert finish(child) == 7
 
 
+def _gvisor_missing() -> str | None:
+    from devsilo.executor._gvisor import probe
+
+    return probe() if os.geteuid() == 0 else "the gvisor backend needs root"
+
+
+@pytest.mark.skipif(_gvisor_missing() is not None, reason=f"gvisor unavailable: {_gvisor_missing()}")
+def test_sandbox_gvisor_overrides_the_backend_for_a_terminal_and_a_command(stack: Stack, locked: Path) -> None:
+    child = spawn_shell(stack, "--workspace", str(locked), "--sandbox", "gvisor", rows=33, cols=99)
+    child.expect(r"note: --sandbox gvisor differs from the workspace's defaults \(bwrap\)")
+    child.sendline("stty size; cat README")
+    child.expect(r"\r33 99\r\nthe locked readme\r\n")
+    child.sendline("exit 3")
+    assert finish(child) == 3
+    r = silo(stack, "shell", "--workspace", str(locked), "--sandbox", "gvisor", "--", "cat README; exit 4")
+    assert (r.returncode, r.stdout) == (4, "the locked readme\n")
+
+
 def test_a_command_runs_without_a_terminal_stdout_stderr_and_exit_code_pass_through(
         stack: Stack, locked: Path) -> None:
     r = silo(stack, "shell", "--workspace", str(locked), "--", "cat README; echo oops >&2; test -t 0; exit 5")
