@@ -86,7 +86,8 @@ class ShellSession:
         self._hung_up: asyncio.Future[int] | None = None
 
     async def open(self, req: ShellOpenFrame) -> ShellOpenedFrame:
-        """Ask for the shell; print the gateway's notes on its policy; return its description."""
+        """Ask for the shell; print the gateway's notes on its policy (and, for a terminal, the
+        sandbox's warnings: a command's stderr stays its own); return its description."""
         await self.client.send(req)
         while True:
             frame = await self.client.receive()
@@ -96,7 +97,7 @@ class ShellSession:
                 self.shell_id = frame.shell_id
                 for note in frame.notes:
                     _write_all(self.stderr, f"note: {note}\n".encode())
-                for warning in frame.access.get("warnings") or ():
+                for warning in (frame.access.get("warnings") or ()) if req.tty else ():
                     _write_all(self.stderr, f"warning: {warning}\n".encode())
                 return frame
 

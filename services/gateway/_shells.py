@@ -13,6 +13,7 @@ closed when that connection goes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -174,6 +175,9 @@ class ShellBroker:
             rec.failed = True
             rec.opened.set()
             self._drop(rec)
+            # The executor may have started it all the same (e.g. its answer came too late).
+            with contextlib.suppress(Exception):
+                await self.bus.publish(subjects.shell_input(shid), ShellInput(kind="close"), sid=shid)
             raise
         self.ctx.log.info("shell_opened", shell=shid, executor=eid, workspace=workspace, policy=base.source)
         await client.send(ShellOpenedFrame(shell_id=shid, executor_id=eid,
