@@ -12,14 +12,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
 from devsilo.cli._client import GatewayClient
 from devsilo.cli._sessions import local_gateway
-from devsilo.protocol import SHELL_CHUNK, Signer, ToolCall, subjects
+from devsilo.executor._shell_stream import ShellStalled, ShellStream
+from devsilo.protocol import SHELL_CHUNK, ShellOutput, Signer, ToolCall, subjects
 from devsilo.protocol.client import (
     ErrorFrame,
     ShellExitFrame,
@@ -487,3 +488,46 @@ def test_a_shell_whose_executor_dies_ends_with_a_clear_error(tmp_path: Path) -> 
         assert finish(child) == 1
     finally:
         own.stop()
+
+
+# -- the executor's output stream, without NATS ------------------------------------------
+
+
+async def test_the_output_stream_stays_within_its_window_until_acknowledged() -> None:
+    sent: list[ShellOutput] = []
+    stream = ShellStream(_collect(sent), window=4)
+    running = asyncio.create_task(stream.run())
+    await stream.put("pty", b"a" * (SHELL_CHUNK * 6 + 5))  # seven chunks
+    while len(sent) < 4:
+        await asyncio.sleep(0)
+    for _ in range(20):  # it may not run ahead however often it gets the chance
+        await asyncio.sleep(0)
+    assert [m.seq for m in sent] == [0, 1, 2, 3]
+    stream.ack(99)  # more than was sent: ignored
+    stream.ack(2)
+    while len(sent) < 6:
+        await asyncio.sleep(0)
+    assert [m.seq for m in sent] == [0, 1, 2, 3, 4, 5]
+    stream.ack(6)
+    await stream.finish()
+    await running
+    data = b"".join(base64.b64decode(m.data) for m in sent)
+    assert data == b"a" * (SHELL_CHUNK * 6 + 5) and stream.seq == 7
+    assert {m.stream for m in sent} == {"pty"}
+
+
+async def test_the_output_stream_gives_up_when_nothing_is_acknowledged() -> None:
+    sent: list[ShellOutput] = []
+    stream = ShellStream(_collect(sent), window=2, ack_timeout=0.01)
+    running = asyncio.create_task(stream.run())
+    await stream.put("stdout", b"x" * (SHELL_CHUNK * 3))
+    with pytest.raises(ShellStalled, match="stopped reading"):
+        await running
+    assert len(sent) == 2
+
+
+def _collect(sent: list[ShellOutput]) -> Callable[[ShellOutput], Awaitable[None]]:
+    async def publish(body: ShellOutput) -> None:
+        sent.append(body)
+
+    return publish
