@@ -14,7 +14,7 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.egress.any.session         executor -> egress    same, any egress (queue group)
     silo.journal.<sid>              harness  -> stream    JournalRecord (JetStream JOURNAL)
     silo.exec.<eid>.shell           gateway  -> executor  ShellOpen (request)
-    silo.shell.<shid>.input         gateway  -> executor  ShellInput (a shell's keystrokes, size, signals)
+    silo.shell.<shid>.input         gateway  -> executor  ShellInput (keystrokes, size, signals, output acks)
     silo.shell.<shid>.output        executor -> gateway   ShellOutput, then one ShellExit
     _INBOX.>                        any role              replies, correlated by ``reply_to``
 
