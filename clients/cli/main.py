@@ -189,6 +189,31 @@ def cmd_workspace(args: argparse.Namespace) -> int:
     return asyncio.run(workspace_command(target, cmd, sys.stdout, as_json=args.json))
 
 
+def cmd_shell(args: argparse.Namespace) -> int:
+    """A shell (or one command) in a sandbox on a locked workspace or a session's workspace."""
+    from devsilo.protocol.client import ShellOpenFrame
+
+    from ._sessions import local_gateway
+    from ._shell import run_shell, wants_tty
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if args.session and args.workspace:
+        print("error: give --workspace PATH or --session ID, not both", file=sys.stderr)
+        return EXIT_USAGE
+    workspace = None if args.session else str(Path(args.workspace or ".").resolve())
+    req = ShellOpenFrame(
+        workspace=workspace, session_id=args.session,
+        # Like ssh: the words are joined and the sandbox's shell parses them.
+        command=" ".join(command) if command else None, tty=wants_tty(command),
+        sandbox=args.sandbox, allow_read=tuple(args.allow_read) if args.allow_read is not None else None,
+        allow_domains=tuple(args.allow_domain) if args.allow_domain is not None else None,
+    )
+    target = local_gateway(_state(args), args.gateway)
+    return asyncio.run(run_shell(target, req))
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Preflight: sandbox backends, namespaces, cgroups, clock, state directory, NATS."""
     import json as _json
@@ -300,6 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--gateway")
     s.set_defaults(func=cmd_workspace)
+
+    s = sub.add_parser("shell", parents=[common],
+                       help="a shell in a sandbox on a locked workspace (or a session's); `-- CMD` runs one command")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--workspace", help="a locked workspace (default: the current directory)")
+    where.add_argument("--session", help="the workspace of this running session, with its policy")
+    s.add_argument("--sandbox", choices=["bwrap", "gvisor", "docker", "microvm", "mock", "auto"],
+                   help="override the policy's sandbox backend")
+    s.add_argument("--allow-read", action="append", default=None,
+                   help="override the policy's read allow-list (repeat for several paths)")
+    s.add_argument("--allow-domain", action="append", default=None,
+                   help="override the policy's allowed domains (repeat for several)")
+    s.add_argument("--gateway", help="gateway URL (default: the local stack's)")
+    s.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD: run one command instead of a shell")
+    s.set_defaults(func=cmd_shell)
 
     s = sub.add_parser("doctor", parents=[common], help="what works on this host, and why not")
     s.add_argument("--json", action="store_true")

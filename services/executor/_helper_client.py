@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import json
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,8 @@ from .helper.helper import (
     MAX_TIMEOUT_MS,
     OUTPUT_CAP,
     READ_MAX,
+    SHELL_CHUNK,
+    SHELL_SIGNALS,
     LineReader,
 )
 
@@ -63,10 +65,17 @@ __all__ = [
     "HelperRequestError",
     "OutputCallback",
     "ReadResult",
+    "ShellHandle",
+    "ShellOutputCallback",
+    "ShellResult",
 ]
 
 OutputCallback = Callable[[str, str], None]
 """Called as ``callback(stream, text)`` with ``stream`` "stdout" or "stderr"."""
+ShellOutputCallback = Callable[[str, bytes], Awaitable[None] | None]
+"""Called as ``callback(stream, data)`` with ``stream`` "pty", "stdout" or "stderr". When it
+returns an awaitable, nothing more is read from the helper until it is done: output then
+waits in the sandbox (the helper stops reading the terminal) instead of piling up here."""
 
 # How long past its own timeout an exec may take before the executor stops
 # waiting: the helper kills the command at its timeout, so silence beyond
@@ -137,6 +146,14 @@ class ExecResult:
     def truncated(self) -> bool:
         """True when either stream went over its cap."""
         return self.stdout_truncated or self.stderr_truncated
+
+
+@dataclass(frozen=True)
+class ShellResult:
+    """How a shell ended: ``exit_code`` as the shell reports it (128 + N after signal N)."""
+
+    exit_code: int
+    signal: int | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +273,7 @@ class _Pending:
     op: str
     future: asyncio.Future[dict[str, Any]]
     on_output: OutputCallback | None = None
+    on_shell_output: ShellOutputCallback | None = None
     # Set when the caller stopped waiting; the late answer is then dropped.
     abandoned: bool = False
     # Characters streamed so far per stream: an honest helper sends at most
@@ -278,6 +296,37 @@ class ExecHandle:
     async def cancel(self) -> bool:
         """Kill the command's process group; its result then says ``cancelled``."""
         return await self._client.cancel(self.id)
+
+
+class ShellHandle:
+    """A running ``shell``: its input, window size and signals, and how it ended."""
+
+    def __init__(self, client: HelperClient, request_id: int, pending: _Pending) -> None:
+        self._client = client
+        self.id = request_id
+        self._pending = pending
+
+    async def result(self) -> ShellResult:
+        """Wait for the shell to exit (no timeout: SandboxError when the sandbox goes)."""
+        r = await asyncio.shield(self._pending.future)
+        code = self._client._field(r, "exit_code", int)
+        sig = None if r.get("signal") is None else self._client._field(r, "signal", int)
+        return ShellResult(exit_code=code, signal=sig)
+
+    async def send_input(self, data: bytes, *, eof: bool = False) -> None:
+        """Queue ``data`` for the shell's input (the helper writes inputs in the order sent)."""
+        params = {"target": self.id, "data": base64.b64encode(data).decode("ascii"), "eof": eof}
+        await self._client._send_unawaited("shell_input", params)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the shell's terminal size."""
+        await self._client._send_unawaited("shell_resize", {"target": self.id, "rows": rows, "cols": cols})
+
+    async def signal(self, name: str) -> None:
+        """Send signal ``name`` (INT, TERM, HUP, …) to the shell's foreground process group."""
+        if name not in SHELL_SIGNALS:
+            raise ValueError(f"signal must be one of {', '.join(SHELL_SIGNALS)}, not {name!r}")
+        await self._client._send_unawaited("shell_signal", {"target": self.id, "signal": name})
 
 
 class HelperClient:
@@ -304,6 +353,7 @@ class HelperClient:
         self._reader_task: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         self._failure: SandboxError | None = None
+        self._backpressure: Awaitable[None] | None = None
 
     async def start(self) -> None:
         """Open the connection and start reading responses."""
@@ -391,6 +441,36 @@ class HelperClient:
                 self._abandon(handle.id)
                 await asyncio.shield(self._fire_and_forget_cancel(handle.id))
             raise
+
+    async def start_shell(
+        self,
+        command: str | None,
+        *,
+        tty: bool,
+        rows: int = 24,
+        cols: int = 80,
+        env: Mapping[str, str] | None = None,
+        on_output: ShellOutputCallback,
+    ) -> ShellHandle:
+        """Start a user's shell (``command`` None) or ``sh -c command`` in the workspace.
+
+        ``tty``: on a pseudo-terminal of ``rows`` x ``cols``, output as
+        ``pty``; else on pipes, output as ``stdout`` and ``stderr``.
+        ``on_output`` gets every chunk in order, before the result.
+        """
+        params: dict[str, Any] = {"command": command, "tty": tty, "rows": rows, "cols": cols}
+        if env:
+            params["env"] = dict(env)
+        request_id, pending = await self._send("shell", params, None)
+        pending.on_shell_output = on_output
+        return ShellHandle(self, request_id, pending)
+
+    async def _send_unawaited(self, op: str, params: dict[str, Any]) -> None:
+        """Send a request in order without waiting for its answer: input to a shell that just
+        ended has nowhere to go, and waiting would hold up the input behind it."""
+        request_id, pending = await self._send(op, params, None)
+        pending.future.add_done_callback(_ignore_result)
+        self._abandon(request_id)
 
     async def cancel(self, request_id: int) -> bool:
         """Cancel a running exec by id; False when the helper no longer runs it."""
@@ -696,6 +776,13 @@ class HelperClient:
                 if line is LineReader.OVERSIZED:
                     raise _Garbage(f"a line longer than {MAX_RESPONSE_LINE} bytes")
                 self._dispatch(line)
+                if self._backpressure is not None:
+                    waiting, self._backpressure = self._backpressure, None
+                    try:
+                        await waiting
+                    except Exception as exc:  # noqa: BLE001 -- reported as the connection's end
+                        self._fail(self._lost(f"the shell output consumer failed: {exc!r}"))
+                        return
         except _Garbage as exc:
             self._fail(self._lost(f"the helper broke the protocol: {exc}"))
         except (ConnectionError, OSError) as exc:
@@ -738,6 +825,9 @@ class HelperClient:
             pending.future.set_result(outcome)
 
     def _on_chunk(self, request_id: int, pending: _Pending, msg: dict[str, Any]) -> None:
+        if pending.op == "shell":
+            self._on_shell_chunk(request_id, pending, msg)
+            return
         stream, data = msg.get("stream"), msg.get("data")
         if pending.op != "exec" or stream not in ("stdout", "stderr") or not isinstance(data, str):
             raise _Garbage(f"a malformed output chunk for request {request_id}")
@@ -762,6 +852,29 @@ class HelperClient:
             pending.abandoned = True
             task = asyncio.get_running_loop().create_task(self._fire_and_forget_cancel(request_id))
             task.add_done_callback(_ignore_result)
+
+    def _on_shell_chunk(self, request_id: int, pending: _Pending, msg: dict[str, Any]) -> None:
+        stream, data = msg.get("stream"), msg.get("data")
+        if stream not in ("pty", "stdout", "stderr") or not isinstance(data, str):
+            raise _Garbage(f"a malformed shell output chunk for request {request_id}")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except ValueError:
+            raise _Garbage(f"shell output for request {request_id} is not base64") from None
+        if len(raw) > SHELL_CHUNK:
+            raise _Garbage(f"a shell output chunk of {len(raw)} bytes, over {SHELL_CHUNK}")
+        callback = pending.on_shell_output
+        if callback is None:
+            return  # the caller is gone
+        try:
+            waiting = callback(str(stream), raw)
+        except Exception as exc:  # noqa: BLE001 -- a caller's bug must not kill the connection
+            pending.on_shell_output = None
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+            return
+        if waiting is not None:
+            self._backpressure = waiting
 
     def _field(self, obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
         """``obj[key]`` if it has type ``kind``; otherwise the helper is broken."""
@@ -825,6 +938,6 @@ class HelperClient:
                 p.future.exception()
 
 
-def _ignore_result(task: asyncio.Task[Any]) -> None:
+def _ignore_result(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()

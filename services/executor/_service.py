@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import secrets
@@ -34,6 +35,11 @@ from devsilo.protocol import (
     SandboxClosed,
     SandboxError,
     SessionGrant,
+    ShellExit,
+    ShellInput,
+    ShellOpen,
+    ShellOpened,
+    ShellOutput,
     SiloError,
     ToolCall,
     open_grant,
@@ -44,9 +50,11 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge, Histogram
 
 from ._backends import STRENGTH_ORDER, get_backend
+from ._helper_client import ShellHandle
 from ._relay import SessionRelay
 from ._risk import check_workspace
 from ._sandbox import Sandbox, prepare_workspace_ownership
+from ._shell_stream import ShellStream
 from ._spec import WORKSPACE, SandboxSpec
 from ._tools import run_tool
 from ._warm import WarmPool
@@ -210,7 +218,8 @@ async def serve(ctx: ServiceContext) -> None:
             executor_id=eid, instance=instance, host=socket.gethostname(), backends=tuple(backends),
             capacity=capacity, free=max(0, capacity - in_use()), users=users,
             warm={"bwrap": warm_pool.ready} if warm_pool is not None else {},
-            sessions=tuple(sorted(sessions)), locked=tuple(sorted(held_paths())), stopping=stopping,
+            sessions=tuple(sorted(sid for sid, s in sessions.items() if s.grant.purpose == "session")),
+            locked=tuple(sorted(held_paths())), stopping=stopping,
         )
 
     async def announce_now() -> None:
@@ -243,8 +252,14 @@ async def serve(ctx: ServiceContext) -> None:
         return PoolError(code, message)
 
     async def on_lease(env: Envelope, req: LeaseRequest) -> Message:
-        grant = open_grant(bus.verifier, req.grant)
+        return await admit(env, req.grant, "session")
+
+    async def admit(env: Envelope, sealed: str, purpose: str) -> LeaseGranted:
+        """Check a grant against this executor's limits and start its sandbox (a session's or a shell's)."""
+        grant = open_grant(bus.verifier, sealed)
         sid = grant.session_id
+        if grant.purpose != purpose:
+            raise GrantError(f"a {grant.purpose} grant cannot start a {purpose} (grant {grant.grant_id})")
         if env.header.sid != sid:
             raise GrantError(f"lease request signed for {env.header.sid}, grant is for {sid}")
         if grant.executor not in (None, eid):
@@ -269,17 +284,30 @@ async def serve(ctx: ServiceContext) -> None:
         if str(workspace) in held_paths() and str(workspace) not in locked_paths():
             raise GrantError(f"workspace {workspace} is half locked or unlocked; run `silo workspace "
                              "lock` or `unlock` again to finish that first")
+        if purpose == "shell":
+            workspace = shell_workspace(grant, workspace)
         workspace = locked_paths().get(str(workspace), workspace)  # a locked one: its stored files
         allow_read = tuple(check_workspace(p, state_dirs, kind="read allow-list path")
                            for p in grant.allow_read)
         starting.add(sid)
         try:
-            return await start_session(req, grant, workspace, allow_read)
+            return await start_session(LeaseRequest(grant=sealed), grant, workspace, allow_read)
         finally:
             starting.discard(sid)
 
+    def shell_workspace(grant: SessionGrant, workspace: Path) -> Path:
+        """Where a shell may work: a workspace locked here, or the live one of the user's session here."""
+        if str(workspace) in locked_paths():
+            return workspace
+        for s in sessions.values():
+            if (s.grant.purpose == "session" and s.grant.user == grant.user
+                    and Path(s.grant.workspace).resolve() == workspace):
+                return s.workspace
+        raise GrantError(f"workspace {workspace} is not locked on executor {eid} and no session of "
+                         f"{grant.user} runs on it here; lock it first (`silo workspace lock {workspace}`)")
+
     async def start_session(req: LeaseRequest, grant: SessionGrant, workspace: Path,
-                            allow_read: tuple[Path, ...]) -> Message:
+                            allow_read: tuple[Path, ...]) -> LeaseGranted:
         sid = grant.session_id
         warnings: list[str] = []
         if os.geteuid() == 0:
@@ -338,6 +366,8 @@ async def serve(ctx: ServiceContext) -> None:
         s = sessions.pop(sid, None)
         if s is None:
             return
+        if s.grant.purpose == "shell":
+            shell_closed_why[sid] = reason
         await s.sandbox.close()
         await s.relay.close()
         metrics.sandboxes.labels(backend=s.backend, state="running").dec()
@@ -352,7 +382,10 @@ async def serve(ctx: ServiceContext) -> None:
 
     def info(path: str, files: Path | None) -> WorkspaceInfo:
         st = store.state(Path(path)) or {}
-        attached = tuple(sorted(sid for sid, s in sessions.items() if s.workspace == files))
+        attached = tuple(sorted(sid for sid, s in sessions.items()
+                                if s.workspace == files and s.grant.purpose == "session"))
+        shells = tuple(sorted(sid for sid, s in sessions.items()
+                              if s.workspace == files and s.grant.purpose == "shell"))
         size = entries = 0
         if files is not None and files.is_dir():
             for f in files.rglob("*"):
@@ -361,7 +394,8 @@ async def serve(ctx: ServiceContext) -> None:
                     size += f.lstat().st_size
         return WorkspaceInfo(path=path, executor=eid, phase=str(st.get("phase", "unlocked")),
                              locked_at=st.get("locked_at"), entries=entries, size_bytes=size,
-                             sessions=attached, warnings=(ROOT_ONLY_WARNING,) if files else ())
+                             sessions=attached, shells=shells,
+                             warnings=(ROOT_ONLY_WARNING,) if files else ())
 
     async def on_workspace(req: WorkspaceRequest) -> Message:
         if req.op == "list":
@@ -393,17 +427,121 @@ async def serve(ctx: ServiceContext) -> None:
         return WorkspaceReply(workspaces=(info(str(path), None),), report_text=text,
                               report=json.loads(report.to_json()), auto_exec_changed=report.auto_exec_changed)
 
+    shell_tasks: set[asyncio.Task[None]] = set()
+    shell_closed_why: dict[str, str] = {}
+    """Why a shell's sandbox was closed from outside the shell (unlock, the user, executor stop)."""
+
+    def own(coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        shell_tasks.add(task)
+        task.add_done_callback(shell_tasks.discard)
+
+    async def on_shell_open(env: Envelope, req: ShellOpen) -> Message:
+        """Start a sandbox for a user's shell under a shell grant, then the shell in it."""
+        lease = await admit(env, req.grant, "shell")
+        shid = lease.session_id
+        session = sessions[shid]
+
+        async def publish(body: ShellOutput) -> None:
+            await bus.publish(subjects.shell_output(shid), body, sid=shid)
+
+        output = ShellStream(publish)
+        try:
+            if not hasattr(session.sandbox.helper, "start_shell"):
+                raise SandboxError(f"the {session.backend} sandbox runs no shells (it executes nothing); "
+                                   "pick a real backend with --sandbox")
+            handle = await session.sandbox.helper.start_shell(
+                req.command, tty=req.tty, rows=req.rows, cols=req.cols, env={"TERM": req.term},
+                on_output=output.put)
+            opener = env.header.sender
+            sub = await bus.subscribe(subjects.shell_input(shid),
+                                      lambda e, m: on_shell_input(e, shid, opener, handle, output))
+        except BaseException:
+            await close_session(shid, "shell failed to start")
+            raise
+        own(run_shell(shid, session, handle, output, sub))
+        ctx.log.info("shell_opened", shell=shid, user=session.grant.user, tty=req.tty,
+                     command=req.command is not None)
+        return ShellOpened(shell_id=shid, executor_id=eid, access=lease.access)
+
+    async def on_shell_input(env: Envelope, shid: str, opener: str, handle: ShellHandle,
+                             output: ShellStream) -> None:
+        inp = env.expect(ShellInput)
+        if env.header.sid != shid or env.header.sender != opener:
+            raise GrantError(f"input for shell {shid} from {env.header.sender}, which did not open it")
+        if inp.kind == "data":
+            try:
+                data = base64.b64decode(inp.data, validate=True)
+            except ValueError:
+                raise GrantError(f"input for shell {shid} is not base64") from None
+            await handle.send_input(data)
+        elif inp.kind == "eof":
+            await handle.send_input(b"", eof=True)
+        elif inp.kind == "resize" and inp.rows > 0 and inp.cols > 0:
+            await handle.resize(inp.rows, inp.cols)
+        elif inp.kind == "signal" and inp.signal is not None:
+            await handle.signal(inp.signal)
+        elif inp.kind == "ack":
+            output.ack(inp.seq)
+        elif inp.kind == "close":
+            # Not awaited here: ending the shell unsubscribes this very handler.
+            own(close_session(shid, "closed by the user"))
+
+    async def run_shell(shid: str, session: ExecSession, handle: ShellHandle, output: ShellStream,
+                        sub: Any) -> None:
+        """Forward a shell's output in order, then its exit; its sandbox closes after it."""
+        pumping = asyncio.create_task(output.run())
+        ended = asyncio.ensure_future(handle.result())
+        code: int | None = None
+        signum: int | None = None
+        message = ""
+        try:
+            await asyncio.wait({pumping, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if pumping.done() and not ended.done():  # stalled: nobody reads this shell any more
+                await close_session(shid, str(pumping.exception()))
+            try:
+                result = await ended
+                code, signum = result.exit_code, result.signal
+            except SiloError as exc:
+                why = shell_closed_why.get(shid)
+                if why is not None:
+                    message = f"the shell's sandbox was closed on executor {eid}: {why}"
+                else:
+                    message = f"the shell failed: {exc}"
+            if shell_closed_why.get(shid) is None:  # its output is all queued: send the rest
+                finishing = asyncio.ensure_future(output.finish())  # waits while the queue is full
+                try:
+                    await pumping
+                except SiloError as exc:
+                    message = message or f"the shell's output could not be delivered: {exc}"
+                finally:
+                    finishing.cancel()
+            await bus.publish(subjects.shell_output(shid),
+                              ShellExit(seq=output.seq, exit_code=code, signal=signum, message=message),
+                              sid=shid)
+        finally:
+            ended.cancel()
+            pumping.cancel()
+            await sub.unsubscribe()
+            await close_session(shid, "shell ended")
+            shell_closed_why.pop(shid, None)
+            ctx.log.info("shell_ended", shell=shid, exit_code=code, message=message)
+
     async def on_exec(env: Envelope, msg: Msg) -> Message:
         parts = msg.subject.split(".")  # silo.exec.<eid>.lease | silo.exec.<eid>.<sid>.<op>
         if len(parts) == 4 and parts[3] == "lease":
             return await on_lease(env, env.expect(LeaseRequest))
         if len(parts) == 4 and parts[3] == "workspace":
             return await on_workspace(env.expect(WorkspaceRequest))
+        if len(parts) == 4 and parts[3] == "shell":
+            return await on_shell_open(env, env.expect(ShellOpen))
         if len(parts) != 5:
             raise GrantError(f"bad executor subject {msg.subject}")
         sid, op = parts[3], parts[4]
         if env.header.sid != sid:
             raise GrantError(f"message signed for session {env.header.sid}, sent to {sid}")
+        if sid in sessions and sessions[sid].grant.purpose != "session":
+            raise GrantError(f"{sid} is a user's shell on executor {eid}, not a session")
         if op == "close":
             env.expect(CloseSession)
             await close_session(sid, "closed by harness")
@@ -432,6 +570,11 @@ async def serve(ctx: ServiceContext) -> None:
         await asyncio.gather(announcer, return_exceptions=True)
         await asyncio.gather(*(close_session(sid, "executor stopping") for sid in list(sessions)),
                              return_exceptions=True)
+        if shell_tasks:  # each tells its gateway why its shell ended
+            await asyncio.wait(set(shell_tasks), timeout=5.0)
+        for task in list(shell_tasks):
+            task.cancel()
+        await asyncio.gather(*shell_tasks, return_exceptions=True)
         if warm_pool is not None:
             await warm_pool.close()
         try:

@@ -49,6 +49,10 @@ from devsilo.protocol.client import (
     Prompt,
     SessionCreated,
     Sessions,
+    ShellInputFrame,
+    ShellOpenFrame,
+    ShellResizeFrame,
+    ShellSignalFrame,
     Shutdown,
     WorkspaceCommand,
     WorkspaceResult,
@@ -61,6 +65,7 @@ from pydantic import ValidationError
 
 from ._auth import Principal, TokenAuthenticator
 from ._sessions import SessionDirectory, SessionRecord
+from ._shells import ShellBroker
 
 AUTH_DEADLINE_S = 30.0
 GRANT_LIFETIME_S = 24 * 3600.0
@@ -97,6 +102,7 @@ class Gateway:
         self.pool = PoolView()
         self.locks: dict[str, str] = {}
         """Workspaces this gateway locked or saw unlocked: path -> executor (None once unlocked)."""
+        self.shells = ShellBroker(ctx, self.pool, self.sessions, self.locks)
 
     def app(self) -> web.Application:
         """The aiohttp application: landing page and /ws."""
@@ -210,6 +216,10 @@ class ClientConnection:
             await self._workspace(req)
         elif isinstance(req, ListSessions):
             await self.send(Sessions(sessions=tuple(r.summary() for r in self.gw.sessions.list_for(self.who))))
+        elif isinstance(req, ShellOpenFrame):
+            await self.gw.shells.open(self, req)
+        elif isinstance(req, (ShellInputFrame, ShellResizeFrame, ShellSignalFrame)):
+            await self.gw.shells.control(self, req)
 
     async def _create(self, req: CreateSession) -> None:
         assert self.who is not None
@@ -226,7 +236,7 @@ class ClientConnection:
                              headless=req.headless, prompt=req.prompt)
         started = await self.gw.bus.request(subjects.HARNESS_START, start, SessionStarted,
                                             from_role=Role.HARNESS, sid=sid, timeout=90.0)
-        self.gw.sessions.add(SessionRecord(sid, self.who.user, req.workspace, started.executor_id))
+        self.gw.sessions.add(SessionRecord(sid, self.who.user, req.workspace, started.executor_id, grant=grant))
         self.gw.metrics.sessions_created.inc()
         self.log.info("session_created", session=sid, executor=started.executor_id)
         await self.send(SessionCreated(session_id=sid, executor_id=started.executor_id))
@@ -344,7 +354,8 @@ class ClientConnection:
         await self.gw.bus.publish(subjects.session_input(req.session_id), body, sid=req.session_id)
 
     async def close(self) -> None:
-        """Stop following sessions."""
+        """Stop following sessions; end this connection's shells."""
+        await self.gw.shells.client_gone(self)
         for task in self._followers.values():
             task.cancel()
         await asyncio.gather(*self._followers.values(), return_exceptions=True)
@@ -387,5 +398,6 @@ async def serve(ctx: ServiceContext) -> None:
         await asyncio.gather(*(c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway stopping")
                                for c in list(gw.connections)), return_exceptions=True)
         await runner.cleanup()
+        await gw.shells.close()
 
 

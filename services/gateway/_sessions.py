@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from devsilo.protocol import SessionGrant
 from devsilo.protocol.client import SessionSummary
 
 from ._auth import Principal
@@ -19,6 +20,8 @@ class SessionRecord:
     workspace: str
     executor_id: str
     created_at: float = field(default_factory=time.time)
+    grant: SessionGrant | None = None
+    """The session's policy, which `silo shell` on its workspace inherits."""
 
     def summary(self) -> SessionSummary:
         """The line shown in session lists."""

@@ -77,6 +77,10 @@ class SessionGrant(Message):
                                     description="host:port of the egress proxy this session goes out through")
     issued_at: float
     expires_at: float
+    purpose: Literal["session", "shell"] = Field(
+        default="session",
+        description="``shell``: a user's `silo shell` sandbox (``session_id`` is the shell's id); "
+                    "executors open shells only under shell grants and sessions only under session grants")
 
 
 class LLMChoice(BaseModel):
@@ -289,6 +293,8 @@ class WorkspaceInfo(BaseModel):
     size_bytes: int = 0
     sessions: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    shells: tuple[str, ...] = ()
+    """`silo shell` sandboxes open on it."""
 
 
 class WorkspaceReply(Message):
@@ -318,6 +324,87 @@ class ErrorReply(Message):
     message: str
 
 
+SHELL_CHUNK = 16 * 1024
+"""Most bytes of shell input or output one message carries (base64 in JSON)."""
+SHELL_DATA_MAX = 4 * ((SHELL_CHUNK + 2) // 3)
+"""Longest base64 text of one chunk."""
+SHELL_WINDOW = 64
+"""Output chunks an executor sends ahead of the gateway's ``ack``: a slow client slows the
+shell's process (its writes block) instead of filling memory on the way."""
+SHELL_ACK_EVERY = 16
+"""The gateway acknowledges output every this many chunks delivered."""
+SHELL_SIGNALS = ("INT", "TERM", "HUP", "QUIT", "KILL", "TSTP", "CONT", "USR1", "USR2", "WINCH")
+"""Signals a user may send to their shell's foreground process group."""
+ShellSignalName = Literal["INT", "TERM", "HUP", "QUIT", "KILL", "TSTP", "CONT", "USR1", "USR2", "WINCH"]
+TERM_PATTERN = r"^[A-Za-z0-9._+-]{1,64}$"
+
+
+class ShellOpen(Message):
+    """Gateway asks the executor that holds a workspace to open a user's shell on it.
+
+    The grant (``purpose`` shell) carries the policy; ``command`` None means an
+    interactive shell. ``tty`` runs it on a pseudo-terminal of ``rows`` x
+    ``cols``; otherwise on pipes, stdout and stderr apart.
+    """
+
+    TYPE = "shell_open"
+    SUBJECTS = ("silo.exec.*.shell",)
+    grant: str = Field(max_length=64 * 1024)
+    command: str | None = Field(default=None, max_length=256 * 1024)
+    tty: bool = True
+    rows: int = Field(default=24, ge=1, le=1000)
+    cols: int = Field(default=80, ge=1, le=1000)
+    term: str = Field(default="xterm-256color", pattern=TERM_PATTERN)
+
+
+class ShellOpened(Message):
+    """Executor reply: the shell runs; its output follows on ``silo.shell.<shid>.output``."""
+
+    TYPE = "shell_opened"
+    SUBJECTS = (REPLY,)
+    shell_id: str
+    executor_id: str
+    access: AccessReport
+
+
+class ShellInput(Message):
+    """The user's input to a shell, in order: bytes, end of input, window size, a signal, or close;
+    or ``ack``: the gateway delivered output chunks up to (not including) ``seq`` to its client."""
+
+    TYPE = "shell_input"
+    SUBJECTS = ("silo.shell.*.input",)
+    kind: Literal["data", "eof", "resize", "signal", "close", "ack"]
+    data: str = Field(default="", max_length=SHELL_DATA_MAX, description="base64, for data")
+    rows: int = Field(default=0, ge=0, le=1000)
+    cols: int = Field(default=0, ge=0, le=1000)
+    signal: ShellSignalName | None = None
+    seq: int = Field(default=0, ge=0)
+
+
+class ShellOutput(Message):
+    """A chunk of a shell's output; ``seq`` counts from 0 without gaps."""
+
+    TYPE = "shell_output"
+    SUBJECTS = ("silo.shell.*.output",)
+    seq: int = Field(ge=0)
+    stream: Literal["pty", "stdout", "stderr"]
+    data: str = Field(max_length=SHELL_DATA_MAX, description="base64")
+
+
+class ShellExit(Message):
+    """A shell ended: its exit code (128 + N after signal N), or why it could not finish.
+
+    ``seq`` is the number of output chunks sent before it.
+    """
+
+    TYPE = "shell_exit"
+    SUBJECTS = ("silo.shell.*.output",)
+    seq: int = Field(ge=0)
+    exit_code: int | None = None
+    signal: int | None = None
+    message: str = Field(default="", max_length=4096)
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     m.TYPE: m
     for m in (
@@ -340,6 +427,11 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         NetworkRecord,
         Ack,
         ErrorReply,
+        ShellOpen,
+        ShellOpened,
+        ShellInput,
+        ShellOutput,
+        ShellExit,
     )
 }
 

@@ -14,6 +14,9 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.egress.any.session         executor -> egress    same, any egress (queue group)
     silo.journal.<sid>              harness  -> stream    JournalRecord (JetStream JOURNAL)
     silo.journal.<sid>.network      egress   -> stream    NetworkRecord (JetStream JOURNAL)
+    silo.exec.<eid>.shell           gateway  -> executor  ShellOpen (request)
+    silo.shell.<shid>.input         gateway  -> executor  ShellInput (keystrokes, size, signals, output acks)
+    silo.shell.<shid>.output        executor -> gateway   ShellOutput, then one ShellExit
     _INBOX.>                        any role              replies, correlated by ``reply_to``
 
 ``silo.grant`` is never published: it is the subject a session grant is
@@ -121,11 +124,31 @@ def journal_network(sid: str) -> str:
     return f"silo.journal.{check_id(sid, 'session id')}.network"
 
 
+def exec_shell(eid: str) -> str:
+    """Subject on which the gateway asks one executor to open a user's shell."""
+    return f"silo.exec.{check_id(eid, 'executor id')}.shell"
+
+
+def shell_input(shid: str) -> str:
+    """Subject on which the gateway sends a shell's input, window size and signals to its executor."""
+    return f"silo.shell.{check_id(shid, 'shell id')}.input"
+
+
+def shell_output(shid: str) -> str:
+    """Subject on which an executor sends a shell's output and, last, its exit to the gateway."""
+    return f"silo.shell.{check_id(shid, 'shell id')}.output"
+
+
+SHELL_INPUT_ALL = "silo.shell.*.input"
+SHELL_OUTPUT_ALL = "silo.shell.*.output"
+
+
 # Which role may publish on which subject pattern. Replies on _INBOX.> are open to
 # every role; requesters check that the reply answers their message id and comes
 # from the role they asked.
 PUBLISH: dict[Role, tuple[str, ...]] = {
-    Role.GATEWAY: (GRANT, HARNESS_START, "silo.session.*.input", "silo.exec.*.workspace"),
+    Role.GATEWAY: (GRANT, HARNESS_START, "silo.session.*.input", "silo.exec.*.workspace",
+                   "silo.exec.*.shell", SHELL_INPUT_ALL),
     Role.HARNESS: (
         EVENTS_SUBJECTS,
         "silo.exec.*.lease",
@@ -133,16 +156,16 @@ PUBLISH: dict[Role, tuple[str, ...]] = {
         "silo.exec.*.*.close",
         HARNESS_JOURNAL,
     ),
-    Role.EXECUTOR: ("silo.egress.*.session", POOL_ANNOUNCE_ALL),
+    Role.EXECUTOR: ("silo.egress.*.session", POOL_ANNOUNCE_ALL, SHELL_OUTPUT_ALL),
     Role.EGRESS: (EGRESS_JOURNAL,),
 }
 
 # What each role subscribes to: used for the NATS server's permissions (defence
 # in depth; the signature checks above are the application-level guarantee).
 SUBSCRIBE: dict[Role, tuple[str, ...]] = {
-    Role.GATEWAY: (EVENTS_SUBJECTS, POOL_ANNOUNCE_ALL),
+    Role.GATEWAY: (EVENTS_SUBJECTS, POOL_ANNOUNCE_ALL, SHELL_OUTPUT_ALL),
     Role.HARNESS: (HARNESS_START, "silo.session.*.input", POOL_ANNOUNCE_ALL),
-    Role.EXECUTOR: ("silo.exec.>",),
+    Role.EXECUTOR: ("silo.exec.>", SHELL_INPUT_ALL),
     Role.EGRESS: ("silo.egress.*.session",),
 }
 

@@ -11,7 +11,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from ._messages import SESSION_ID_PATTERN, LLMBackend, SandboxBackend
+from ._messages import (
+    SESSION_ID_PATTERN,
+    SHELL_DATA_MAX,
+    TERM_PATTERN,
+    LLMBackend,
+    SandboxBackend,
+    ShellSignalName,
+)
 
 CLIENT_PROTOCOL_VERSION = 1
 MAX_CLIENT_FRAME = 1024 * 1024
@@ -105,9 +112,57 @@ class Ping(ClientFrame):
     type: Literal["ping"] = "ping"
 
 
+class ShellOpenFrame(ClientFrame):
+    """Open a shell in a sandbox on a locked workspace (``workspace``) or a session's (``session_id``).
+
+    The policy is the running session's (else the workspace's defaults);
+    ``sandbox``, ``allow_read`` and ``allow_domains`` override it when given.
+    ``command`` None: an interactive shell. ``tty``: on a pseudo-terminal.
+    Answered with ``shell_opened``, then ``shell_output`` frames and one ``shell_exit``.
+    """
+
+    type: Literal["shell_open"] = "shell_open"
+    workspace: str | None = Field(default=None, min_length=1, max_length=4096)
+    session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)
+    command: str | None = Field(default=None, min_length=1, max_length=256 * 1024)
+    tty: bool = True
+    rows: int = Field(default=24, ge=1, le=1000)
+    cols: int = Field(default=80, ge=1, le=1000)
+    term: str = Field(default="xterm-256color", pattern=TERM_PATTERN)
+    sandbox: SandboxBackend | None = None
+    allow_read: tuple[str, ...] | None = None
+    allow_domains: tuple[str, ...] | None = None
+
+
+class ShellInputFrame(ClientFrame):
+    """Bytes for a shell's stdin (base64, at most 16 KiB decoded); ``eof`` closes its stdin after them."""
+
+    type: Literal["shell_input"] = "shell_input"
+    shell_id: str = Field(pattern=SESSION_ID_PATTERN)
+    data: str = Field(default="", max_length=SHELL_DATA_MAX)
+    eof: bool = False
+
+
+class ShellResizeFrame(ClientFrame):
+    """The user's terminal changed size."""
+
+    type: Literal["shell_resize"] = "shell_resize"
+    shell_id: str = Field(pattern=SESSION_ID_PATTERN)
+    rows: int = Field(ge=1, le=1000)
+    cols: int = Field(ge=1, le=1000)
+
+
+class ShellSignalFrame(ClientFrame):
+    """Send a signal to the shell's foreground process group."""
+
+    type: Literal["shell_signal"] = "shell_signal"
+    shell_id: str = Field(pattern=SESSION_ID_PATTERN)
+    signal: ShellSignalName
+
+
 ClientRequest = Annotated[
     Authenticate | CreateSession | Attach | Prompt | Interrupt | Shutdown | WorkspaceCommand | ListSessions
-    | Ping,
+    | Ping | ShellOpenFrame | ShellInputFrame | ShellResizeFrame | ShellSignalFrame,
     Field(discriminator="type"),
 ]
 CLIENT_REQUEST: TypeAdapter[Any] = TypeAdapter(ClientRequest)
@@ -194,6 +249,35 @@ class Pong(ClientFrame):
     type: Literal["pong"] = "pong"
 
 
+class ShellOpenedFrame(ClientFrame):
+    """The shell runs: where, with what access, and how its policy differs from the workspace's."""
+
+    type: Literal["shell_opened"] = "shell_opened"
+    shell_id: str
+    executor_id: str
+    access: dict[str, Any]
+    notes: tuple[str, ...] = ()
+
+
+class ShellOutputFrame(ClientFrame):
+    """Output of a shell (base64): ``pty`` for a terminal, else ``stdout`` or ``stderr``."""
+
+    type: Literal["shell_output"] = "shell_output"
+    shell_id: str
+    stream: Literal["pty", "stdout", "stderr"]
+    data: str
+
+
+class ShellExitFrame(ClientFrame):
+    """The shell ended; ``exit_code`` None when it could not finish (``message`` says why)."""
+
+    type: Literal["shell_exit"] = "shell_exit"
+    shell_id: str
+    exit_code: int | None = None
+    signal: int | None = None
+    message: str = ""
+
+
 class ErrorFrame(ClientFrame):
     """A request failed; ``message`` says what to do."""
 
@@ -205,7 +289,7 @@ class ErrorFrame(ClientFrame):
 
 GatewayFrame = Annotated[
     Hello | AuthOk | AuthErrorFrame | SessionCreated | EventFrame | Sessions | WorkspaceResult | Pong
-    | ErrorFrame,
+    | ErrorFrame | ShellOpenedFrame | ShellOutputFrame | ShellExitFrame,
     Field(discriminator="type"),
 ]
 GATEWAY_FRAME: TypeAdapter[Any] = TypeAdapter(GatewayFrame)

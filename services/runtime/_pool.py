@@ -83,6 +83,12 @@ class PoolView:
                 return e.announce.executor_id
         return None
 
+    def runs(self, executor_id: str, session_id: str) -> bool:
+        """Whether the live executor ``executor_id`` last announced ``session_id`` as running."""
+        e = self._entries.get(executor_id)
+        return (e is not None and self._clock() - e.seen_at <= self._silence
+                and session_id in e.announce.sessions)
+
     def on_host(self, host: str | None) -> list[str]:
         """Live executors on ``host`` (all when None), by id."""
         now = self._clock()

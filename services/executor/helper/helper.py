@@ -12,9 +12,12 @@ requests are served concurrently and each gets exactly one final response
 {"code": str, "message": str}}``. An ``exec`` asked with ``"stream": true``
 also sends ``{"id": int, "stream": "stdout"|"stderr", "data": str}`` lines
 before its final response. Ops: ``hello``, ``exec``, ``cancel``, ``read``,
-``write``, ``edit``, ``list``, ``glob``, ``grep``, ``fetch``, ``shutdown``
-(their fields are documented on the ``_op_*`` methods). Paths are relative
-to the workspace or absolute inside the sandbox.
+``write``, ``edit``, ``list``, ``glob``, ``grep``, ``fetch``, ``shell``,
+``shell_input``, ``shell_resize``, ``shell_signal``, ``shutdown`` (their
+fields are documented on the ``_op_*`` methods). Paths are relative to the
+workspace or absolute inside the sandbox. A ``shell`` streams
+``{"id": int, "stream": "pty"|"stdout"|"stderr", "data": base64}`` lines
+until its final response, which comes when the process exits.
 
 Network: when it runs in a sandbox whose only interface is loopback, the
 helper also listens on ``127.0.0.1:PROXY_PORT`` as an HTTP forward and
@@ -39,6 +42,8 @@ import argparse
 import asyncio
 import base64
 import codecs
+import errno
+import fcntl
 import fnmatch
 import json
 import os
@@ -48,6 +53,7 @@ import socket
 import stat
 import struct
 import sys
+import termios
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -77,6 +83,17 @@ DEFAULT_WORKSPACE = "/workspace"
 PIPE_LINGER_S = 0.5
 
 _CHUNK = 64 * 1024
+
+SHELL_CHUNK = 16 * 1024
+"""Most bytes of shell output one stream line carries (must match the protocol's SHELL_CHUNK)."""
+SHELL_INPUT_MAX = 1024 * 1024
+"""Most bytes one ``shell_input`` writes."""
+SHELL_SIGNALS = {
+    "INT": signal.SIGINT, "TERM": signal.SIGTERM, "HUP": signal.SIGHUP, "QUIT": signal.SIGQUIT,
+    "KILL": signal.SIGKILL, "TSTP": signal.SIGTSTP, "CONT": signal.SIGCONT,
+    "USR1": signal.SIGUSR1, "USR2": signal.SIGUSR2, "WINCH": signal.SIGWINCH,
+}
+"""Signals a ``shell_signal`` may send, by name."""
 
 # Before Python 3.11 neither is the builtin TimeoutError (and before 3.10
 # socket.timeout is only an OSError); the helper must run on 3.9, so it
@@ -317,6 +334,7 @@ class Helper:
         self._workspace = workspace
         self._network = network
         self._execs: dict[int, _Exec] = {}
+        self._shells: dict[int, _Shell] = {}
         # grep workers, killed with everything else on shutdown.
         self._workers: set[asyncio.subprocess.Process] = set()
         self._fetch_slots = asyncio.Semaphore(_FETCH_CONCURRENCY)
@@ -365,6 +383,8 @@ class Helper:
             ex.cancel_event.set()
         for proc in self._workers:
             _kill(proc)
+        for sh in self._shells.values():
+            sh.hang_up()
 
     async def _read_loop(self) -> None:
         while True:
@@ -417,6 +437,10 @@ class Helper:
             "glob": self._op_glob,
             "grep": self._op_grep,
             "fetch": self._op_fetch,
+            "shell": self._op_shell,
+            "shell_input": self._op_shell_input,
+            "shell_resize": self._op_shell_resize,
+            "shell_signal": self._op_shell_signal,
             "shutdown": self._op_shutdown,
         }.get(op if isinstance(op, str) else "")
         try:
@@ -830,10 +854,280 @@ class Helper:
             )
         return result
 
+    async def _op_shell(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Run a shell (``command`` null) or ``sh -c command`` for a user, until it exits.
+
+        ``tty`` true: on a new pseudo-terminal of ``rows`` x ``cols`` that is
+        the process's controlling terminal, output streamed as ``pty``;
+        otherwise on pipes, streamed as ``stdout`` and ``stderr``. ``env``
+        adds to the environment. Input, window size and signals come as
+        ``shell_input``, ``shell_resize`` and ``shell_signal`` naming this
+        request's id as ``target``. Answers ``exit_code`` (128 + N after
+        signal N) and ``signal``. No timeout: a shell runs until it ends.
+        """
+        command = req.get("command")
+        if command is not None and (not isinstance(command, str) or "\0" in command):
+            raise RequestError("bad_request", "command must be null or a string without NUL")
+        tty = req.get("tty", True)
+        if not isinstance(tty, bool):
+            raise RequestError("bad_request", "tty must be a boolean")
+        rows = _int_param(req, "rows", 24, 1, 1000)
+        cols = _int_param(req, "cols", 80, 1, 1000)
+        extra = req.get("env") or {}
+        if not isinstance(extra, dict) or not all(
+            isinstance(k, str) and k and "=" not in k and "\0" not in k
+            and isinstance(v, str) and "\0" not in v
+            for k, v in extra.items()
+        ):
+            raise RequestError("bad_request", "env must map variable names to strings")
+        env = dict(os.environ)
+        env.update(extra)
+        if command is None:
+            interactive = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+            argv = [interactive, "-i"] if tty else [interactive]
+        else:
+            argv = ["/bin/sh", "-c", command]
+        sh = _Shell(tty)
+        self._shells[req_id] = sh
+        try:
+            try:
+                await sh.spawn(argv, self._workspace, env, rows, cols)
+            except OSError as exc:
+                raise RequestError("spawn_failed", f"cannot start {argv[0]}: {exc}")
+
+            async def on_output(stream: str, data: bytes) -> None:
+                await self._send({"id": req_id, "stream": stream,
+                                  "data": base64.b64encode(data).decode("ascii")})
+
+            code = await sh.run(on_output)
+            return {"exit_code": code if code >= 0 else 128 - code, "signal": -code if code < 0 else None}
+        finally:
+            self._shells.pop(req_id, None)
+            sh.hang_up()
+            sh.close()
+
+    def _shell_target(self, req: dict[str, Any]) -> _Shell | None:
+        target = req.get("target")
+        if type(target) is not int:
+            raise RequestError("bad_request", "target must be the id of a shell request")
+        return self._shells.get(target)
+
+    async def _op_shell_input(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Write ``data`` (base64) to a shell's input, in order; ``eof`` then closes a pipe's stdin."""
+        data = req.get("data", "")
+        eof = req.get("eof", False)
+        if not isinstance(data, str) or len(data) > SHELL_INPUT_MAX * 2 or not isinstance(eof, bool):
+            raise RequestError("bad_request", "data must be base64 text and eof a boolean")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except ValueError:
+            raise RequestError("bad_request", "data is not valid base64")
+        sh = self._shell_target(req)
+        if sh is None:
+            return {"found": False}
+        await sh.write(raw, eof)
+        return {"found": True}
+
+    async def _op_shell_resize(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Set a shell's terminal to ``rows`` x ``cols`` (its foreground group gets SIGWINCH)."""
+        rows = _int_param(req, "rows", 24, 1, 1000)
+        cols = _int_param(req, "cols", 80, 1, 1000)
+        sh = self._shell_target(req)
+        if sh is None:
+            return {"found": False}
+        sh.resize(rows, cols)
+        return {"found": True}
+
+    async def _op_shell_signal(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Send ``signal`` (INT, TERM, HUP, QUIT, KILL, …) to a shell's foreground process group."""
+        name = req.get("signal")
+        if not isinstance(name, str) or name not in SHELL_SIGNALS:
+            raise RequestError("bad_request", f"signal must be one of {', '.join(SHELL_SIGNALS)}")
+        sh = self._shell_target(req)
+        if sh is None:
+            return {"found": False}
+        sh.signal(SHELL_SIGNALS[name])
+        return {"found": True}
+
     async def _op_shutdown(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
         # Stopping happens in _handle once the answer is on its way.
         self.kill_all()
         return {}
+
+
+class _Shell:
+    """A user's process on a pseudo-terminal (or on pipes) and the descriptors we hold to it."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.proc: asyncio.subprocess.Process | None = None
+        self.master = -1
+        """The pty's master side (tty), read for output and written for input."""
+        self.stdin = -1
+        self.outputs: list[tuple[str, int]] = []
+        self._write_lock = asyncio.Lock()
+
+    async def spawn(self, argv: list[str], cwd: str, env: dict[str, str], rows: int, cols: int) -> None:
+        if self.tty:
+            self.master, slave = os.openpty()
+            try:
+                _set_winsize(slave, rows, cols)
+                self.proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                    preexec_fn=_take_terminal,
+                )
+            finally:
+                os.close(slave)
+            self.outputs = [("pty", self.master)]
+        else:
+            in_r, in_w = os.pipe()
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            self.stdin = in_w
+            self.outputs = [("stdout", out_r), ("stderr", err_r)]
+            try:
+                self.proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=in_r, stdout=out_w, stderr=err_w, cwd=cwd, env=env,
+                    start_new_session=True,
+                )
+            finally:
+                for fd in (in_r, out_w, err_w):
+                    os.close(fd)
+        for _, fd in self.outputs:
+            os.set_blocking(fd, False)
+        if self.stdin >= 0:
+            os.set_blocking(self.stdin, False)
+
+    async def run(self, on_output: Callable[[str, bytes], Awaitable[None]]) -> int:
+        """Stream output until the process exits (and its output ends, or lingers); its return code."""
+        assert self.proc is not None
+
+        async def pump(name: str, fd: int) -> None:
+            while True:
+                data = await _read_fd(fd, SHELL_CHUNK)
+                if not data:
+                    return
+                await on_output(name, data)
+
+        pumps = [asyncio.ensure_future(pump(name, fd)) for name, fd in self.outputs]
+        try:
+            code = await self.proc.wait()
+            # Background jobs may keep the terminal or pipes open: take what is
+            # there, then stop reading, as exec does.
+            _, lingering = await asyncio.wait(pumps, timeout=PIPE_LINGER_S)
+            for p in lingering:
+                p.cancel()
+            await asyncio.gather(*lingering, return_exceptions=True)
+            for p in pumps:
+                if p not in lingering:
+                    p.result()
+            return code
+        finally:
+            for p in pumps:
+                p.cancel()
+
+    async def write(self, data: bytes, eof: bool) -> None:
+        fd = self.master if self.tty else self.stdin
+        async with self._write_lock:  # requests run concurrently; input must stay in order
+            if fd < 0:
+                return
+            await _write_fd(fd, data)
+            if eof and not self.tty and self.stdin >= 0:
+                os.close(self.stdin)
+                self.stdin = -1
+            elif eof and self.tty:
+                await _write_fd(fd, b"\x04")  # the terminal's end-of-file character
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self.master >= 0:
+            _set_winsize(self.master, rows, cols)
+
+    def signal(self, signum: int) -> None:
+        """Signal the terminal's foreground process group (else the process's own group)."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        pgid = self.proc.pid
+        if self.master >= 0:
+            try:
+                pgid = os.tcgetpgrp(self.master)
+            except OSError:
+                pass  # no foreground group: fall back to the shell's own
+        try:
+            os.killpg(pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is already gone
+
+    def hang_up(self) -> None:
+        """Kill the process's group; closing the terminal then hangs up the rest of its session."""
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass  # the group is already gone
+
+    def close(self) -> None:
+        fds = [fd for _, fd in self.outputs] + [self.stdin]
+        self.outputs = []
+        self.master = self.stdin = -1
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # closed already
+
+
+def _take_terminal() -> None:
+    # In the child, before exec: a new session whose controlling terminal is our pty.
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+async def _wait_fd(fd: int, writable: bool) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    (loop.add_writer if writable else loop.add_reader)(fd, wake)
+    try:
+        await ready
+    finally:
+        (loop.remove_writer if writable else loop.remove_reader)(fd)
+
+
+async def _read_fd(fd: int, most: int) -> bytes:
+    """Up to ``most`` bytes from a non-blocking descriptor; b"" at its end (EIO: a pty hung up)."""
+    while True:
+        try:
+            return os.read(fd, most)
+        except BlockingIOError:
+            await _wait_fd(fd, writable=False)
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                return b""
+            raise
+
+
+async def _write_fd(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            await _wait_fd(fd, writable=True)
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EPIPE):
+                return  # the process is gone; nobody reads this input
+            raise
+        view = view[n:]
 
 
 async def _read_pipe(fd: int, transports: list[asyncio.BaseTransport]) -> asyncio.StreamReader:
