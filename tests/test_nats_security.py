@@ -315,7 +315,9 @@ def test_rendered_config_is_valid_and_limits_jetstream_by_role(
     assert conf["max_payload"] == 2 << 20
     assert "http" not in conf and "http_port" not in conf
     assert len(conf["authorization"]["users"]) == 4
-    assert jetstream_permissions(Role.EXECUTOR) == []
+    executor = jetstream_permissions(Role.EXECUTOR)
+    assert executor and all(subjects.WORKSPACE_OBJECTS_STREAM in p or p.startswith("$O.silo_workspaces.")
+                            or p in ("$JS.API.INFO", "$JS.API.STREAM.NAMES") for p in executor)
     assert jetstream_permissions(Role.EGRESS) == []
     gateway = jetstream_permissions(Role.GATEWAY)
     assert "$JS.API.CONSUMER.MSG.NEXT.SILO_EVENTS.*" in gateway

@@ -13,6 +13,9 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.egress.<gid>.session       executor -> egress    EgressSessionOpen / EgressSessionClose
     silo.egress.any.session         executor -> egress    same, any egress (queue group)
     silo.journal.<sid>              harness  -> stream    JournalRecord (JetStream JOURNAL)
+    $O.silo_workspaces.>            gateway, executor     workspace archives between machines
+                                                          (JetStream object store; chunks checked
+                                                          against the TransferPlan in signed messages)
     _INBOX.>                        any role              replies, correlated by ``reply_to``
 
 ``silo.grant`` is never published: it is the subject a session grant is
@@ -39,6 +42,9 @@ EVENTS_STREAM = "SILO_EVENTS"
 EVENTS_SUBJECTS = "silo.session.*.events"
 JOURNAL_STREAM = "SILO_JOURNAL"
 JOURNAL_SUBJECTS = "silo.journal.*"
+WORKSPACE_OBJECTS = "silo_workspaces"
+"""Object store bucket for workspace archives moving between machines (gateway <-> executor)."""
+WORKSPACE_OBJECTS_STREAM = f"OBJ_{WORKSPACE_OBJECTS}"
 
 HARNESS_QUEUE = "harness"
 EXECUTOR_QUEUE = "executor"
@@ -140,9 +146,9 @@ SUBSCRIBE: dict[Role, tuple[str, ...]] = {
 
 # Streams each role may use through the JetStream API.
 STREAMS: dict[Role, tuple[str, ...]] = {
-    Role.GATEWAY: (EVENTS_STREAM,),
+    Role.GATEWAY: (EVENTS_STREAM, WORKSPACE_OBJECTS_STREAM),
     Role.HARNESS: (EVENTS_STREAM, JOURNAL_STREAM),
-    Role.EXECUTOR: (),
+    Role.EXECUTOR: (WORKSPACE_OBJECTS_STREAM,),
     Role.EGRESS: (),
 }
 
