@@ -135,6 +135,8 @@ def _print_workspace(res: WorkspaceResult, cmd: WorkspaceCommand, out: TextIO, *
             line = f"{w['path']}: {w['phase']}"
             if w.get("executor"):
                 line += f" on {w['executor']}"
+            if w.get("origin_host"):
+                line += f" (uploaded from {w['origin_host']})"
             if w["phase"] == "locked":
                 line += f", {w.get('entries', 0)} entries, {_size(int(w.get('size_bytes', 0)))}"
                 sessions = w.get("sessions") or []

@@ -185,7 +185,14 @@ def cmd_workspace(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     cmd = WorkspaceCommand(op=args.action, path=path, workspace_host=socket.gethostname(),
                            executor=args.executor, accept=args.accept)
-    target = local_gateway(_state(args), args.gateway)
+    state = _state(args)
+    target = local_gateway(state, args.gateway)
+    if path is not None:  # lock may turn into an upload; uploaded ones unlock by download
+        from ._workspace_transfer import workspace_on_gateway
+
+        return asyncio.run(workspace_on_gateway(
+            target, state.root / "transfers", cmd, sys.stdout, as_json=args.json, upload=args.upload,
+            chunk_size=args.chunk_size, state_dirs=[state.root]))
     return asyncio.run(workspace_command(target, cmd, sys.stdout, as_json=args.json))
 
 
@@ -297,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", nargs="?")
     s.add_argument("--executor", help="lock on this executor (default: one on this machine)")
     s.add_argument("--accept", action="store_true", help="unlock: exit 0 even when an auto-exec surface changed")
+    s.add_argument("--upload", action="store_true",
+                   help="lock: upload the workspace to the executor (automatic when it runs on another host)")
+    s.add_argument("--chunk-size", type=int, default=512 * 1024, help=argparse.SUPPRESS)
     s.add_argument("--json", action="store_true")
     s.add_argument("--gateway")
     s.set_defaults(func=cmd_workspace)

@@ -30,6 +30,7 @@ from devsilo.protocol import (
     LeaseRequest,
     Message,
     PoolError,
+    RemoteLock,
     Role,
     SandboxClosed,
     SandboxError,
@@ -51,6 +52,7 @@ from ._spec import WORKSPACE, SandboxSpec
 from ._tools import run_tool
 from ._warm import WarmPool
 from ._workspace_lock import ROOT_ONLY_WARNING, WorkspaceStore
+from ._workspace_remote import UploadedWorkspaces
 
 DEFAULT_SANDBOX_UID = 64123
 DEFAULT_CAPACITY = 16
@@ -160,6 +162,7 @@ async def serve(ctx: ServiceContext) -> None:
     state_dirs = [ctx.state.root]
     store = WorkspaceStore(Path(opts.get("workspace_store") or default_store(eid)))
     unlocking: set[str] = set()
+    uploaded = UploadedWorkspaces(ctx, store, eid)
 
     def store_records(phases: tuple[str, ...]) -> dict[str, Path]:
         """Workspace path -> where its files are, for the store's records in ``phases``."""
@@ -169,7 +172,7 @@ async def serve(ctx: ServiceContext) -> None:
                 st = json.loads(state_file.read_text())
             except (OSError, ValueError):
                 continue
-            if st.get("phase") in phases:
+            if st.get("phase") in phases and st.get("origin") is None:  # uploaded ones: below
                 out[str(st["path"])] = state_file.parent / "files"
         return out
 
@@ -210,7 +213,10 @@ async def serve(ctx: ServiceContext) -> None:
             executor_id=eid, instance=instance, host=socket.gethostname(), backends=tuple(backends),
             capacity=capacity, free=max(0, capacity - in_use()), users=users,
             warm={"bwrap": warm_pool.ready} if warm_pool is not None else {},
-            sessions=tuple(sorted(sessions)), locked=tuple(sorted(held_paths())), stopping=stopping,
+            sessions=tuple(sorted(sessions)), locked=tuple(sorted(held_paths())),
+            remote_locked=tuple(RemoteLock(host=h, path=p, user=u)
+                                for (h, p), (u, _) in sorted(uploaded.held().items())),
+            stopping=stopping,
         )
 
     async def announce_now() -> None:
@@ -251,7 +257,8 @@ async def serve(ctx: ServiceContext) -> None:
             raise GrantError(f"grant names executor {grant.executor}, this is {eid}")
         if sid in sessions or sid in starting:
             raise GrantError(f"session {sid} already has a sandbox here")
-        if grant.workspace_host is not None and grant.workspace_host != socket.gethostname():
+        upload = uploaded.for_grant(grant)  # uploaded from the client's machine and locked here
+        if upload is None and grant.workspace_host is not None and grant.workspace_host != socket.gethostname():
             raise refuse("host", f"the workspace is on {grant.workspace_host}; executor {eid} runs on "
                          f"{socket.gethostname()} and cannot mount it")
         if grant.sandbox == "auto" and backends:
@@ -263,13 +270,16 @@ async def serve(ctx: ServiceContext) -> None:
             raise refuse("capacity", f"executor {eid} is full ({capacity} sandboxes)")
         if sum(1 for s in sessions.values() if s.grant.user == grant.user) >= per_user:
             raise refuse("user_limit", f"user {grant.user} already has {per_user} sandboxes on {eid}")
-        workspace = check_workspace(grant.workspace, state_dirs)
-        if str(workspace) in unlocking:
-            raise GrantError(f"workspace {workspace} is being unlocked; no new sessions on it")
-        if str(workspace) in held_paths() and str(workspace) not in locked_paths():
-            raise GrantError(f"workspace {workspace} is half locked or unlocked; run `silo workspace "
-                             "lock` or `unlock` again to finish that first")
-        workspace = locked_paths().get(str(workspace), workspace)  # a locked one: its stored files
+        if upload is not None:
+            workspace = upload
+        else:
+            workspace = check_workspace(grant.workspace, state_dirs)
+            if str(workspace) in unlocking:
+                raise GrantError(f"workspace {workspace} is being unlocked; no new sessions on it")
+            if str(workspace) in held_paths() and str(workspace) not in locked_paths():
+                raise GrantError(f"workspace {workspace} is half locked or unlocked; run `silo workspace "
+                                 "lock` or `unlock` again to finish that first")
+            workspace = locked_paths().get(str(workspace), workspace)  # a locked one: its stored files
         allow_read = tuple(check_workspace(p, state_dirs, kind="read allow-list path")
                            for p in grant.allow_read)
         starting.add(sid)
@@ -364,8 +374,14 @@ async def serve(ctx: ServiceContext) -> None:
                              sessions=attached, warnings=(ROOT_ONLY_WARNING,) if files else ())
 
     async def on_workspace(req: WorkspaceRequest) -> Message:
+        if req.transfer is not None or req.origin_host is not None:
+            return await uploaded.handle(req, sessions_on=lambda files: [
+                sid for sid, s in sessions.items() if s.workspace == files],
+                close_session=close_session, announce_now=announce_now)
         if req.op == "list":
-            return WorkspaceReply(workspaces=tuple(info(p, f) for p, f in sorted(held_paths().items())))
+            return WorkspaceReply(workspaces=tuple(info(p, f) for p, f in sorted(held_paths().items()))
+                                  + uploaded.infos(req.user, sessions_on=lambda files: [
+                                      sid for sid, s in sessions.items() if s.workspace == files]))
         if req.path is None:
             raise GrantError(f"workspace {req.op} needs a path")
         if req.op == "status":

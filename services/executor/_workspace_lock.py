@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from devsilo.protocol import SiloError
+from devsilo.runtime._tree_archive import ArchiveError, pack_tree, unpack_tree
 
 from ._risk import check_workspace
 from ._snapshot import (
@@ -434,3 +435,177 @@ class WorkspaceStore:
         before = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
         after = WorkspaceSnapshot.from_json(json.loads((sdir / "report.json").read_text())["after"])
         return diff(before, after)
+
+
+# ---- workspaces of other machines ------------------------------------------------------
+
+_REMOTE_LOCK_STEPS = ("started", "fetched", "extracted", "snapshotted", "sealed")
+_REMOTE_UNLOCK_STEPS = ("started", "measured", "reported", "packed", "cleared")
+INCOMING = "incoming.tar"
+"""The uploaded archive, once every chunk and the whole checked (removed after extraction)."""
+RESULT = "result.tar"
+"""The tree at unlock as an archive, kept until the next lock of the workspace for reruns."""
+
+
+@dataclass(frozen=True)
+class RemoteUnlock:
+    """An uploaded workspace's unlock: the report and the result archive to send back."""
+
+    report: ChangeReport
+    report_text: str
+    archive: Path
+    transfer_id: str
+
+
+class RemoteWorkspaces:
+    """Workspaces of other machines, uploaded as archives and kept in a :class:`WorkspaceStore`.
+
+    They are keyed by (origin host, path on that host), never by a path on
+    this machine: nothing here ever touches the path itself. The steps are
+    recorded like a local lock's, so every operation resumes after a crash.
+    """
+
+    def __init__(self, store: WorkspaceStore, *, max_bytes: int) -> None:
+        self.store = store
+        self.max_bytes = max_bytes
+
+    def store_dir(self, host: str, path: str) -> Path:
+        """The per-workspace storage directory of (host, path)."""
+        digest = hashlib.sha256(f"{host}\0{path}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        name = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.rstrip("/").rpartition("/")[2])
+        return self.store.root / f"{name or 'root'}-r{digest}"
+
+    def state(self, host: str, path: str) -> dict[str, Any] | None:
+        """The recorded state of (host, path), or None when it was never locked here."""
+        f = self.store_dir(host, path) / "state.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def records(self, phases: tuple[str, ...]) -> dict[tuple[str, str], tuple[str, Path]]:
+        """(host, path) -> (user, files dir) of every uploaded workspace in ``phases``."""
+        out: dict[tuple[str, str], tuple[str, Path]] = {}
+        for state_file in self.store.root.glob("*-r*/state.json"):
+            try:
+                st = json.loads(state_file.read_text())
+            except (OSError, ValueError):
+                continue
+            if st.get("origin") is not None and st.get("phase") in phases:
+                out[(st["origin"], st["path"])] = (st["user"], state_file.parent / "files")
+        return out
+
+    # ---- lock ---------------------------------------------------------------------------
+
+    def begin_lock(self, host: str, path: str, user: str, sha256: str) -> tuple[Path, dict[str, Any]]:
+        """Start (or resume) locking an upload; return its store dir and state.
+
+        The archive goes to ``<store dir>/incoming.tar`` (see :meth:`fetched`).
+        Refuses a workspace another user holds or one being unlocked.
+        """
+        sdir = self.store_dir(host, path)
+        state = self.state(host, path)
+        if state is not None and state.get("user") != user and state["phase"] != "unlocked":
+            raise WorkspaceLockError(f"{path} of {host} is held by another user on this executor; "
+                                     "only they can lock or unlock it")
+        if state is not None and state["phase"] == "unlocking":
+            raise WorkspaceLockError(f"{path} of {host} is being unlocked; run unlock again to "
+                                     "finish it first")
+        if state is None or state["phase"] == "unlocked":
+            if sdir.exists():
+                shutil.rmtree(sdir)  # the previous lock's store, kept for its report and result
+            sdir.mkdir(mode=0o700)
+            state = {"path": path, "origin": host, "user": user, "id": sdir.name, "sha256": sha256}
+            self.store._set(sdir, state, "locking", "started")
+        return sdir, state
+
+    def fetched(self, sdir: Path, state: dict[str, Any]) -> None:
+        """Record that ``incoming.tar`` is complete and checked against the plan."""
+        self.store._set(sdir, state, "locking", "fetched")
+
+    def finish_lock(self, host: str, path: str) -> LockedWorkspace:
+        """Extract the checked archive into storage, snapshot it, and mark it locked."""
+        sdir = self.store_dir(host, path)
+        state = self.state(host, path)
+        if state is None or state["phase"] not in ("locking", "locked"):
+            raise WorkspaceLockError(f"{path} of {host} has no upload being locked here")
+        done = _REMOTE_LOCK_STEPS.index(state["step"])
+        files, originals = sdir / "files", sdir / "originals"
+        if done < _REMOTE_LOCK_STEPS.index("fetched"):
+            raise WorkspaceLockError(f"the upload of {path} is not complete on this executor")
+        if done < _REMOTE_LOCK_STEPS.index("extracted"):
+            partial = sdir / "files.partial"
+            _remove(partial)
+            partial.mkdir(mode=0o755)
+            try:
+                unpack_tree(sdir / INCOMING, partial, max_bytes=self.max_bytes)
+            except ArchiveError as e:
+                _remove(partial)
+                shutil.rmtree(sdir)  # nothing was locked: the next upload starts afresh
+                raise WorkspaceLockError(f"upload of {path} refused: {e}") from e
+            os.sync()
+            _remove(files)
+            os.rename(partial, files)
+            self.store._set(sdir, state, "locking", "extracted")
+        if done < _REMOTE_LOCK_STEPS.index("snapshotted"):
+            _remove(originals)
+            originals.mkdir(mode=0o700)
+            snap = WorkspaceSnapshot.take(files, originals=originals)
+            _write_atomic(sdir / "manifest.json", snap.to_json())
+            state.update(locked_at=snap.taken_at)
+            self.store._set(sdir, state, "locking", "snapshotted")
+        snap = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
+        if done < _REMOTE_LOCK_STEPS.index("sealed"):
+            if (sdir / INCOMING).exists():
+                os.unlink(sdir / INCOMING)
+            self.store._set(sdir, state, "locked", "sealed")
+        return LockedWorkspace(path=Path(path), id=sdir.name, store_dir=sdir, files_dir=files,
+                               originals_dir=originals, locked_at=state["locked_at"],
+                               entries=len(snap.entries), warning=ROOT_ONLY_WARNING)
+
+    # ---- unlock -------------------------------------------------------------------------
+
+    def unlock(self, host: str, path: str, user: str) -> RemoteUnlock:
+        """Measure the tree, report every change, pack the result, and drop the stored files.
+
+        The caller has ended every session on it. Running it again after it
+        finished returns the same report and archive (until the next lock).
+        """
+        sdir = self.store_dir(host, path)
+        state = self.state(host, path)
+        if state is None:
+            raise WorkspaceLockError(f"{path} of {host} is not locked on this executor")
+        if state.get("user") != user:
+            raise WorkspaceLockError(f"{path} of {host} is held by another user on this executor; "
+                                     "only they can unlock it")
+        if state["phase"] == "locking":
+            if _REMOTE_LOCK_STEPS.index(state["step"]) < _REMOTE_LOCK_STEPS.index("fetched"):
+                shutil.rmtree(sdir)  # never locked: nothing to give back
+                raise WorkspaceLockError(f"{path} of {host} was never completely uploaded; nothing "
+                                         "is locked (lock it again)")
+            self.finish_lock(host, path)
+            state = self.state(host, path)
+            assert state is not None
+        if state["phase"] == "locked":
+            state["transfer_id"] = f"down-{secrets.token_hex(12)}"
+            self.store._set(sdir, state, "unlocking", "started")
+        done = _REMOTE_UNLOCK_STEPS.index(state["step"])
+        files = sdir / "files"
+        before = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
+        if done < _REMOTE_UNLOCK_STEPS.index("measured"):
+            _write_atomic(sdir / "after.json", WorkspaceSnapshot.take(files).to_json())
+            self.store._set(sdir, state, "unlocking", "measured")
+        after = WorkspaceSnapshot.from_json((sdir / "after.json").read_text())
+        report = diff(before, after)
+        if done < _REMOTE_UNLOCK_STEPS.index("reported"):
+            text = report.render(sdir / "originals", files)
+            _write_atomic(sdir / "report.json", json.dumps({"after": after.to_json(), "text": text}))
+            self.store._set(sdir, state, "unlocking", "reported")
+        if done < _REMOTE_UNLOCK_STEPS.index("packed"):
+            tmp = sdir / f"{RESULT}.partial"
+            pack_tree(files, tmp)
+            os.replace(tmp, sdir / RESULT)
+            _fsync_dir(sdir)
+            self.store._set(sdir, state, "unlocking", "packed")
+        if done < _REMOTE_UNLOCK_STEPS.index("cleared"):
+            _remove(files)
+            self.store._set(sdir, state, "unlocked", "cleared")
+        text = json.loads((sdir / "report.json").read_text())["text"]
+        return RemoteUnlock(report, text, sdir / RESULT, state["transfer_id"])
