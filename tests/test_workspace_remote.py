@@ -37,6 +37,7 @@ from devsilo.testing._netns import ClientMachine, netns_available
 pytestmark = pytest.mark.skipif(netns_available() is not None, reason=str(netns_available()))
 
 GATEWAY_LIMIT = 2 * 1024 * 1024
+CRASH = "DEVSILO_TEST_CRASH_AFTER"
 
 BUILD = r'''
 import os, subprocess, sys
@@ -134,7 +135,8 @@ class Remote:
         argv = [sys.executable, "-m", "devsilo.cli", "--state-dir", str(self.stack.state_dir), *args]
         if args and args[0] in ("workspace", "run"):
             argv += ["--gateway", self.url]
-        run_env = dict(os.environ, **(env or {}))
+        run_env = {k: v for k, v in os.environ.items() if k != CRASH}  # the executor's hook, not ours
+        run_env.update(env or {})
         return self.client.run(argv, env=run_env)
 
     def build(self, ws: Path, big: int = 2000) -> None:
@@ -267,6 +269,55 @@ def test_unlock_of_an_upload_that_never_finished_puts_the_files_back(remote: Rem
     assert back.returncode == 0, back.stdout + back.stderr
     assert "never completely uploaded; its files are back in place, unchanged" in back.stdout
     assert remote.dump(ws) == before
+
+
+def _wait_restarted(stack: Stack, old_pid: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pid = stack.live_pid("executor")
+        if pid not in (None, old_pid) and stack.healthy("executor"):
+            time.sleep(1.5)  # its first announcement reaches the gateway
+            return
+        time.sleep(0.2)
+    raise AssertionError("the executor was not restarted:\n" + stack.output())
+
+
+def test_executor_killed_mid_lock_and_mid_unlock_of_an_upload_completes_on_rerun(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = ClientMachine(tmp_path / "ns", tmp_path / "client-home")
+    client.start()
+    try:
+        ws = client.home / "crashy"
+        before: dict[str, Any] = {}
+        for step, op in (("lock.extracted", "lock"), ("unlock.packed", "unlock")):
+            monkeypatch.setenv(CRASH, step)  # the executor SIGKILLs itself right after that step
+            stack = Stack(tmp_path / "state", extra_args=["--host", client.host_addr])
+            stack.start()
+            try:
+                r = Remote(stack, client, tmp_path)
+                if op == "lock":
+                    r.build(ws, big=100_000)
+                    before = r.dump(ws)
+                old = stack.live_pid("executor")
+                assert old is not None
+                first = r.silo("workspace", op, str(ws))
+                assert first.returncode == 1, first.stdout + first.stderr
+                assert "stopped while working on" in first.stderr
+                _wait_restarted(stack, old)
+                again = r.silo("workspace", op, str(ws))
+                assert again.returncode == 0, again.stdout + again.stderr
+                if op == "lock":
+                    assert "resuming upload" in again.stdout
+                    assert sorted(r.dump(ws)) == [".devsilo-locked", "root_mode"]
+                else:
+                    assert "Changes since lock: 0" in again.stdout
+            finally:
+                stack.stop()
+        assert Remote(stack, client, tmp_path).dump(ws) == before
+    finally:
+        client.stop()
 
 
 # ---- bad input at the gateway, from a client of our own ------------------------------------
