@@ -26,6 +26,7 @@ from devsilo.protocol.client import (
     Shutdown,
     WorkspaceCommand,
     WorkspaceResult,
+    WorkspaceUploadNeeded,
 )
 from devsilo.runtime._state import StateDir
 
@@ -120,6 +121,9 @@ async def workspace_command(target: GatewayTarget, cmd: WorkspaceCommand, out: T
         async for frame in client.frames():
             if isinstance(frame, WorkspaceResult):
                 return _print_workspace(frame, cmd, out, as_json=as_json)
+            if isinstance(frame, WorkspaceUploadNeeded):
+                out.write(f"error: {frame.reason}; run `silo workspace lock {frame.path}` to upload it\n")
+                return EXIT_RUNTIME
     return EXIT_RUNTIME
 
 
