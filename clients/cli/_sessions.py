@@ -145,6 +145,8 @@ def _print_workspace(res: WorkspaceResult, cmd: WorkspaceCommand, out: TextIO, *
                 line += f", {w.get('entries', 0)} entries, {_size(int(w.get('size_bytes', 0)))}"
                 sessions = w.get("sessions") or []
                 line += f", sessions: {', '.join(sessions) if sessions else 'none'}"
+                if w.get("storage") == "ext4":
+                    line += ", in an ext4 image mounted only in the executor's namespace"
             out.write(line + "\n")
             for warning in w.get("warnings") or []:
                 out.write(f"  warning: {warning}\n")

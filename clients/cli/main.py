@@ -95,6 +95,11 @@ def cmd_service(args: argparse.Namespace) -> int:
         options.update(host=host.strip("[]") or "127.0.0.1", port=int(port))
     if role is Role.EXECUTOR:
         options.update(executor_options(args, state.config().services[args.id or role.value].options))
+        from devsilo.executor._ext4 import enter_private_mounts
+
+        # Still one thread here: the whole executor (and every sandbox) lives in this namespace.
+        options["private_mounts_error"] = enter_private_mounts()
+        options["private_mounts"] = options["private_mounts_error"] is None
     nats_url = args.nats or state.config().nats.url
     asyncio.run(run_service(role, args.id or role.value, state, nats_url, body,
                             metrics_port=args.metrics_port, options=options, log_level=args.log_level,

@@ -51,7 +51,8 @@ from ._sandbox import Sandbox, prepare_workspace_ownership
 from ._spec import WORKSPACE, SandboxSpec
 from ._tools import run_tool
 from ._warm import WarmPool
-from ._workspace_lock import ROOT_ONLY_WARNING, WorkspaceStore
+from ._ext4 import ext4_unavailable
+from ._workspace_lock import WorkspaceStore
 from ._workspace_remote import UploadedWorkspaces
 
 DEFAULT_SANDBOX_UID = 64123
@@ -130,6 +131,26 @@ def default_store(eid: str) -> Path:
     return Path(os.path.expanduser("~/.local/share/devsilo")) / eid / "workspaces"
 
 
+def workspace_store(opts: dict[str, Any], eid: str, log: Any) -> WorkspaceStore:
+    """The store, keeping new locks in ext4 images where this executor can (see ``_ext4``).
+
+    ``workspace_storage``: ``auto`` (default: an image when root, in a private
+    mount namespace, with mkfs.ext4 and loop devices) or ``directory``.
+    """
+    root = Path(opts.get("workspace_store") or default_store(eid))
+    wanted = str(opts.get("workspace_storage") or "auto")
+    reason = (opts.get("private_mounts_error") or ext4_unavailable(bool(opts.get("private_mounts"))))
+    if wanted == "directory":
+        store = WorkspaceStore(root, "directory", "the operator chose workspace_storage=directory")
+    elif reason is None:
+        store = WorkspaceStore(root, "ext4")
+    else:
+        store = WorkspaceStore(root, "directory", f"no ext4 image: {reason}")
+    log.info("workspace_storage", storage=store.storage, reason=store.fallback_reason,
+             remounted=store.remount())
+    return store
+
+
 def parse_addr(addr: str | None) -> tuple[str, int] | None:
     """``host:port`` (or ``[v6]:port``) as a tuple; GrantError when malformed."""
     if addr is None:
@@ -160,7 +181,7 @@ async def serve(ctx: ServiceContext) -> None:
     relay_dir = scratch_root / ".relay"
     relay_dir.mkdir(mode=0o711, exist_ok=True)
     state_dirs = [ctx.state.root]
-    store = WorkspaceStore(Path(opts.get("workspace_store") or default_store(eid)))
+    store = workspace_store(opts, eid, ctx.log)
     unlocking: set[str] = set()
     uploaded = UploadedWorkspaces(ctx, store, eid)
 
@@ -307,6 +328,11 @@ async def serve(ctx: ServiceContext) -> None:
         backend = grant.sandbox
         if backend == "auto":
             backend = next(b for b in STRENGTH_ORDER if b in backends)
+        if backend == "docker" and os.path.ismount(workspace) and workspace.is_relative_to(store.root):
+            await relay.close()
+            raise GrantError(f"workspace {grant.workspace} is kept in an ext4 image mounted only in executor "
+                             f"{eid}'s mount namespace, which the Docker daemon cannot see; use the bwrap "
+                             "or gvisor sandbox (or run the executor with workspace_storage=directory)")
         started = time.perf_counter()
         sandbox: Sandbox | None = None
         try:
@@ -371,7 +397,8 @@ async def serve(ctx: ServiceContext) -> None:
                     size += f.lstat().st_size
         return WorkspaceInfo(path=path, executor=eid, phase=str(st.get("phase", "unlocked")),
                              locked_at=st.get("locked_at"), entries=entries, size_bytes=size,
-                             sessions=attached, warnings=(ROOT_ONLY_WARNING,) if files else ())
+                             sessions=attached, warnings=store.warnings_for(st) if files else (),
+                             storage=str(st.get("storage", "directory")) if files else None)
 
     async def on_workspace(req: WorkspaceRequest) -> Message:
         if req.transfer is not None or req.origin_host is not None:

@@ -17,8 +17,11 @@ same operation again: moves are per top-level entry with ``rename(2)``
 across filesystems each entry is copied to a temporary name, verified,
 renamed into place, and only then removed from its source.
 
-This storage protects the contents by file permissions only; the ext4 image
-mounted only inside the sandbox's mount namespace is a separate backend.
+With ``storage="ext4"`` the ``files/`` directory is the mount point of a
+per-workspace ext4 image (``image.ext4`` beside it) mounted only in the
+executor's private mount namespace (see ``_ext4``); moves into and out of it
+cross filesystems and take the verified-copy path. Otherwise the contents are
+protected by file permissions only, and the warning says so.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any
 from devsilo.protocol import SiloError
 from devsilo.runtime._tree_archive import ArchiveError, pack_tree, unpack_tree
 
+from ._ext4 import IMAGE, create_image, image_size, mount_image, unmount_image
 from ._risk import check_workspace
 from ._snapshot import (
     ChangeReport,
@@ -241,13 +245,66 @@ class LockedWorkspace:
     warning: str
 
 
-class WorkspaceStore:
-    """Executor-owned storage for locked workspaces under ``root`` (created 0700)."""
+STORAGE_KINDS = ("directory", "ext4")
 
-    def __init__(self, root: Path) -> None:
+
+class WorkspaceStore:
+    """Executor-owned storage for locked workspaces under ``root`` (created 0700).
+
+    ``storage`` is how new locks keep their files: ``directory`` (root-only
+    directory, protected by permissions alone) or ``ext4`` (an image per
+    workspace mounted at its ``files/`` in the executor's private mount
+    namespace, see ``_ext4``); ``fallback_reason`` says why a directory is
+    used where an image was wanted.
+    """
+
+    def __init__(self, root: Path, storage: str = "directory", fallback_reason: str | None = None) -> None:
+        if storage not in STORAGE_KINDS:
+            raise WorkspaceLockError(f"unknown workspace storage {storage!r}; use one of {STORAGE_KINDS}")
         self.root = root
+        self.storage = storage
+        self.fallback_reason = fallback_reason
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o700)
+
+    def warnings_for(self, state: dict[str, Any] | None) -> tuple[str, ...]:
+        """What a locked workspace's storage means for the user (none for an image)."""
+        if state is not None and state.get("storage") == "ext4":
+            return ()
+        why = f" ({self.fallback_reason})" if self.fallback_reason else ""
+        return (ROOT_ONLY_WARNING + why,)
+
+    def ensure_image(self, sdir: Path, state: dict[str, Any], tree_bytes: int) -> None:
+        """Make (once) and mount (every time: mounts die with the executor) a workspace's image."""
+        files = sdir / "files"
+        if not state.get("image_ready"):
+            unmount_image(files)
+            create_image(sdir / IMAGE, image_size(tree_bytes))
+            mount_image(sdir / IMAGE, files, fresh=True)
+            state["image_ready"] = True
+            _write_atomic(sdir / "state.json", json.dumps(state))
+        else:
+            mount_image(sdir / IMAGE, files)
+
+    def drop_image(self, sdir: Path) -> None:
+        """Unmount and delete a workspace's image (after its files moved out)."""
+        unmount_image(sdir / "files")
+        (sdir / IMAGE).unlink(missing_ok=True)
+
+    def remount(self) -> list[str]:
+        """Mount the image of every workspace held in one (after a restart); return their ids."""
+        done = []
+        for state_file in sorted(self.root.glob("*/state.json")):
+            try:
+                st = json.loads(state_file.read_text())
+            except (OSError, ValueError):
+                continue
+            image = state_file.parent / IMAGE
+            if (st.get("storage") == "ext4" and st.get("image_ready") and image.exists()
+                    and st.get("phase") in ("locking", "locked", "unlocking")):
+                mount_image(image, state_file.parent / "files")
+                done.append(state_file.parent.name)
+        return done
 
     def workspace_id(self, path: Path) -> str:
         """A stable id per resolved path, so lock and unlock find the same store after a crash."""
@@ -298,7 +355,7 @@ class WorkspaceStore:
                 shutil.rmtree(sdir)  # the previous lock's store, kept for its report
             sdir.mkdir(mode=0o700)
             os.chmod(sdir, 0o700)
-            state = {"path": str(ws), "id": sdir.name}
+            state = {"path": str(ws), "id": sdir.name, "storage": self.storage}
             self._set(sdir, state, "locking", "started")
         done = _LOCK_STEPS.index(state["step"])
         files, originals = sdir / "files", sdir / "originals"
@@ -324,6 +381,8 @@ class WorkspaceStore:
 
         if done < _LOCK_STEPS.index("moved"):
             files.mkdir(mode=0o700, exist_ok=True)
+            if state.get("storage") == "ext4":
+                self.ensure_image(sdir, state, sum(e.size for e in snap.entries.values()))
             # files/ stands for the workspace root: give it the root's owner and mode.
             _lchown(files, snap.root_uid, snap.root_gid)
             os.chmod(files, snap.root_mode)
@@ -354,7 +413,7 @@ class WorkspaceStore:
             self._set(sdir, state, "locked", "sealed")
         return LockedWorkspace(path=ws, id=sdir.name, store_dir=sdir, files_dir=files,
                                originals_dir=originals, locked_at=state["locked_at"],
-                               entries=len(snap.entries), warning=ROOT_ONLY_WARNING)
+                               entries=len(snap.entries), warning=" ".join(self.warnings_for(state)))
 
     # ---- unlock -----------------------------------------------------------------------
 
@@ -386,6 +445,8 @@ class WorkspaceStore:
         done = _UNLOCK_STEPS.index(state["step"])
         files = sdir / "files"
         before = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
+        if state.get("storage") == "ext4" and done < _UNLOCK_STEPS.index("restored"):
+            self.ensure_image(sdir, state, 0)  # mounted again if the executor restarted
 
         if done < _UNLOCK_STEPS.index("opened"):
             if not os.path.lexists(ws):
@@ -422,6 +483,8 @@ class WorkspaceStore:
             self._set(sdir, state, "unlocking", "restored")
 
         if done < _UNLOCK_STEPS.index("moded"):
+            if state.get("storage") == "ext4":
+                self.drop_image(sdir)
             _lchown(ws, before.root_uid, before.root_gid)
             os.chmod(ws, before.root_mode)
             self._set(sdir, state, "unlocking", "moded")
@@ -531,18 +594,29 @@ class RemoteWorkspaces:
         if done < _REMOTE_LOCK_STEPS.index("fetched"):
             raise WorkspaceLockError(f"the upload of {path} is not complete on this executor")
         if done < _REMOTE_LOCK_STEPS.index("extracted"):
-            partial = sdir / "files.partial"
-            _remove(partial)
-            partial.mkdir(mode=0o755)
+            ext4 = self.store.storage == "ext4"
+            target = files if ext4 else sdir / "files.partial"
+            if ext4:
+                state["storage"] = "ext4"
+                files.mkdir(mode=0o755, exist_ok=True)
+                self.store.ensure_image(sdir, state, (sdir / INCOMING).stat().st_size)
+                for name in os.listdir(files):
+                    _remove(files / name)  # what a killed extraction left
+                os.chmod(files, 0o755)
+            else:
+                _remove(target)
+                target.mkdir(mode=0o755)
             try:
-                unpack_tree(sdir / INCOMING, partial, max_bytes=self.max_bytes)
+                unpack_tree(sdir / INCOMING, target, max_bytes=self.max_bytes)
             except ArchiveError as e:
-                _remove(partial)
+                if ext4:
+                    self.store.drop_image(sdir)
                 shutil.rmtree(sdir)  # nothing was locked: the next upload starts afresh
                 raise WorkspaceLockError(f"upload of {path} refused: {e}") from e
             os.sync()
-            _remove(files)
-            os.rename(partial, files)
+            if not ext4:
+                _remove(files)
+                os.rename(target, files)
             self.store._set(sdir, state, "locking", "extracted")
         if done < _REMOTE_LOCK_STEPS.index("snapshotted"):
             _remove(originals)
@@ -558,7 +632,7 @@ class RemoteWorkspaces:
             self.store._set(sdir, state, "locked", "sealed")
         return LockedWorkspace(path=Path(path), id=sdir.name, store_dir=sdir, files_dir=files,
                                originals_dir=originals, locked_at=state["locked_at"],
-                               entries=len(snap.entries), warning=ROOT_ONLY_WARNING)
+                               entries=len(snap.entries), warning=" ".join(self.store.warnings_for(state)))
 
     # ---- unlock -------------------------------------------------------------------------
 
@@ -589,6 +663,8 @@ class RemoteWorkspaces:
         done = _REMOTE_UNLOCK_STEPS.index(state["step"])
         files = sdir / "files"
         before = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
+        if state.get("storage") == "ext4" and done < _REMOTE_UNLOCK_STEPS.index("cleared"):
+            self.store.ensure_image(sdir, state, 0)  # mounted again if the executor restarted
         if done < _REMOTE_UNLOCK_STEPS.index("measured"):
             _write_atomic(sdir / "after.json", WorkspaceSnapshot.take(files).to_json())
             self.store._set(sdir, state, "unlocking", "measured")
@@ -605,6 +681,8 @@ class RemoteWorkspaces:
             _fsync_dir(sdir)
             self.store._set(sdir, state, "unlocking", "packed")
         if done < _REMOTE_UNLOCK_STEPS.index("cleared"):
+            if state.get("storage") == "ext4":
+                self.store.drop_image(sdir)
             _remove(files)
             self.store._set(sdir, state, "unlocked", "cleared")
         text = json.loads((sdir / "report.json").read_text())["text"]

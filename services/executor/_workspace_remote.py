@@ -31,7 +31,6 @@ from nats.js.object_store import ObjectStore
 
 from ._workspace_lock import (
     INCOMING,
-    ROOT_ONLY_WARNING,
     RemoteWorkspaces,
     WorkspaceLockError,
     WorkspaceStore,
@@ -94,8 +93,9 @@ class UploadedWorkspaces:
                     size += f.lstat().st_size
         return WorkspaceInfo(path=path, executor=self.eid, phase=phase, locked_at=st.get("locked_at"),
                              entries=entries, size_bytes=size, sessions=tuple(sorted(sessions)),
-                             warnings=(ROOT_ONLY_WARNING,) if phase == "locked" else (),
-                             origin_host=host)
+                             warnings=self.remote.store.warnings_for(st) if phase == "locked" else (),
+                             origin_host=host,
+                             storage=str(st.get("storage", "directory")) if phase == "locked" else None)
 
     def infos(self, user: str, *, sessions_on: Callable[[Path], list[str]]) -> tuple[WorkspaceInfo, ...]:
         """The uploads ``user`` holds here (others' stay private)."""

@@ -274,6 +274,8 @@ class WorkspaceInfo(BaseModel):
     warnings: tuple[str, ...] = ()
     origin_host: str | None = None
     """For a workspace uploaded from another machine: that machine's host."""
+    storage: str | None = None
+    """How the executor keeps it while locked: ``ext4`` (an image) or ``directory``."""
 
 
 class WorkspaceReply(Message):
