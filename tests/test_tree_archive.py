@@ -165,3 +165,21 @@ def test_unlocking_an_upload_twice_gives_the_same_report_and_archive(tmp_path: P
     assert first.transfer_id == again.transfer_id
     assert file_sha256(first.archive) == file_sha256(again.archive)
     assert not files.exists()
+
+
+def test_the_pool_sends_sessions_on_an_uploaded_workspace_to_its_holder_only() -> None:
+    from devsilo.protocol import ExecutorAnnounce, RemoteLock
+    from devsilo.runtime._pool import PoolView
+
+    def ann(eid: str, free: int, remote: tuple[RemoteLock, ...] = ()) -> ExecutorAnnounce:
+        return ExecutorAnnounce(executor_id=eid, instance="i", host="server", backends=("bwrap",),
+                                capacity=4, free=free, remote_locked=remote)
+
+    pool = PoolView()
+    pool.update(ann("roomy", 4))
+    pool.update(ann("holder", 1, (RemoteLock(host="laptop", path="/home/u/p", user="u"),)))
+    assert pool.remote_holder("laptop", "/home/u/p") == ("holder", "u")
+    assert pool.remote_holder("desktop", "/home/u/p") is None  # same path, another machine
+    assert [a.executor_id for a in pool.candidates("bwrap", host="laptop", workspace="/home/u/p")] == ["holder"]
+    assert pool.candidates("bwrap", host="laptop", workspace="/home/u/other") == []  # no executor on laptop
+    assert pool.host_of("roomy") == "server"
