@@ -319,6 +319,8 @@ def test_executor_killed_mid_lock_and_mid_unlock_of_an_upload_completes_on_rerun
                 first = r.silo("workspace", op, str(ws))
                 assert first.returncode == 1, first.stdout + first.stderr
                 assert "stopped while working on" in first.stderr
+                assert f"{op} of {ws} is not finished" in first.stderr or \
+                    f"the upload of {ws} is not finished" in first.stderr
                 _wait_restarted(stack, old)
                 again = r.silo("workspace", op, str(ws))
                 assert again.returncode == 0, again.stdout + again.stderr

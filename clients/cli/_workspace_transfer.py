@@ -229,7 +229,7 @@ class RemoteWorkspace:
             (rec.dir / "upload.tar").unlink(missing_ok=True)
             rec.set("locked")
         self.out.write(f"{ws} locked on executor {rec.state['executor']} (uploaded from {self.host}: "
-                       f"{rec.state['entries']} entries, {rec.state['plan']['size']} bytes)\n")
+                       f"{rec.state['entries']} entries, a {rec.state['plan']['size']}-byte archive)\n")
         return 0
 
     async def _upload(self) -> None:
@@ -408,7 +408,11 @@ async def workspace_on_gateway(target: Any, transfers: Path, cmd: WorkspaceComma
         await client.connect(target.token)
         remote = RemoteWorkspace(client, transfers, path, cmd.workspace_host, out, chunk_size=chunk_size)
         if cmd.op == "unlock" and rec.exists:
-            return await remote.unlock(accept=cmd.accept, as_json=as_json)
+            try:
+                return await remote.unlock(accept=cmd.accept, as_json=as_json)
+            except SiloError as exc:
+                raise TransferStateError(f"{exc}\nunlock of {path} is not finished; no file is lost: run "
+                                         f"`silo workspace unlock {path}` again to finish it") from exc
         if cmd.op == "status" and rec.exists:
             if rec.phase in ("started", "staged", "packed"):
                 out.write(f"{path}: being uploaded (interrupted at {rec.phase}); run `silo workspace lock "
@@ -420,14 +424,21 @@ async def workspace_on_gateway(target: Any, transfers: Path, cmd: WorkspaceComma
         if cmd.op != "lock":
             await client.send(cmd)
             return _print_workspace(await _expect(client, WorkspaceResult), cmd, out, as_json=as_json)
-        if rec.exists:
-            return await remote.lock(rec.state.get("executor"))
-        check_workspace(str(path), state_dirs)  # /, home and state directories never travel either
-        executor = cmd.executor
-        if not upload:
-            answer = await lock_or_upload(client, cmd)
-            if isinstance(answer, WorkspaceResult):
-                return _print_workspace(answer, cmd, out, as_json=as_json)
-            out.write(f"{answer.reason}: uploading {path} to executor {answer.executor}\n")
-            executor = answer.executor
-        return await remote.lock(executor)
+        executor = rec.state.get("executor") if rec.exists else cmd.executor
+        if not rec.exists:
+            check_workspace(str(path), state_dirs)  # /, home and state directories never travel either
+            if not upload:
+                answer = await lock_or_upload(client, cmd)
+                if isinstance(answer, WorkspaceResult):
+                    return _print_workspace(answer, cmd, out, as_json=as_json)
+                out.write(f"{answer.reason}: uploading {path} to executor {answer.executor}\n")
+                executor = answer.executor
+        try:
+            return await remote.lock(executor)
+        except SiloError as exc:
+            if not remote.rec.exists:
+                raise
+            raise TransferStateError(
+                f"{exc}\nthe upload of {path} is not finished; its files are kept in "
+                f"{path / remote.rec.state['outgoing']}: run `silo workspace lock {path} --upload` to finish "
+                f"it, or `silo workspace unlock {path}` to put them back") from exc
