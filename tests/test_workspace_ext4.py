@@ -76,3 +76,26 @@ def test_the_root_only_directory_says_why_it_is_used(tmp_path: Path) -> None:
     assert "no ext4 image: unshare(CLONE_NEWNS) failed: EPERM" in no_ns.warnings_for(None)[0]
     assert workspace_store({"workspace_store": str(tmp_path / "c"), "private_mounts": True}, "e",
                            Log()).storage == "ext4"
+
+
+def test_an_image_this_executor_cannot_mount_loses_nothing(tmp_path: Path) -> None:
+    from devsilo.executor._ext4 import Ext4Error
+    from devsilo.executor._workspace_lock import WorkspaceLockError, WorkspaceStore
+
+    store = WorkspaceStore(tmp_path / "store", "directory", "no private mount namespace")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "f").write_text("x\n")
+    locked = store.lock(ws, state_dirs=[])
+    # As if it had been locked into an image by an executor that had a private namespace.
+    state = json.loads((locked.store_dir / "state.json").read_text())
+    state.update(storage="ext4", image_ready=True)
+    (locked.store_dir / "state.json").write_text(json.dumps(state))
+    (locked.store_dir / "image.ext4").write_bytes(b"not an ext4 image")
+
+    assert store.remount() == [f"{locked.id}: not mounted (no private mount namespace)"]
+    with pytest.raises(WorkspaceLockError, match="is not mounted on this executor"):
+        store.check_mounted(locked.files_dir)
+    with pytest.raises(Ext4Error, match="mounting"):
+        store.unlock(ws)
+    assert (locked.files_dir / "f").read_text() == "x\n" and (locked.store_dir / "image.ext4").exists()

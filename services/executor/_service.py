@@ -301,6 +301,8 @@ async def serve(ctx: ServiceContext) -> None:
                 raise GrantError(f"workspace {workspace} is half locked or unlocked; run `silo workspace "
                                  "lock` or `unlock` again to finish that first")
             workspace = locked_paths().get(str(workspace), workspace)  # a locked one: its stored files
+            if workspace.is_relative_to(store.root):
+                store.check_mounted(workspace)
         allow_read = tuple(check_workspace(p, state_dirs, kind="read allow-list path")
                            for p in grant.allow_read)
         starting.add(sid)

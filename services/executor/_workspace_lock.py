@@ -42,7 +42,7 @@ from typing import Any
 from devsilo.protocol import SiloError
 from devsilo.runtime._tree_archive import ArchiveError, pack_tree, unpack_tree
 
-from ._ext4 import IMAGE, create_image, image_size, mount_image, unmount_image
+from ._ext4 import IMAGE, Ext4Error, create_image, image_size, mount_image, unmount_image
 from ._risk import check_workspace
 from ._snapshot import (
     ChangeReport,
@@ -286,13 +286,26 @@ class WorkspaceStore:
         else:
             mount_image(sdir / IMAGE, files)
 
+    def check_mounted(self, files: Path) -> Path:
+        """``files`` when its contents are there: an image that is not mounted would look empty."""
+        if (files.parent / IMAGE).exists() and not os.path.ismount(files):
+            raise WorkspaceLockError(f"the ext4 image of {files.parent.name} is not mounted on this executor "
+                                     f"({self.fallback_reason or 'see its log'}); no session can use it "
+                                     "until it is")
+        return files
+
     def drop_image(self, sdir: Path) -> None:
         """Unmount and delete a workspace's image (after its files moved out)."""
         unmount_image(sdir / "files")
         (sdir / IMAGE).unlink(missing_ok=True)
 
     def remount(self) -> list[str]:
-        """Mount the image of every workspace held in one (after a restart); return their ids."""
+        """Mount the image of every workspace held in one (after a restart); return their ids.
+
+        An image that cannot be mounted (no private namespace this time, a
+        broken image) is named in the log by the caller and left alone: its
+        workspace refuses sessions until it mounts, and nothing is lost.
+        """
         done = []
         for state_file in sorted(self.root.glob("*/state.json")):
             try:
@@ -302,7 +315,14 @@ class WorkspaceStore:
             image = state_file.parent / IMAGE
             if (st.get("storage") == "ext4" and st.get("image_ready") and image.exists()
                     and st.get("phase") in ("locking", "locked", "unlocking")):
-                mount_image(image, state_file.parent / "files")
+                if self.storage != "ext4":
+                    done.append(f"{state_file.parent.name}: not mounted ({self.fallback_reason})")
+                    continue
+                try:
+                    mount_image(image, state_file.parent / "files")
+                except Ext4Error as exc:
+                    done.append(f"{state_file.parent.name}: not mounted ({exc})")
+                    continue
                 done.append(state_file.parent.name)
         return done
 

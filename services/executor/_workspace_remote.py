@@ -78,7 +78,7 @@ class UploadedWorkspaces:
         if key in self.unlocking or state.get("phase") != "locked":
             raise GrantError(f"workspace {grant.workspace} of {grant.workspace_host} is being locked or "
                              "unlocked; no new sessions on it")
-        return files
+        return self.remote.store.check_mounted(files)
 
     def info(self, host: str, path: str, sessions: list[str]) -> WorkspaceInfo:
         """Status of one upload held (or once held) here."""
