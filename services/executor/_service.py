@@ -402,15 +402,16 @@ async def serve(ctx: ServiceContext) -> None:
                              sessions=attached, warnings=store.warnings_for(st) if files else (),
                              storage=str(st.get("storage", "directory")) if files else None)
 
+    def sessions_on(files: Path) -> list[str]:
+        return [sid for sid, s in sessions.items() if s.workspace == files]
+
     async def on_workspace(req: WorkspaceRequest) -> Message:
-        if req.transfer is not None or req.origin_host is not None:
-            return await uploaded.handle(req, sessions_on=lambda files: [
-                sid for sid, s in sessions.items() if s.workspace == files],
-                close_session=close_session, announce_now=announce_now)
+        if req.transfer is not None or req.origin_host is not None:  # uploaded from another machine
+            return await uploaded.handle(req, sessions_on=sessions_on, close_session=close_session,
+                                         announce_now=announce_now)
         if req.op == "list":
             return WorkspaceReply(workspaces=tuple(info(p, f) for p, f in sorted(held_paths().items()))
-                                  + uploaded.infos(req.user, sessions_on=lambda files: [
-                                      sid for sid, s in sessions.items() if s.workspace == files]))
+                                  + uploaded.infos(req.user, sessions_on=sessions_on))
         if req.path is None:
             raise GrantError(f"workspace {req.op} needs a path")
         if req.op == "status":
