@@ -35,7 +35,7 @@ from devsilo.protocol.client import (
 )
 from devsilo.runtime._workspace_objects import (
     TransferError,
-    chunk_present,
+    chunks_present,
     delete_transfer,
     get_chunk,
     open_bucket,
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from ._server import ClientConnection, Gateway
 
 
-@dataclass(frozen=True)
+@dataclass
 class Upload:
     """An upload a user started: where it goes and the plan (client's and stored names)."""
 
@@ -57,6 +57,8 @@ class Upload:
     executor: str
     client_plan: TransferPlan
     stored: TransferPlan
+    have: set[int]
+    """Chunks known to be stored (listed at begin or stored since through this gateway)."""
 
 
 class WorkspaceTransfers:
@@ -107,9 +109,9 @@ class WorkspaceTransfers:
         name = hashlib.sha256(f"{user}\0{plan.transfer_id}".encode()).hexdigest()[:40]
         stored = plan.model_copy(update={"transfer_id": f"up-{name}"})
         obs = await self.bucket()
-        have = tuple([i for i in range(plan.chunks) if await chunk_present(obs, stored, i)])
+        have = tuple(await chunks_present(obs, stored))
         self.uploads[(user, plan.transfer_id)] = Upload(user, req.path, req.workspace_host, executor,
-                                                        plan, stored)
+                                                        plan, stored, set(have))
         return WorkspaceUploadState(transfer_id=plan.transfer_id, executor=executor, have=have)
 
     async def chunk(self, user: str, req: WorkspaceChunk) -> WorkspaceChunkAck:
@@ -126,13 +128,15 @@ class WorkspaceTransfers:
         except (binascii.Error, ValueError) as e:
             raise TransferError(f"chunk {req.index} of upload {req.transfer_id} is not base64") from e
         await put_chunk(await self.bucket(), up.stored, req.index, data)
+        up.have.add(req.index)
         return WorkspaceChunkAck(transfer_id=req.transfer_id, index=req.index)
 
     async def commit(self, conn: ClientConnection, user: str, req: WorkspaceUploadCommit) -> WorkspaceResult:
         """Every chunk is stored: the executor locks the workspace from them."""
         up = self._upload(user, req.transfer_id)
         obs = await self.bucket()
-        missing = [i for i in range(up.stored.chunks) if not await chunk_present(obs, up.stored, i)]
+        missing = [] if len(up.have) == up.stored.chunks else sorted(
+            set(range(up.stored.chunks)) - set(await chunks_present(obs, up.stored)))
         if missing:
             raise TransferError(f"{len(missing)} chunk(s) of upload {req.transfer_id} are not stored yet "
                                 f"(first: {missing[0]}); resume the upload")

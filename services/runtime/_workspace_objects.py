@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from devsilo.protocol import SiloError, TransferPlan, subjects
 from devsilo.runtime._tree_archive import file_sha256, hash_chunks, read_range, write_range
-from nats.js.api import ObjectStoreConfig
+from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
@@ -25,8 +27,34 @@ BUCKET_TTL_S = 14 * 24 * 3600.0
 """Chunks of a transfer nobody finished are dropped after this long."""
 
 
+PARALLEL = 8
+"""Object store requests in flight at once for one transfer (each is a round trip to NATS)."""
+
+T = TypeVar("T")
+
+
 class TransferError(SiloError):
     """A chunk or an archive did not match its plan, or the object store failed."""
+
+
+async def for_each_chunk(plan: TransferPlan, fn: Callable[[int], Awaitable[T]],
+                         limit: int = PARALLEL) -> list[T]:
+    """``fn(i)`` for every chunk index, ``limit`` at a time; results in index order."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(i: int) -> T:
+        async with gate:
+            return await fn(i)
+
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(one(i)) for i in range(plan.chunks)]
+    return [t.result() for t in tasks]
+
+
+async def chunks_present(obs: ObjectStore, plan: TransferPlan) -> list[int]:
+    """The indexes of the chunks stored with exactly the planned content."""
+    present = await for_each_chunk(plan, lambda i: chunk_present(obs, plan, i))
+    return [i for i, ok in enumerate(present) if ok]
 
 
 async def open_bucket(js: JetStreamContext) -> ObjectStore:
@@ -68,7 +96,9 @@ def check_chunk(plan: TransferPlan, index: int, data: bytes) -> None:
 async def put_chunk(obs: ObjectStore, plan: TransferPlan, index: int, data: bytes) -> None:
     """Store chunk ``index`` after checking it against the plan."""
     check_chunk(plan, index, data)
-    await obs.put(plan.object_name(index), data)
+    # One NATS message per chunk (at most 512 KiB, under the 1 MiB payload limit), not four.
+    meta = ObjectMeta(name=plan.object_name(index), options=ObjectMetaOptions(max_chunk_size=len(data)))
+    await obs.put(plan.object_name(index), data, meta=meta)
 
 
 async def get_chunk(obs: ObjectStore, plan: TransferPlan, index: int) -> bytes:
@@ -87,9 +117,12 @@ async def fetch_archive(obs: ObjectStore, plan: TransferPlan, dest: Path) -> Non
     """Write the whole archive of ``plan`` to ``dest``, every chunk and the whole checked."""
     tmp = dest.with_name(dest.name + ".partial")
     tmp.unlink(missing_ok=True)
-    for i in range(plan.chunks):
+
+    async def fetch(i: int) -> None:
         data = await get_chunk(obs, plan, i)
-        await asyncio.to_thread(write_range, tmp, i * plan.chunk_size, data)
+        await asyncio.to_thread(write_range, tmp, i * plan.chunk_size, data, size=plan.size)
+
+    await for_each_chunk(plan, fetch)
     if await asyncio.to_thread(file_sha256, tmp) != plan.sha256:
         tmp.unlink()
         raise TransferError(f"transfer {plan.transfer_id} does not match its SHA-256 as a whole; "
@@ -103,17 +136,21 @@ async def publish_archive(obs: ObjectStore, archive: Path, transfer_id: str,
     size, sha, chunks = await asyncio.to_thread(hash_chunks, archive, chunk_size)
     plan = TransferPlan(transfer_id=transfer_id, size=size, sha256=sha, chunk_size=chunk_size,
                         chunk_sha256=chunks)
-    for i in range(plan.chunks):
+    async def publish(i: int) -> None:
         if not await chunk_present(obs, plan, i):
             data = await asyncio.to_thread(read_range, archive, i * chunk_size, plan.chunk_len(i))
             await put_chunk(obs, plan, i, data)
+
+    await for_each_chunk(plan, publish)
     return plan
 
 
 async def delete_transfer(obs: ObjectStore, plan: TransferPlan) -> None:
     """Remove every chunk of ``plan`` (missing ones are fine)."""
-    for i in range(plan.chunks):
+    async def delete(i: int) -> None:
         try:
             await obs.delete(plan.object_name(i))
         except (ObjectNotFoundError, NotFoundError):
-            continue
+            return
+
+    await for_each_chunk(plan, delete)
