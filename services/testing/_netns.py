@@ -41,7 +41,8 @@ class ClientMachine:
         tag = secrets.token_hex(3)
         self.ns = f"dsx-{tag}"
         self.host_if, self.client_if = f"dsxh{tag}", f"dsxc{tag}"
-        octet = int(tag[:2], 16) % 250 + 1
+        in_use = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=False).stdout
+        octet = next(o for o in [int(tag[:2], 16) % 250 + 1, *range(1, 251)] if f"10.231.{o}." not in in_use)
         self.host_addr, self.client_addr = f"10.231.{octet}.1", f"10.231.{octet}.2"
         self.nsdir = scratch / f"ns-{tag}"
         self.home = home
