@@ -468,3 +468,19 @@ def test_an_unsafe_archive_is_refused_by_the_executor(remote: Remote, name: str,
     assert not Path("/tmp/escaped").exists() and not Path("/etc/escaped").exists()
     held = [p for p in (remote.stack.state_dir.parent / "workspaces-executor").glob(f"{name}-r*")]
     assert held == []  # nothing was locked; the store keeps nothing of it
+
+
+def test_json_output_of_a_remote_lock_and_unlock_is_one_document_each(remote: Remote) -> None:
+    ws = remote.client.home / "as-json"
+    remote.build(ws)
+    before = remote.dump(ws)
+    lock = remote.silo("workspace", "lock", str(ws), "--json")
+    assert lock.returncode == 0, lock.stdout + lock.stderr
+    (info,) = json.loads(lock.stdout)["workspaces"]
+    assert (info["phase"], info["origin_host"], info["executor"]) == ("locked", "client-machine", "executor")
+    assert "uploading" in lock.stderr  # progress goes to stderr
+    unlock = remote.silo("workspace", "unlock", str(ws), "--json", "--accept")
+    assert unlock.returncode == 0, unlock.stdout + unlock.stderr
+    result = json.loads(unlock.stdout)
+    assert result["report"]["changes_since_lock"] == 0 and result["transfer"]["sha256"]
+    assert remote.dump(ws) == before

@@ -43,6 +43,7 @@ import secrets
 import shutil
 import signal
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -177,23 +178,26 @@ class RemoteWorkspace:
     """Lock and unlock one workspace of this machine on an executor elsewhere."""
 
     def __init__(self, client: GatewayClient, transfers: Path, path: Path, host: str, out: TextIO, *,
-                 chunk_size: int = DEFAULT_CHUNK, max_bytes: int = MAX_TRANSFER_BYTES) -> None:
+                 chunk_size: int = DEFAULT_CHUNK, max_bytes: int = MAX_TRANSFER_BYTES,
+                 progress: TextIO | None = None) -> None:
         self.client = client
         self.rec = UploadRecord(transfers, path, host)
         self.ws = path
         self.host = host
         self.out = out
+        self.progress = progress or out
+        """Where progress lines go (stderr under ``--json``, so stdout stays one JSON document)."""
         self.chunk_size = chunk_size
         self.max_bytes = max_bytes
         self._offered = False
 
     # ---- lock ---------------------------------------------------------------------------
 
-    async def lock(self, executor: str | None) -> int:
+    async def lock(self, executor: str | None, *, as_json: bool = False) -> int:
         """Stage, pack, upload and lock; finish an interrupted lock."""
         rec, ws = self.rec, self.ws
         if rec.phase in ("locked", "downloading", "downloaded", "extracted", "unmarked", "restored"):
-            self.out.write(f"{ws} is already locked on executor {rec.state['executor']} (uploaded)\n")
+            self.progress.write(f"{ws} is already locked on executor {rec.state['executor']} (uploaded)\n")
             return 0
         if not rec.exists:
             if os.path.lexists(ws / MARKER):
@@ -214,7 +218,7 @@ class RemoteWorkspace:
             packed = pack_tree(outgoing, archive, max_bytes=self.max_bytes)
             size, sha, chunks = hash_chunks(archive, self.chunk_size)
             for skipped in packed.skipped:
-                self.out.write(f"warning: {skipped} is a FIFO, socket or device; it cannot travel and "
+                self.progress.write(f"warning: {skipped} is a FIFO, socket or device; it cannot travel and "
                                "stays in the upload's staging directory\n")
             rec.set("packed", plan={"transfer_id": f"ws-{secrets.token_hex(12)}", "size": size,
                                     "sha256": sha, "chunk_size": self.chunk_size, "chunk_sha256": chunks},
@@ -228,8 +232,11 @@ class RemoteWorkspace:
             os.chmod(ws, 0o555)
             (rec.dir / "upload.tar").unlink(missing_ok=True)
             rec.set("locked")
-        self.out.write(f"{ws} locked on executor {rec.state['executor']} (uploaded from {self.host}: "
-                       f"{rec.state['entries']} entries, a {rec.state['plan']['size']}-byte archive)\n")
+        if as_json:
+            self.out.write(json.dumps(rec.state.get("lock_result", {}), indent=2) + "\n")
+        else:
+            self.out.write(f"{ws} locked on executor {rec.state['executor']} (uploaded from {self.host}: "
+                           f"{rec.state['entries']} entries, a {rec.state['plan']['size']}-byte archive)\n")
         return 0
 
     async def _upload(self) -> None:
@@ -241,10 +248,10 @@ class RemoteWorkspace:
         rec.set("packed", executor=st.executor)
         have = set(st.have)
         if have:
-            self.out.write(f"resuming upload: {len(have)} of {plan.chunks} chunks already uploaded\n")
-        self.out.write(f"uploading {plan.size} bytes in {plan.chunks - len(have)} chunk(s) to executor "
+            self.progress.write(f"resuming upload: {len(have)} of {plan.chunks} chunks already uploaded\n")
+        self.progress.write(f"uploading {plan.size} bytes in {plan.chunks - len(have)} chunk(s) to executor "
                        f"{st.executor}\n")
-        self.out.flush()
+        self.progress.flush()
         for i in range(plan.chunks):
             if i in have:
                 continue
@@ -257,8 +264,8 @@ class RemoteWorkspace:
                 raise GatewayError(f"the gateway acknowledged chunk {ack.index}, not {i}")
             _crash_point(f"upload.chunk.{i}")
         await self.client.send(WorkspaceUploadCommit(transfer_id=plan.transfer_id))
-        await _expect(self.client, WorkspaceResult)
-        rec.set("uploaded")
+        res: WorkspaceResult = await _expect(self.client, WorkspaceResult)
+        rec.set("uploaded", lock_result=res.model_dump(mode="json"))
 
     # ---- unlock -------------------------------------------------------------------------
 
@@ -311,7 +318,7 @@ class RemoteWorkspace:
                 await self.client.send(WorkspaceTransferDone(transfer_id=plan.transfer_id))
                 await _expect(self.client, WorkspaceTransferClosed)
             except GatewayError as exc:  # the chunks expire with the bucket's age limit anyway
-                self.out.write(f"warning: could not release the result on the gateway: {exc}\n")
+                self.progress.write(f"warning: could not release the result on the gateway: {exc}\n")
             rec.forget()
         if not as_json:
             self.out.write(f"applied the result to {ws} (downloaded from executor "
@@ -406,7 +413,8 @@ async def workspace_on_gateway(target: Any, transfers: Path, cmd: WorkspaceComma
     rec = UploadRecord(transfers, path, cmd.workspace_host)
     async with GatewayClient(target.url, target.fingerprint, client_name="silo-workspace") as client:
         await client.connect(target.token)
-        remote = RemoteWorkspace(client, transfers, path, cmd.workspace_host, out, chunk_size=chunk_size)
+        remote = RemoteWorkspace(client, transfers, path, cmd.workspace_host, out, chunk_size=chunk_size,
+                                 progress=sys.stderr if as_json else out)
         if cmd.op == "unlock" and rec.exists:
             try:
                 return await remote.unlock(accept=cmd.accept, as_json=as_json)
@@ -431,10 +439,10 @@ async def workspace_on_gateway(target: Any, transfers: Path, cmd: WorkspaceComma
                 answer = await lock_or_upload(client, cmd)
                 if isinstance(answer, WorkspaceResult):
                     return _print_workspace(answer, cmd, out, as_json=as_json)
-                out.write(f"{answer.reason}: uploading {path} to executor {answer.executor}\n")
+                remote.progress.write(f"{answer.reason}: uploading {path} to executor {answer.executor}\n")
                 executor = answer.executor
         try:
-            return await remote.lock(executor)
+            return await remote.lock(executor, as_json=as_json)
         except SiloError as exc:
             if not remote.rec.exists:
                 raise
