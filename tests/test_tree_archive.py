@@ -1,4 +1,4 @@
-"""The archive a workspace travels in, the transfer plan, and uploaded workspaces in the store."""
+"""The archive a workspace travels in, the transfer plan, and who may use an uploaded workspace."""
 
 from __future__ import annotations
 
@@ -183,3 +183,22 @@ def test_the_pool_sends_sessions_on_an_uploaded_workspace_to_its_holder_only() -
     assert [a.executor_id for a in pool.candidates("bwrap", host="laptop", workspace="/home/u/p")] == ["holder"]
     assert pool.candidates("bwrap", host="laptop", workspace="/home/u/other") == []  # no executor on laptop
     assert pool.host_of("roomy") == "server"
+
+
+def test_the_gateway_refuses_an_upload_for_a_workspace_another_user_holds() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from devsilo.gateway._transfers import WorkspaceTransfers
+    from devsilo.protocol import ExecutorAnnounce, GrantError, RemoteLock
+    from devsilo.protocol.client import WorkspaceUpload
+    from devsilo.runtime._pool import PoolView
+
+    pool = PoolView()
+    pool.update(ExecutorAnnounce(executor_id="e1", instance="i", host="server", backends=("bwrap",), capacity=4,
+                                 free=4, remote_locked=(RemoteLock(host="laptop", path="/p", user="alice"),)))
+    gw = SimpleNamespace(ctx=SimpleNamespace(options={}), pool=pool, bus=None)
+    transfers = WorkspaceTransfers(gw)  # type: ignore[arg-type]
+    plan = TransferPlan(transfer_id="t", size=10, sha256="0" * 64, chunk_size=4096, chunk_sha256=("0" * 64,))
+    with pytest.raises(GrantError, match="/p of laptop is locked by another user"):
+        asyncio.run(transfers.begin("bob", WorkspaceUpload(path="/p", workspace_host="laptop", plan=plan)))
