@@ -99,3 +99,29 @@ def test_an_image_this_executor_cannot_mount_loses_nothing(tmp_path: Path) -> No
     with pytest.raises(Ext4Error, match="mounting"):
         store.unlock(ws)
     assert (locked.files_dir / "f").read_text() == "x\n" and (locked.store_dir / "image.ext4").exists()
+
+
+def test_a_host_mount_made_after_the_executor_started_still_reaches_sessions(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    subprocess.run(["mount", "--bind", str(shared), str(shared)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(shared)], check=True)
+        stack = Stack(tmp_path / "state")
+        stack.start()
+        try:
+            (shared / "later").mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "late-disk", str(shared / "later")], check=True)
+            (shared / "later" / "on-the-new-disk.txt").write_text("here\n")
+            script = tmp_path / "s.json"
+            script.write_text(json.dumps({"responses": [
+                {"tool_calls": [{"name": "Bash", "input": {"command": "cat on-the-new-disk.txt"}}]},
+                {"tool_calls": [{"name": "Exit", "input": {"message": "ok"}}]}]}))
+            run = silo(stack, "run", "--headless", "--script", str(script), "--workspace",
+                       str(shared / "later"), "--prompt", "go")
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert "here" in run.stdout  # the executor's namespace received the host's new mount
+        finally:
+            stack.stop()
+    finally:
+        subprocess.run(["umount", "-R", str(shared)], check=False)

@@ -1,7 +1,10 @@
 """Locked workspaces in ext4 images mounted only in the executor's own mount namespace.
 
 A root executor moves itself into a private mount namespace when it starts
-(:func:`enter_private_mounts`, before any thread exists). Each locked
+(:func:`enter_private_mounts`, before any thread exists), as a slave of the
+host's: its mounts never reach the host, and mounts the host makes later reach
+it where the host's mounts are shared (systemd's default; where they are
+private, a later host mount is seen only by an executor started after it). Each locked
 workspace then gets its own sparse ext4 image (``mkfs.ext4``), loop-mounted
 ``nosuid,nodev`` at its ``files/`` directory in that namespace only: the
 executor, the sandboxes it starts (they inherit the namespace) and nothing
@@ -27,7 +30,7 @@ from devsilo.protocol import SiloError
 
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
 IMAGE = "image.ext4"
 MIN_IMAGE_BYTES = 1024 * 1024 * 1024
 """Images are sparse: this is room to grow (a disk quota), not disk used up front."""
@@ -50,9 +53,10 @@ def enter_private_mounts() -> str | None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNS) != 0:
         return f"unshare(CLONE_NEWNS) failed: {os.strerror(ctypes.get_errno())}"
-    # Nothing mounted here may propagate back to the host's namespace.
-    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-        return f"making / private failed: {os.strerror(ctypes.get_errno())}"
+    # Slave: nothing mounted here propagates back to the host, while what the host mounts
+    # later (a disk, a network share) still arrives here where the host's mounts are shared.
+    if libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None) != 0:
+        return f"making / a slave mount failed: {os.strerror(ctypes.get_errno())}"
     return None
 
 
