@@ -24,7 +24,7 @@ from pathlib import Path
 from devsilo.testing import Stack
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workspace import generate  # noqa: E402
+from workspace import generate
 
 
 def silo(stack: Stack, *args: str) -> float:
