@@ -315,7 +315,9 @@ def test_rendered_config_is_valid_and_limits_jetstream_by_role(
     assert conf["max_payload"] == 2 << 20
     assert "http" not in conf and "http_port" not in conf
     assert len(conf["authorization"]["users"]) == 4
-    assert jetstream_permissions(Role.EXECUTOR) == []
+    executor = jetstream_permissions(Role.EXECUTOR)
+    assert executor and all(subjects.WORKSPACE_OBJECTS_STREAM in p or p.startswith("$O.silo_workspaces.")
+                            or p in ("$JS.API.INFO", "$JS.API.STREAM.NAMES") for p in executor)
     assert jetstream_permissions(Role.EGRESS) == []
     gateway = jetstream_permissions(Role.GATEWAY)
     assert "$JS.API.CONSUMER.MSG.NEXT.SILO_EVENTS.*" in gateway
@@ -390,3 +392,25 @@ async def test_connection_comes_back_after_a_server_restart(
     finally:
         await nc.close()
         await server.stop()
+
+
+async def test_only_gateway_and_executor_reach_the_workspace_object_store(connect: Connect) -> None:
+    from devsilo.runtime._workspace_objects import open_bucket
+
+    gateway = await connect("gateway")
+    executor = await connect("executor")
+    harness = await connect("harness")
+    egress = await connect("egress")
+    stored = await open_bucket(gateway.js)
+    await stored.put("up-x.0", b"workspace bytes")
+    got = await (await open_bucket(executor.js)).get("up-x.0")
+    assert got.data == b"workspace bytes"
+    for outsider in (harness, egress):
+        with pytest.raises(nats.errors.TimeoutError):
+            await outsider.js.object_store(subjects.WORKSPACE_OBJECTS)
+        await outsider.errors.wait_for(f"$JS.API.STREAM.INFO.{subjects.WORKSPACE_OBJECTS_STREAM}")
+        live = await outsider.nc.subscribe(f"$O.{subjects.WORKSPACE_OBJECTS}.>")
+        await outsider.nc.flush()
+        await outsider.errors.wait_for("subscription to")
+        await stored.put("up-x.1", b"more bytes")
+        assert await received(live) == []

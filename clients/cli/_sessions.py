@@ -26,6 +26,7 @@ from devsilo.protocol.client import (
     Shutdown,
     WorkspaceCommand,
     WorkspaceResult,
+    WorkspaceUploadNeeded,
 )
 from devsilo.runtime._state import StateDir
 
@@ -120,6 +121,9 @@ async def workspace_command(target: GatewayTarget, cmd: WorkspaceCommand, out: T
         async for frame in client.frames():
             if isinstance(frame, WorkspaceResult):
                 return _print_workspace(frame, cmd, out, as_json=as_json)
+            if isinstance(frame, WorkspaceUploadNeeded):
+                out.write(f"error: {frame.reason}; run `silo workspace lock {frame.path}` to upload it\n")
+                return EXIT_RUNTIME
     return EXIT_RUNTIME
 
 
@@ -135,12 +139,16 @@ def _print_workspace(res: WorkspaceResult, cmd: WorkspaceCommand, out: TextIO, *
             line = f"{w['path']}: {w['phase']}"
             if w.get("executor"):
                 line += f" on {w['executor']}"
+            if w.get("origin_host"):
+                line += f" (uploaded from {w['origin_host']})"
             if w["phase"] == "locked":
                 line += f", {w.get('entries', 0)} entries, {_size(int(w.get('size_bytes', 0)))}"
                 sessions = w.get("sessions") or []
                 line += f", sessions: {', '.join(sessions) if sessions else 'none'}"
                 shells = w.get("shells") or []
                 line += f", shells: {', '.join(shells) if shells else 'none'}"
+                if w.get("storage") == "ext4":
+                    line += ", in an ext4 image mounted only in the executor's namespace"
             out.write(line + "\n")
             for warning in w.get("warnings") or []:
                 out.write(f"  warning: {warning}\n")

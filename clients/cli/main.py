@@ -95,6 +95,11 @@ def cmd_service(args: argparse.Namespace) -> int:
         options.update(host=host.strip("[]") or "127.0.0.1", port=int(port))
     if role is Role.EXECUTOR:
         options.update(executor_options(args, state.config().services[args.id or role.value].options))
+        from devsilo.executor._ext4 import enter_private_mounts
+
+        # Still one thread here: the whole executor (and every sandbox) lives in this namespace.
+        options["private_mounts_error"] = enter_private_mounts()
+        options["private_mounts"] = options["private_mounts_error"] is None
     nats_url = args.nats or state.config().nats.url
     asyncio.run(run_service(role, args.id or role.value, state, nats_url, body,
                             metrics_port=args.metrics_port, options=options, log_level=args.log_level,
@@ -185,7 +190,14 @@ def cmd_workspace(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     cmd = WorkspaceCommand(op=args.action, path=path, workspace_host=socket.gethostname(),
                            executor=args.executor, accept=args.accept)
-    target = local_gateway(_state(args), args.gateway)
+    state = _state(args)
+    target = local_gateway(state, args.gateway)
+    if path is not None:  # lock may turn into an upload; uploaded ones unlock by download
+        from ._workspace_transfer import workspace_on_gateway
+
+        return asyncio.run(workspace_on_gateway(
+            target, state.root / "transfers", cmd, sys.stdout, as_json=args.json, upload=args.upload,
+            chunk_size=args.chunk_size, state_dirs=[state.root]))
     return asyncio.run(workspace_command(target, cmd, sys.stdout, as_json=args.json))
 
 
@@ -322,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", nargs="?")
     s.add_argument("--executor", help="lock on this executor (default: one on this machine)")
     s.add_argument("--accept", action="store_true", help="unlock: exit 0 even when an auto-exec surface changed")
+    s.add_argument("--upload", action="store_true",
+                   help="lock: upload the workspace to the executor (automatic when it runs on another host)")
+    s.add_argument("--chunk-size", type=int, default=512 * 1024, help=argparse.SUPPRESS)
     s.add_argument("--json", action="store_true")
     s.add_argument("--gateway")
     s.set_defaults(func=cmd_workspace)

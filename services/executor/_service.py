@@ -31,6 +31,7 @@ from devsilo.protocol import (
     LeaseRequest,
     Message,
     PoolError,
+    RemoteLock,
     Role,
     SandboxClosed,
     SandboxError,
@@ -58,7 +59,9 @@ from ._shell_stream import ShellStream
 from ._spec import WORKSPACE, SandboxSpec
 from ._tools import run_tool
 from ._warm import WarmPool
-from ._workspace_lock import ROOT_ONLY_WARNING, WorkspaceStore
+from ._ext4 import ext4_unavailable
+from ._workspace_lock import WorkspaceStore
+from ._workspace_remote import UploadedWorkspaces
 
 DEFAULT_SANDBOX_UID = 64123
 DEFAULT_CAPACITY = 16
@@ -136,6 +139,26 @@ def default_store(eid: str) -> Path:
     return Path(os.path.expanduser("~/.local/share/devsilo")) / eid / "workspaces"
 
 
+def workspace_store(opts: dict[str, Any], eid: str, log: Any) -> WorkspaceStore:
+    """The store, keeping new locks in ext4 images where this executor can (see ``_ext4``).
+
+    ``workspace_storage``: ``auto`` (default: an image when root, in a private
+    mount namespace, with mkfs.ext4 and loop devices) or ``directory``.
+    """
+    root = Path(opts.get("workspace_store") or default_store(eid))
+    wanted = str(opts.get("workspace_storage") or "auto")
+    reason = (opts.get("private_mounts_error") or ext4_unavailable(bool(opts.get("private_mounts"))))
+    if wanted == "directory":
+        store = WorkspaceStore(root, "directory", "the operator chose workspace_storage=directory")
+    elif reason is None:
+        store = WorkspaceStore(root, "ext4")
+    else:
+        store = WorkspaceStore(root, "directory", f"no ext4 image: {reason}")
+    log.info("workspace_storage", storage=store.storage, reason=store.fallback_reason,
+             remounted=store.remount())
+    return store
+
+
 def parse_addr(addr: str | None) -> tuple[str, int] | None:
     """``host:port`` (or ``[v6]:port``) as a tuple; GrantError when malformed."""
     if addr is None:
@@ -166,8 +189,9 @@ async def serve(ctx: ServiceContext) -> None:
     relay_dir = scratch_root / ".relay"
     relay_dir.mkdir(mode=0o711, exist_ok=True)
     state_dirs = [ctx.state.root]
-    store = WorkspaceStore(Path(opts.get("workspace_store") or default_store(eid)))
+    store = workspace_store(opts, eid, ctx.log)
     unlocking: set[str] = set()
+    uploaded = UploadedWorkspaces(ctx, store, eid)
 
     def store_records(phases: tuple[str, ...]) -> dict[str, Path]:
         """Workspace path -> where its files are, for the store's records in ``phases``."""
@@ -177,7 +201,7 @@ async def serve(ctx: ServiceContext) -> None:
                 st = json.loads(state_file.read_text())
             except (OSError, ValueError):
                 continue
-            if st.get("phase") in phases:
+            if st.get("phase") in phases and st.get("origin") is None:  # uploaded ones: below
                 out[str(st["path"])] = state_file.parent / "files"
         return out
 
@@ -219,7 +243,10 @@ async def serve(ctx: ServiceContext) -> None:
             capacity=capacity, free=max(0, capacity - in_use()), users=users,
             warm={"bwrap": warm_pool.ready} if warm_pool is not None else {},
             sessions=tuple(sorted(sid for sid, s in sessions.items() if s.grant.purpose == "session")),
-            locked=tuple(sorted(held_paths())), stopping=stopping,
+            locked=tuple(sorted(held_paths())),
+            remote_locked=tuple(RemoteLock(host=h, path=p, user=u)
+                                for (h, p), (u, _) in sorted(uploaded.held().items())),
+            stopping=stopping,
         )
 
     async def announce_now() -> None:
@@ -266,7 +293,8 @@ async def serve(ctx: ServiceContext) -> None:
             raise GrantError(f"grant names executor {grant.executor}, this is {eid}")
         if sid in sessions or sid in starting:
             raise GrantError(f"session {sid} already has a sandbox here")
-        if grant.workspace_host is not None and grant.workspace_host != socket.gethostname():
+        upload = uploaded.for_grant(grant)  # uploaded from the client's machine and locked here
+        if upload is None and grant.workspace_host is not None and grant.workspace_host != socket.gethostname():
             raise refuse("host", f"the workspace is on {grant.workspace_host}; executor {eid} runs on "
                          f"{socket.gethostname()} and cannot mount it")
         if grant.sandbox == "auto" and backends:
@@ -278,15 +306,20 @@ async def serve(ctx: ServiceContext) -> None:
             raise refuse("capacity", f"executor {eid} is full ({capacity} sandboxes)")
         if sum(1 for s in sessions.values() if s.grant.user == grant.user) >= per_user:
             raise refuse("user_limit", f"user {grant.user} already has {per_user} sandboxes on {eid}")
-        workspace = check_workspace(grant.workspace, state_dirs)
-        if str(workspace) in unlocking:
-            raise GrantError(f"workspace {workspace} is being unlocked; no new sessions on it")
-        if str(workspace) in held_paths() and str(workspace) not in locked_paths():
-            raise GrantError(f"workspace {workspace} is half locked or unlocked; run `silo workspace "
-                             "lock` or `unlock` again to finish that first")
-        if purpose == "shell":
-            workspace = shell_workspace(grant, workspace)
-        workspace = locked_paths().get(str(workspace), workspace)  # a locked one: its stored files
+        if upload is not None:
+            workspace = upload
+        else:
+            workspace = check_workspace(grant.workspace, state_dirs)
+            if str(workspace) in unlocking:
+                raise GrantError(f"workspace {workspace} is being unlocked; no new sessions on it")
+            if str(workspace) in held_paths() and str(workspace) not in locked_paths():
+                raise GrantError(f"workspace {workspace} is half locked or unlocked; run `silo workspace "
+                                 "lock` or `unlock` again to finish that first")
+            if purpose == "shell":
+                workspace = shell_workspace(grant, workspace)
+            workspace = locked_paths().get(str(workspace), workspace)  # a locked one: its stored files
+            if workspace.is_relative_to(store.root):
+                store.check_mounted(workspace)
         allow_read = tuple(check_workspace(p, state_dirs, kind="read allow-list path")
                            for p in grant.allow_read)
         starting.add(sid)
@@ -325,6 +358,11 @@ async def serve(ctx: ServiceContext) -> None:
         backend = grant.sandbox
         if backend == "auto":
             backend = next(b for b in STRENGTH_ORDER if b in backends)
+        if backend == "docker" and os.path.ismount(workspace) and workspace.is_relative_to(store.root):
+            await relay.close()
+            raise GrantError(f"workspace {grant.workspace} is kept in an ext4 image mounted only in executor "
+                             f"{eid}'s mount namespace, which the Docker daemon cannot see; use the bwrap "
+                             "or gvisor sandbox (or run the executor with workspace_storage=directory)")
         started = time.perf_counter()
         sandbox: Sandbox | None = None
         try:
@@ -395,11 +433,19 @@ async def serve(ctx: ServiceContext) -> None:
         return WorkspaceInfo(path=path, executor=eid, phase=str(st.get("phase", "unlocked")),
                              locked_at=st.get("locked_at"), entries=entries, size_bytes=size,
                              sessions=attached, shells=shells,
-                             warnings=(ROOT_ONLY_WARNING,) if files else ())
+                             warnings=store.warnings_for(st) if files else (),
+                             storage=str(st.get("storage", "directory")) if files else None)
+
+    def sessions_on(files: Path) -> list[str]:
+        return [sid for sid, s in sessions.items() if s.workspace == files]
 
     async def on_workspace(req: WorkspaceRequest) -> Message:
+        if req.transfer is not None or req.origin_host is not None:  # uploaded from another machine
+            return await uploaded.handle(req, sessions_on=sessions_on, close_session=close_session,
+                                         announce_now=announce_now)
         if req.op == "list":
-            return WorkspaceReply(workspaces=tuple(info(p, f) for p, f in sorted(held_paths().items())))
+            return WorkspaceReply(workspaces=tuple(info(p, f) for p, f in sorted(held_paths().items()))
+                                  + uploaded.infos(req.user, sessions_on=sessions_on))
         if req.path is None:
             raise GrantError(f"workspace {req.op} needs a path")
         if req.op == "status":

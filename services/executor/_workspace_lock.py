@@ -17,8 +17,11 @@ same operation again: moves are per top-level entry with ``rename(2)``
 across filesystems each entry is copied to a temporary name, verified,
 renamed into place, and only then removed from its source.
 
-This storage protects the contents by file permissions only; the ext4 image
-mounted only inside the sandbox's mount namespace is a separate backend.
+With ``storage="ext4"`` the ``files/`` directory is the mount point of a
+per-workspace ext4 image (``image.ext4`` beside it) mounted only in the
+executor's private mount namespace (see ``_ext4``); moves into and out of it
+cross filesystems and take the verified-copy path. Otherwise the contents are
+protected by file permissions only, and the warning says so.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from devsilo.protocol import SiloError
+from devsilo.runtime._tree_archive import ArchiveError, pack_tree, unpack_tree
 
+from ._ext4 import IMAGE, Ext4Error, create_image, image_size, mount_image, unmount_image
 from ._risk import check_workspace
 from ._snapshot import (
     ChangeReport,
@@ -240,13 +245,86 @@ class LockedWorkspace:
     warning: str
 
 
-class WorkspaceStore:
-    """Executor-owned storage for locked workspaces under ``root`` (created 0700)."""
+STORAGE_KINDS = ("directory", "ext4")
 
-    def __init__(self, root: Path) -> None:
+
+class WorkspaceStore:
+    """Executor-owned storage for locked workspaces under ``root`` (created 0700).
+
+    ``storage`` is how new locks keep their files: ``directory`` (root-only
+    directory, protected by permissions alone) or ``ext4`` (an image per
+    workspace mounted at its ``files/`` in the executor's private mount
+    namespace, see ``_ext4``); ``fallback_reason`` says why a directory is
+    used where an image was wanted.
+    """
+
+    def __init__(self, root: Path, storage: str = "directory", fallback_reason: str | None = None) -> None:
+        if storage not in STORAGE_KINDS:
+            raise WorkspaceLockError(f"unknown workspace storage {storage!r}; use one of {STORAGE_KINDS}")
         self.root = root
+        self.storage = storage
+        self.fallback_reason = fallback_reason
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o700)
+
+    def warnings_for(self, state: dict[str, Any] | None) -> tuple[str, ...]:
+        """What a locked workspace's storage means for the user (none for an image)."""
+        if state is not None and state.get("storage") == "ext4":
+            return ()
+        why = f" ({self.fallback_reason})" if self.fallback_reason else ""
+        return (ROOT_ONLY_WARNING + why,)
+
+    def ensure_image(self, sdir: Path, state: dict[str, Any], tree_bytes: int) -> None:
+        """Make (once) and mount (every time: mounts die with the executor) a workspace's image."""
+        files = sdir / "files"
+        if not state.get("image_ready"):
+            unmount_image(files)
+            create_image(sdir / IMAGE, image_size(tree_bytes))
+            mount_image(sdir / IMAGE, files, fresh=True)
+            state["image_ready"] = True
+            _write_atomic(sdir / "state.json", json.dumps(state))
+        else:
+            mount_image(sdir / IMAGE, files)
+
+    def check_mounted(self, files: Path) -> Path:
+        """``files`` when its contents are there: an image that is not mounted would look empty."""
+        if (files.parent / IMAGE).exists() and not os.path.ismount(files):
+            raise WorkspaceLockError(f"the ext4 image of {files.parent.name} is not mounted on this executor "
+                                     f"({self.fallback_reason or 'see its log'}); no session can use it "
+                                     "until it is")
+        return files
+
+    def drop_image(self, sdir: Path) -> None:
+        """Unmount and delete a workspace's image (after its files moved out)."""
+        unmount_image(sdir / "files")
+        (sdir / IMAGE).unlink(missing_ok=True)
+
+    def remount(self) -> list[str]:
+        """Mount the image of every workspace held in one (after a restart); return their ids.
+
+        An image that cannot be mounted (no private namespace this time, a
+        broken image) is named in the log by the caller and left alone: its
+        workspace refuses sessions until it mounts, and nothing is lost.
+        """
+        done = []
+        for state_file in sorted(self.root.glob("*/state.json")):
+            try:
+                st = json.loads(state_file.read_text())
+            except (OSError, ValueError):
+                continue
+            image = state_file.parent / IMAGE
+            if (st.get("storage") == "ext4" and st.get("image_ready") and image.exists()
+                    and st.get("phase") in ("locking", "locked", "unlocking")):
+                if self.storage != "ext4":
+                    done.append(f"{state_file.parent.name}: not mounted ({self.fallback_reason})")
+                    continue
+                try:
+                    mount_image(image, state_file.parent / "files")
+                except Ext4Error as exc:
+                    done.append(f"{state_file.parent.name}: not mounted ({exc})")
+                    continue
+                done.append(state_file.parent.name)
+        return done
 
     def workspace_id(self, path: Path) -> str:
         """A stable id per resolved path, so lock and unlock find the same store after a crash."""
@@ -297,7 +375,7 @@ class WorkspaceStore:
                 shutil.rmtree(sdir)  # the previous lock's store, kept for its report
             sdir.mkdir(mode=0o700)
             os.chmod(sdir, 0o700)
-            state = {"path": str(ws), "id": sdir.name}
+            state = {"path": str(ws), "id": sdir.name, "storage": self.storage}
             self._set(sdir, state, "locking", "started")
         done = _LOCK_STEPS.index(state["step"])
         files, originals = sdir / "files", sdir / "originals"
@@ -323,6 +401,8 @@ class WorkspaceStore:
 
         if done < _LOCK_STEPS.index("moved"):
             files.mkdir(mode=0o700, exist_ok=True)
+            if state.get("storage") == "ext4":
+                self.ensure_image(sdir, state, sum(e.size for e in snap.entries.values()))
             # files/ stands for the workspace root: give it the root's owner and mode.
             _lchown(files, snap.root_uid, snap.root_gid)
             os.chmod(files, snap.root_mode)
@@ -353,7 +433,7 @@ class WorkspaceStore:
             self._set(sdir, state, "locked", "sealed")
         return LockedWorkspace(path=ws, id=sdir.name, store_dir=sdir, files_dir=files,
                                originals_dir=originals, locked_at=state["locked_at"],
-                               entries=len(snap.entries), warning=ROOT_ONLY_WARNING)
+                               entries=len(snap.entries), warning=" ".join(self.warnings_for(state)))
 
     # ---- unlock -----------------------------------------------------------------------
 
@@ -385,6 +465,8 @@ class WorkspaceStore:
         done = _UNLOCK_STEPS.index(state["step"])
         files = sdir / "files"
         before = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
+        if state.get("storage") == "ext4" and done < _UNLOCK_STEPS.index("restored"):
+            self.ensure_image(sdir, state, 0)  # mounted again if the executor restarted
 
         if done < _UNLOCK_STEPS.index("opened"):
             if not os.path.lexists(ws):
@@ -421,6 +503,8 @@ class WorkspaceStore:
             self._set(sdir, state, "unlocking", "restored")
 
         if done < _UNLOCK_STEPS.index("moded"):
+            if state.get("storage") == "ext4":
+                self.drop_image(sdir)
             _lchown(ws, before.root_uid, before.root_gid)
             os.chmod(ws, before.root_mode)
             self._set(sdir, state, "unlocking", "moded")
@@ -434,3 +518,192 @@ class WorkspaceStore:
         before = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
         after = WorkspaceSnapshot.from_json(json.loads((sdir / "report.json").read_text())["after"])
         return diff(before, after)
+
+
+# ---- workspaces of other machines ------------------------------------------------------
+
+_REMOTE_LOCK_STEPS = ("started", "fetched", "extracted", "snapshotted", "sealed")
+_REMOTE_UNLOCK_STEPS = ("started", "measured", "reported", "packed", "cleared")
+INCOMING = "incoming.tar"
+"""The uploaded archive, once every chunk and the whole checked (removed after extraction)."""
+RESULT = "result.tar"
+"""The tree at unlock as an archive, kept until the next lock of the workspace for reruns."""
+
+
+@dataclass(frozen=True)
+class RemoteUnlock:
+    """An uploaded workspace's unlock: the report and the result archive to send back."""
+
+    report: ChangeReport
+    report_text: str
+    archive: Path
+    transfer_id: str
+
+
+class RemoteWorkspaces:
+    """Workspaces of other machines, uploaded as archives and kept in a :class:`WorkspaceStore`.
+
+    They are keyed by (origin host, path on that host), never by a path on
+    this machine: nothing here ever touches the path itself. The steps are
+    recorded like a local lock's, so every operation resumes after a crash.
+    """
+
+    def __init__(self, store: WorkspaceStore, *, max_bytes: int) -> None:
+        self.store = store
+        self.max_bytes = max_bytes
+
+    def store_dir(self, host: str, path: str) -> Path:
+        """The per-workspace storage directory of (host, path)."""
+        digest = hashlib.sha256(f"{host}\0{path}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        name = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.rstrip("/").rpartition("/")[2])
+        return self.store.root / f"{name or 'root'}-r{digest}"
+
+    def state(self, host: str, path: str) -> dict[str, Any] | None:
+        """The recorded state of (host, path), or None when it was never locked here."""
+        f = self.store_dir(host, path) / "state.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def records(self, phases: tuple[str, ...]) -> dict[tuple[str, str], tuple[str, Path]]:
+        """(host, path) -> (user, files dir) of every uploaded workspace in ``phases``."""
+        out: dict[tuple[str, str], tuple[str, Path]] = {}
+        for state_file in self.store.root.glob("*-r*/state.json"):
+            try:
+                st = json.loads(state_file.read_text())
+            except (OSError, ValueError):
+                continue
+            if st.get("origin") is not None and st.get("phase") in phases:
+                out[(st["origin"], st["path"])] = (st["user"], state_file.parent / "files")
+        return out
+
+    # ---- lock ---------------------------------------------------------------------------
+
+    def begin_lock(self, host: str, path: str, user: str, sha256: str) -> tuple[Path, dict[str, Any]]:
+        """Start (or resume) locking an upload; return its store dir and state.
+
+        The archive goes to ``<store dir>/incoming.tar`` (see :meth:`fetched`).
+        Refuses a workspace another user holds or one being unlocked.
+        """
+        sdir = self.store_dir(host, path)
+        state = self.state(host, path)
+        if state is not None and state.get("user") != user and state["phase"] != "unlocked":
+            raise WorkspaceLockError(f"{path} of {host} is held by another user on this executor; "
+                                     "only they can lock or unlock it")
+        if state is not None and state["phase"] == "unlocking":
+            raise WorkspaceLockError(f"{path} of {host} is being unlocked; run unlock again to "
+                                     "finish it first")
+        if state is None or state["phase"] == "unlocked":
+            if sdir.exists():
+                shutil.rmtree(sdir)  # the previous lock's store, kept for its report and result
+            sdir.mkdir(mode=0o700)
+            state = {"path": path, "origin": host, "user": user, "id": sdir.name, "sha256": sha256}
+            self.store._set(sdir, state, "locking", "started")
+        return sdir, state
+
+    def fetched(self, sdir: Path, state: dict[str, Any]) -> None:
+        """Record that ``incoming.tar`` is complete and checked against the plan."""
+        self.store._set(sdir, state, "locking", "fetched")
+
+    def finish_lock(self, host: str, path: str) -> LockedWorkspace:
+        """Extract the checked archive into storage, snapshot it, and mark it locked."""
+        sdir = self.store_dir(host, path)
+        state = self.state(host, path)
+        if state is None or state["phase"] not in ("locking", "locked"):
+            raise WorkspaceLockError(f"{path} of {host} has no upload being locked here")
+        done = _REMOTE_LOCK_STEPS.index(state["step"])
+        files, originals = sdir / "files", sdir / "originals"
+        if done < _REMOTE_LOCK_STEPS.index("fetched"):
+            raise WorkspaceLockError(f"the upload of {path} is not complete on this executor")
+        if done < _REMOTE_LOCK_STEPS.index("extracted"):
+            ext4 = self.store.storage == "ext4"
+            target = files if ext4 else sdir / "files.partial"
+            if ext4:
+                state["storage"] = "ext4"
+                files.mkdir(mode=0o755, exist_ok=True)
+                self.store.ensure_image(sdir, state, (sdir / INCOMING).stat().st_size)
+                for name in os.listdir(files):
+                    _remove(files / name)  # what a killed extraction left
+                os.chmod(files, 0o755)
+            else:
+                _remove(target)
+                target.mkdir(mode=0o755)
+            try:
+                unpack_tree(sdir / INCOMING, target, max_bytes=self.max_bytes)
+            except ArchiveError as e:
+                if ext4:
+                    self.store.drop_image(sdir)
+                shutil.rmtree(sdir)  # nothing was locked: the next upload starts afresh
+                raise WorkspaceLockError(f"upload of {path} refused: {e}") from e
+            os.sync()
+            if not ext4:
+                _remove(files)
+                os.rename(target, files)
+            self.store._set(sdir, state, "locking", "extracted")
+        if done < _REMOTE_LOCK_STEPS.index("snapshotted"):
+            _remove(originals)
+            originals.mkdir(mode=0o700)
+            snap = WorkspaceSnapshot.take(files, originals=originals)
+            _write_atomic(sdir / "manifest.json", snap.to_json())
+            state.update(locked_at=snap.taken_at)
+            self.store._set(sdir, state, "locking", "snapshotted")
+        snap = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
+        if done < _REMOTE_LOCK_STEPS.index("sealed"):
+            if (sdir / INCOMING).exists():
+                os.unlink(sdir / INCOMING)
+            self.store._set(sdir, state, "locked", "sealed")
+        return LockedWorkspace(path=Path(path), id=sdir.name, store_dir=sdir, files_dir=files,
+                               originals_dir=originals, locked_at=state["locked_at"],
+                               entries=len(snap.entries), warning=" ".join(self.store.warnings_for(state)))
+
+    # ---- unlock -------------------------------------------------------------------------
+
+    def unlock(self, host: str, path: str, user: str) -> RemoteUnlock:
+        """Measure the tree, report every change, pack the result, and drop the stored files.
+
+        The caller has ended every session on it. Running it again after it
+        finished returns the same report and archive (until the next lock).
+        """
+        sdir = self.store_dir(host, path)
+        state = self.state(host, path)
+        if state is None:
+            raise WorkspaceLockError(f"{path} of {host} is not locked on this executor")
+        if state.get("user") != user:
+            raise WorkspaceLockError(f"{path} of {host} is held by another user on this executor; "
+                                     "only they can unlock it")
+        if state["phase"] == "locking":
+            if _REMOTE_LOCK_STEPS.index(state["step"]) < _REMOTE_LOCK_STEPS.index("fetched"):
+                shutil.rmtree(sdir)  # never locked: nothing to give back
+                raise WorkspaceLockError(f"{path} of {host} was never completely uploaded; nothing "
+                                         "is locked (lock it again)")
+            self.finish_lock(host, path)
+            state = self.state(host, path)
+            assert state is not None
+        if state["phase"] == "locked":
+            state["transfer_id"] = f"down-{secrets.token_hex(12)}"
+            self.store._set(sdir, state, "unlocking", "started")
+        done = _REMOTE_UNLOCK_STEPS.index(state["step"])
+        files = sdir / "files"
+        before = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
+        if state.get("storage") == "ext4" and done < _REMOTE_UNLOCK_STEPS.index("cleared"):
+            self.store.ensure_image(sdir, state, 0)  # mounted again if the executor restarted
+        if done < _REMOTE_UNLOCK_STEPS.index("measured"):
+            _write_atomic(sdir / "after.json", WorkspaceSnapshot.take(files).to_json())
+            self.store._set(sdir, state, "unlocking", "measured")
+        after = WorkspaceSnapshot.from_json((sdir / "after.json").read_text())
+        report = diff(before, after)
+        if done < _REMOTE_UNLOCK_STEPS.index("reported"):
+            text = report.render(sdir / "originals", files)
+            _write_atomic(sdir / "report.json", json.dumps({"after": after.to_json(), "text": text}))
+            self.store._set(sdir, state, "unlocking", "reported")
+        if done < _REMOTE_UNLOCK_STEPS.index("packed"):
+            tmp = sdir / f"{RESULT}.partial"
+            pack_tree(files, tmp)
+            os.replace(tmp, sdir / RESULT)
+            _fsync_dir(sdir)
+            self.store._set(sdir, state, "unlocking", "packed")
+        if done < _REMOTE_UNLOCK_STEPS.index("cleared"):
+            if state.get("storage") == "ext4":
+                self.store.drop_image(sdir)
+            _remove(files)
+            self.store._set(sdir, state, "unlocked", "cleared")
+        text = json.loads((sdir / "report.json").read_text())["text"]
+        return RemoteUnlock(report, text, sdir / RESULT, state["transfer_id"])

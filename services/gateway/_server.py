@@ -54,8 +54,14 @@ from devsilo.protocol.client import (
     ShellResizeFrame,
     ShellSignalFrame,
     Shutdown,
+    WorkspaceChunk,
     WorkspaceCommand,
+    WorkspaceFetchChunk,
     WorkspaceResult,
+    WorkspaceTransferDone,
+    WorkspaceUpload,
+    WorkspaceUploadCommit,
+    WorkspaceUploadNeeded,
 )
 from devsilo.runtime import ServiceContext
 from devsilo.runtime._pool import PoolView
@@ -66,6 +72,7 @@ from pydantic import ValidationError
 from ._auth import Principal, TokenAuthenticator
 from ._sessions import SessionDirectory, SessionRecord
 from ._shells import ShellBroker
+from ._transfers import WorkspaceTransfers
 
 AUTH_DEADLINE_S = 30.0
 GRANT_LIFETIME_S = 24 * 3600.0
@@ -103,6 +110,7 @@ class Gateway:
         self.locks: dict[str, str] = {}
         """Workspaces this gateway locked or saw unlocked: path -> executor (None once unlocked)."""
         self.shells = ShellBroker(ctx, self.pool, self.sessions, self.locks)
+        self.transfers = WorkspaceTransfers(self)
 
     def app(self) -> web.Application:
         """The aiohttp application: landing page and /ws."""
@@ -212,8 +220,20 @@ class ClientConnection:
             self._attach(req)
         elif isinstance(req, (Prompt, Interrupt, Shutdown)):
             await self._input(req)
+        elif isinstance(req, WorkspaceCommand) and req.uploaded:
+            await self._uploaded_workspace(req)
         elif isinstance(req, WorkspaceCommand):
             await self._workspace(req)
+        elif isinstance(req, WorkspaceUpload):
+            await self.send(await self.gw.transfers.begin(self.who.user, req))
+        elif isinstance(req, WorkspaceChunk):
+            await self.send(await self.gw.transfers.chunk(self.who.user, req))
+        elif isinstance(req, WorkspaceUploadCommit):
+            await self.send(await self.gw.transfers.commit(self, self.who.user, req))
+        elif isinstance(req, WorkspaceFetchChunk):
+            await self.send(await self.gw.transfers.fetch(self.who.user, req))
+        elif isinstance(req, WorkspaceTransferDone):
+            await self.send(await self.gw.transfers.done(self.who.user, req))
         elif isinstance(req, ListSessions):
             await self.send(Sessions(sessions=tuple(r.summary() for r in self.gw.sessions.list_for(self.who))))
         elif isinstance(req, ShellOpenFrame):
@@ -260,9 +280,21 @@ class ClientConnection:
             if req.op == "lock":
                 here = pool.on_host(req.workspace_host)
                 chosen = req.executor or holder or (here[0] if here else None)
+                if chosen is None and req.workspace_host is not None and pool.on_host(None):
+                    await self.send(WorkspaceUploadNeeded(
+                        path=req.path, executor=pool.on_host(None)[0],
+                        reason=f"no executor runs on {req.workspace_host}, where the workspace is"))
+                    return
                 if chosen is None:
                     raise GrantError(f"no executor runs on {req.workspace_host or 'any host'} to lock "
                                      f"{req.path}; pool: {pool.describe()}")
+                elsewhere = pool.host_of(chosen)
+                if (req.workspace_host is not None and elsewhere is not None
+                        and elsewhere != req.workspace_host and holder is None):
+                    await self.send(WorkspaceUploadNeeded(
+                        path=req.path, executor=chosen,
+                        reason=f"executor {chosen} runs on {elsewhere}, not on {req.workspace_host}"))
+                    return
                 targets = [chosen]
             elif holder is None and req.op == "unlock":
                 raise GrantError(f"{req.path} is not locked on any executor")
@@ -282,6 +314,32 @@ class ClientConnection:
         await self.send(WorkspaceResult(
             op=req.op, workspaces=infos, report_text=first.report_text if first else "",
             report=first.report if first else {}, auto_exec_changed=bool(first and first.auto_exec_changed)))
+
+    async def _uploaded_workspace(self, req: WorkspaceCommand) -> None:
+        """unlock or status of a workspace this client's machine uploaded to an executor."""
+        assert self.who is not None
+        if req.path is None or req.workspace_host is None or req.op not in ("unlock", "status"):
+            raise GrantError("an uploaded workspace is unlocked or described by its path and host")
+        pool = self.gw.pool
+        deadline = time.monotonic() + 3.0
+        while not pool.on_host(None) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        holder = pool.remote_holder(req.workspace_host, req.path)
+        if holder is not None and holder[1] != self.who.user:
+            raise GrantError(f"{req.path} of {req.workspace_host} is locked by another user")
+        # After an unlock the holder no longer announces it; the client names it to fetch the result again.
+        eid = holder[0] if holder is not None else req.executor
+        if eid is None:
+            raise GrantError(f"{req.path} of {req.workspace_host} is not locked on any executor")
+        body = WorkspaceRequest(op=req.op, path=req.path, user=self.who.user, accept=req.accept,
+                                origin_host=req.workspace_host)
+        reply = await self._ask_executor(eid, body)
+        if reply.transfer is not None:
+            self.gw.transfers.offer(self.who.user, reply.transfer)
+        await self.send(WorkspaceResult(
+            op=req.op, workspaces=tuple(w.model_dump(mode="json") for w in reply.workspaces),
+            report_text=reply.report_text, report=reply.report, auto_exec_changed=reply.auto_exec_changed,
+            transfer=reply.transfer))
 
     async def _ask_executor(self, eid: str, body: WorkspaceRequest) -> WorkspaceReply:
         """Ask one executor; give up when it dies or restarts while working on it."""

@@ -83,12 +83,14 @@ from ._messages import (
     WriteInput,
 )
 from ._replay import ReplayCache
+from ._transfer import RemoteLock, TransferPlan
 from ._roster import RosterEntry, ServiceIdentity, TrustRoster, key_id
 from ._subjects import Role
 
 __all__ = [
     "SandboxClosed",
     "WorkspaceInfo", "WorkspaceReply", "WorkspaceRequest",
+    "RemoteLock", "TransferPlan",
     "DEFAULT_MAX_BYTES",
     "MESSAGE_TYPES",
     "SANDBOX_TOOLS",

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._subjects import EVENTS_SUBJECTS, GRANT, HARNESS_START, INBOX_PREFIX, POOL_ANNOUNCE_ALL
+from ._transfer import RemoteLock, TransferPlan
 
 REPLY = INBOX_PREFIX + ">"
 
@@ -170,6 +171,8 @@ class ExecutorAnnounce(Message):
     sessions: tuple[str, ...] = ()
     locked: tuple[str, ...] = ()
     """Workspace paths locked on this executor (sessions on them must lease here)."""
+    remote_locked: tuple[RemoteLock, ...] = ()
+    """Workspaces of other machines uploaded and locked here (sessions on them lease here)."""
     stopping: bool = False
 
 
@@ -279,6 +282,10 @@ class WorkspaceRequest(Message):
     path: str | None = Field(default=None, max_length=4096)
     user: str = Field(min_length=1, max_length=128)
     accept: bool = False
+    origin_host: str | None = Field(default=None, max_length=255)
+    """Set for a workspace of another machine (host of the client's path): kept by that key."""
+    transfer: TransferPlan | None = None
+    """lock only: the uploaded archive to lock (chunks in the workspace object store)."""
 
 
 class WorkspaceInfo(BaseModel):
@@ -295,6 +302,10 @@ class WorkspaceInfo(BaseModel):
     warnings: tuple[str, ...] = ()
     shells: tuple[str, ...] = ()
     """`silo shell` sandboxes open on it."""
+    origin_host: str | None = None
+    """For a workspace uploaded from another machine: that machine's host."""
+    storage: str | None = None
+    """How the executor keeps it while locked: ``ext4`` (an image) or ``directory``."""
 
 
 class WorkspaceReply(Message):
@@ -306,6 +317,8 @@ class WorkspaceReply(Message):
     report_text: str = ""
     report: dict[str, Any] = Field(default_factory=dict)
     auto_exec_changed: bool = False
+    transfer: TransferPlan | None = None
+    """unlock of an uploaded workspace: the result archive (chunks in the object store)."""
 
 
 class Ack(Message):

@@ -17,6 +17,9 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.exec.<eid>.shell           gateway  -> executor  ShellOpen (request)
     silo.shell.<shid>.input         gateway  -> executor  ShellInput (keystrokes, size, signals, output acks)
     silo.shell.<shid>.output        executor -> gateway   ShellOutput, then one ShellExit
+    $O.silo_workspaces.>            gateway, executor     workspace archives between machines
+                                                          (JetStream object store; chunks checked
+                                                          against the TransferPlan in signed messages)
     _INBOX.>                        any role              replies, correlated by ``reply_to``
 
 ``silo.grant`` is never published: it is the subject a session grant is
@@ -45,6 +48,9 @@ JOURNAL_STREAM = "SILO_JOURNAL"
 JOURNAL_SUBJECTS = "silo.journal.>"
 HARNESS_JOURNAL = "silo.journal.*"
 EGRESS_JOURNAL = "silo.journal.*.network"
+WORKSPACE_OBJECTS = "silo_workspaces"
+"""Object store bucket for workspace archives moving between machines (gateway <-> executor)."""
+WORKSPACE_OBJECTS_STREAM = f"OBJ_{WORKSPACE_OBJECTS}"
 
 HARNESS_QUEUE = "harness"
 EXECUTOR_QUEUE = "executor"
@@ -171,9 +177,9 @@ SUBSCRIBE: dict[Role, tuple[str, ...]] = {
 
 # Streams each role may use through the JetStream API.
 STREAMS: dict[Role, tuple[str, ...]] = {
-    Role.GATEWAY: (EVENTS_STREAM,),
+    Role.GATEWAY: (EVENTS_STREAM, WORKSPACE_OBJECTS_STREAM),
     Role.HARNESS: (EVENTS_STREAM, JOURNAL_STREAM),
-    Role.EXECUTOR: (),
+    Role.EXECUTOR: (WORKSPACE_OBJECTS_STREAM,),
     Role.EGRESS: (),  # publishes network records into the journal; never reads it
 }
 

@@ -19,6 +19,7 @@ from ._messages import (
     SandboxBackend,
     ShellSignalName,
 )
+from ._transfer import MAX_CHUNK, TRANSFER_ID_PATTERN, TransferPlan
 
 CLIENT_PROTOCOL_VERSION = 1
 MAX_CLIENT_FRAME = 1024 * 1024
@@ -98,6 +99,54 @@ class WorkspaceCommand(ClientFrame):
     workspace_host: str | None = Field(default=None, max_length=255)
     executor: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)
     accept: bool = False
+    uploaded: bool = False
+    """The workspace was uploaded from this machine (``workspace_host``) to ``executor``."""
+
+
+class WorkspaceUpload(ClientFrame):
+    """Start or resume uploading a workspace of this machine to lock it on an executor elsewhere.
+
+    The plan's ``transfer_id`` is the client's name for this upload; sending
+    the same plan again resumes it (the answer lists the chunks already stored).
+    """
+
+    type: Literal["workspace_upload"] = "workspace_upload"
+    path: str = Field(min_length=1, max_length=4096)
+    workspace_host: str = Field(min_length=1, max_length=255)
+    executor: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)
+    plan: TransferPlan
+
+
+class WorkspaceChunk(ClientFrame):
+    """One chunk of a transfer, base64 in ``data``: uploads from the client, downloads to it."""
+
+    type: Literal["workspace_chunk"] = "workspace_chunk"
+    transfer_id: str = Field(pattern=TRANSFER_ID_PATTERN)
+    index: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    data: str = Field(max_length=4 * (MAX_CHUNK // 3 + 1))
+
+
+class WorkspaceUploadCommit(ClientFrame):
+    """Every chunk is up: lock the workspace from it (answered with ``workspace_result``)."""
+
+    type: Literal["workspace_upload_commit"] = "workspace_upload_commit"
+    transfer_id: str = Field(pattern=TRANSFER_ID_PATTERN)
+
+
+class WorkspaceFetchChunk(ClientFrame):
+    """Ask for one chunk of an unlocked workspace's result (answered with ``workspace_chunk``)."""
+
+    type: Literal["workspace_fetch_chunk"] = "workspace_fetch_chunk"
+    transfer_id: str = Field(pattern=TRANSFER_ID_PATTERN)
+    index: int = Field(ge=0)
+
+
+class WorkspaceTransferDone(ClientFrame):
+    """The client has applied a result: its chunks may go (answered with ``workspace_transfer_closed``)."""
+
+    type: Literal["workspace_transfer_done"] = "workspace_transfer_done"
+    transfer_id: str = Field(pattern=TRANSFER_ID_PATTERN)
 
 
 class ListSessions(ClientFrame):
@@ -162,7 +211,9 @@ class ShellSignalFrame(ClientFrame):
 
 ClientRequest = Annotated[
     Authenticate | CreateSession | Attach | Prompt | Interrupt | Shutdown | WorkspaceCommand | ListSessions
-    | Ping | ShellOpenFrame | ShellInputFrame | ShellResizeFrame | ShellSignalFrame,
+    | Ping | ShellOpenFrame | ShellInputFrame | ShellResizeFrame | ShellSignalFrame
+    | WorkspaceUpload | WorkspaceChunk | WorkspaceUploadCommit | WorkspaceFetchChunk
+    | WorkspaceTransferDone,
     Field(discriminator="type"),
 ]
 CLIENT_REQUEST: TypeAdapter[Any] = TypeAdapter(ClientRequest)
@@ -241,6 +292,41 @@ class WorkspaceResult(ClientFrame):
     report_text: str = ""
     report: dict[str, Any] = Field(default_factory=dict)
     auto_exec_changed: bool = False
+    transfer: TransferPlan | None = None
+    """unlock of an uploaded workspace: the result to fetch chunk by chunk and apply locally."""
+
+
+class WorkspaceUploadNeeded(ClientFrame):
+    """Answer to ``workspace`` lock: the executor cannot see this path; upload it instead."""
+
+    type: Literal["workspace_upload_needed"] = "workspace_upload_needed"
+    path: str
+    executor: str
+    reason: str
+
+
+class WorkspaceUploadState(ClientFrame):
+    """Answer to ``workspace_upload``: which chunks the gateway already holds."""
+
+    type: Literal["workspace_upload_state"] = "workspace_upload_state"
+    transfer_id: str
+    executor: str
+    have: tuple[int, ...]
+
+
+class WorkspaceChunkAck(ClientFrame):
+    """An uploaded chunk was checked and stored."""
+
+    type: Literal["workspace_chunk_ack"] = "workspace_chunk_ack"
+    transfer_id: str
+    index: int
+
+
+class WorkspaceTransferClosed(ClientFrame):
+    """Answer to ``workspace_transfer_done``."""
+
+    type: Literal["workspace_transfer_closed"] = "workspace_transfer_closed"
+    transfer_id: str
 
 
 class Pong(ClientFrame):
@@ -289,7 +375,9 @@ class ErrorFrame(ClientFrame):
 
 GatewayFrame = Annotated[
     Hello | AuthOk | AuthErrorFrame | SessionCreated | EventFrame | Sessions | WorkspaceResult | Pong
-    | ErrorFrame | ShellOpenedFrame | ShellOutputFrame | ShellExitFrame,
+    | ErrorFrame | ShellOpenedFrame | ShellOutputFrame | ShellExitFrame
+    | WorkspaceUploadNeeded | WorkspaceUploadState | WorkspaceChunkAck | WorkspaceChunk
+    | WorkspaceTransferClosed,
     Field(discriminator="type"),
 ]
 GATEWAY_FRAME: TypeAdapter[Any] = TypeAdapter(GatewayFrame)

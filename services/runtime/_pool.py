@@ -89,6 +89,23 @@ class PoolView:
         return (e is not None and self._clock() - e.seen_at <= self._silence
                 and session_id in e.announce.sessions)
 
+    def remote_holder(self, host: str | None, workspace: str) -> tuple[str, str] | None:
+        """(executor, user) holding ``workspace`` of machine ``host`` uploaded and locked, if any."""
+        if host is None:
+            return None
+        now = self._clock()
+        for e in self._entries.values():
+            if now - e.seen_at <= self._silence:
+                for r in e.announce.remote_locked:
+                    if r.host == host and r.path == workspace:
+                        return e.announce.executor_id, r.user
+        return None
+
+    def host_of(self, executor_id: str) -> str | None:
+        """The host a live executor announced, or None when it is not live."""
+        e = self._entries.get(executor_id)
+        return e.announce.host if e is not None and self.alive(executor_id) else None
+
     def on_host(self, host: str | None) -> list[str]:
         """Live executors on ``host`` (all when None), by id."""
         now = self._clock()
@@ -102,6 +119,8 @@ class PoolView:
         A workspace locked on an executor can only be served there.
         """
         holder = self.locked_on(workspace) if workspace is not None else None
+        if workspace is not None and (remote := self.remote_holder(host, workspace)) is not None:
+            holder = remote[0]  # uploaded from the client's machine: only its holder has the files
         if holder is not None:
             if pinned not in (None, holder):
                 return []
