@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -32,6 +34,7 @@ from devsilo.executor._relay import SessionRelay, read_preamble
 from devsilo.executor._sandbox import BwrapSandbox, Sandbox, prepare_workspace_ownership, probe
 from devsilo.executor._spec import RELAY_SOCKET, WORKSPACE, SandboxLimits, SandboxSpec
 from devsilo.executor._warm import WarmPool, WarmPools, attaches
+from devsilo.testing import Stack
 from devsilo.testing._attacks import ATTACKS, Bait, plant_bait, run_attack
 from devsilo.testing._nats import init_state
 
@@ -751,3 +754,116 @@ async def test_attacks_fail_in_a_warm_sandbox(
     if outcome.verdict == "not-applicable":
         pytest.skip(f"{attack.name}: {outcome.detail}")
     assert outcome.blocked, f"{attack.name} ({attack.goal}): {outcome.verdict}: {outcome.detail}"
+
+
+# -- through the executor service ---------------------------------------------------------
+
+_SESSION_SCRIPT = {
+    "responses": [
+        {
+            "tool_calls": [
+                {"name": "Bash", "input": {"command": "cat README; echo made > made.txt"}}
+            ]
+        },
+        {"tool_calls": [{"name": "Exit", "input": {"message": "done"}}]},
+    ]
+}
+
+
+def _silo(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "devsilo.cli", "--state-dir", str(stack.state_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def _wait_for_metric(stack: Stack, name: str, labels: str, wanted: float) -> None:
+    """Poll the executor's metric until it reads ``wanted`` (the announce loop sets it each second)."""
+    for _ in range(600):
+        if stack.metric("executor", name, labels) == wanted:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{name}{{{labels}}} never reached {wanted}: {stack.metrics('executor')}")
+
+
+def _descendants(pid: int) -> list[str]:
+    """Command lines of every process below ``pid``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            found.append(Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        todo += children.get(p, [])
+    return found
+
+
+def _run_session(stack: Stack, tmp_path: Path, workspace: Path, backend: str) -> None:
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps(_SESSION_SCRIPT))
+    r = _silo(stack, "run", "--headless", "--script", str(script), "--workspace", str(workspace),
+              "--sandbox", backend, "--prompt", "go", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    bash = [json.loads(line) for line in r.stdout.splitlines()]
+    results = [e["data"] for e in bash if e["kind"] == "tool_result"]
+    assert results[0]["content"].startswith(f"the project of {workspace.name}"), results
+
+
+def test_the_executor_leases_warm_gvisor_sandboxes_on_a_locked_workspace(
+    stack: Stack, tmp_path: Path
+) -> None:
+    reason = BACKENDS["gvisor"].probe()
+    if reason is not None:
+        pytest.skip(f"gvisor: {reason}")
+    workspace = tmp_path / "locked"
+    workspace.mkdir()
+    (workspace / "README").write_text("the project of locked\n")
+    warm = ("silo_sandboxes_warm", 'backend="gvisor"')
+    leases = ("silo_sandbox_leases_total", 'backend="gvisor",kind="warm"')
+    before = stack.metric("executor", *leases)
+    r = _silo(stack, "workspace", "lock", str(workspace))
+    assert r.returncode == 0, r.stdout + r.stderr
+    _wait_for_metric(stack, *warm, 1.0)  # announced too: the same count
+    _run_session(stack, tmp_path, workspace, "gvisor")
+    assert stack.metric("executor", *leases) == before + 1
+    _wait_for_metric(stack, *warm, 1.0)  # refilled
+    r = _silo(stack, "workspace", "unlock", str(workspace), "--accept")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (workspace / "made.txt").read_text() == "made\n"
+    _wait_for_metric(stack, *warm, 0.0)  # its warm sandboxes went with the lock
+    executor = stack.live_pid("executor")
+    assert executor is not None
+    assert [c for c in _descendants(executor) if "runsc" in c] == []
+
+
+def test_the_executor_leases_warm_docker_sandboxes_and_leaves_no_container(
+    dockerd: Any, tmp_path: Path
+) -> None:
+    options = {"backends": "bwrap,docker", "docker_url": dockerd.url, "docker_runtime": "runc",
+               "warm": {"bwrap": 1, "docker": 1}}  # fmt: skip
+    stack = Stack(
+        tmp_path / "state", services={"executor": {"role": "executor", "options": options}}
+    )
+    stack.start()
+    try:
+        workspace = _workspace(tmp_path, "dockered")
+        warm = ("silo_sandboxes_warm", 'backend="docker"')
+        _wait_for_metric(stack, *warm, 1.0)
+        (waiting,) = dockerd.containers()
+        _run_session(stack, tmp_path, workspace, "docker")
+        leases = 'backend="docker",kind="warm"'
+        assert stack.metric("executor", "silo_sandbox_leases_total", leases) == 1.0
+        assert (workspace / "made.txt").read_text() == "made\n"
+        _wait_for_metric(stack, *warm, 1.0)
+        assert waiting not in dockerd.containers()  # used once, closed with its session
+    finally:
+        stack.stop()
+    assert dockerd.containers() == []
