@@ -27,10 +27,14 @@ when the sandbox's init exits. Root only: attaching mounts in another mount
 namespace needs CAP_SYS_ADMIN in the initial user namespace.
 
 **Keyed** (``gvisor``; ``docker`` with runsc): one workspace, known in
-advance. gVisor's sentry sees host files only through its gofer, which opened
-each mount's root when the sandbox started, and the container's host-side
-mount namespace (runsc's ``State.Pid``) has no ``/workspace`` to cover: a
-mount put there later is never seen inside. So these warm sandboxes start on
+advance. gVisor's sentry sees host files only through its gofer, and no
+attach reaches it here: the sandbox process's mount namespace (runsc's
+``State.Pid``, what the mounter would enter) has no ``/workspace`` at all;
+the gofer's own namespace is entered, but the gofer runs chrooted in it and
+``move_mount`` onto its view of ``/workspace`` fails (ENOENT) from the
+namespace's root; and the gofer serves binds that the launcher made in a
+private mount namespace at start, which a mount on the host never reaches
+(all tried with Debian's runsc 0.0~20221219). So these warm sandboxes start on
 the real workspace; the executor keeps a pool per locked workspace (its path
 in executor storage is fixed before any session names it) with
 :class:`WarmPools`. The relay socket cannot be attached either, so the pool
