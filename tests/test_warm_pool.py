@@ -32,10 +32,10 @@ from devsilo.executor._backends import BACKENDS
 from devsilo.executor._mounter import Attach, Mounter, MountError
 from devsilo.executor._relay import SessionRelay, read_preamble
 from devsilo.executor._sandbox import BwrapSandbox, Sandbox, prepare_workspace_ownership, probe
-from devsilo.executor._spec import RELAY_SOCKET, WORKSPACE, SandboxLimits, SandboxSpec
+from devsilo.executor._spec import HOME, RELAY_SOCKET, WORKSPACE, SandboxLimits, SandboxSpec
 from devsilo.executor._warm import WarmPool, WarmPools, attaches
 from devsilo.testing import Stack
-from devsilo.testing._attacks import ATTACKS, Bait, plant_bait, run_attack
+from devsilo.testing._attacks import ATTACKS, BOMB_LIMITS, Bait, plant_bait, run_attack
 from devsilo.testing._nats import init_state
 
 SANDBOX_UID = SANDBOX_GID = 64123
@@ -374,7 +374,10 @@ _WARM_VARIANTS = [
 ]
 _WARM_ATTACKS = (
     "list_host_ssh_dir",
+    "list_state_dir",
     "read_other_workspace",
+    "read_other_scratch",
+    "enter_host_process_root",
     "follow_workspace_symlink",
     "write_root_dir",
     "write_host_bait_dir",
@@ -384,9 +387,22 @@ _WARM_ATTACKS = (
     "unshare_user_namespace",
     "setns_into_init",
     "ptrace_host_process",
+    "keyctl",
+    "bpf",
+    "io_uring",
+    "raw_socket",
+    "create_device_node",
+    "write_sys",
     "connect_host_loopback",
+    "connect_nats",
     "connect_test_network",
+    "fork_bomb",
+    "memory_bomb",
 )
+"""A good part of the battery (tests/test_attacks.py runs all of it cold): the reads and
+writes out of the workspace, including the scratch of another warm sandbox of the same
+pool, mount and namespace calls, the kernel interfaces, the network, and both bombs
+against the limits the warm sandbox was started with."""
 _EGRESS_FETCH = (
     "import urllib.request; "
     "print(urllib.request.urlopen('http://example.test/', timeout=10).read().decode())"
@@ -477,11 +493,11 @@ def _spec_on(workspace: Path, scratch: Path, session: str, **fields: Any) -> San
 
 @contextlib.asynccontextmanager
 async def _warm_pool(
-    variant: Variant, workspace: Path, scratch: Path, size: int = 1
+    variant: Variant, workspace: Path, scratch: Path, size: int = 1, **fields: Any
 ) -> AsyncIterator[WarmPool]:
     """A full pool of ``variant`` whose template is on ``workspace`` (keyed pools need it)."""
     pool = WarmPool(
-        lambda: _spec_on(workspace, scratch, "warm"),
+        lambda: _spec_on(workspace, scratch, "warm", **fields),
         size,
         backend=variant.backend,
         **variant.config,
@@ -744,8 +760,17 @@ async def test_attacks_fail_in_a_warm_sandbox(
     aimed.arm_workspace(workspace)
     scratch = tmp_path / "scratch"
     variant = Variant(name, backend, config)
-    async with _warm_pool(variant, workspace, scratch) as pool:
-        sandbox = await pool.take(_spec_on(workspace, scratch, "attacker"))
+    async with _warm_pool(variant, workspace, scratch, size=2, limits=BOMB_LIMITS) as pool:
+        # The other warm sandbox of the pool, still waiting for its session, is the victim
+        # whose scratch home the attacker goes for.
+        waiting = pool._ready[1].sandbox
+        await waiting.helper.write(f"{HOME}/secret.txt", bait.secret.encode() + b"\n")
+        victim_scratch = getattr(waiting, "scratch_dir", None)  # every real backend has one
+        assert victim_scratch is not None
+        victim_home = Path(victim_scratch) / "home" / "secret.txt"
+        assert victim_home.exists()
+        aimed.other_scratch_file = str(victim_home)
+        sandbox = await pool.take(_spec_on(workspace, scratch, "attacker", limits=BOMB_LIMITS))
         try:
             assert pool.stats.warm_leases == 1
             outcome = await run_attack(sandbox, attack, aimed)
