@@ -375,6 +375,12 @@ class WarmPool:
 
     async def _hand_over(self, slot: _Slot, spec: SandboxSpec, relay: SessionRelay | None) -> None:
         """Give a keyed slot's relay socket to the session's relay; the sandbox is the session's."""
+        try:
+            owner = os.stat(spec.workspace).st_uid
+        except OSError as exc:
+            raise SandboxError(
+                f"cannot look at workspace {spec.workspace}: {exc.strerror}"
+            ) from None
         listener, slot.relay_listener = slot.relay_listener, None
         if listener is not None:
             if relay is None:
@@ -394,7 +400,7 @@ class WarmPool:
         # hands the workspace to the sandbox uid at each lease): say it as it is now.
         stale = _not_owned(spec)
         sandbox.warnings[:] = [w for w in sandbox.warnings if w != stale]
-        if os.stat(spec.workspace).st_uid != spec.sandbox_uid:
+        if owner != spec.sandbox_uid:
             sandbox.warnings.append(stale)
 
     def _watch(self, slot: _Slot) -> None:
