@@ -614,6 +614,37 @@ async def test_two_warm_sessions_see_only_their_own_workspace(
             await asyncio.gather(a.close(), b.close())
 
 
+async def test_the_ownership_warning_says_how_the_workspace_is_at_lease(
+    variant: Variant, tmp_path: Path
+) -> None:
+    workspace = tmp_path / "handed-over-late"
+    workspace.mkdir()
+    (workspace / "README").write_text("the project of handed-over-late\n")  # root's, for now
+    link = tmp_path / "link-to-it"  # the same workspace, named otherwise by its session
+    link.symlink_to(workspace)
+    scratch = tmp_path / "scratch"
+    async with _warm_pool(variant, workspace, scratch, size=2) as pool:
+        unowned = await pool.take(_spec_on(link, scratch, "first"))
+        try:
+            assert pool.stats.warm_leases == 1
+            warning = (
+                f"sandbox uid {SANDBOX_UID} does not own {link}: commands cannot write it "
+                "(see prepare_workspace_ownership)"
+            )
+            assert [w for w in getattr(unowned, "warnings", []) if "does not own" in w] == [warning]
+        finally:
+            await unowned.close()
+        # As the executor does before each lease.
+        prepare_workspace_ownership(workspace, SANDBOX_UID, SANDBOX_GID)
+        owned = await pool.take(_spec_on(workspace, scratch, "second"))
+        try:
+            assert pool.stats.warm_leases == 2
+            assert [w for w in getattr(owned, "warnings", []) if "does not own" in w] == []
+            await owned.helper.write("now-writable", b"yes")
+        finally:
+            await owned.close()
+
+
 async def test_the_relay_route_is_the_leasing_sessions(variant: Variant, tmp_path: Path) -> None:
     workspace = _workspace(tmp_path, "carol")
     scratch = tmp_path / "scratch"

@@ -398,10 +398,10 @@ class WarmPool:
         sandbox.spec = dataclasses.replace(spec, relay_socket=slot.template.relay_socket)
         # Ownership may have changed since the sandbox started (the executor
         # hands the workspace to the sandbox uid at each lease): say it as it is now.
-        stale = _not_owned(spec)
+        stale = _not_owned(slot.template)
         sandbox.warnings[:] = [w for w in sandbox.warnings if w != stale]
         if owner != spec.sandbox_uid:
-            sandbox.warnings.append(stale)
+            sandbox.warnings.append(_not_owned(spec))
 
     def _watch(self, slot: _Slot) -> None:
         """Remove a leased slot's directory once its sandbox is gone.
