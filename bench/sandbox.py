@@ -11,10 +11,13 @@ with the probe's reason):
   ``sh -c true`` inside) in one started sandbox;
 - **close**: ``await sandbox.close()`` of a started, idle sandbox (the helper
   shut down, everything inside killed, scratch removed);
-- **warm take** (bwrap, when ``devsilo.executor._warm.WarmPool`` exists):
-  ``await pool.take(spec)`` from a pool (size 1) that has a started sandbox
-  ready; the lease must be served warm, and the leased sandbox is checked
-  (untimed) to see the session's workspace.
+- **warm take** (every backend, when ``devsilo.executor._warm.WarmPool``
+  exists): ``await pool.take(spec, relay)`` from a pool (size 1) that has a
+  started sandbox ready, with the session's relay running as the executor
+  has it; the lease must be served warm, and the leased sandbox is checked
+  (untimed) to see the session's workspace. bwrap and docker-runc attach the
+  workspace and relay socket at the lease; gvisor and docker-runsc pools are
+  keyed by the workspace (the benchmark's one) and hand over the relay socket.
 
 Baselines, in every backend's section of the table, measured in the same run
 and interleaved with what they are compared to (so both see the same load):
@@ -67,6 +70,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from devsilo.executor._backends import BACKENDS
+from devsilo.executor._relay import SessionRelay
 from devsilo.executor._sandbox import (
     _USR_ALIASES,
     Sandbox,
@@ -360,7 +364,7 @@ class Bench:
         return section
 
 
-# -- the warm pool (bwrap) ----------------------------------------------------------------
+# -- the warm pool ------------------------------------------------------------------------
 
 
 def warm_pool_class() -> type[Any] | None:
@@ -378,27 +382,40 @@ def warm_pool_class() -> type[Any] | None:
 async def bench_warm_take(
     bench: Bench, target: Target, pool_cls: type[Any], true: Row
 ) -> tuple[Row, str | None]:
-    """``await pool.take(spec)`` from a bwrap warm pool with a sandbox ready, n times.
+    """``await pool.take(spec, relay)`` from a warm pool of ``target`` with a sandbox ready, n times.
 
-    The pool (size 1) starts its sandboxes on placeholders from the same
-    template as the cold starts; each timed take waits, untimed, until the
-    pool is full again, and must be served warm (not cold-started). The
-    leased sandbox then runs ``test -f /workspace/README`` (the session's
-    workspace is attached) and is closed, both untimed. Returns the row and,
-    when a leased sandbox did not see that workspace, what was wrong (the
-    timings are kept: the take itself completed).
+    The pool (size 1) starts its sandboxes from the same template as the
+    cold starts; each timed take waits, untimed, until the pool is full
+    again, and must be served warm (not cold-started). Each session gets its
+    own relay (no egress), started untimed, as the executor starts it before
+    the lease. The leased sandbox then runs ``test -f /workspace/README``
+    (the session's workspace is there) and is closed, both untimed. Returns
+    the row and, when a leased sandbox did not see that workspace, what was
+    wrong (the timings are kept: the take itself completed).
     """
     row = Row("warm pool take()", baseline=true)
     problem: str | None = None
-    pool = pool_cls(lambda: bench.spec(target), 1, **target.config)
+    pool = pool_cls(lambda: bench.spec(target), 1, backend=target.backend, **target.config)
+    relays = bench.tmp / "relays"
+    relays.mkdir(mode=0o711, exist_ok=True)
     try:
         await pool.start()
         for i in range(bench.warmup + bench.n):
-            await pool.wait_ready(1, timeout=60.0)
+            await pool.wait_ready(1, timeout=120.0)
             warm_before = pool.stats.warm_leases
-            began = time.perf_counter()
-            sandbox = await pool.take(bench.spec(target))
-            took = (time.perf_counter() - began) * 1000
+            spec = bench.spec(target)
+            relay = SessionRelay(
+                spec.session_id, relays / f"{spec.session_id}.sock", None, uid=bench.uid
+            )
+            await relay.start()
+            spec = dataclasses.replace(spec, relay_socket=relay.socket_path)
+            try:
+                began = time.perf_counter()
+                sandbox = await pool.take(spec, relay)
+                took = (time.perf_counter() - began) * 1000
+            except BaseException:
+                await finish(relay.close())
+                raise
             try:
                 if pool.stats.warm_leases != warm_before + 1:
                     raise RuntimeError(f"take() cold-started instead: {pool.stats.last_error}")
@@ -411,6 +428,7 @@ async def bench_warm_take(
                     )
             finally:
                 await finish(sandbox.close())
+                await finish(relay.close())
             if i >= bench.warmup:
                 row.samples.append(took)
                 true.samples.append(timed(bare_true))
@@ -603,8 +621,6 @@ async def main() -> int:
                 failed.append(f"{target.name}: {type(exc).__name__}: {exc}")
                 continue
             sections.append(section)
-            if target.name != "bwrap":
-                continue
             pool_cls = warm_pool_class()
             if pool_cls is None:
                 section.note = "no services/executor/_warm.py: warm take not measured"
@@ -612,11 +628,11 @@ async def main() -> int:
             try:
                 row, problem = await bench_warm_take(bench, target, pool_cls, section.rows[0])
             except Exception as exc:  # noqa: BLE001 - reported, the rest still runs
-                failed.append(f"bwrap warm pool: {type(exc).__name__}: {exc}")
+                failed.append(f"{target.name} warm pool: {type(exc).__name__}: {exc}")
                 continue
             section.rows.append(row)
             if problem is not None:
-                failed.append(f"bwrap warm pool: {problem}")
+                failed.append(f"{target.name} warm pool: {problem}")
 
     load_after = os.getloadavg()
     print()

@@ -435,6 +435,23 @@ class DockerSandbox(Sandbox):
         """The container's name while it exists (for logs and leftovers)."""
         return self._container.name if self._container is not None else None
 
+    async def host_pid(self) -> int:
+        """The host pid of the running container's init (Docker's ``State.Pid``).
+
+        It lives exactly as long as the container; the warm pool watches it
+        and enters its mount namespace. SandboxError when the container is
+        not running.
+        """
+        container = self._container
+        if container is None or self._closed:
+            raise SandboxError("the sandbox is not running (start() it first)")
+        await self._call(container.reload)
+        state = container.attrs.get("State", {})
+        pid = state.get("Pid")
+        if not state.get("Running") or type(pid) is not int or pid <= 1:
+            raise SandboxError(f"docker container {container.id[:12]} is not running")
+        return pid
+
     async def start(self) -> None:
         """Create and start the container; returns once the helper answered hello."""
         if self._started:

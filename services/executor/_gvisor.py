@@ -243,6 +243,16 @@ class GvisorSandbox(Sandbox):
         """The host pid of ``runsc run``, while it runs."""
         return self._proc.pid if self._proc is not None else None
 
+    async def host_pid(self) -> int:
+        """The host pid of ``runsc run``, which lives exactly as long as the sandbox.
+
+        (For the warm pool to watch.) SandboxError when it is not running.
+        """
+        proc = self._proc
+        if proc is None or proc.returncode is not None or self._closed:
+            raise SandboxError("the sandbox is not running (start() it first)")
+        return proc.pid
+
     async def start(self) -> None:
         """Write the bundle, run it, and return once the helper inside answered hello."""
         if self._started:

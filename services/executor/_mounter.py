@@ -1,19 +1,21 @@
 """The mounter: attaches host directories and sockets inside a running sandbox.
 
-A warm bwrap sandbox (:mod:`devsilo.executor._warm`) is started before any
-session names its workspace, with placeholders where the workspace and the
-relay socket belong. At lease time the session's real ones are put on top of
-the placeholders, inside the sandbox's own mount namespace, with the new
-mount API:
+A warm sandbox of an attaching pool (:mod:`devsilo.executor._warm`: bwrap,
+or a Docker container on runc) is started before any session names its
+workspace, with placeholders where the workspace and the relay socket
+belong. At lease time the session's real ones are put on top of the
+placeholders, inside the sandbox's own mount namespace, with the new mount
+API:
 
 1. ``open_tree(source, OPEN_TREE_CLONE | AT_RECURSIVE)`` in the *host* mount
    namespace: a detached copy of the source's mount tree. It must run here,
    because a mount can only be cloned from the namespace it belongs to.
 2. ``mount_setattr`` on that detached tree: ``nosuid``, ``nodev`` (and
    ``rdonly`` where asked), private propagation; what bwrap's own binds get.
-3. ``setns(init's pidfd, CLONE_NEWNS)``, then ``move_mount(tree, "",
-   AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH)``: the tree is attached at the
-   target inside the sandbox. The sandbox itself could never do this: its
+3. ``setns(init's pidfd, CLONE_NEWNS)`` (bwrap's init, or the container's:
+   Docker's ``State.Pid``), then ``move_mount(tree, "", AT_FDCWD, target,
+   MOVE_MOUNT_F_EMPTY_PATH)``: the tree is attached at the target inside the
+   sandbox. The sandbox itself could never do this: its
    seccomp filter refuses every mount call and it has no capabilities.
 
 ``setns(CLONE_NEWNS)`` refuses a caller that shares its filesystem context

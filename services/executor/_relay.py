@@ -195,6 +195,7 @@ class SessionRelay:
         self._stats = RelayStats()
         self._bytes = [0, 0]  # up, down: splice adds to these as it copies
         self._server: asyncio.AbstractServer | None = None
+        self._adopted: list[asyncio.AbstractServer] = []
         self._inode: tuple[int, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -233,6 +234,28 @@ class SessionRelay:
             self._unlink()
             raise
 
+    async def adopt(self, listener: socket.socket) -> None:
+        """Also accept this session's connections on ``listener``, a socket bound ahead of time.
+
+        For a warm sandbox that was started before its session existed: the
+        executor bound a socket for it then (owned by the sandbox uid, mode
+        0600, not listening, so connecting was refused) and the sandbox has
+        it at :data:`~devsilo.executor._spec.RELAY_SOCKET`. From here on its
+        connections are this session's, checked and relayed like those on
+        :attr:`socket_path`. The relay owns ``listener`` now and closes it
+        with the rest; its file stays the binder's to remove.
+        """
+        if self._server is None or self._closed:
+            listener.close()
+            raise SandboxError("a relay adopts a socket only while it runs (start() it first)")
+        try:
+            listener.listen(128)
+            listener.setblocking(False)
+            self._adopted.append(await asyncio.start_unix_server(self._accept, sock=listener))
+        except BaseException:
+            listener.close()
+            raise
+
     def _make_socket(self) -> socket.socket:
         # Bound in a private directory, given its owner and mode, and only
         # then renamed into place: at no moment can another uid connect.
@@ -268,14 +291,15 @@ class SessionRelay:
         if self._closed:
             return
         self._closed = True
-        if self._server is not None:
-            self._server.close()
+        servers = [s for s in (self._server, *self._adopted) if s is not None]
+        for server in servers:
+            server.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in servers:
+            await server.wait_closed()
         self._unlink()
 
     def _unlink(self) -> None:

@@ -58,7 +58,7 @@ from ._sandbox import Sandbox, prepare_workspace_ownership
 from ._shell_stream import ShellStream
 from ._spec import WORKSPACE, SandboxSpec
 from ._tools import run_tool
-from ._warm import WarmPool
+from ._warm import WarmPools, warm_sizes
 from ._ext4 import ext4_unavailable
 from ._workspace_lock import WorkspaceStore
 from ._workspace_remote import UploadedWorkspaces
@@ -66,8 +66,6 @@ from ._workspace_remote import UploadedWorkspaces
 DEFAULT_SANDBOX_UID = 64123
 DEFAULT_CAPACITY = 16
 DEFAULT_PER_USER = 8
-DEFAULT_WARM = 2
-"""Pre-started bwrap sandboxes waiting for a lease (root only)."""
 ANNOUNCE_EVERY_S = 1.0
 
 
@@ -217,19 +215,18 @@ async def serve(ctx: ServiceContext) -> None:
     ctx.status.update(backends=backends, capacity=capacity)
     ctx.log.info("executor_backends", backends=backends)
 
-    warm_pool: WarmPool | None = None
-    warm_size = int(opts.get("warm", DEFAULT_WARM))
-    if "bwrap" in backends and warm_size > 0 and os.geteuid() == 0:
-        def template() -> SandboxSpec:
-            return SandboxSpec(session_id="warm", workspace=scratch_root, sandbox_uid=uid, sandbox_gid=gid,
-                               scratch_root=scratch_root)
+    # Warm sandboxes (option `warm`: a number, or {backend: number}): bwrap and docker-runc take any
+    # workspace; gvisor and docker-runsc start on a workspace locked here, so they follow the locks.
+    def warm_template(workspace: Path | None) -> SandboxSpec:
+        return SandboxSpec(session_id="warm", workspace=workspace or scratch_root, sandbox_uid=uid,
+                           sandbox_gid=gid, scratch_root=scratch_root)
 
-        warm_pool = WarmPool(template, warm_size, **backend_config.get("bwrap", {}))
-        try:
-            await warm_pool.start()
-        except SandboxError as exc:
-            ctx.log.warning("warm_pool_unavailable", error=str(exc))
-            warm_pool = None
+    warm = WarmPools(warm_template, warm_sizes(opts.get("warm")), backend_config, backends)
+    await warm.start()
+    for locked_files in locked_paths().values():
+        await warm.track(locked_files)
+    for warm_backend, problem in warm.problems.items():
+        ctx.log.warning("warm_pool_unavailable", backend=warm_backend, error=problem)
 
     def in_use() -> int:
         return len(sessions) + len(starting)
@@ -241,7 +238,7 @@ async def serve(ctx: ServiceContext) -> None:
         return ExecutorAnnounce(
             executor_id=eid, instance=instance, host=socket.gethostname(), backends=tuple(backends),
             capacity=capacity, free=max(0, capacity - in_use()), users=users,
-            warm={"bwrap": warm_pool.ready} if warm_pool is not None else {},
+            warm=warm.ready(),
             sessions=tuple(sorted(sid for sid, s in sessions.items() if s.grant.purpose == "session")),
             locked=tuple(sorted(held_paths())),
             remote_locked=tuple(RemoteLock(host=h, path=p, user=u)
@@ -259,8 +256,8 @@ async def serve(ctx: ServiceContext) -> None:
         while True:
             await announce_now()
             metrics.capacity.labels(state="free").set(max(0, capacity - in_use()))
-            if warm_pool is not None:
-                metrics.warm.labels(backend="bwrap").set(warm_pool.ready)
+            for warm_backend, ready in warm.ready().items():
+                metrics.warm.labels(backend=warm_backend).set(ready)
             metrics.capacity.labels(state="total").set(capacity)
             await asyncio.sleep(ANNOUNCE_EVERY_S)
 
@@ -366,11 +363,10 @@ async def serve(ctx: ServiceContext) -> None:
         started = time.perf_counter()
         sandbox: Sandbox | None = None
         try:
-            if backend == "bwrap" and warm_pool is not None:
-                try:
-                    sandbox = await warm_pool.try_take(spec)
-                except SandboxError as exc:  # no warm one used up, or that one closed: go cold
-                    ctx.log.warning("warm_lease_failed", error=str(exc))
+            try:
+                sandbox = await warm.try_take(backend, spec, relay)
+            except SandboxError as exc:  # no warm one used up, or that one closed: go cold
+                ctx.log.warning("warm_lease_failed", backend=backend, error=str(exc))
             kind = "warm" if sandbox is not None else "cold"
             if sandbox is None:
                 sandbox = get_backend(backend).create(spec, **backend_config.get(backend, {}))
@@ -454,6 +450,7 @@ async def serve(ctx: ServiceContext) -> None:
         if req.op == "lock":
             locked = await asyncio.to_thread(store.lock, Path(req.path), state_dirs=state_dirs)
             ctx.log.info("workspace_locked", path=str(locked.path), entries=locked.entries)
+            await warm.track(locked.files_dir)
             await announce_now()  # sessions on it must lease here: tell the pool before replying
             return WorkspaceReply(workspaces=(info(str(locked.path), locked.files_dir),))
         path = check_workspace(req.path, state_dirs)
@@ -463,6 +460,8 @@ async def serve(ctx: ServiceContext) -> None:
             # No new attachments, then every sandbox on it ends (TERM, 5 s, KILL inside close()).
             on_it = [sid for sid, s in sessions.items() if files is not None and s.workspace == files]
             await asyncio.gather(*(close_session(sid, "workspace unlocked") for sid in on_it))
+            if files is not None:
+                await warm.forget(files)  # its warm sandboxes have it mounted
             report = await asyncio.to_thread(store.unlock, path)
             text = await asyncio.to_thread(report.render, store.originals_dir(path), path)
         finally:
@@ -621,8 +620,7 @@ async def serve(ctx: ServiceContext) -> None:
         for task in list(shell_tasks):
             task.cancel()
         await asyncio.gather(*shell_tasks, return_exceptions=True)
-        if warm_pool is not None:
-            await warm_pool.close()
+        await warm.close()
         try:
             await bus.publish(subjects.pool_announce(eid), announcement(stopping=True))
             await bus.nc.flush(timeout=2)
