@@ -215,6 +215,10 @@ async def serve(ctx: ServiceContext) -> None:
     ctx.status.update(backends=backends, capacity=capacity)
     ctx.log.info("executor_backends", backends=backends)
 
+    def docker_blind(files: Path) -> tuple[str, ...]:
+        """("docker",) for a workspace in an ext4 image: mounted in our namespace only, the daemon sees none."""
+        return ("docker",) if os.path.ismount(files) and files.is_relative_to(store.root) else ()
+
     # Warm sandboxes (option `warm`: a number, or {backend: number}): bwrap and docker-runc take any
     # workspace; gvisor and docker-runsc start on a workspace locked here, so they follow the locks.
     def warm_template(workspace: Path | None) -> SandboxSpec:
@@ -224,7 +228,7 @@ async def serve(ctx: ServiceContext) -> None:
     warm = WarmPools(warm_template, warm_sizes(opts.get("warm")), backend_config, backends)
     await warm.start()
     for locked_files in locked_paths().values():
-        await warm.track(locked_files)
+        await warm.track(locked_files, exclude=docker_blind(locked_files))
     for warm_backend, problem in warm.problems.items():
         ctx.log.warning("warm_pool_unavailable", backend=warm_backend, error=problem)
 
@@ -450,7 +454,7 @@ async def serve(ctx: ServiceContext) -> None:
         if req.op == "lock":
             locked = await asyncio.to_thread(store.lock, Path(req.path), state_dirs=state_dirs)
             ctx.log.info("workspace_locked", path=str(locked.path), entries=locked.entries)
-            await warm.track(locked.files_dir)
+            await warm.track(locked.files_dir, exclude=docker_blind(locked.files_dir))
             await announce_now()  # sessions on it must lease here: tell the pool before replying
             return WorkspaceReply(workspaces=(info(str(locked.path), locked.files_dir),))
         path = check_workspace(req.path, state_dirs)

@@ -567,10 +567,12 @@ class WarmPools:
                 self._mounter_started = True
             await self._add((backend, ""), lambda: self.make_spec(None), backend)
 
-    async def track(self, workspace: Path) -> None:
-        """Keep warm sandboxes of every keyed backend on ``workspace`` (locked here) from now on."""
+    async def track(self, workspace: Path, *, exclude: tuple[str, ...] = ()) -> None:
+        """Keep warm sandboxes of every keyed backend (but ``exclude``) on ``workspace`` (locked here)."""
         key = os.path.realpath(workspace)
         for backend in self.backends:
+            if backend in exclude:
+                continue
             if not self._attaching(backend) and (backend, key) not in self._pools:
                 await self._add((backend, key), lambda: self.make_spec(Path(key)), backend)
 
