@@ -154,7 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     req = CreateSession(workspace=str(workspace), workspace_host=socket.gethostname(), sandbox=args.sandbox, llm=args.llm, model=args.model,
                         script=_read_script(args.script), headless=True, prompt=args.prompt,
-                        allow_read=tuple(args.allow_read), allow_domains=tuple(args.allow_domain))
+                        allow_read=tuple(args.allow_read), allow_domains=tuple(args.allow_domain),
+                        credentials=tuple(args.credential))
     target = local_gateway(_state(args), args.gateway)
     return asyncio.run(run_session(target, req, sys.stdout, as_json=args.json))
 
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--headless", action="store_true")
     s.add_argument("--allow-read", action="append", default=[])
     s.add_argument("--allow-domain", action="append", default=[])
+    s.add_argument("--credential", action="append", default=[],
+                   help="an egress credential the session may use, by name (the egress config says who may)")
     s.add_argument("--gateway", help="gateway URL (default: the local stack's)")
     s.add_argument("--json", action="store_true", help="print events as JSON lines")
     s.set_defaults(func=cmd_run)

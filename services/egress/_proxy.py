@@ -59,9 +59,9 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import h11
-from devsilo.executor._relay import read_preamble
+from devsilo.executor._relay import RelayPreamble, read_preamble
 from devsilo.executor.helper.helper import splice
-from devsilo.protocol import ProtocolError
+from devsilo.protocol import ProtocolError, SiloError
 
 from ._ca import SessionCA
 from ._h2 import H2Tunnel
@@ -166,7 +166,13 @@ class EgressProxy:
         credentials: CredentialStore | None = None,
         on_record: Callable[[TrafficRecord], None] = lambda record: None,
         on_dns: Callable[[str], None] = lambda answer: None,
+        authenticate: Callable[[RelayPreamble], str] | None = None,
     ) -> None:
+        """``authenticate`` checks a relay's signed first line and returns its session id
+        (raising a :class:`~devsilo.protocol.SiloError` otherwise); when it is given,
+        bare ``SILO-SESSION`` lines are refused. Without it (a proxy on its own, in tests
+        and the benchmark) only bare lines are understood."""
+        self.authenticate = authenticate
         self.policies = policies
         self.upstream = upstream
         self.credentials = credentials or CredentialStore()
@@ -176,6 +182,8 @@ class EgressProxy:
         self._allow: dict[str, AllowList] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.open_connections = 0
+        self.refused_preambles = 0
+        """Relay connections closed unanswered: a first line unsigned, forged, stale or replayed."""
 
     # -- sessions -----------------------------------------------------------------------
 
@@ -202,6 +210,16 @@ class EgressProxy:
                 preamble = await read_preamble(reader)
             except ProtocolError:
                 return
+            if (preamble.signed is None) != (self.authenticate is None):
+                self.refused_preambles += 1
+                return  # unsigned where signatures are required, or signed where nothing checks them
+            if self.authenticate is not None:
+                try:
+                    session_id = self.authenticate(preamble)
+                except SiloError:
+                    self.refused_preambles += 1
+                    return
+                preamble = RelayPreamble(session_id, preamble.kind)
             policy = self.policies.get(preamble.session_id)
             if policy is None:
                 self.close_session(preamble.session_id)  # expired: its CA goes too

@@ -25,6 +25,7 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
+from devsilo.executor._relay import RelayPreamble
 from devsilo.protocol import (
     EgressSessionClose,
     EgressSessionOpen,
@@ -33,6 +34,7 @@ from devsilo.protocol import (
     GrantError,
     Message,
     NetworkRecord,
+    RelayHello,
     open_grant,
     subjects,
 )
@@ -48,6 +50,8 @@ from ._secrets import CredentialStore
 from ._upstream import Upstream, client_context
 
 RECORD_QUEUE = 10_000
+RELAY_HELLO_TTL = 60.0
+"""How long an executor's signed relay line is good for (and then never again: replay cache)."""
 
 
 class EgressMetrics:
@@ -115,7 +119,20 @@ async def serve(ctx: ServiceContext) -> None:
         except asyncio.QueueFull:
             metrics.records_dropped.inc()
 
+    openers: dict[str, str] = {}
+    """session id -> the executor that opened it: the only one whose relay may speak for it."""
+    relay_subject = subjects.egress_relay(ctx.service_id)
+
+    def authenticate(preamble: RelayPreamble) -> str:
+        assert preamble.signed is not None
+        env = bus.verifier.open(preamble.signed, relay_subject, max_ttl=RELAY_HELLO_TTL + 5)
+        hello = env.expect(RelayHello)
+        if openers.get(hello.session_id) != env.header.sender:
+            raise GrantError(f"{env.header.sender} did not open session {hello.session_id} here")
+        return hello.session_id
+
     proxy = make_proxy(options, policies, on_record, lambda answer: metrics.dns.labels(answer=answer).inc())
+    proxy.authenticate = authenticate
     host, port = _split(str(options.get("listen", "127.0.0.1:0")))
     server = await asyncio.start_server(proxy.handle, host, port, limit=1 << 20)
     bound = server.sockets[0].getsockname()
@@ -142,8 +159,11 @@ async def serve(ctx: ServiceContext) -> None:
         if isinstance(env.body, EgressSessionClose):
             if env.header.sid != env.body.session_id:
                 raise GrantError("close signed for another session")
+            if openers.get(env.body.session_id) not in (None, env.header.sender):
+                raise GrantError(f"{env.header.sender} did not open session {env.body.session_id}")
             policies.remove(env.body.session_id)
             proxy.close_session(env.body.session_id)
+            openers.pop(env.body.session_id, None)
             metrics.sessions.set(len(policies))
             return None
         req = env.expect(EgressSessionOpen)
@@ -156,6 +176,7 @@ async def serve(ctx: ServiceContext) -> None:
         except BadHost as exc:
             policies.remove(grant.session_id)
             raise GrantError(f"bad allow-list entry: {exc}") from None
+        openers[grant.session_id] = env.header.sender
         metrics.sessions.set(len(policies))
         usable = proxy.credentials.usable(grant.user, grant.credentials)
         ctx.log.info("egress_session_open", session=grant.session_id, domains=len(policy.allowed_domains),

@@ -9,9 +9,7 @@ proxy and copies bytes both ways. The relay decides nothing about traffic:
 the egress applies the session's policy, and it knows which session's
 policy because the relay says so. The sandbox cannot claim another session:
 the socket it reaches is this session's alone, and only the executor opens
-connections to the egress. (A later issue authenticates the relay → egress
-connection itself; until then the egress must listen where only executors
-can reach it.)
+connections to the egress, each with a fresh signed first line.
 
 Framing — defined here and nowhere else (the helper's ``STREAM_TCP`` and
 ``STREAM_DNS`` are these first lines)::
@@ -25,11 +23,17 @@ Framing — defined here and nowhere else (the helper's ``STREAM_TCP`` and
                  answers come back the same way, matched by DNS id.
 
     relay → egress, on a new TCP connection per sandbox connection:
-        "SILO-SESSION <session id>\\n"
+        "SILO-RELAY <base64url of a signed RelayHello envelope>\\n"
+     (or, where nothing checks signatures, e.g. a bare proxy in a test,
+        "SILO-SESSION <session id>\\n")
         then the sandbox's first line ("TCP\\n" or "DNS\\n") and its bytes,
         verbatim, both ways.
 
-The egress reads the two lines with :func:`read_preamble`. When the relay
+The egress reads the two lines with :func:`read_preamble`. The signed line
+is made afresh for every connection by the executor that opened the session
+(a ``RelayHello`` naming the session, signed for ``silo.egress.<gid>.relay``,
+valid for a minute, its message id never accepted twice), so nothing else
+on the network between executor and egress can speak for a session. When the relay
 has no egress (``egress_addr`` None) or cannot reach it, it answers itself:
 a ``TCP`` stream gets an HTTP 502 with a one-line ``blocked: …`` body, and
 DNS queries get REFUSED (no egress) or SERVFAIL (unreachable).
@@ -53,6 +57,7 @@ once: there is no other server to reach.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -60,6 +65,7 @@ import socket
 import stat
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -83,6 +89,7 @@ from .helper.helper import (
 __all__ = [
     "DNS_PORT",
     "PROXY_PORT",
+    "RELAY_PREFIX",
     "SESSION_PREFIX",
     "STREAM_DNS",
     "STREAM_TCP",
@@ -90,6 +97,7 @@ __all__ = [
     "RelayStats",
     "SessionRelay",
     "read_preamble",
+    "relay_line",
     "session_line",
 ]
 
@@ -113,6 +121,17 @@ def session_line(session_id: str) -> bytes:
     return SESSION_PREFIX + session_id.encode("ascii") + b"\n"
 
 
+RELAY_PREFIX = b"SILO-RELAY "
+"""How a signed first line starts; base64url of a signed ``RelayHello`` envelope follows."""
+_RELAY_LINE = re.compile(rb"SILO-RELAY ([A-Za-z0-9_=-]{16,4096})\n\Z")
+_RELAY_LINE_MAX = len(RELAY_PREFIX) + 4096 + 1
+
+
+def relay_line(sealed: bytes) -> bytes:
+    """The signed first line carrying ``sealed`` (a signed ``RelayHello`` envelope)."""
+    return RELAY_PREFIX + base64.urlsafe_b64encode(sealed) + b"\n"
+
+
 @dataclass(frozen=True)
 class RelayPreamble:
     """What a relay connection says before its payload: whose, and which kind."""
@@ -120,6 +139,9 @@ class RelayPreamble:
     session_id: str
     kind: str
     """``"tcp"`` (a proxy client's stream) or ``"dns"`` (length-prefixed DNS messages)."""
+    signed: bytes | None = None
+    """The signed ``RelayHello`` envelope of a ``SILO-RELAY`` line (the egress verifies it);
+    None for a bare ``SILO-SESSION`` line, whose ``session_id`` nobody vouches for."""
 
 
 async def read_preamble(reader: asyncio.StreamReader, timeout: float = 10.0) -> RelayPreamble:
@@ -136,12 +158,20 @@ async def read_preamble(reader: asyncio.StreamReader, timeout: float = 10.0) -> 
         raise ProtocolError(f"relay preamble not received within {timeout:g} s") from None
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
         raise ProtocolError("relay connection closed or overlong before its preamble") from None
+    if kind not in (STREAM_TCP, STREAM_DNS):
+        raise ProtocolError(f"bad relay stream kind: {kind!r}")
+    stream = "tcp" if kind == STREAM_TCP else "dns"
+    signed = _RELAY_LINE.match(line) if len(line) <= _RELAY_LINE_MAX else None
+    if signed is not None:
+        try:
+            sealed = base64.urlsafe_b64decode(signed.group(1))
+        except ValueError:
+            raise ProtocolError("bad relay line: not base64") from None
+        return RelayPreamble("", stream, sealed)
     match = _SESSION_LINE.match(line) if len(line) <= _SESSION_LINE_MAX else None
     if match is None:
         raise ProtocolError(f"bad relay session line: {line[:80]!r}")
-    if kind not in (STREAM_TCP, STREAM_DNS):
-        raise ProtocolError(f"bad relay stream kind: {kind!r}")
-    return RelayPreamble(match.group(1).decode("ascii"), "tcp" if kind == STREAM_TCP else "dns")
+    return RelayPreamble(match.group(1).decode("ascii"), stream)
 
 
 @dataclass
@@ -181,9 +211,16 @@ class SessionRelay:
         max_connections: int = MAX_CONNECTIONS,
         connect_timeout: float = 10.0,
         first_line_timeout: float = 10.0,
+        hello: Callable[[], bytes] | None = None,
     ) -> None:
-        """``egress_addr`` is where the session's egress proxy listens (None: refuse all)."""
+        """``egress_addr`` is where the session's egress proxy listens (None: refuse all).
+
+        ``hello``, when given, makes each connection's first line to the egress: a
+        fresh signed ``SILO-RELAY`` line (:func:`relay_line`), which the egress
+        service requires; without it the line is the bare ``SILO-SESSION``.
+        """
         self._line = session_line(session_id)
+        self.hello = hello
         self.session_id = session_id
         self.socket_path = Path(socket_path)
         self.egress_addr = egress_addr
@@ -374,7 +411,7 @@ class SessionRelay:
             return
         with contextlib.suppress(OSError):
             up_writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        up_writer.write(self._line + kind)
+        up_writer.write((self.hello() if self.hello is not None else self._line) + kind)
         await splice(reader, writer, up_reader, up_writer, self._bytes)
 
     @staticmethod

@@ -9,11 +9,13 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from devsilo.protocol import (
+    RelayHello,
     SANDBOX_TOOLS,
     AccessReport,
     Ack,
@@ -52,7 +54,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ._backends import STRENGTH_ORDER, get_backend
 from ._helper_client import ShellHandle
-from ._relay import SessionRelay
+from ._relay import SessionRelay, relay_line
 from ._risk import check_workspace
 from ._sandbox import Sandbox, prepare_workspace_ownership
 from ._shell_stream import ShellStream
@@ -63,6 +65,8 @@ from ._ext4 import ext4_unavailable
 from ._workspace_lock import WorkspaceStore
 from ._workspace_remote import UploadedWorkspaces
 
+RELAY_HELLO_TTL = 60.0
+"""Lifetime of a relay connection's signed first line (the egress accepts each once)."""
 DEFAULT_SANDBOX_UID = 64123
 DEFAULT_CAPACITY = 16
 DEFAULT_PER_USER = 8
@@ -265,7 +269,8 @@ async def serve(ctx: ServiceContext) -> None:
             metrics.capacity.labels(state="total").set(capacity)
             await asyncio.sleep(ANNOUNCE_EVERY_S)
 
-    async def open_egress(grant_text: str, grant: SessionGrant) -> tuple[str | None, str | None]:
+    async def open_egress(grant_text: str, grant: SessionGrant) -> tuple[EgressSessionReady | None, str | None]:
+        """Register the session with an egress: its proxy address and the session CA, or why not."""
         try:
             ready = await bus.request(
                 subjects.egress_session(subjects.EGRESS_ANY), EgressSessionOpen(grant=grant_text),
@@ -273,7 +278,27 @@ async def serve(ctx: ServiceContext) -> None:
             )
         except SiloError as exc:
             return None, f"egress unavailable ({exc}); the sandbox has no network at all"
-        return ready.egress_id, None
+        if ready.session_id != grant.session_id:
+            return None, "egress answered for another session; the sandbox has no network at all"
+        return ready, None
+
+    def relay_hello(egress_id: str, sid: str) -> Callable[[], bytes]:
+        """A fresh signed first line for each of the session's relay connections to ``egress_id``."""
+        subject = subjects.egress_relay(egress_id)
+
+        def hello() -> bytes:
+            sealed, _ = bus.signer.seal(RelayHello(session_id=sid), subject, sid=sid, ttl=RELAY_HELLO_TTL)
+            return relay_line(sealed)
+
+        return hello
+
+    async def close_egress(egress_id: str | None, sid: str) -> None:
+        if egress_id is None:
+            return
+        try:
+            await bus.publish(subjects.egress_session(egress_id), EgressSessionClose(session_id=sid), sid=sid)
+        except Exception as exc:  # noqa: BLE001 — the egress expires the session with its grant anyway
+            ctx.log.warning("egress_close_failed", error=str(exc))
 
     def refuse(code: str, message: str) -> PoolError:
         metrics.lease_refusals.labels(reason=code).inc()
@@ -349,18 +374,30 @@ async def serve(ctx: ServiceContext) -> None:
             if skipped:
                 warnings.append(f"{len(skipped)} hard-linked file(s) stay read-only in the sandbox, "
                                 f"e.g. {skipped[0]}")
-        # The sandbox's one way out: a socket only its uid can use, relayed to the egress.
-        relay = SessionRelay(sid, relay_dir / f"{sid}.sock", parse_addr(grant.egress_addr), uid=uid)
+        # The sandbox's one way out: a socket only its uid can use, relayed to the egress that
+        # took the session's policy, each connection opened with a fresh signed first line.
+        ready, warning = await open_egress(req.grant, grant)
+        if warning:
+            warnings.append(warning)
+        egress_id = ready.egress_id if ready is not None else None
+        egress_addr = parse_addr(ready.proxy_addr) if ready is not None and ready.proxy_addr else None
+        if ready is not None and egress_addr is None:
+            warnings.append(f"egress {egress_id} has no proxy address: every network request is refused")
+        relay = SessionRelay(sid, relay_dir / f"{sid}.sock", egress_addr, uid=uid,
+                             hello=relay_hello(egress_id, sid) if egress_id is not None else None)
         await relay.start()
+        # Only a session that may reach somewhere needs the session CA in its trust store
+        # (one that may not stays fit for a warm sandbox, which has none).
+        ca_pem = ready.ca_cert.encode() if ready is not None and ready.ca_cert and grant.allow_domains else None
         spec = SandboxSpec(session_id=sid, workspace=workspace, sandbox_uid=uid, sandbox_gid=gid,
-                           scratch_root=scratch_root, allow_read=allow_read, relay_socket=relay.socket_path)
-        if grant.egress_addr is None:
-            warnings.append("no egress for this session: every network request is refused")
+                           scratch_root=scratch_root, allow_read=allow_read, relay_socket=relay.socket_path,
+                           ca_cert_pem=ca_pem)
         backend = grant.sandbox
         if backend == "auto":
             backend = next(b for b in STRENGTH_ORDER if b in backends)
         if backend == "docker" and os.path.ismount(workspace) and workspace.is_relative_to(store.root):
             await relay.close()
+            await close_egress(egress_id, sid)
             raise GrantError(f"workspace {grant.workspace} is kept in an ext4 image mounted only in executor "
                              f"{eid}'s mount namespace, which the Docker daemon cannot see; use the bwrap "
                              "or gvisor sandbox (or run the executor with workspace_storage=directory)")
@@ -378,14 +415,12 @@ async def serve(ctx: ServiceContext) -> None:
         except BaseException:
             metrics.starts.labels(backend=backend, outcome="error").inc()
             await relay.close()
+            await close_egress(egress_id, sid)
             raise
         metrics.starts.labels(backend=backend, outcome="ok").inc()
         metrics.leases.labels(backend=backend, kind=kind).inc()
         metrics.start_seconds.labels(backend=backend).observe(time.perf_counter() - started)
         metrics.sandboxes.labels(backend=backend, state="running").inc()
-        egress_id, warning = await open_egress(req.grant, grant)
-        if warning:
-            warnings.append(warning)
         warnings.extend(getattr(sandbox, "warnings", []))
         sessions[sid] = ExecSession(grant, backend, sandbox, relay, workspace, egress_id)
         ctx.status["sandboxes"] = len(sessions)
@@ -410,12 +445,7 @@ async def serve(ctx: ServiceContext) -> None:
         await s.relay.close()
         metrics.sandboxes.labels(backend=s.backend, state="running").dec()
         ctx.status["sandboxes"] = len(sessions)
-        if s.egress_id is not None:
-            try:
-                await bus.publish(subjects.egress_session(s.egress_id), EgressSessionClose(session_id=sid),
-                                  sid=sid)
-            except Exception as exc:  # the egress expires the session with its grant anyway
-                ctx.log.warning("egress_close_failed", error=str(exc))
+        await close_egress(s.egress_id, sid)
         ctx.log.info("sandbox_closed", reason=reason)
 
     def info(path: str, files: Path | None) -> WorkspaceInfo:

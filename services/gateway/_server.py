@@ -248,7 +248,7 @@ class ClientConnection:
         grant = SessionGrant(
             grant_id=secrets.token_hex(12), session_id=sid, user=self.who.user, workspace=req.workspace,
             workspace_host=req.workspace_host,
-            sandbox=req.sandbox, allow_read=req.allow_read, allow_domains=req.allow_domains,
+            sandbox=req.sandbox, allow_read=req.allow_read, allow_domains=req.allow_domains, credentials=req.credentials,
             issued_at=now, expires_at=now + GRANT_LIFETIME_S,
         )
         sealed = seal_grant(self.gw.bus.signer, grant)

@@ -254,6 +254,18 @@ class EgressSessionReady(Message):
     credentials: tuple[str, ...] = Field(default=(), description="granted credentials this user may really use")
 
 
+class RelayHello(Message):
+    """First line of an executor's relay connection to an egress: which session it carries.
+
+    Never published on NATS: sealed for ``silo.egress.<gid>.relay`` and sent at the
+    start of the TCP connection, fresh for each one.
+    """
+
+    TYPE = "relay_hello"
+    SUBJECTS = ("silo.egress.*.relay",)
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+
+
 class NetworkRecord(Message):
     """One request through the egress, for the session's journal: never bodies or header values."""
 
@@ -438,6 +450,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         EgressSessionClose,
         EgressSessionReady,
         NetworkRecord,
+        RelayHello,
         Ack,
         ErrorReply,
         ShellOpen,

@@ -14,6 +14,8 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.egress.any.session         executor -> egress    same, any egress (queue group)
     silo.journal.<sid>              harness  -> stream    JournalRecord (JetStream JOURNAL)
     silo.journal.<sid>.network      egress   -> stream    NetworkRecord (JetStream JOURNAL)
+    silo.egress.<gid>.relay         executor -> egress    RelayHello: never on NATS, the signed first
+                                                          line of each relay TCP connection
     silo.exec.<eid>.shell           gateway  -> executor  ShellOpen (request)
     silo.shell.<shid>.input         gateway  -> executor  ShellInput (keystrokes, size, signals, output acks)
     silo.shell.<shid>.output        executor -> gateway   ShellOutput, then one ShellExit
@@ -125,6 +127,14 @@ def journal(sid: str) -> str:
     return f"silo.journal.{check_id(sid, 'session id')}"
 
 
+EGRESS_RELAY_ALL = "silo.egress.*.relay"
+
+
+def egress_relay(gid: str) -> str:
+    """The subject a relay's signed first line is sealed for (never published on NATS)."""
+    return f"silo.egress.{check_id(gid, 'egress id')}.relay"
+
+
 def journal_network(sid: str) -> str:
     """Subject of a session's network records (from the egress), kept in the journal stream."""
     return f"silo.journal.{check_id(sid, 'session id')}.network"
@@ -162,7 +172,7 @@ PUBLISH: dict[Role, tuple[str, ...]] = {
         "silo.exec.*.*.close",
         HARNESS_JOURNAL,
     ),
-    Role.EXECUTOR: ("silo.egress.*.session", POOL_ANNOUNCE_ALL, SHELL_OUTPUT_ALL),
+    Role.EXECUTOR: ("silo.egress.*.session", POOL_ANNOUNCE_ALL, SHELL_OUTPUT_ALL, EGRESS_RELAY_ALL),
     Role.EGRESS: (EGRESS_JOURNAL,),
 }
 

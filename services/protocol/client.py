@@ -58,6 +58,9 @@ class CreateSession(ClientFrame):
     prompt: str | None = Field(default=None, max_length=256 * 1024)
     allow_read: tuple[str, ...] = ()
     allow_domains: tuple[str, ...] = ()
+    credentials: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], ...] = Field(
+        default=(), max_length=32,
+        description="names of egress credentials the session may use (the egress decides who may)")
 
 
 class Attach(ClientFrame):
