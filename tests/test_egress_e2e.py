@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from devsilo.executor._relay import relay_line, session_line
 from devsilo.protocol import RelayHello, Signer, subjects
+from devsilo.runtime._natsconn import connect_nats
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
 from devsilo.testing._internet import HOSTILE, ZONE, TestInternet
@@ -141,6 +142,24 @@ async def test_from_inside_a_bwrap_sandbox_the_egress_lets_through_only_what_it_
         for path in workspace.rglob("*"):
             if path.is_file():
                 assert SECRET.encode() not in path.read_bytes(), path
+        # ... nor in any message kept in NATS; the journal has the session's network records
+        sid = events[0]["session_id"]
+        records = []
+        nc = await connect_nats(StateDir(stack.state_dir), "harness", f"tls://127.0.0.1:{stack.nats_port}")
+        try:
+            for stream in (subjects.EVENTS_STREAM, subjects.JOURNAL_STREAM):
+                info = await nc.jetstream().stream_info(stream)
+                for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                    msg = await nc.jetstream().get_msg(stream, seq)
+                    assert SECRET.encode() not in (msg.data or b""), (stream, seq)
+                    if msg.subject == subjects.journal_network(sid):
+                        records.append(json.loads(msg.data[64:])["body"])
+        finally:
+            await nc.close()
+        by_host = {(r["host"], r["allowed"], r["credential"]) for r in records}
+        assert {(WWW, True, False), (API, True, True), (OTHER, False, False),
+                (f"private.{HOSTILE}", False, False)} <= by_host
+        assert all("?" not in r["path"] for r in records)
     finally:
         await asyncio.to_thread(stack.stop)
 

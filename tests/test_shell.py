@@ -399,7 +399,10 @@ def test_a_client_that_stops_reading_holds_the_shell_back_and_then_gets_everythi
                 assert len(seen) < 120, seen
                 await asyncio.sleep(0.5)
                 seen.append(await asyncio.to_thread(progress))
-            assert seen[-1] < 32, seen
+            # Held back before the end: what got through sits in the window (1 MiB), the
+            # socket buffers between executor, gateway and this client, and the pipe. How
+            # much those hold depends on the kernel's autotuning and load (31-33 MiB seen).
+            assert seen[-1] < 64, seen
             while True:
                 frame = await _next(client, (ShellOutputFrame, ShellExitFrame))
                 if isinstance(frame, ShellOutputFrame):
