@@ -457,3 +457,17 @@ async def test_git_clone_and_pip_install_through_the_egress(egress: Egress, inte
                                                 stdout=asyncio.subprocess.PIPE)
     assert (await head.communicate())[0].decode().strip() == commit
     assert (tmp_path / "site" / "silo_test_pkg.py").read_text() == "ANSWER = 42\n"
+
+
+async def test_a_request_head_that_never_ends_gets_a_clear_answer(egress: Egress) -> None:
+    egress.open("s1", [WWW])
+    relay, port = await egress.relay("s1")
+    async with relay:
+        # more head than the proxy buffers (64 KiB) and no end to it: 431, not a hang or a reset
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET http://" + WWW.encode() + b"/ HTTP/1.1\r\nX: " + b"b" * 70_000)
+        answer = await asyncio.wait_for(reader.read(), 15)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert blocked_reason(answer.decode()) is not None
+    assert egress.internet.hits[WWW] == 0

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from ._proxy import Blocked, EgressProxy, TrafficRecord, _Half, _Route
 
 MAX_STREAMS = 100
+MAX_HEADER_LIST = 64 * 1024
+"""Advertised to the client; a larger header block ends the connection (GOAWAY)."""
 POOL_MAX = 8
 # Response headers that belong to one HTTP/1.1 hop and are forbidden in HTTP/2.
 _CONNECTION_SPECIFIC = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
@@ -68,7 +70,8 @@ class H2Tunnel:
     async def run(self) -> None:
         from ._proxy import CHUNK, IDLE_TIMEOUT
 
-        self.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS})
+        self.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                                   h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST})
         self.conn.initiate_connection()
         self.flush()
         try:

@@ -245,7 +245,7 @@ class EgressProxy:
         try:
             first = await down.next_event()
         except h11.RemoteProtocolError as exc:
-            await self._refuse(down, Blocked(f"bad request: {exc}", "bad_request", 400), None)
+            await self._refuse(down, Blocked(f"bad request: {exc}", "bad_request", exc.error_status_hint), None)
             return
         if not isinstance(first, h11.Request):
             return
@@ -317,7 +317,12 @@ class EgressProxy:
         """Serve one client connection's requests in turn, over one upstream connection."""
         try:
             while True:
-                request = first if first is not None else await down.next_event()
+                try:
+                    request = first if first is not None else await down.next_event()
+                except h11.RemoteProtocolError as exc:
+                    await self._refuse(down, Blocked(f"bad request: {exc}", "bad_request",
+                                                     exc.error_status_hint), None)
+                    return
                 first = None
                 if not isinstance(request, h11.Request):
                     return
@@ -443,15 +448,24 @@ class EgressProxy:
         if record is not None:
             record.status, record.reason, record.label = blocked.status, reason, blocked.label
             self._finish(record)
-        with contextlib.suppress(h11.LocalProtocolError, ConnectionError):
-            await down.send(h11.Response(status_code=blocked.status, reason=HTTPStatus(blocked.status).phrase.encode(), headers=[
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-                (BLOCKED_HEADER.encode(), reason.encode("ascii", "replace")),
-                (b"connection", b"close"),
-            ]))
-            await down.send(h11.Data(data=body))
-            await down.send(h11.EndOfMessage())
+        # Written as bytes, not through h11: a refusal may answer a request h11 could not
+        # parse (its state then allows no response), and the connection closes after it.
+        head = (f"HTTP/1.1 {blocked.status} {HTTPStatus(blocked.status).phrase}\r\n"
+                "Content-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                f"{BLOCKED_HEADER}: {reason.encode('ascii', 'replace').decode('ascii')}\r\n"
+                "Connection: close\r\n\r\n").encode("ascii")
+        with contextlib.suppress(ConnectionError):
+            down.writer.write(head + body)
+            await down.writer.drain()
+            if down.writer.can_write_eof():
+                down.writer.write_eof()
+            # Read (and drop) what the client still sends, briefly, so that closing does not
+            # reset the connection before it has read the answer.
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                async with asyncio.timeout(2):
+                    while await down.reader.read(CHUNK):
+                        pass
 
     def _finish(self, record: TrafficRecord) -> None:
         record.duration_ms = round((time.monotonic() - record.started) * 1000, 3)
