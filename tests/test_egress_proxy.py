@@ -90,7 +90,9 @@ class Egress:
 
     async def close(self) -> None:
         self.server.close()
+        self.proxy.close()
         await self.server.wait_closed()
+        await asyncio.sleep(0)  # let the closed transports finish closing
 
 
 @pytest.fixture
@@ -471,3 +473,30 @@ async def test_a_request_head_that_never_ends_gets_a_clear_answer(egress: Egress
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
     assert blocked_reason(answer.decode()) is not None
     assert egress.internet.hits[WWW] == 0
+
+
+async def test_idle_upstream_connections_serve_the_same_session_only(egress: Egress, internet: TestInternet) -> None:
+    egress.open("s2", [WWW])
+    ca2 = egress.ca_file.with_name("s2-ca.pem")
+    ca2.write_bytes(egress.ca_file.read_bytes())
+    egress.open("s1", [WWW])
+    relay1, port1 = await egress.relay("s1")
+    relay2, port2 = await egress.relay("s2")
+    lookups = lambda: sum(1 for name, kind in internet.queries if name == WWW and kind == "A")  # noqa: E731
+    async with relay1, relay2:
+        code, out, err = await curl(port1, f"https://{WWW}/hello", egress.ca_file)
+        assert code == 0, err
+        assert lookups() == 1
+        # a new client connection of the same session: the idle upstream one, no new lookup
+        code, out, err = await curl(port1, f"https://{WWW}/hello", egress.ca_file)
+        assert code == 0, err
+        assert lookups() == 1
+        # another session never gets it: its own lookup, its own connection
+        code, out, err = await curl(port2, f"https://{WWW}/hello", ca2)
+        assert code == 0, err
+        assert lookups() == 2
+    assert internet.hits[WWW] == 3
+    # a session's end closes its idle connections
+    assert any(k[0] == "s1" for k in egress.proxy._idle)
+    egress.proxy.close_session("s1")
+    assert not any(k[0] == "s1" for k in egress.proxy._idle)

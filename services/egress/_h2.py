@@ -95,7 +95,7 @@ class H2Tunnel:
                 task.cancel()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
             for up in self.pool:
-                up.close()
+                self.proxy._release(self.route, up)
 
     def _on_event(self, event: h2.events.Event) -> bool:
         if isinstance(event, h2.events.RequestReceived):
@@ -152,6 +152,7 @@ class H2Tunnel:
                     raise Blocked(f"bad request: {exc}", "bad_request", 400) from None
                 target, headers, record.credential = self.proxy._prepare(self.route, request)
                 up = self.pool.pop() if self.pool else await self.proxy._open_upstream(self.route)
+                up.reused = False  # h2 streams are not retried: their bodies may be gone already
             except Blocked as blocked:
                 await self._refuse(stream, blocked, record)
                 return

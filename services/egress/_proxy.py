@@ -78,6 +78,9 @@ TLS_HANDSHAKE_TIMEOUT = 15.0
 MAX_DNS_MESSAGE = 4096
 DNS_TTL = 30
 RECORD_PATH_MAX = 512
+POOL_IDLE_S = 30.0
+"""How long an idle upstream connection is kept for the same session and host."""
+POOL_PER_HOST = 4
 
 # Sent by the sandbox to its proxy, not for the upstream server.
 _HOP_BY_HOP = {b"proxy-authorization", b"proxy-connection", b"proxy-authenticate", b"keep-alive", b"te"}
@@ -108,6 +111,10 @@ class TrafficRecord:
     record_id: str = field(default_factory=lambda: uuid.uuid4().hex, repr=False)
 
 
+class _StaleUpstream(Exception):
+    """A pooled upstream connection turned out closed before it answered."""
+
+
 class Blocked(Exception):
     """A refusal: ``reason`` for the client, ``label`` for metrics, the HTTP ``status``."""
 
@@ -126,6 +133,8 @@ class _Half:
         self.conn = h11.Connection(role, max_incomplete_event_size=HEAD_MAX)
         self.reader = reader
         self.writer = writer
+        self.reused = False
+        """Taken from the pool: it may have been closed by the server meanwhile."""
 
     async def next_event(self) -> h11.Event:
         while True:
@@ -180,6 +189,8 @@ class EgressProxy:
         self._on_dns = on_dns
         self._cas: dict[str, SessionCA] = {}
         self._allow: dict[str, AllowList] = {}
+        self._idle: dict[tuple[str, str, int, bool], list[tuple[_Half, float]]] = {}
+        """Idle upstream connections by (session, host, port, tls): never shared across sessions."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.open_connections = 0
         self.refused_preambles = 0
@@ -195,10 +206,20 @@ class EgressProxy:
         self._cas[policy.session_id] = ca
         return ca.cert_pem
 
+    def close(self) -> None:
+        """Close every idle upstream connection (when the proxy stops)."""
+        for idle in self._idle.values():
+            for up, _ in idle:
+                up.close()
+        self._idle.clear()
+
     def close_session(self, session_id: str) -> None:
         """Forget the session's CA (its key goes with it) and allow-list."""
         self._cas.pop(session_id, None)
         self._allow.pop(session_id, None)
+        for key in [k for k in self._idle if k[0] == session_id]:
+            for up, _ in self._idle.pop(key):
+                up.close()
 
     # -- connections --------------------------------------------------------------------
 
@@ -255,6 +276,7 @@ class EgressProxy:
         try:
             if policy is None:
                 raise Blocked("no policy for this session (it ended or was never opened)", "no_session")
+            record.host, record.port = _target_of(first)  # for the record, even when refused
             route = self._route(policy, first)
             record.host, record.port = route.host, route.port
             if route.tls:
@@ -265,10 +287,7 @@ class EgressProxy:
             await self._refuse(down, blocked, record)
             return
         if up is not None:
-            try:
-                await self._tunnel(session_id, route, down, up, record)
-            finally:
-                up.close()
+            await self._tunnel(session_id, route, down, up, record)
         else:
             await self._requests(route, down, first, None)
 
@@ -276,24 +295,30 @@ class EgressProxy:
         """After an allowed CONNECT: answer 200, terminate the sandbox's TLS, serve its requests."""
         reader, writer = down.reader, down.writer
         record.path = ""
-        await down.send(h11.Response(status_code=200, headers=[], reason=b"Connection established"))
-        if down.conn.trailing_data[0]:
-            return  # the client did not wait for the 200: not a proxy client we speak to
-        ca = self._cas.get(session_id)
-        if ca is None:
-            return
+        handed = False
         try:
-            await asyncio.wait_for(writer.start_tls(ca.server_context(route.host)), TLS_HANDSHAKE_TIMEOUT)
-        except (ssl.SSLError, OSError, TimeoutError):
-            record.reason, record.label = "TLS handshake with the sandbox failed (wrong SNI?)", "tls_client"
-            self._finish(record)
-            return
-        self._finish_tunnel(record)
-        ssl_object = writer.get_extra_info("ssl_object")
-        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
-            await H2Tunnel(self, route, reader, writer, up).run()
-        else:
-            await self._requests(route, _Half(h11.SERVER, reader, writer), None, up)
+            await down.send(h11.Response(status_code=200, headers=[], reason=b"Connection established"))
+            if down.conn.trailing_data[0]:
+                return  # the client did not wait for the 200: not a proxy client we speak to
+            ca = self._cas.get(session_id)
+            if ca is None:
+                return
+            try:
+                await asyncio.wait_for(writer.start_tls(ca.server_context(route.host)), TLS_HANDSHAKE_TIMEOUT)
+            except (ssl.SSLError, OSError, TimeoutError):
+                record.reason, record.label = "TLS handshake with the sandbox failed (wrong SNI?)", "tls_client"
+                self._finish(record)
+                return
+            self._finish_tunnel(record)
+            ssl_object = writer.get_extra_info("ssl_object")
+            handed = True  # from here the request loop owns ``up``: it releases or closes it
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                await H2Tunnel(self, route, reader, writer, up).run()
+            else:
+                await self._requests(route, _Half(h11.SERVER, reader, writer), None, up)
+        finally:
+            if not handed:
+                self._release(route, up)
 
     def _route(self, policy: SessionPolicy, request: h11.Request) -> _Route:
         """The decision on a client connection's first request (CONNECT target or absolute URI)."""
@@ -335,7 +360,19 @@ class EgressProxy:
                 except Blocked as blocked:
                     await self._refuse(down, blocked, record)
                     return
-                upgraded = await self._exchange(down, up, request.method, target, headers, record)
+                try:
+                    upgraded = await self._exchange(down, up, request.method, target, headers, record)
+                except _StaleUpstream:
+                    # A pooled connection the server had closed: nothing of this request was
+                    # read from the client beyond its head, so it goes again on a fresh one.
+                    up.close()
+                    try:
+                        up = await self._open_upstream(route, fresh=True)
+                    except Blocked as blocked:
+                        up = None
+                        await self._refuse(down, blocked, record)
+                        return
+                    upgraded = await self._exchange(down, up, request.method, target, headers, record)
                 record.allowed = True
                 self._finish(record)
                 if upgraded:
@@ -350,7 +387,7 @@ class EgressProxy:
                 down.conn.start_next_cycle()
         finally:
             if up is not None:
-                up.close()
+                self._release(route, up)
 
     def _prepare(self, route: _Route, request: h11.Request) -> tuple[bytes, list[tuple[bytes, bytes]], bool]:
         """Check one request against its route; the target and headers to send upstream."""
@@ -379,13 +416,38 @@ class EgressProxy:
             raise Blocked(str(exc), "credential_unavailable", 502) from None
         return target, headers, injected
 
-    async def _open_upstream(self, route: _Route) -> _Half:
+    async def _open_upstream(self, route: _Route, *, fresh: bool = False) -> _Half:
+        """A connection to the route's host: an idle one of this session's, or a new one
+        (resolved, every address checked, TLS verified: :meth:`Upstream.connect`)."""
+        key = (route.session.session_id, route.host, route.port, route.tls)
+        idle = self._idle.get(key, [])
+        now = time.monotonic()
+        while idle and not fresh:
+            up, since = idle.pop()
+            if now - since < POOL_IDLE_S and not up.reader.at_eof() and not up.writer.is_closing():
+                up.reused = True
+                return up
+            up.close()
         try:
             reader, writer, _addr = await self.upstream.connect(route.host, route.port, tls=route.tls)
         except Refused as exc:
             status = 403 if exc.label == "address_blocked" else 502
             raise Blocked(exc.reason, exc.label, status) from None
         return _Half(h11.CLIENT, reader, writer)
+
+    def _release(self, route: _Route, up: _Half) -> None:
+        """Keep ``up`` for the session's next connection to the same host, if it can serve one."""
+        key = (route.session.session_id, route.host, route.port, route.tls)
+        states = (up.conn.our_state, up.conn.their_state)
+        if states == (h11.DONE, h11.DONE):
+            up.conn.start_next_cycle()
+            states = (up.conn.our_state, up.conn.their_state)
+        idle = self._idle.setdefault(key, [])
+        if (states != (h11.IDLE, h11.IDLE) or up.reader.at_eof() or up.writer.is_closing()
+                or len(idle) >= POOL_PER_HOST or route.session.session_id not in self._cas):
+            up.close()
+            return
+        idle.append((up, time.monotonic()))
 
     async def _exchange(
         self, down: _Half, up: _Half, method: bytes, target: bytes,
@@ -404,7 +466,12 @@ class EgressProxy:
             else:
                 raise ConnectionError("client went away mid-request")
         while True:
-            response = await up.next_event()
+            try:
+                response = await up.next_event()
+            except (ConnectionError, h11.RemoteProtocolError):
+                response = h11.ConnectionClosed()
+            if isinstance(response, h11.ConnectionClosed) and up.reused and record.bytes_out == 0:
+                raise _StaleUpstream
             if isinstance(response, h11.InformationalResponse):
                 await down.send(response)
                 if response.status_code == 101:
@@ -542,6 +609,20 @@ def _normalise(raw: str) -> str:
         return normalise_host(raw)
     except BadHost as exc:
         raise Blocked(str(exc), "bad_host", 400) from None
+
+
+def _target_of(request: h11.Request) -> tuple[str, int]:
+    """Best effort: the host and port a first request names (normalised when possible)."""
+    text = request.target.decode("ascii", "replace")
+    try:
+        if request.method == b"CONNECT":
+            host, port = _split_authority(text, None)
+        else:
+            url = urlsplit(text)
+            host, port = _split_authority(url.netloc, 80)
+        return _normalise(host), port
+    except Blocked:
+        return text[:255], 0
 
 
 def _split_authority(text: str, default_port: int | None) -> tuple[str, int]:

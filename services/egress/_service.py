@@ -192,6 +192,7 @@ async def serve(ctx: ServiceContext) -> None:
         await ctx.stopping.wait()
     finally:
         server.close()
+        proxy.close()
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await writer

@@ -80,14 +80,17 @@ class Upstream:
         else:
             addresses = []
             failures = 0
-            for rdtype in ("A", "AAAA"):
-                try:
-                    answer = await self._resolver.resolve(host, rdtype, search=False)
-                except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            answers = await asyncio.gather(  # both at once: one round trip, not two
+                *(self._resolver.resolve(host, rdtype, search=False) for rdtype in ("A", "AAAA")),
+                return_exceptions=True)
+            for answer in answers:
+                if isinstance(answer, (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer)):
                     continue
-                except (dns.resolver.NoNameservers, dns.exception.Timeout):
+                if isinstance(answer, (dns.resolver.NoNameservers, dns.exception.Timeout)):
                     failures += 1
                     continue
+                if isinstance(answer, BaseException):
+                    raise answer
                 addresses.extend(ipaddress.ip_address(r.address) for r in answer)
             if not addresses:
                 if failures:
