@@ -482,7 +482,7 @@ async def test_idle_upstream_connections_serve_the_same_session_only(egress: Egr
     egress.open("s1", [WWW])
     relay1, port1 = await egress.relay("s1")
     relay2, port2 = await egress.relay("s2")
-    lookups = lambda: sum(1 for name, kind in internet.queries if name == WWW and kind == "A")  # noqa: E731
+    lookups = lambda: sum(1 for name, kind in internet.queries if name == WWW and kind == "A")
     async with relay1, relay2:
         code, out, err = await curl(port1, f"https://{WWW}/hello", egress.ca_file)
         assert code == 0, err
