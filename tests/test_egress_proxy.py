@@ -492,7 +492,7 @@ async def test_idle_upstream_connections_serve_the_same_session_only(egress: Egr
         assert code == 0, err
         assert lookups() == 1
         # another session never gets it: its own lookup, its own connection
-        code, out, err = await curl(port2, f"https://{WWW}/hello", ca2)
+        code, _out, err = await curl(port2, f"https://{WWW}/hello", ca2)
         assert code == 0, err
         assert lookups() == 2
     assert internet.hits[WWW] == 3
