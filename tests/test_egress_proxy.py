@@ -488,7 +488,7 @@ async def test_idle_upstream_connections_serve_the_same_session_only(egress: Egr
         assert code == 0, err
         assert lookups() == 1
         # a new client connection of the same session: the idle upstream one, no new lookup
-        code, out, err = await curl(port1, f"https://{WWW}/hello", egress.ca_file)
+        code, _, err = await curl(port1, f"https://{WWW}/hello", egress.ca_file)
         assert code == 0, err
         assert lookups() == 1
         # another session never gets it: its own lookup, its own connection
