@@ -484,7 +484,7 @@ async def test_idle_upstream_connections_serve_the_same_session_only(egress: Egr
     relay2, port2 = await egress.relay("s2")
     lookups = lambda: sum(1 for name, kind in internet.queries if name == WWW and kind == "A")
     async with relay1, relay2:
-        code, out, err = await curl(port1, f"https://{WWW}/hello", egress.ca_file)
+        code, _, err = await curl(port1, f"https://{WWW}/hello", egress.ca_file)
         assert code == 0, err
         assert lookups() == 1
         # a new client connection of the same session: the idle upstream one, no new lookup
