@@ -46,6 +46,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=50_000)
     ap.add_argument("--mb", type=int, default=500)
+    ap.add_argument("--storage", choices=["directory", "ext4"], default="directory",
+                    help="how the store keeps the locked tree (ext4: an image, root only; the executor's "
+                         "default as root)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="silo-bench-ws-", dir="/var/tmp") as tmp:
         base = Path(tmp)
@@ -62,7 +65,7 @@ def main() -> None:
                        stdout=subprocess.DEVNULL)
         git_s = time.perf_counter() - t0
 
-        store = WorkspaceStore(base / "store")
+        store = WorkspaceStore(base / "store", args.storage)
         t0 = time.perf_counter()
         locked = store.lock(tree, state_dirs=[base / "no-state"])
         lock_s = time.perf_counter() - t0
@@ -73,7 +76,8 @@ def main() -> None:
         unlock_s = time.perf_counter() - t0
 
     silo_total = lock_s + unlock_s
-    print(f"tree: {args.files} files, {args.mb} MB; 1% changed ({len(report.changed_paths)} files)")
+    print(f"tree: {args.files} files, {args.mb} MB; 1% changed ({len(report.changed_paths)} files); "
+          f"storage: {args.storage}")
     print(f"{'':44} {'seconds':>8}")
     print(f"{'git add -A && git status --porcelain':44} {git_s:8.2f}")
     print(f"{'silo lock (snapshot, originals, move)':44} {lock_s:8.2f}")
