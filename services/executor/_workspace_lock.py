@@ -34,6 +34,7 @@ import secrets
 import shutil
 import signal
 import stat
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,14 @@ def _remove(path: Path) -> None:
 
 def _copy_entry(src: Path, dst: Path) -> None:
     """Copy one entry (tree, file or symlink) with modes, owners and times; never follow links."""
+    if os.geteuid() == 0:
+        # GNU cp in one process: modes, owners, set-id bits, times, symlinks as links,
+        # hard links kept together; per-file work in C rather than Python.
+        done = subprocess.run(["cp", "-a", "--no-target-directory", "--", str(src), str(dst)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise WorkspaceLockError(f"cannot copy {src} to {dst}: {done.stderr.strip()[:500]}")
+        return
     if src.is_symlink():
         os.symlink(os.readlink(src), dst)
     elif src.is_dir():
@@ -136,11 +145,33 @@ def _copy_entry(src: Path, dst: Path) -> None:
 
 
 def _entry_manifest(parent: Path, name: str) -> set[tuple[Any, ...]]:
-    """Everything about one top-level entry and what is below it, with its own name cut off."""
-    others = frozenset(os.listdir(parent)) - {name}
-    snap = WorkspaceSnapshot.take(parent, skip=others)
-    return {(e.path.partition("/")[2], e.type, e.mode, e.uid, e.gid, e.size, e.sha256, e.target)
-            for e in snap.entries.values()}
+    """What a copy must reproduce of one top-level entry and everything below it.
+
+    Type, mode, owner, and for files their size and modification time (which
+    the copy carries over to the nanosecond), for symlinks their target: a
+    copy cut short, or one of the wrong file, differs. Contents are not hashed
+    again here: the lock's manifest holds every file's SHA-256, and the change
+    report compares against it, so a copy that differed in content alone
+    would show there as a modified file rather than pass unseen.
+    """
+    root = parent / name
+    found: set[tuple[Any, ...]] = set()
+
+    def add(path: Path, rel: str) -> os.stat_result:
+        st = os.lstat(path)
+        kind = stat.S_IFMT(st.st_mode)
+        found.add((rel, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                   st.st_size if stat.S_ISREG(kind) else None,
+                   st.st_mtime_ns if stat.S_ISREG(kind) else None,
+                   os.readlink(path) if stat.S_ISLNK(kind) else None))
+        return st
+
+    if stat.S_ISDIR(add(root, "").st_mode):
+        for dirpath, dirnames, filenames in os.walk(root):
+            base = Path(dirpath)
+            for n in dirnames + filenames:
+                add(base / n, str((base / n).relative_to(root)))
+    return found
 
 
 def _move_entries(src_dir: Path, dst_dir: Path, *, skip: frozenset[str], step: str,
