@@ -372,6 +372,32 @@ async def test_anthropic_gives_a_clear_error_after_the_last_attempt(anthropic_se
     assert len(anthropic_server.requests) == FAST.attempts
 
 
+async def test_anthropic_retries_an_overloaded_error_event_inside_the_stream(anthropic_server: APIServer) -> None:
+    overloaded = ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    anthropic_server.replies += [Reply([*anthropic_stream("partial")[:3], overloaded]),
+                                 Reply(anthropic_stream("whole"))]
+    model = AnthropicModel("claude-x", ANTHROPIC_KEY, base_url=anthropic_server.url, policy=FAST,
+                           sleep=Sleeps())
+    try:
+        response = await model.complete(CONVERSATION, [])
+    finally:
+        await model.aclose()
+    assert response.text == "whole" and len(anthropic_server.requests) == 2
+
+
+@pytest.mark.parametrize(("failed", "retry_after", "jitter", "expected"), [
+    (1, None, 0.0, 0.5),   # first retry: half the base delay at the lowest jitter
+    (1, None, 0.5, 0.75),
+    (3, None, 0.0, 2.0),   # doubles per failure
+    (10, None, 0.0, 5.0),  # capped at max_delay_s, then jittered
+    (1, 7.0, 0.9, 7.0),    # the server's retry-after, without jitter
+    (1, 99.0, 0.0, 10.0),  # ... but never beyond max_delay_s
+])
+def test_retry_delay_backs_off_exponentially_with_jitter(failed: int, retry_after: float | None,
+                                                         jitter: float, expected: float) -> None:
+    assert RetryPolicy(attempts=5, base_delay_s=1.0, max_delay_s=10.0).delay(failed, retry_after, jitter) == expected
+
+
 # --- OpenAI Responses, unit level ------------------------------------------------------------
 
 async def test_openai_tool_conversation_sends_functions_and_call_outputs(openai_server: APIServer) -> None:
