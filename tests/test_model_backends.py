@@ -385,6 +385,26 @@ async def test_anthropic_retries_an_overloaded_error_event_inside_the_stream(ant
     assert response.text == "whole" and len(anthropic_server.requests) == 2
 
 
+async def test_streamed_text_deltas_reach_the_text_sink(anthropic_server: APIServer,
+                                                        openai_server: APIServer) -> None:
+    anthropic_server.replies.append(Reply(anthropic_stream("abcdef")))
+    openai_server.replies.append(Reply(openai_stream("uvwxyz")))
+    pieces: list[str] = []
+
+    async def sink(text: str) -> None:
+        pieces.append(text)
+
+    claude = AnthropicModel("claude-x", ANTHROPIC_KEY, base_url=anthropic_server.url, on_text=sink)
+    gpt = OpenAIResponsesModel("gpt-x", OPENAI_KEY, base_url=openai_server.url + "/v1", on_text=sink)
+    try:
+        await claude.complete(CONVERSATION, [])
+        await gpt.complete(CONVERSATION, [])
+    finally:
+        await claude.aclose()
+        await gpt.aclose()
+    assert pieces == ["abc", "def", "uvw", "xyz"]
+
+
 @pytest.mark.parametrize(("failed", "retry_after", "jitter", "expected"), [
     (1, None, 0.0, 0.5),   # first retry: half the base delay at the lowest jitter
     (1, None, 0.5, 0.75),
