@@ -60,8 +60,11 @@ def anthropic_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, A
                        for c in m.get("tool_calls", [])]
             add("assistant", blocks)
         elif role == "tool":
-            add("user", [{"type": "tool_result", "tool_use_id": m["tool_call_id"],
-                          "content": m["content"], "is_error": bool(m.get("is_error"))}])
+            result: dict[str, Any] = {"type": "tool_result", "tool_use_id": m["tool_call_id"],
+                                      "is_error": bool(m.get("is_error"))}
+            if m["content"]:  # the API refuses empty text; a result without content is fine
+                result["content"] = m["content"]
+            add("user", [result])
         else:
             raise ValueError(f"unknown message role {role!r}")
     system = [{"type": "text", "text": "\n\n".join(system_texts), "cache_control": CACHE}] if system_texts else []
@@ -69,7 +72,11 @@ def anthropic_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, A
 
 
 class AnthropicModel:
-    """Claude through the Messages API, streamed; retries per ``policy``."""
+    """Claude through the Messages API, streamed; retries per ``policy``.
+
+    ``on_text`` receives text deltas as they arrive; a retried attempt
+    streams again from its start.
+    """
 
     def __init__(self, model: str, api_key: str, *, base_url: str | None = None, max_tokens: int = 8192,
                  policy: RetryPolicy | None = None, timeout_s: float = 600.0,

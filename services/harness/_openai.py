@@ -54,7 +54,11 @@ def openai_input(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[
 
 
 class OpenAIResponsesModel:
-    """An OpenAI model through the Responses API, streamed; retries per ``policy``."""
+    """An OpenAI model through the Responses API, streamed; retries per ``policy``.
+
+    ``on_text`` receives text deltas as they arrive; a retried attempt
+    streams again from its start.
+    """
 
     def __init__(self, model: str, api_key: str, *, base_url: str | None = None,
                  max_output_tokens: int | None = None, policy: RetryPolicy | None = None,
