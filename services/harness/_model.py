@@ -24,22 +24,72 @@ class ToolUse:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """Tokens one completion used, the same way for every backend.
+
+    ``input_tokens`` counts the whole prompt, cached parts included;
+    ``cached_tokens`` is the part read from the provider's prompt cache and
+    ``cache_write_tokens`` the part written to it (Anthropic reports writes;
+    OpenAI does not).
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts as a plain dict, for events."""
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "cached_tokens": self.cached_tokens, "cache_write_tokens": self.cache_write_tokens}
+
+
+@dataclass(frozen=True)
 class ModelResponse:
     """One completion: text, tool calls, and token usage."""
 
     text: str
     tool_calls: tuple[ToolUse, ...]
-    usage: dict[str, int] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
 
 
 class ModelBackend(Protocol):
-    """What the agent loop needs of a model."""
+    """What the agent loop needs of a model.
+
+    ``messages`` is the harness's own conversation format, which each backend
+    converts to its API's: ``{"role": "system"|"user", "content": str}``,
+    ``{"role": "assistant", "content": str, "tool_calls": [{"id", "name", "input"}]}``
+    and ``{"role": "tool", "tool_call_id": str, "content": str, "is_error": bool}``.
+    """
 
     name: str
 
     async def complete(self, messages: list[dict[str, Any]], tools: list[str]) -> ModelResponse:
         """Return the model's next response to ``messages`` with ``tools`` available."""
         ...
+
+    async def aclose(self) -> None:
+        """Release connections; the backend is not used afterwards."""
+        ...
+
+
+class UnavailableModel:
+    """A backend that could not be set up (e.g. no API key): every request fails with why.
+
+    The session still starts, so a headless run ends the way model failures
+    do (an error event, exit code 3) rather than as a refused start.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self._reason = reason
+
+    async def complete(self, messages: list[dict[str, Any]], tools: list[str]) -> ModelResponse:
+        """Raise ModelFailure with the reason the backend is unavailable."""
+        raise ModelFailure(self._reason)
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
 
 
 class _ScriptCall(BaseModel):
@@ -92,4 +142,7 @@ class ScriptedModel:
         )
         prompt_tokens = sum(len(json.dumps(m)) // 4 for m in messages)
         out_tokens = (len(step.text) + len(json.dumps([c.input for c in step.tool_calls]))) // 4
-        return ModelResponse(step.text, calls, {"input_tokens": prompt_tokens, "output_tokens": out_tokens})
+        return ModelResponse(step.text, calls, Usage(input_tokens=prompt_tokens, output_tokens=out_tokens))
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

@@ -23,12 +23,12 @@ from devsilo.protocol import (
     subjects,
 )
 from devsilo.runtime import Bus, ServiceContext
+from devsilo.runtime._pool import PoolView
 from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from prometheus_client import Gauge, Histogram
 
-from ._model import ModelBackend, ModelFailure, ScriptedModel
-from devsilo.runtime._pool import PoolView
+from ._backends import make_model
 from ._session import SessionRunner
 
 ANNOUNCE_GRACE_S = 2.5
@@ -59,15 +59,6 @@ async def ensure_streams(ctx: ServiceContext) -> None:
             except Exception as exc:
                 ctx.log.info("stream_create_raced", stream=name, error=str(exc))
                 await js.stream_info(name)
-
-
-def make_model(start: StartSession) -> ModelBackend:
-    """The model backend a session asked for (only the mock is built so far)."""
-    if start.llm.backend == "mock":
-        if not start.llm.script:
-            raise ModelFailure("the mock model needs a script (--script FILE)")
-        return ScriptedModel(start.llm.script)
-    raise ModelFailure(f"LLM backend {start.llm.backend!r} is not built yet; use --llm mock")
 
 
 class PoolMetrics:
@@ -169,7 +160,7 @@ async def serve(ctx: ServiceContext) -> None:
             raise GrantError(f"start signed for {env.header.sid}, grant is for {grant.session_id}")
         if grant.session_id in runners:
             raise GrantError(f"session {grant.session_id} is already running")
-        model = make_model(start)
+        model = make_model(start.llm, ctx.options)
         started = time.monotonic()
         try:
             lease = await lease_sandbox(bus, pool, grant, start.grant,

@@ -135,6 +135,7 @@ class SessionRunner:
             await self.events.emit("error", {"message": f"session failed: {exc}"})
             await self._finish(EXIT_RUNTIME, "session failed")
         finally:
+            await self.model.aclose()
             await self._close_sandbox()
 
     def interrupt(self) -> bool:
@@ -168,6 +169,7 @@ class SessionRunner:
         nudges = 0
         while self.exit_code is None:
             response = await self.model.complete(self.messages, self.tools)
+            await self.events.emit("cost", {"model": self.model.name, **response.usage.as_dict()})
             if response.text:
                 await self.events.emit("assistant_text", {"text": response.text, "final": True})
             self.messages.append({
