@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import errno
 import os
 import random
 import re
@@ -63,6 +61,8 @@ from devsilo.executor._helper_client import ExecResult
 from devsilo.executor._sandbox import Sandbox
 from devsilo.executor._spec import WORKSPACE, SandboxLimits
 from devsilo.protocol import SandboxError, ToolError
+
+from ._netns import socket_in_netns
 
 __all__ = [
     "ATTACKS",
@@ -348,7 +348,7 @@ def _test_netns(token: str, listeners: _Listeners) -> Iterator[tuple[str, int]]:
         ip("-n", ns, "addr", "add", f"{address}/24", "dev", ns_if)
         ip("-n", ns, "link", "set", ns_if, "up")
         ip("-n", ns, "link", "set", "lo", "up")
-        sock = _socket_in_netns(ns, address)
+        sock = socket_in_netns(ns, address, backlog=16)
         port: int = sock.getsockname()[1]
         # The host itself must reach the listener: then a sandbox that
         # cannot is confined, not looking at a broken network.
@@ -365,41 +365,6 @@ def _test_netns(token: str, listeners: _Listeners) -> Iterator[tuple[str, int]]:
         if made:
             # Deleting the namespace deletes its veth end, and so the pair.
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=10)
-
-
-def _socket_in_netns(ns: str, address: str) -> socket.socket:
-    """A listening socket created inside network namespace ``ns`` (a socket keeps its namespace)."""
-    result: list[socket.socket | OSError] = []
-
-    def make() -> None:
-        # setns on a thread of its own: only that thread changes namespace.
-        try:
-            with open(f"/run/netns/{ns}", "rb") as f:
-                _setns_net(f.fileno())
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((address, 0))
-            sock.listen(16)
-            sock.setblocking(False)
-            result.append(sock)
-        except OSError as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=make, name="attack-netns")
-    thread.start()
-    thread.join(10)
-    if not result:
-        raise OSError(errno.ETIMEDOUT, "could not make a socket in the test namespace")
-    if isinstance(result[0], OSError):
-        raise result[0]
-    return result[0]
-
-
-def _setns_net(fd: int) -> None:
-    # Python 3.11 has no os.setns.
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def _proc_status(pid: int) -> dict[str, str]:

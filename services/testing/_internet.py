@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import datetime as dt
 import hashlib
 import ipaddress
@@ -40,7 +39,6 @@ import ssl
 import struct
 import subprocess
 import tempfile
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +50,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSRecord
+
+from ._netns import socket_in_netns
 
 ZONE = "test-inet.example"
 HOSTILE = "hostile.example"
@@ -393,30 +393,4 @@ class TestInternet:
 
     def _socket(self, kind: int, address: str, port: int) -> socket.socket:
         """A socket bound (and, for TCP, listening) inside the namespace."""
-        result: list[socket.socket | OSError] = []
-
-        def make() -> None:
-            try:
-                with open(f"/run/netns/{self.ns}", "rb") as f:
-                    libc = ctypes.CDLL(None, use_errno=True)
-                    if libc.setns(f.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
-                        err = ctypes.get_errno()
-                        raise OSError(err, os.strerror(err))
-                sock = socket.socket(socket.AF_INET, kind)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((address, port))
-                if kind == socket.SOCK_STREAM:
-                    sock.listen(128)
-                sock.setblocking(False)
-                result.append(sock)
-            except OSError as exc:
-                result.append(exc)
-
-        thread = threading.Thread(target=make, name="test-internet-socket")
-        thread.start()
-        thread.join(10)
-        if not result:
-            raise OSError("could not make a socket in the test internet")
-        if isinstance(result[0], OSError):
-            raise result[0]
-        return result[0]
+        return socket_in_netns(self.ns, address, port, kind)
