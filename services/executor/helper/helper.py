@@ -2279,6 +2279,29 @@ async def _main_async(fd: int, workspace: str) -> None:
             network.close()
 
 
+def _watch_children_without_threads() -> None:
+    """Reap commands through pidfds where the kernel has them, not a thread per child.
+
+    asyncio's default watcher starts a thread for every child *after* the child
+    exists: a command that fills the sandbox's pids limit at once (a fork bomb)
+    can leave the helper unable to start that thread, and the command's own exec
+    then fails with "can't start new thread" instead of being stopped by the
+    limit. A pidfd needs no new task. Where ``pidfd_open`` is missing (an older
+    gVisor), the default watcher stays.
+    """
+    if not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # child watchers are deprecated in 3.12
+        asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point inside the sandbox: ``helper.py --fd N [--workspace DIR]``."""
     parser = argparse.ArgumentParser(prog="helper.py", description=__doc__.splitlines()[0])
@@ -2293,6 +2316,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--fd is required")
     _close_other_fds(args.fd)
     os.set_inheritable(args.fd, False)  # commands we run must not get the connection
+    _watch_children_without_threads()
     try:
         asyncio.run(_main_async(args.fd, args.workspace))
     except KeyboardInterrupt:
