@@ -50,12 +50,17 @@ def main() -> None:
                     help="how the store keeps the locked tree (ext4: an image, root only; the executor's "
                          "default as root)")
     args = ap.parse_args()
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="silo-bench-ws-", dir="/var/tmp") as tmp:
         base = Path(tmp)
         tree, gtree = base / "tree", base / "gtree"
         tree.mkdir()
         paths = generate(tree, args.files, args.mb * 1024 * 1024)
         shutil.copytree(tree, gtree, symlinks=True)
+        # Each timed part starts with nothing dirty: a sync inside one (the lock makes its
+        # originals and image durable before it removes anything) must not write back what
+        # generating the trees, or git before it, left in the page cache.
+        os.sync()
 
         # The baseline the issue names: git hashing and listing the same fresh tree.
         subprocess.run(["git", "init", "-q", str(gtree)], check=True)
@@ -64,12 +69,14 @@ def main() -> None:
         subprocess.run(["git", "-C", str(gtree), "status", "--porcelain"], check=True,
                        stdout=subprocess.DEVNULL)
         git_s = time.perf_counter() - t0
+        os.sync()
 
         store = WorkspaceStore(base / "store", args.storage)
         t0 = time.perf_counter()
         locked = store.lock(tree, state_dirs=[base / "no-state"])
         lock_s = time.perf_counter() - t0
         change(locked.files_dir, paths)
+        os.sync()
         t0 = time.perf_counter()
         report = store.unlock(tree)
         report.render(store.originals_dir(tree), tree)
@@ -77,7 +84,7 @@ def main() -> None:
 
     silo_total = lock_s + unlock_s
     print(f"tree: {args.files} files, {args.mb} MB; 1% changed ({len(report.changed_paths)} files); "
-          f"storage: {args.storage}")
+          f"storage: {args.storage}; load average before: {load:.2f}")
     print(f"{'':44} {'seconds':>8}")
     print(f"{'git add -A && git status --porcelain':44} {git_s:8.2f}")
     print(f"{'silo lock (snapshot, originals, move)':44} {lock_s:8.2f}")
