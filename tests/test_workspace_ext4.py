@@ -161,6 +161,7 @@ else:
         (files / "newdir").mkdir()
         (files / "newdir" / "inner.txt").write_text("inner\\n")
         os.chmod(files / "run.sh", 0o700)
+        os.utime(files / "tool", ns=(1_700_000_000_555_000_000, 1_700_000_000_555_000_000))
     snap = WorkspaceSnapshot.take(files)
     print(json.dumps({p: [e.type, e.mode, e.uid, e.gid, e.sha256, e.target]
                       for p, e in snap.entries.items()}))
@@ -283,6 +284,7 @@ def test_an_image_unlock_gives_back_owners_and_follows_no_link(tmp_path: Path, s
     outside.mkdir()
     (outside / "owned").write_text("precious\n")
     store = store_root
+    mtime_hard = os.stat(ws / "d1" / "hard").st_mtime_ns
     ext4_op(store, ws, "lock")
     ext4_op(store, ws, "session", None, str(outside))
     ext4_op(store, ws, "unlock")
@@ -297,6 +299,8 @@ def test_an_image_unlock_gives_back_owners_and_follows_no_link(tmp_path: Path, s
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (1000, 0o755)  # the workspace's owner
     assert stat.S_IMODE(os.stat(ws / "tool").st_mode) == 0o2755  # set-id at lock, untouched: kept
     assert stat.S_IMODE(os.stat(ws / "run.sh").st_mode) == 0o700
+    assert os.stat(ws / "tool").st_mtime_ns == 1_700_000_000_555_000_000  # touched: comes back
+    assert os.stat(ws / "d1" / "hard").st_mtime_ns == mtime_hard  # untouched: exactly as locked
     assert (ws / "notes.txt").read_text() == "changed\n"
     assert os.readlink(ws / "d1" / "sub") == str(outside)
     assert (outside / "owned").read_text() == "precious\n"  # never followed

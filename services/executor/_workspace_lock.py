@@ -224,6 +224,64 @@ def _tree_meta(root: Path, skip: frozenset[str] = frozenset()) -> dict[str, Meta
     return out
 
 
+def _tree_times(root: Path) -> dict[str, tuple[int, int]]:
+    """(atime, mtime) in nanoseconds of every entry below ``root``, walked as :func:`_tree_meta` does."""
+    out: dict[str, tuple[int, int]] = {}
+
+    def walk(dir_fd: int, prefix: str) -> None:
+        with os.scandir(dir_fd) as it:
+            found = list(it)
+        for e in found:
+            st = e.stat(follow_symlinks=False)
+            out[prefix + e.name] = (st.st_atime_ns, st.st_mtime_ns)
+            if stat.S_ISDIR(st.st_mode):
+                sub = os.open(e.name, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    walk(sub, prefix + e.name + "/")
+                finally:
+                    os.close(sub)
+
+    fd = open_dir_nofollow(root)
+    try:
+        walk(fd, "")
+    finally:
+        os.close(fd)
+    return out
+
+
+def _take_times(held: Path, image_times: dict[str, tuple[int, int]]) -> None:
+    """Give entries of ``held`` the image's times where a session changed them (``touch``).
+
+    The image was made with whole-second times (mkfs.ext4 -d), so an image
+    time equal to the held one cut to the second is the lock-time time: the
+    held (exact) one stays. Directories are done after what is in them.
+    """
+    def walk(dir_fd: int, prefix: str) -> None:
+        with os.scandir(dir_fd) as it:
+            found = list(it)
+        for e in found:
+            st = e.stat(follow_symlinks=False)
+            rel = prefix + e.name
+            if stat.S_ISDIR(st.st_mode):
+                sub = os.open(e.name, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    walk(sub, rel + "/")
+                finally:
+                    os.close(sub)
+            times = image_times.get(rel)
+            if times is None or times[1] == st.st_mtime_ns:
+                continue
+            if times[1] % 1_000_000_000 == 0 and times[1] == st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000:
+                continue
+            os.utime(e.name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
+
+    fd = open_dir_nofollow(held)
+    try:
+        walk(fd, "")
+    finally:
+        os.close(fd)
+
+
 def _meta_of(entry: Entry) -> Meta:
     return (entry.type, entry.mode, entry.uid, entry.gid,
             entry.size if entry.type == "file" else None,
@@ -992,6 +1050,7 @@ class WorkspaceStore:
         if state["restore"] == "kept":
             expected = _given_back_meta(after, before)
             _apply_changes(sdir / "files", held, sdir / "incoming", before, after, expected)
+            _take_times(held, _tree_times(sdir / "files"))
             got = _tree_meta(held)
             if got != expected:
                 wrong = sorted(k for k in got.keys() | expected.keys() if got.get(k) != expected.get(k))
