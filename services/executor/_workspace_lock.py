@@ -19,9 +19,17 @@ renamed into place, and only then removed from its source.
 
 With ``storage="ext4"`` the ``files/`` directory is the mount point of a
 per-workspace ext4 image (``image.ext4`` beside it) mounted only in the
-executor's private mount namespace (see ``_ext4``); moves into and out of it
-cross filesystems and take the verified-copy path. Otherwise the contents are
-protected by file permissions only, and the warning says so.
+executor's private mount namespace (see ``_ext4``). The image is made from the
+tree (``mkfs.ext4 -d``, in C), synced, and checked against the lock's manifest
+before any source is touched. Then, with the store on the workspace's
+filesystem, the tree itself is renamed into ``held/`` (root-only, never
+mounted in a sandbox; it stands in for ``originals/``), and unlock writes into
+it only what sessions changed, keeping the originals of those for the report,
+before renaming it back; with the store elsewhere, the sources are removed
+and unlock copies the image's whole tree back out in one ``cp -a``. A tree
+mkfs cannot reproduce (a top-level ``lost+found``, a kind of entry it drops, a
+tree still changing) is copied in entry by entry instead. Otherwise the
+contents are protected by file permissions only, and the warning says so.
 """
 
 from __future__ import annotations
