@@ -466,8 +466,8 @@ def _parent_fd(root: Path, rel: str) -> int | None:
         try:
             nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
         except OSError as e:
+            os.close(fd)
             if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                os.close(fd)
                 return None
             raise
         os.close(fd)
@@ -505,6 +505,10 @@ def _apply_changes(files: Path, held: Path, incoming: Path, before: WorkspaceSna
     incoming.mkdir(mode=0o700)
     for rel in sorted(before.entries.keys() | after.entries.keys()):
         b, a = before.entries.get(rel), after.entries.get(rel)
+        same = (a is not None and b is not None and b.type == a.type and b.sha256 == a.sha256
+                and b.target == a.target)
+        if same and (a is None or b is None or a.type == "symlink" or expected[rel][1] == b.mode):
+            continue  # held has it as it is (owners: unlock gives lock-time owners back)
         parent = _parent_fd(held, rel)
         if parent is None:
             continue  # under a directory that was removed or replaced: gone with it
@@ -514,8 +518,6 @@ def _apply_changes(files: Path, held: Path, incoming: Path, before: WorkspaceSna
                 _remove_at(parent, name)
                 continue
             _, mode, uid, gid, _, _ = expected[rel]
-            same = (b is not None and b.type == a.type and b.sha256 == a.sha256
-                    and b.target == a.target)
             if same:
                 if a.type != "symlink" and b is not None and mode != b.mode:
                     os.chmod(name, mode, dir_fd=parent)  # not a symlink: it is held's own entry
