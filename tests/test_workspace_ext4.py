@@ -168,7 +168,8 @@ else:
 """
 
 
-def ext4_op(store: Path, ws: Path, op: str, crash: str | None = None, *extra: str) -> str:
+def ext4_op(store: Path, ws: Path, op: str, crash: str | None = None, *extra: str,
+            path: str | None = None) -> str:
     """Run one operation in a child with its own mount namespace (its mounts die with it,
     as an executor's do), SIGKILLed right after ``crash`` when given."""
     from devsilo.executor._workspace_lock import CRASH_ENV
@@ -176,6 +177,8 @@ def ext4_op(store: Path, ws: Path, op: str, crash: str | None = None, *extra: st
     env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     if crash:
         env[CRASH_ENV] = crash
+    if path:
+        env["PATH"] = path
     proc = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", _OP,
                            str(store), str(ws), op, *extra], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
@@ -325,6 +328,45 @@ def test_a_tree_with_its_own_lost_and_found_is_copied_into_an_empty_image(tmp_pa
     ext4_op(store, ws, "lock")
     (sdir,) = [d for d in store.iterdir()]
     assert "populate" not in json.loads((sdir / "state.json").read_text())  # mkfs -d would drop it
+    assert json.loads(ext4_op(store, ws, "show")) == original
+    ext4_op(store, ws, "unlock")
+    assert ws_state(ws) == original
+
+
+def test_a_lock_killed_while_the_image_was_being_made_makes_it_again(tmp_path: Path) -> None:
+    ws = ext4_tree(tmp_path)
+    original = ws_state(ws)
+    store = tmp_path / "store"
+    ext4_op(store, ws, "lock", "lock.originals")  # the next thing is mkfs -d
+    (sdir,) = [d for d in store.iterdir()]
+    assert json.loads((sdir / "state.json").read_text())["populate"] == "imaging"
+    (sdir / "image.ext4.tmp").write_bytes(b"half an image")  # where mkfs was killed
+    ext4_op(store, ws, "lock")
+    assert not (sdir / "image.ext4.tmp").exists()
+    assert json.loads(ext4_op(store, ws, "show")) == original
+    ext4_op(store, ws, "unlock")
+    assert ws_state(ws) == original
+
+
+def test_a_tree_mkfs_cannot_copy_is_copied_in_entry_by_entry(tmp_path: Path) -> None:
+    """mkfs.ext4 -d failing (here a wrapper that refuses -d) loses nothing: the lock starts
+    again from the snapshot, with originals, and copies the entries into an empty image."""
+    real = shutil.which("mkfs.ext4")
+    assert real is not None
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mkfs.ext4").write_text(
+        "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -d ] && { echo 'no -d here' >&2; exit 1; }; done\n"
+        f"exec {real} \"$@\"\n")
+    os.chmod(bin_dir / "mkfs.ext4", 0o755)
+    ws = ext4_tree(tmp_path)
+    original = ws_state(ws)
+    store = tmp_path / "store"
+    ext4_op(store, ws, "lock", path=f"{bin_dir}:{os.environ['PATH']}")
+    (sdir,) = [d for d in store.iterdir()]
+    state = json.loads((sdir / "state.json").read_text())
+    assert state["populate_failed"] and "held" not in state and state["phase"] == "locked"
+    assert os.listdir(sdir / "originals")  # this lock stored originals
     assert json.loads(ext4_op(store, ws, "show")) == original
     ext4_op(store, ws, "unlock")
     assert ws_state(ws) == original
