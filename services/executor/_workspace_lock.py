@@ -538,6 +538,8 @@ def _apply_changes(files: Path, held: Path, incoming: Path, before: WorkspaceSna
                 src = open_nofollow(files, rel)
                 try:
                     sst = os.fstat(src)
+                    if not stat.S_ISREG(sst.st_mode):
+                        raise WorkspaceLockError(f"{rel} changed type in the image during unlock")
                     with open(tmp, "wb") as out:
                         while chunk := os.read(src, 1024 * 1024):
                             out.write(chunk)
