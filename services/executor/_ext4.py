@@ -36,6 +36,8 @@ MIN_IMAGE_BYTES = 1024 * 1024 * 1024
 """Images are sparse: this is room to grow (a disk quota), not disk used up front."""
 HEADROOM = 4
 """An image holds at least this many times the workspace's bytes."""
+INODE_RATIO = 16384
+"""mkfs.ext4's default bytes per inode."""
 
 
 class Ext4Error(SiloError):
@@ -78,14 +80,24 @@ def image_size(tree_bytes: int) -> int:
     return max(MIN_IMAGE_BYTES, HEADROOM * tree_bytes + 256 * 1024 * 1024)
 
 
-def _run(argv: list[str], what: str) -> None:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+def _run(argv: list[str], what: str, timeout: float | None = 300) -> None:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if r.returncode != 0:
         raise Ext4Error(f"{what} failed: {(r.stderr or r.stdout).strip()[:500]}")
 
 
-def create_image(image: Path, size: int) -> None:
-    """Make a sparse ext4 image at ``image`` (replaced atomically; a half-made one never stays)."""
+def create_image(image: Path, size: int, source: Path | None = None, entries: int = 0) -> None:
+    """Make a sparse ext4 image at ``image`` (replaced atomically; a half-made one never stays).
+
+    ``source``: the image is populated with a copy of that directory's tree
+    (``mkfs.ext4 -d``: e2fsprogs copies it in C, keeping types, modes with
+    set-id bits, owners, times, symlinks as links, hard links and extended
+    attributes; the source's top-level ``lost+found`` is not copied, so a
+    caller must not pass a tree holding one). The image is fsynced before it
+    takes its name: once it exists, its contents are on disk. It has room for
+    at least twice ``entries`` files and directories (mkfs's default of one
+    inode per 16 KiB runs out first on a tree of many small files).
+    """
     tmp = image.with_name(image.name + ".tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -93,7 +105,16 @@ def create_image(image: Path, size: int) -> None:
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
-    _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "devsilo-ws", str(tmp)], f"mkfs.ext4 on {tmp}")
+    populate = ["-d", str(source)] if source is not None else []
+    inodes = ["-N", str(2 * entries + 1024)] if 2 * entries + 1024 > size // INODE_RATIO else []
+    _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "devsilo-ws", *inodes, *populate, str(tmp)],
+         f"mkfs.ext4 on {tmp}", timeout=None if source is not None else 300)  # a copy takes what it takes
+    if source is not None:
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     os.replace(tmp, image)
 
 

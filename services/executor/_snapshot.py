@@ -183,7 +183,9 @@ class WorkspaceSnapshot:
         """Serialise (lone surrogates from undecodable file names survive as escapes)."""
         d = {"version": 1, "root": self.root, "taken_at": self.taken_at,
              "root_mode": self.root_mode, "root_uid": self.root_uid, "root_gid": self.root_gid,
-             "entries": [asdict(e) for e in self.entries.values()]}
+             "entries": [{"path": e.path, "type": e.type, "mode": e.mode, "uid": e.uid,
+                          "gid": e.gid, "size": e.size, "sha256": e.sha256, "target": e.target}
+                         for e in self.entries.values()]}  # asdict() would deep-copy each: slow
         return json.dumps(d, separators=(",", ":"))
 
     @classmethod

@@ -19,13 +19,22 @@ renamed into place, and only then removed from its source.
 
 With ``storage="ext4"`` the ``files/`` directory is the mount point of a
 per-workspace ext4 image (``image.ext4`` beside it) mounted only in the
-executor's private mount namespace (see ``_ext4``); moves into and out of it
-cross filesystems and take the verified-copy path. Otherwise the contents are
-protected by file permissions only, and the warning says so.
+executor's private mount namespace (see ``_ext4``). The image is made from the
+tree (``mkfs.ext4 -d``, in C), synced, and checked against the lock's manifest
+before any source is touched. Then, with the store on the workspace's
+filesystem, the tree itself is renamed into ``held/`` (root-only, never
+mounted in a sandbox; it stands in for ``originals/``), and unlock writes into
+it only what sessions changed, keeping the originals of those for the report,
+before renaming it back; with the store elsewhere, the sources are removed
+and unlock copies the image's whole tree back out in one ``cp -a``. A tree
+mkfs cannot reproduce (a top-level ``lost+found``, a kind of entry it drops, a
+tree still changing) is copied in entry by entry instead. Otherwise the
+contents are protected by file permissions only, and the warning says so.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -51,6 +60,8 @@ from ._snapshot import (
     WorkspaceSnapshot,
     diff,
     open_dir_nofollow,
+    open_nofollow,
+    original_path,
 )
 
 MARKER = ".devsilo-locked"
@@ -174,6 +185,167 @@ def _entry_manifest(parent: Path, name: str) -> set[tuple[Any, ...]]:
     return found
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+Meta = tuple[str, int, int, int, "int | None", "str | None"]
+"""(type, mode, uid, gid, size of a file, target of a symlink): what a copy must reproduce."""
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def _tree_meta(root: Path, skip: frozenset[str] = frozenset()) -> dict[str, Meta]:
+    """:data:`Meta` of every entry below ``root`` (not ``root`` itself), by relative path.
+
+    Walks by directory descriptors opened ``O_NOFOLLOW`` (one ``lstat`` per
+    entry, no hashing): symlinks are read as links, never followed.
+    """
+    out: dict[str, Meta] = {}
+
+    def walk(dir_fd: int, prefix: str, skip: frozenset[str]) -> None:
+        with os.scandir(dir_fd) as it:
+            found = [e for e in it if e.name not in skip]
+        for e in found:
+            st = e.stat(follow_symlinks=False)
+            kind, rel = _kind(st.st_mode), prefix + e.name
+            out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                        st.st_size if kind == "file" else None,
+                        os.readlink(e.name, dir_fd=dir_fd) if kind == "symlink" else None)
+            if kind == "dir":
+                sub = os.open(e.name, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    walk(sub, rel + "/", frozenset())
+                finally:
+                    os.close(sub)
+
+    fd = open_dir_nofollow(root)
+    try:
+        walk(fd, "", skip)
+    finally:
+        os.close(fd)
+    return out
+
+
+def _tree_times(root: Path) -> dict[str, tuple[int, int]]:
+    """(atime, mtime) in nanoseconds of every entry below ``root``, walked as :func:`_tree_meta` does."""
+    out: dict[str, tuple[int, int]] = {}
+
+    def walk(dir_fd: int, prefix: str) -> None:
+        with os.scandir(dir_fd) as it:
+            found = list(it)
+        for e in found:
+            st = e.stat(follow_symlinks=False)
+            out[prefix + e.name] = (st.st_atime_ns, st.st_mtime_ns)
+            if stat.S_ISDIR(st.st_mode):
+                sub = os.open(e.name, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    walk(sub, prefix + e.name + "/")
+                finally:
+                    os.close(sub)
+
+    fd = open_dir_nofollow(root)
+    try:
+        walk(fd, "")
+    finally:
+        os.close(fd)
+    return out
+
+
+def _take_times(held: Path, image_times: dict[str, tuple[int, int]]) -> None:
+    """Give entries of ``held`` the image's times where a session changed them (``touch``).
+
+    The image was made with whole-second times (mkfs.ext4 -d), so an image
+    time equal to the held one cut to the second is the lock-time time: the
+    held (exact) one stays. Directories are done after what is in them.
+    """
+    def walk(dir_fd: int, prefix: str) -> None:
+        with os.scandir(dir_fd) as it:
+            found = list(it)
+        for e in found:
+            st = e.stat(follow_symlinks=False)
+            rel = prefix + e.name
+            if stat.S_ISDIR(st.st_mode):
+                sub = os.open(e.name, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    walk(sub, rel + "/")
+                finally:
+                    os.close(sub)
+            times = image_times.get(rel)
+            if times is None or times[1] == st.st_mtime_ns:
+                continue
+            if times[1] % 1_000_000_000 == 0 and times[1] == st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000:
+                continue
+            os.utime(e.name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
+
+    fd = open_dir_nofollow(held)
+    try:
+        walk(fd, "")
+    finally:
+        os.close(fd)
+
+
+def _meta_of(entry: Entry) -> Meta:
+    return (entry.type, entry.mode, entry.uid, entry.gid,
+            entry.size if entry.type == "file" else None,
+            entry.target if entry.type == "symlink" else None)
+
+
+def _fix_image(src: Path, files: Path, snap: WorkspaceSnapshot, *, times: bool) -> None:
+    """Put back what ``mkfs.ext4 -d`` (1.47) drops: set-id and sticky bits, and with ``times``
+    the sub-second part of every entry's times (it keeps whole seconds), read from ``src``."""
+    for rel, e in snap.entries.items():
+        if e.type in ("file", "dir") and e.mode & 0o7000:
+            os.chmod(files / rel, e.mode)  # the image is made from the tree; no session has run
+    if not times:
+        return
+
+    def walk(dir_fd: int, prefix: str) -> None:
+        with os.scandir(dir_fd) as it:
+            found = [e for e in it if prefix or e.name != MARKER]
+        for e in found:
+            st = e.stat(follow_symlinks=False)
+            rel = prefix + e.name
+            if stat.S_ISDIR(st.st_mode):
+                sub = os.open(e.name, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    walk(sub, rel + "/")
+                finally:
+                    os.close(sub)
+            if os.path.lexists(files / rel):
+                os.utime(files / rel, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+    fd = open_dir_nofollow(src)
+    try:
+        walk(fd, "")
+    finally:
+        os.close(fd)
+
+
+def _syncfs(path: Path) -> None:
+    """Write back everything dirty on the filesystem holding ``path`` (``syncfs(2)``; that one only)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            raise OSError(ctypes.get_errno(), f"syncfs {path}: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+
+
+def _remove_entries(root: Path, *, skip: frozenset[str], step: str) -> None:
+    """Remove every top-level entry of ``root`` but ``skip`` (without following symlinks)."""
+    for i, name in enumerate(sorted(os.listdir(root))):
+        if name not in skip:
+            _remove(root / name)
+            _crash_point(f"{step}.{i}")
+    _fsync_dir(root)
+
+
 def _move_entries(src_dir: Path, dst_dir: Path, *, skip: frozenset[str], step: str,
                   journal: Path) -> None:
     """Move every top-level entry of ``src_dir`` into ``dst_dir``, resumably.
@@ -223,6 +395,207 @@ def _move_entries(src_dir: Path, dst_dir: Path, *, skip: frozenset[str], step: s
         _crash_point(f"{step}.{i}")
 
 
+def _copy_out(files: Path, ws: Path, *, journal: Path, expected: dict[str, Meta]) -> None:
+    """Copy an image's whole tree back into ``ws``, resumably; the image itself is left as it is.
+
+    One ``cp -a`` of the tree into a partial directory inside ``ws`` (hard
+    links across the whole tree kept together), checked against
+    ``expected`` (failing that, against a walk of the image), written to
+    disk, then each top-level entry renamed into place. The image still
+    holds everything until the caller drops it, so nothing is removed from it
+    entry by entry; ``journal`` records the partial directory and whether it
+    is complete, so a rerun either drops it and copies again or finishes the
+    renames.
+    """
+    inflight = json.loads(journal.read_text()) if journal.exists() else None
+    if inflight is not None and not inflight["copied"]:
+        _remove(ws / inflight["partial"])
+        journal.unlink()
+        inflight = None
+    if inflight is None:
+        for name in os.listdir(files):
+            if os.path.lexists(ws / name):
+                raise WorkspaceLockError(f"both {files / name} and {ws / name} exist; move the "
+                                         "latter aside and run the command again")
+        partial = ws / f".devsilo-partial-{secrets.token_hex(8)}"
+        _write_atomic(journal, json.dumps({"partial": partial.name, "copied": False}))
+        _copy_entry(files, partial)
+        copied = _tree_meta(partial)
+        if copied != expected and copied != _tree_meta(files):
+            _remove(partial)
+            journal.unlink()
+            raise WorkspaceLockError(f"copy of {files} to {ws} did not verify; run the command again")
+        _syncfs(partial)  # on disk before the image, the only other copy, can go
+        _write_atomic(journal, json.dumps({"partial": partial.name, "copied": True}))
+        _crash_point("unlock.move.copied")
+    else:
+        partial = ws / inflight["partial"]
+    if os.path.lexists(partial):
+        for i, name in enumerate(sorted(os.listdir(partial))):
+            if os.path.lexists(ws / name):
+                raise WorkspaceLockError(f"both {partial / name} and {ws / name} exist; move the "
+                                         "latter aside and run the command again")
+            os.rename(partial / name, ws / name)
+            _crash_point(f"unlock.move.{i}")
+        os.rmdir(partial)
+    _fsync_dir(ws)
+    journal.unlink()
+
+
+def _keep_original(held: Path, rel: str, originals: Path, sha256: str) -> None:
+    """Store the held (lock-time) content of ``rel`` under its hash, once."""
+    dst = original_path(originals, sha256)
+    if dst.exists():
+        return
+    dst.parent.mkdir(mode=0o700, exist_ok=True)
+    tmp = originals / f".tmp-{secrets.token_hex(8)}"
+    src = open_nofollow(held, rel)
+    try:
+        with open(tmp, "wb") as out:
+            while chunk := os.read(src, 1024 * 1024):
+                out.write(chunk)
+    finally:
+        os.close(src)
+    os.replace(tmp, dst)
+
+
+def _parent_fd(root: Path, rel: str) -> int | None:
+    """The directory holding ``root/rel``, opened without following any symlink; None if gone."""
+    fd = open_dir_nofollow(root)
+    for part in rel.split("/")[:-1]:
+        try:
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return None
+            raise
+        os.close(fd)
+        fd = nxt
+    return fd
+
+
+def _remove_at(dir_fd: int, name: str) -> None:
+    """Remove ``name`` in ``dir_fd`` (a whole tree for a directory), following no symlink."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _apply_changes(files: Path, held: Path, incoming: Path, before: WorkspaceSnapshot,
+                   after: WorkspaceSnapshot, expected: dict[str, Meta]) -> None:
+    """Make ``held`` (the lock-time tree) equal to the image's tree at ``files``.
+
+    Only what the session changed is written: removed entries go, new and
+    changed ones are copied from the image (read by descriptors opened
+    ``O_NOFOLLOW``) with the owner and mode unlock gives them, and entries
+    changed only in mode get that mode. Paths are handled in sorted order
+    (a directory before what is in it), and every path in ``held`` is reached
+    through directories opened ``O_NOFOLLOW``: a directory the session turned
+    into a symlink is replaced whole, so nothing below it is followed out.
+    Files are written in ``incoming`` (same filesystem) and renamed into
+    place, so each step can be done again after a crash.
+    """
+    _remove(incoming)
+    incoming.mkdir(mode=0o700)
+    for rel in sorted(before.entries.keys() | after.entries.keys()):
+        b, a = before.entries.get(rel), after.entries.get(rel)
+        same = (a is not None and b is not None and b.type == a.type and b.sha256 == a.sha256
+                and b.target == a.target)
+        if same and (a is None or b is None or a.type == "symlink" or expected[rel][1] == b.mode):
+            continue  # held has it as it is (owners: unlock gives lock-time owners back)
+        parent = _parent_fd(held, rel)
+        if parent is None:
+            continue  # under a directory that was removed or replaced: gone with it
+        name = rel.rpartition("/")[2]
+        try:
+            if a is None:
+                _remove_at(parent, name)
+                continue
+            _, mode, uid, gid, _, _ = expected[rel]
+            if same:
+                if a.type != "symlink" and b is not None and mode != b.mode:
+                    os.chmod(name, mode, dir_fd=parent)  # not a symlink: it is held's own entry
+                continue
+            if a.type == "dir":
+                try:
+                    st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                    if not stat.S_ISDIR(st.st_mode):
+                        _remove_at(parent, name)
+                        raise FileNotFoundError
+                except FileNotFoundError:
+                    os.mkdir(name, 0o700, dir_fd=parent)
+                os.chown(name, uid, gid, dir_fd=parent, follow_symlinks=False)
+                os.chmod(name, mode, dir_fd=parent)
+                continue
+            tmp = incoming / secrets.token_hex(8)
+            if a.type == "file":
+                src = open_nofollow(files, rel)
+                try:
+                    sst = os.fstat(src)
+                    if not stat.S_ISREG(sst.st_mode):
+                        raise WorkspaceLockError(f"{rel} changed type in the image during unlock")
+                    with open(tmp, "wb") as out:
+                        while chunk := os.read(src, 1024 * 1024):
+                            out.write(chunk)
+                        out.flush()
+                        os.fchown(out.fileno(), uid, gid)
+                        os.fchmod(out.fileno(), mode)
+                        os.utime(out.fileno(), ns=(sst.st_atime_ns, sst.st_mtime_ns))
+                finally:
+                    os.close(src)
+            else:
+                sparent = _parent_fd(files, rel)
+                if sparent is None:
+                    raise WorkspaceLockError(f"{rel} vanished from the image during unlock")
+                try:
+                    sst = os.stat(name, dir_fd=sparent, follow_symlinks=False)
+                    if a.type == "symlink":
+                        os.symlink(os.readlink(name, dir_fd=sparent), tmp)
+                    else:
+                        os.mknod(tmp, sst.st_mode, sst.st_rdev)
+                        os.chmod(tmp, mode)
+                finally:
+                    os.close(sparent)
+                os.chown(tmp, uid, gid, follow_symlinks=False)
+                os.utime(tmp, ns=(sst.st_atime_ns, sst.st_mtime_ns), follow_symlinks=False)
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    _remove_at(parent, name)  # a directory the session replaced
+            except FileNotFoundError:
+                pass
+            os.rename(tmp, name, dst_dir_fd=parent)
+        finally:
+            os.close(parent)
+    _remove(incoming)
+
+
+def _given_back(entry: Entry, old: Entry | None, before: WorkspaceSnapshot) -> tuple[int, int, int]:
+    """The (uid, gid, mode) :func:`_give_back` gives an entry measured at unlock."""
+    uid, gid = (old.uid, old.gid) if old else (before.root_uid, before.root_gid)
+    if entry.type not in ("file", "dir"):
+        return uid, gid, entry.mode
+    kept = (old is not None and old.type == entry.type and old.mode == entry.mode
+            and old.sha256 == entry.sha256)
+    return uid, gid, entry.mode if kept else entry.mode & ~0o6000
+
+
+def _given_back_meta(after: WorkspaceSnapshot, before: WorkspaceSnapshot) -> dict[str, Meta]:
+    """:data:`Meta` of every entry once :func:`_give_back` is done with it."""
+    out: dict[str, Meta] = {}
+    for rel, e in after.entries.items():
+        uid, gid, mode = _given_back(e, before.entries.get(rel), before)
+        out[rel] = (e.type, mode, uid, gid, e.size if e.type == "file" else None,
+                    e.target if e.type == "symlink" else None)
+    return out
+
+
 def _give_back(files: Path, rel: str, entry: Entry, old: Entry | None,
                before: WorkspaceSnapshot) -> None:
     """Give one entry its lock-time owner (new entries: the workspace's owner).
@@ -233,7 +606,9 @@ def _give_back(files: Path, rel: str, entry: Entry, old: Entry | None,
     else the session marked set-id would otherwise become a set-id file of
     the user (or of root) on the host.
     """
-    uid, gid = (old.uid, old.gid) if old else (before.root_uid, before.root_gid)
+    uid, gid, mode = _given_back(entry, old, before)
+    if (uid, gid, mode) == (entry.uid, entry.gid, entry.mode):
+        return  # already so (measured just before, with every session stopped)
     parent, _, name = rel.rpartition("/")
     try:
         dir_fd = open_dir_nofollow(files)
@@ -247,9 +622,6 @@ def _give_back(files: Path, rel: str, entry: Entry, old: Entry | None,
         os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         if entry.type not in ("file", "dir"):
             return
-        kept = (old is not None and old.type == entry.type and old.mode == entry.mode
-                and old.sha256 == entry.sha256)
-        mode = entry.mode if kept else entry.mode & ~0o6000
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         fd = os.open(name, flags, dir_fd=dir_fd)
         try:
@@ -305,12 +677,13 @@ class WorkspaceStore:
         why = f" ({self.fallback_reason})" if self.fallback_reason else ""
         return (ROOT_ONLY_WARNING + why,)
 
-    def ensure_image(self, sdir: Path, state: dict[str, Any], tree_bytes: int) -> None:
+    def ensure_image(self, sdir: Path, state: dict[str, Any], tree_bytes: int,
+                     entries: int = 0) -> None:
         """Make (once) and mount (every time: mounts die with the executor) a workspace's image."""
         files = sdir / "files"
         if not state.get("image_ready"):
             unmount_image(files)
-            create_image(sdir / IMAGE, image_size(tree_bytes))
+            create_image(sdir / IMAGE, image_size(tree_bytes), entries=entries)
             mount_image(sdir / IMAGE, files, fresh=True)
             state["image_ready"] = True
             _write_atomic(sdir / "state.json", json.dumps(state))
@@ -417,7 +790,11 @@ class WorkspaceStore:
             originals.mkdir(mode=0o700, exist_ok=True)
             for stale in originals.glob(".tmp-*"):
                 stale.unlink()  # a copy the killed run had not finished
-            snap = WorkspaceSnapshot.take(ws, originals=originals)
+            if self._holds(ws, sdir, state):
+                # The tree itself is kept (renamed into held/, on its own filesystem): it holds
+                # the originals, and unlock saves those of the files a session changed.
+                state["held"] = True
+            snap = WorkspaceSnapshot.take(ws, originals=None if state.get("held") else originals)
             _write_atomic(sdir / "manifest.json", snap.to_json())
             state.update(root_mode=snap.root_mode, root_uid=snap.root_uid,
                          root_gid=snap.root_gid, locked_at=snap.taken_at)
@@ -426,14 +803,29 @@ class WorkspaceStore:
 
         if done < _LOCK_STEPS.index("originals"):
             # The copies were written without a per-file fsync (one per file is what makes a
-            # large tree slow); one sync makes them durable before anything is moved.
-            os.sync()
+            # large tree slow); one sync makes them durable before anything is moved. An image
+            # made from the tree is synced with them, in the same store, before any source goes.
+            if state.get("held") or self._populates(ws, state):
+                state["populate"] = "imaging"
+            else:
+                _syncfs(originals)
             self._set(sdir, state, "locking", "originals")
 
-        if done < _LOCK_STEPS.index("moved"):
+        populated = (done < _LOCK_STEPS.index("moved") and self._populates(ws, state)
+                     and self._populate_image(ws, sdir, state, snap))
+        if done < _LOCK_STEPS.index("moved") and not populated and state.get("held"):
+            # No image from the tree, and the snapshot stored no originals: lock again from
+            # the snapshot, this time with originals and entries copied in one by one.
+            state.pop("held")
+            self._set(sdir, state, "locking", "started")
+            return self.lock(path, state_dirs=state_dirs)
+        if populated:
+            self._set(sdir, state, "locking", "moved")
+        elif done < _LOCK_STEPS.index("moved"):
             files.mkdir(mode=0o700, exist_ok=True)
             if state.get("storage") == "ext4":
-                self.ensure_image(sdir, state, sum(e.size for e in snap.entries.values()))
+                self.ensure_image(sdir, state, sum(e.size for e in snap.entries.values()),
+                                  len(snap.entries))
             # files/ stands for the workspace root: give it the root's owner and mode.
             _lchown(files, snap.root_uid, snap.root_gid)
             os.chmod(files, snap.root_mode)
@@ -465,6 +857,98 @@ class WorkspaceStore:
         return LockedWorkspace(path=ws, id=sdir.name, store_dir=sdir, files_dir=files,
                                originals_dir=originals, locked_at=state["locked_at"],
                                entries=len(snap.entries), warning=" ".join(self.warnings_for(state)))
+
+    def _holds(self, ws: Path, sdir: Path, state: dict[str, Any]) -> bool:
+        """Whether this lock keeps the tree itself in the store (an image made from it for sessions).
+
+        For an image lock whose store is on the workspace's filesystem: the
+        tree is then renamed into ``held/`` (root-only, never mounted in a
+        sandbox, the same protection as the ``originals/`` every lock keeps),
+        and unlock writes back only what sessions changed instead of copying
+        every file out of the image.
+        """
+        return (self._populates(ws, state) and os.stat(ws).st_dev == os.stat(sdir).st_dev)
+
+    @staticmethod
+    def _populates(ws: Path, state: dict[str, Any]) -> bool:
+        """Whether this lock makes its image from the tree (``mkfs.ext4 -d``) rather than copying in.
+
+        Not for a tree with a top-level ``lost+found`` (mkfs leaves that one
+        out), nor for a lock a previous version had begun copying into an
+        empty image.
+        """
+        if state.get("storage") != "ext4" or state.get("populate_failed"):
+            return False
+        if "populate" in state:
+            return True
+        return not state.get("image_ready") and not os.path.lexists(ws / "lost+found")
+
+    def _populate_image(self, ws: Path, sdir: Path, state: dict[str, Any],
+                        snap: WorkspaceSnapshot) -> bool:
+        """Move the tree into a new ext4 image made from it, resumably; False: copy it instead.
+
+        ``state["populate"]`` journals the sub-steps: ``imaging`` (an image is
+        being made; a killed run's half-made one is dropped by the rerun),
+        ``imaged`` (the image is complete and on disk, nothing removed yet),
+        ``verified`` (its tree matched the lock's manifest, or failing that a
+        walk of the source itself, so the sources may go). Sources are
+        removed only in ``verified``, entry by entry, and a rerun finishes
+        removing them. An image mkfs cannot make, or one that does not
+        verify (a tree still changing, a kind of entry mkfs does not copy),
+        is dropped before any source is touched, and the lock falls back to
+        copying entry by entry, each copy checked against its source then.
+        """
+        files, image = sdir / "files", sdir / IMAGE
+        if state.get("populate", "imaging") == "imaging":
+            state.update(populate="imaging")
+            _write_atomic(sdir / "state.json", json.dumps(state))
+            unmount_image(files)
+            files.mkdir(mode=0o700, exist_ok=True)
+            try:
+                create_image(image, image_size(sum(e.size for e in snap.entries.values())),
+                             source=ws, entries=len(snap.entries))
+            except Ext4Error:
+                return self._populate_failed(sdir, state)
+            _syncfs(sdir)  # the originals too (the image is synced already): both before any source goes
+            state.update(populate="imaged", image_ready=True)
+            _write_atomic(sdir / "state.json", json.dumps(state))
+            _crash_point("lock.move.imaged")
+        mount_image(image, files)
+        if state["populate"] == "imaged":
+            lost = files / "lost+found"
+            if "lost+found" not in snap.entries and lost.is_dir() and not lost.is_symlink() \
+                    and not os.listdir(lost):
+                lost.rmdir()  # mkfs made it; the tree had none
+            # files/ stands for the workspace root: give it the root's owner and mode.
+            _lchown(files, snap.root_uid, snap.root_gid)
+            os.chmod(files, snap.root_mode)
+            _fix_image(ws, files, snap, times=not state.get("held"))
+            copied = _tree_meta(files)
+            # A held tree must be what the manifest says; a copied one may be the tree as it is now.
+            if copied != {rel: _meta_of(e) for rel, e in snap.entries.items()} \
+                    and (state.get("held") or copied != _tree_meta(ws, skip=frozenset({MARKER}))):
+                return self._populate_failed(sdir, state)  # neither the manifest nor the tree now
+            _syncfs(files)  # the root's owner and mode, lost+found gone: on disk with the rest
+            state.update(populate="verified")
+            _write_atomic(sdir / "state.json", json.dumps(state))
+            _crash_point("lock.move.verified")
+        if state.get("held"):
+            (sdir / "held").mkdir(mode=0o700, exist_ok=True)
+            _move_entries(ws, sdir / "held", skip=frozenset({MARKER}), step="lock.move",
+                          journal=sdir / "moving.json")
+        else:
+            _remove_entries(ws, skip=frozenset({MARKER}), step="lock.move")
+        return True
+
+    def _populate_failed(self, sdir: Path, state: dict[str, Any]) -> bool:
+        """Drop an image made from the tree (nothing was removed); this lock copies instead."""
+        self.drop_image(sdir)
+        (sdir / f"{IMAGE}.tmp").unlink(missing_ok=True)
+        _syncfs(sdir)  # the originals, which the "originals" step left to the image's sync
+        state.pop("populate", None)
+        state.update(populate_failed=True, image_ready=False)
+        _write_atomic(sdir / "state.json", json.dumps(state))
+        return False
 
     # ---- unlock -----------------------------------------------------------------------
 
@@ -529,13 +1013,21 @@ class WorkspaceStore:
             self._set(sdir, state, "unlocking", "unmarked")
 
         if done < _UNLOCK_STEPS.index("restored"):
-            _move_entries(files, ws, skip=frozenset(), step="unlock.move",
-                          journal=sdir / "moving.json")
+            if state.get("held"):
+                self._restore_held(sdir, state, ws, before, after)
+            elif state.get("storage") == "ext4" and not (sdir / "moving.json").exists():
+                _copy_out(files, ws, journal=sdir / "copying.json",
+                          expected=_given_back_meta(after, before))
+            else:
+                _move_entries(files, ws, skip=frozenset(), step="unlock.move",
+                              journal=sdir / "moving.json")
             self._set(sdir, state, "unlocking", "restored")
 
         if done < _UNLOCK_STEPS.index("moded"):
             if state.get("storage") == "ext4":
                 self.drop_image(sdir)
+            for left in ("held", "incoming"):
+                _remove(sdir / left)  # emptied by the restore / scratch space
             _lchown(ws, before.root_uid, before.root_gid)
             os.chmod(ws, before.root_mode)
             self._set(sdir, state, "unlocking", "moded")
@@ -544,6 +1036,45 @@ class WorkspaceStore:
         _write_atomic(sdir / "report.json", json.dumps({"after": after.to_json()}))
         self._set(sdir, state, "unlocked", "moded")
         return report
+
+    def _restore_held(self, sdir: Path, state: dict[str, Any], ws: Path,
+                      before: WorkspaceSnapshot, after: WorkspaceSnapshot) -> None:
+        """Bring a held tree up to the image's and move it back into ``ws``, resumably.
+
+        ``state["restore"]``: unset, the lock-time contents of every file a
+        session modified or removed are stored in ``originals/`` (for the
+        report) while ``held/`` is still untouched; ``kept``, the changes are
+        applied to ``held/`` (each idempotent, so a rerun applies them again)
+        and the result checked against the image's entries; ``applied``, the
+        entries are renamed back into ``ws``. The image holds the session's
+        tree until the caller drops it after that.
+        """
+        held, originals = sdir / "held", sdir / "originals"
+        if state.get("restore") is None:
+            for rel, b in before.entries.items():
+                a = after.entries.get(rel)
+                if b.type == "file" and b.sha256 and (a is None or a.sha256 != b.sha256):
+                    _keep_original(held, rel, originals, b.sha256)
+            _syncfs(originals)
+            state["restore"] = "kept"
+            _write_atomic(sdir / "state.json", json.dumps(state))
+            _crash_point("unlock.move.kept")
+        if state["restore"] == "kept":
+            expected = _given_back_meta(after, before)
+            _apply_changes(sdir / "files", held, sdir / "incoming", before, after, expected)
+            _take_times(held, _tree_times(sdir / "files"))
+            got = _tree_meta(held)
+            if got != expected:
+                wrong = sorted(k for k in got.keys() | expected.keys() if got.get(k) != expected.get(k))
+                raise WorkspaceLockError(f"the workspace's files could not be brought up to date "
+                                         f"({len(wrong)} entries differ, first {wrong[0]!r}); the "
+                                         "image still holds them: run unlock again")
+            _fsync_dir(held)
+            _syncfs(held)  # the session's files written into held/ are on disk before the image goes
+            state["restore"] = "applied"
+            _write_atomic(sdir / "state.json", json.dumps(state))
+            _crash_point("unlock.move.applied")
+        _move_entries(held, ws, skip=frozenset(), step="unlock.move", journal=sdir / "moving.json")
 
     def _load_report(self, sdir: Path) -> ChangeReport:
         before = WorkspaceSnapshot.from_json((sdir / "manifest.json").read_text())
