@@ -431,7 +431,9 @@ class _Exec:
                     pass  # the pipe is full: it is awake anyway
 
     def cancel(self) -> None:
-        self.cancelled = True
+        # A command that finished as the cancel came in was not cancelled.
+        if not self.exited:
+            self.cancelled = True
         self.kill_group()
         self.wake()
 
@@ -615,8 +617,14 @@ class _Core:
         op = req.get("op")
         if op == "exec":
             # Known before its thread runs, so that a cancel right after it finds it.
-            self._execs[req_id] = _Exec()
-            _thread.start_new_thread(self._answer, (req_id, self._op_exec, req))
+            ex = self._execs[req_id] = _Exec()
+            try:
+                _thread.start_new_thread(self._answer, (req_id, self._op_exec, req))
+            except RuntimeError as exc:  # no thread: the sandbox's pids limit, say
+                self._execs.pop(req_id, None)
+                ex.close()
+                self._inflight.discard(req_id)
+                self._error(req_id, "spawn_failed", f"cannot run command: {exc}")
         elif op == "hello":
             self._answer(req_id, self._op_hello, req)
         elif op == "cancel":
@@ -842,8 +850,18 @@ class _Core:
         started = time.monotonic()
         # Plain pipes, read here; a job that escaped the process group may
         # hold them open for ever, so they are read only while worth it.
+        # The reaper's thread starts first: once the command runs, it may use
+        # up the sandbox's pids limit (a fork bomb), and threads count there.
+        spawned = _thread.allocate_lock()
+        spawned.acquire()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        try:
+            _thread.start_new_thread(_reap, (ex, spawned))
+        except RuntimeError as exc:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise RequestError("spawn_failed", f"cannot run command in {cwd}: {exc}")
         try:
             try:
                 # Own session, hence own process group: timeout and cancel
@@ -852,9 +870,9 @@ class _Core:
             except OSError as exc:
                 raise RequestError("spawn_failed", f"cannot run command in {cwd}: {exc}")
             finally:
+                spawned.release()
                 os.close(out_w)
                 os.close(err_w)
-            _thread.start_new_thread(_reap, (ex,))
             open_pipes = {
                 out_r: _Capture("stdout", on_chunk if streaming else None),
                 err_r: _Capture("stderr", on_chunk if streaming else None),
@@ -885,11 +903,10 @@ class _Core:
             deadline = started + timeout_ms / 1000
             timed_out = was_cancelled = False
             while True:
-                if ex.exited:
-                    break
-                if ex.cancelled:
-                    # A command that finished as the cancel came in was not cancelled.
+                if ex.cancelled:  # (set only while it had not exited)
                     was_cancelled = True
+                    break
+                if ex.exited:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -1031,8 +1048,14 @@ def _fork_exec(argv: list[str], cwd: str, env: dict[str, str], stdout: int, stde
     raise OSError(f"cannot start {argv[0]}: {bytes(report).decode(errors='replace')}")
 
 
-def _reap(ex: _Exec) -> None:
-    """Wait for an exec's process (a thread's body), then wake the exec's thread."""
+def _reap(ex: _Exec, spawned: Any) -> None:
+    """Wait for an exec's process (a thread's body), then wake the exec's thread.
+
+    ``spawned`` is released once the process was started (or failed to start).
+    """
+    spawned.acquire()
+    if ex.proc is None:
+        return  # it never started
     try:
         ex.proc.wait()
     finally:
