@@ -161,6 +161,33 @@ def raw_helper_client(tmp_path: Path) -> Iterator[tuple[HelperClient, Path]]:
                 proc.wait()
 
 
+def test_the_core_speaks_json_as_the_json_package_does() -> None:
+    # The core parses and writes JSON with _json's C scanner and encoder (the
+    # json package costs a start-up its imports); on this Python they must be
+    # in use, and agree with json.loads / json.dumps.
+    assert helper_module._fast_scan is not None and helper_module._fast_encode is not None
+    lines = [
+        b'{"id": 1, "op": "exec", "command": "printf \'\\u00e9\'", "env": {"A": "b"}}',
+        '{"id":2,"op":"write","content":"\u00e9\U0001f600 \\ud800"}'.encode(),
+        b'{"id": 3, "n": -1.5e3, "x": [true, false, null, NaN, Infinity]}  \r',
+    ]
+    for line in lines:
+        assert repr(helper_module._loads(line)) == repr(json.loads(line))
+    for bad in (b'{"id": 1,}', b'{"id": 1} x', b"{\xff}", b"[1]", b'{"a": "\\ud800"}\x00'):
+        try:
+            expected: Any = json.loads(bad)
+        except ValueError as exc:
+            with pytest.raises(type(exc)) as info:
+                helper_module._loads(bad)
+            assert str(info.value) == str(exc)
+        else:
+            assert helper_module._loads(bad) == expected
+    answer = {"id": 1, "ok": True, "stdout": "é\n\t\"\x00", "n": [1.5, None, False]}
+    assert helper_module._dumps(answer) == (
+        json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    )
+
+
 async def test_requests_sent_during_start_up_are_all_answered(
     raw_helper_client: tuple[HelperClient, Path],
 ) -> None:

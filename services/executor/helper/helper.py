@@ -300,7 +300,8 @@ def _init_json() -> None:
             '{"a":[1,"é\\n",null,true,1.5]}'
         ):
             return
-        if scan('{"a": [1, "\\u00e9"]}', 0) != ({"a": [1, "é"]}, 19):
+        probe = '{"a": [1, "\\u00e9", -2.5e3]}'
+        if scan(probe, 0) != ({"a": [1, "é", -2500.0]}, len(probe)):
             return
     except Exception:  # noqa: BLE001 -- another Python's _json: use the json package
         return
