@@ -16,7 +16,9 @@ import json
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,119 @@ async def test_hello_reports_the_proxy_and_resolver(helper: HelperClient) -> Non
     assert info.proxy_port == _spec.PROXY_PORT
     assert helper_module.DNS_PORT in info.dns_ports
     assert info.egress_relay is False
+
+
+# -- start-up: the core answers at once, the rest is served once it loads -----
+
+
+@pytest.fixture
+def raw_helper_client(tmp_path: Path) -> Iterator[tuple[HelperClient, Path]]:
+    """A client of the helper script run directly (no sandbox), on a fresh workspace.
+
+    Nothing is asked before the test's own first requests, so they reach the
+    helper while it is still importing what its core does without.
+    """
+    ws = tmp_path / "raw-ws"
+    ws.mkdir()
+    (ws / "seed.txt").write_text("the seed\n")
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", helper_module.__file__, "--fd", str(theirs.fileno()),
+         "--workspace", str(ws)],
+        pass_fds=(theirs.fileno(),),
+    )
+    theirs.close()
+    try:
+        yield HelperClient(ours), ws
+    finally:
+        ours.close()
+        try:
+            proc.wait(10)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_the_core_speaks_json_as_the_json_package_does() -> None:
+    # The core parses and writes JSON with _json's C scanner and encoder (the
+    # json package costs a start-up its imports); on this Python they must be
+    # in use, and agree with json.loads / json.dumps.
+    assert helper_module._fast_scan is not None and helper_module._fast_encode is not None
+    lines = [
+        b'{"id": 1, "op": "exec", "command": "printf \'\\u00e9\'", "env": {"A": "b"}}',
+        '{"id":2,"op":"write","content":"\u00e9\U0001f600 \\ud800"}'.encode(),
+        b'{"id": 3, "n": -1.5e3, "x": [true, false, null, NaN, Infinity]}  \r',
+    ]
+    for line in lines:
+        assert repr(helper_module._loads(line)) == repr(json.loads(line))
+    for bad in (b'{"id": 1,}', b'{"id": 1} x', b"{\xff}", b"[1]", b'{"a": "\\ud800"}\x00'):
+        try:
+            expected: Any = json.loads(bad)
+        except ValueError as exc:
+            with pytest.raises(type(exc)) as info:
+                helper_module._loads(bad)
+            assert str(info.value) == str(exc)
+        else:
+            assert helper_module._loads(bad) == expected
+    answer = {"id": 1, "ok": True, "stdout": "é\n\t\"\x00", "n": [1.5, None, False]}
+    assert helper_module._dumps(answer) == (
+        json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    )
+
+
+async def test_requests_sent_during_start_up_are_all_answered(
+    raw_helper_client: tuple[HelperClient, Path],
+) -> None:
+    client, ws = raw_helper_client
+    await client.start()
+    try:
+        # All at once, before any answer: hello and exec are the core's, the
+        # others wait for the rest (asyncio) and must all be served, none refused.
+        writes = [client.write(f"out/f{i}.txt", f"file {i}\n") for i in range(20)]
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                client.hello(),
+                client.read("seed.txt"),
+                *writes,
+                client.exec("echo from exec"),
+                client.glob("*.txt"),
+                client.grep("seed"),
+                client.list_dir("."),
+            ),
+            30,
+        )
+        assert results[0].workspace == str(ws)
+        assert results[1].content == b"the seed\n"
+        assert results[2:22] == [len(f"file {i}\n") for i in range(20)]
+        assert results[22].stdout == "from exec\n" and results[22].exit_code == 0
+        assert [Path(m).name for m in results[23].matches] == ["seed.txt"]
+        assert [m.text for m in results[24].matches] == ["the seed"]
+        assert "out" in [e.name for e in results[25].entries]
+        for i in range(20):
+            assert (ws / "out" / f"f{i}.txt").read_text() == f"file {i}\n"
+        # Requests are served concurrently (file ops on threads): each append lands once.
+        appends = [client.write("log.txt", f"{i}\n", append=True) for i in range(30)]
+        await asyncio.wait_for(asyncio.gather(*appends), 30)
+        assert sorted((ws / "log.txt").read_text().split()) == sorted(str(i) for i in range(30))
+        await client.shutdown()
+    finally:
+        await client.close()
+
+
+async def test_an_exec_cancelled_at_once_is_found_and_cancelled(
+    raw_helper_client: tuple[HelperClient, Path],
+) -> None:
+    client, _ = raw_helper_client
+    await client.start()
+    try:
+        handle = await client.start_exec("sleep 30", timeout_ms=60_000)
+        assert await asyncio.wait_for(handle.cancel(), 10) is True
+        result = await asyncio.wait_for(handle.result(), 10)
+        assert result.cancelled and not result.timed_out and result.exit_code == 137
+        await client.shutdown()
+    finally:
+        await client.close()
 
 
 # -- edit -------------------------------------------------------------------

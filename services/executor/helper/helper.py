@@ -38,26 +38,37 @@ never crash on bad input and never block its event loop.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import base64
+# Start-up cost matters here: every sandbox starts this file, and its first
+# answer is the sandbox's "ready". So the module imports at start only what
+# the core needs (built-in and C modules, no enum, re, typing or asyncio);
+# the rest, asyncio first, is imported by ``_load_rest`` on a background
+# thread after the first request (see ``_Core``), or right away when this
+# file is imported as a module (by the executor, and by tests).
+import _signal  # type: ignore[import-not-found]  # signal without its enum
+import _socket
+import _thread
 import codecs
 import errno
-import fcntl
-import fnmatch
-import json
 import os
-import re
-import signal
-import socket
+import select
 import stat
 import struct
 import sys
-import termios
-import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING or __name__ != "__main__":
+    import asyncio
+    import base64
+    import fcntl
+    import fnmatch
+    import json
+    import re
+    import socket
+    import termios
+    import threading
+    from collections.abc import Awaitable, Callable
+    from typing import Any
 
 MAX_REQUEST_LINE = 8 * 1024 * 1024
 """Longest request line the helper accepts; longer ones get a ``too_large`` error."""
@@ -89,17 +100,18 @@ SHELL_CHUNK = 16 * 1024
 SHELL_INPUT_MAX = 1024 * 1024
 """Most bytes one ``shell_input`` writes."""
 SHELL_SIGNALS = {
-    "INT": signal.SIGINT, "TERM": signal.SIGTERM, "HUP": signal.SIGHUP, "QUIT": signal.SIGQUIT,
-    "KILL": signal.SIGKILL, "TSTP": signal.SIGTSTP, "CONT": signal.SIGCONT,
-    "USR1": signal.SIGUSR1, "USR2": signal.SIGUSR2, "WINCH": signal.SIGWINCH,
+    "INT": _signal.SIGINT, "TERM": _signal.SIGTERM, "HUP": _signal.SIGHUP,
+    "QUIT": _signal.SIGQUIT, "KILL": _signal.SIGKILL, "TSTP": _signal.SIGTSTP,
+    "CONT": _signal.SIGCONT, "USR1": _signal.SIGUSR1, "USR2": _signal.SIGUSR2,
+    "WINCH": _signal.SIGWINCH,
 }
 """Signals a ``shell_signal`` may send, by name."""
 
 # Before Python 3.11 neither is the builtin TimeoutError (and before 3.10
 # socket.timeout is only an OSError); the helper must run on 3.9, so it
-# names them.
-_ASYNC_TIMEOUT = asyncio.TimeoutError
-_SOCKET_TIMEOUT = socket.timeout
+# names them (_load_rest sets _ASYNC_TIMEOUT to asyncio's).
+_ASYNC_TIMEOUT: type[BaseException] = TimeoutError
+_SOCKET_TIMEOUT = _socket.timeout
 
 EDIT_MAX = 10 * 1024 * 1024
 """Largest file an ``edit`` rewrites (it holds the file in memory twice)."""
@@ -147,7 +159,9 @@ FETCH_HEADERS_MAX = 64
 """Most request headers a ``fetch`` may add, and response headers it returns."""
 _FETCH_CONCURRENCY = 8
 _REDIRECT_STATUSES = frozenset((301, 302, 303, 307, 308))
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}\Z")
+_HEADER_NAME_PATTERN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}\Z"
+_HEADER_NAME: re.Pattern[str] | None = None
+"""``_HEADER_NAME_PATTERN`` compiled (by _load_rest: re is not imported at start)."""
 
 # -- the sandbox's network: these must match devsilo.executor._spec ----------
 
@@ -247,68 +261,140 @@ class LineReader:
             self._buf += data
 
 
+# -- JSON without importing the json package (it costs a start-up its re) -----
+
+_fast_encode: Any = None
+_fast_scan: Any = None
+
+
+def _json_default(obj: Any) -> Any:
+    raise TypeError(f"Object of type {obj.__class__.__name__} is not JSON serializable")
+
+
+class _ScanContext:
+    """What ``_json.make_scanner`` reads off a decoder: ``json.loads``'s defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name: str) -> float:
+        return {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}[name]
+
+
+def _init_json() -> None:
+    """Use the json package's C encoder and scanner directly, if they behave as it does."""
+    global _fast_encode, _fast_scan
+    try:
+        import _json
+
+        # As json.dumps(ensure_ascii=False, separators=(",", ":")) builds it.
+        encode = _json.make_encoder(
+            None, _json_default, _json.encode_basestring, None, ":", ",", False, False, True
+        )
+        scan = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]
+        if "".join(encode({"a": [1, "é\n", None, True, 1.5]}, 0)) != (
+            '{"a":[1,"é\\n",null,true,1.5]}'
+        ):
+            return
+        probe = '{"a": [1, "\\u00e9", -2.5e3]}'
+        if scan(probe, 0) != ({"a": [1, "é", -2500.0]}, len(probe)):
+            return
+    except Exception:  # noqa: BLE001 -- another Python's _json: use the json package
+        return
+    _fast_encode, _fast_scan = encode, scan
+
+
 def _dumps(obj: dict[str, Any]) -> bytes:
     # ensure_ascii=False keeps non-ASCII output at its UTF-8 size instead of
     # six bytes per character; lone surrogates cannot occur (all text we send
     # was decoded with errors="replace").
+    if _fast_encode is not None:
+        return "".join(_fast_encode(obj, 0)).encode("utf-8") + b"\n"
+    import json
+
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-class _Exec:
-    """One running exec: its process, and whether it was cancelled."""
-
-    def __init__(self) -> None:
-        self.proc: asyncio.subprocess.Process | None = None
-        self.cancelled = False
-        self.cancel_event = asyncio.Event()
-
-    def kill_group(self) -> None:
-        """SIGKILL the command's whole process group (its pgid is its pid)."""
-        if self.proc is None or self.proc.pid is None:
-            return
+def _loads(line: bytes) -> Any:
+    """``json.loads(line)``: the C scanner for a plain object, else (and for every error) json."""
+    # json.loads decodes bytes that start with "{" and a non-NUL as UTF-8
+    # with surrogatepass; anything else, and every error, goes to json itself.
+    if _fast_scan is not None and len(line) > 1 and line[0] == 0x7B and line[1] != 0:
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass  # the group is already gone
+            text = line.decode("utf-8", "surrogatepass")
+            obj, end = _fast_scan(text, 0)
+            if not text[end:].strip(" \t\n\r"):
+                return obj
+        except Exception:  # noqa: BLE001,S110 -- json.loads below says what is wrong
+            pass
+    import json
+
+    return json.loads(line)
+
+
+# -- the core: the connection, hello, exec, cancel, shutdown --------------------
+
+
+class _Out:
+    """The connection's sending side, shared by every thread: whole lines, one at a time.
+
+    A writer blocks while the executor does not read (as ``drain`` did), so
+    output backs up into the sandbox, not into memory here.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = _thread.allocate_lock()
+        self.closed = False
+
+    def send(self, data: bytes) -> bool:
+        with self._lock:
+            if self.closed:
+                return False
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError:
+                self.closed = True  # the executor is gone; reading sees it too
+                return False
+        return True
 
 
 class _Capture:
-    """Reads one output pipe to its end, keeps the first OUTPUT_CAP bytes."""
+    """One output pipe of an exec: keeps the first OUTPUT_CAP bytes, streams them if asked."""
 
-    def __init__(
-        self,
-        name: str,
-        stream: asyncio.StreamReader,
-        on_chunk: Callable[[str, str], Awaitable[None]] | None,
-    ) -> None:
+    def __init__(self, name: str, on_chunk: Callable[[str, str], None] | None) -> None:
         self.name = name
         self.kept = bytearray()
         self.dropped = 0
-        self._stream = stream
         self._on_chunk = on_chunk
         # An incremental decoder so a streamed chunk never splits a character.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    async def run(self) -> None:
-        while True:
-            data = await self._stream.read(_CHUNK)
-            if not data:
-                break
-            room = OUTPUT_CAP - len(self.kept)
-            if room > 0:
-                part = data[:room]
-                self.kept += part
-                if self._on_chunk is not None:
-                    text = self._decoder.decode(part)
-                    if text:
-                        await self._on_chunk(self.name, text)
-            # Past the cap we keep reading, only to count: a child blocked on a
-            # full pipe would otherwise never finish.
-            self.dropped += max(0, len(data) - max(room, 0))
+    def feed(self, data: bytes) -> None:
+        room = OUTPUT_CAP - len(self.kept)
+        if room > 0:
+            part = data[:room]
+            self.kept += part
+            if self._on_chunk is not None:
+                text = self._decoder.decode(part)
+                if text:
+                    self._on_chunk(self.name, text)
+        # Past the cap we keep reading, only to count: a child blocked on a
+        # full pipe would otherwise never finish.
+        self.dropped += max(0, len(data) - max(room, 0))
+
+    def finish(self) -> None:
+        """The pipe ended: stream what the decoder still holds."""
         if self._on_chunk is not None:
             tail = self._decoder.decode(b"", final=True)
             if tail:
-                await self._on_chunk(self.name, tail)
+                self._on_chunk(self.name, tail)
 
     def text(self) -> str:
         out = self.kept.decode("utf-8", errors="replace")
@@ -317,167 +403,382 @@ class _Capture:
         return out
 
 
-class Helper:
-    """Serves the protocol on one connection."""
+class _Exec:
+    """One running exec: its process, whether it exited or was cancelled, and a wake-up pipe."""
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        workspace: str = DEFAULT_WORKSPACE,
-        network: Network | None = None,
-    ) -> None:
-        """``network`` is the helper's proxy and resolver, when it runs them."""
-        self._lines = LineReader(reader, MAX_REQUEST_LINE)
-        self._writer = writer
-        self._write_lock = asyncio.Lock()
-        self._workspace = workspace
-        self._network = network
-        self._execs: dict[int, _Exec] = {}
-        self._shells: dict[int, _Shell] = {}
-        # grep workers, killed with everything else on shutdown.
-        self._workers: set[asyncio.subprocess.Process] = set()
-        self._fetch_slots = asyncio.Semaphore(_FETCH_CONCURRENCY)
-        self._inflight: set[int] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._stopping = asyncio.Event()
+    def __init__(self) -> None:
+        self.proc: Any = None
+        self.cancelled = False
+        self.exited = False
+        self.wake_r, self._wake_w = os.pipe()
+        self._lock = _thread.allocate_lock()
 
-    # -- plumbing -----------------------------------------------------------
-
-    async def _send(self, obj: dict[str, Any]) -> None:
-        async with self._write_lock:
-            if self._writer.is_closing():
-                return
-            self._writer.write(_dumps(obj))
-            try:
-                await self._writer.drain()
-            except (ConnectionError, OSError):
-                self._stopping.set()
-
-    async def _error(self, req_id: int | None, code: str, message: str) -> None:
-        await self._send({"id": req_id, "ok": False, "error": {"code": code, "message": message}})
-
-    async def serve(self) -> None:
-        """Read requests until the executor goes away or asks for shutdown."""
-        reading = asyncio.ensure_future(self._read_loop())
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        for fut in (reading, stopping):
-            fut.cancel()
-        self.kill_all()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2)
-        self._writer.close()
+    def kill_group(self) -> None:
+        """SIGKILL the command's whole process group (its pgid is its pid)."""
+        if self.proc is None or self.proc.pid is None:
+            return
         try:
-            await self._writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass  # the executor is gone already; nothing left to flush to
+            os.killpg(self.proc.pid, _signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is already gone
 
-    def kill_all(self) -> None:
-        """Kill every running command's process group."""
-        for ex in self._execs.values():
-            ex.cancelled = True
-            ex.kill_group()
-            ex.cancel_event.set()
-        for proc in self._workers:
-            _kill(proc)
-        for sh in self._shells.values():
-            sh.hang_up()
+    def wake(self) -> None:
+        """Wake the exec's thread from its poll."""
+        with self._lock:
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, b"!")
+                except OSError:
+                    pass  # the pipe is full: it is awake anyway
 
-    async def _read_loop(self) -> None:
-        while True:
-            line = await self._lines.next_line()
-            if line is None:
-                return
-            if line is LineReader.OVERSIZED:
-                await self._error(
-                    None, "too_large", f"request line longer than {MAX_REQUEST_LINE} bytes"
-                )
-                continue
-            if not line.strip():
-                continue
-            self._dispatch(line)
+    def cancel(self) -> None:
+        # A command that finished as the cancel came in was not cancelled.
+        if not self.exited:
+            self.cancelled = True
+        self.kill_group()
+        self.wake()
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in (self.wake_r, self._wake_w):
+                os.close(fd)
+            self.wake_r = self._wake_w = -1
+
+
+_REST_OPS = frozenset(
+    (
+        "read", "write", "edit", "list", "glob", "grep", "fetch",
+        "shell", "shell_input", "shell_resize", "shell_signal",
+    )
+)
+"""The ops that the rest (``Helper``, on asyncio) serves; the core serves the others."""
+
+
+class _Listeners:
+    """The proxy's and resolver's sockets, bound (and listening) by the core before hello."""
+
+    def __init__(self) -> None:
+        self.proxy: Any = None
+        self.proxy_port: int | None = None
+        self.dns: list[tuple[int, Any, Any]] = []
+        """(port, UDP socket, TCP socket) for each resolver port."""
+        self.dns_ports: list[int] = []
+        self.errors: list[str] = []
+
+
+def _bind_listeners(
+    proxy_port: int = PROXY_PORT,
+    dns_ports: tuple[int, ...] = (DNS_PORT, DNS_STANDARD_PORT),
+) -> _Listeners:
+    """Bind what can be bound, as ``Network.start`` would; failures land in ``errors``."""
+    bound = _Listeners()
+    host = "127.0.0.1"
+
+    def tcp(port: int) -> Any:
+        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            # Clients that connect before the event loop serves them wait here.
+            sock.listen(100)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    try:
+        bound.proxy = tcp(proxy_port)
+        bound.proxy_port = proxy_port
+    except OSError as exc:
+        bound.errors.append(f"proxy on port {proxy_port}: {exc.strerror}")
+    for port in dns_ports:
+        udp = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+        try:
+            udp.bind((host, port))
+        except OSError as exc:
+            udp.close()
+            bound.errors.append(f"dns on port {port}: {exc.strerror}")
+            continue
+        try:
+            stream = tcp(port)
+        except OSError as exc:
+            udp.close()
+            bound.errors.append(f"dns over tcp on port {port}: {exc.strerror}")
+            continue
+        bound.dns.append((port, udp, stream))
+        bound.dns_ports.append(port)
+    return bound
+
+
+class _Core:
+    """Serves the protocol on one connection, starting in a few milliseconds.
+
+    The main thread reads requests and answers ``hello``, ``cancel`` and
+    ``shutdown`` itself; each ``exec`` runs on a thread of its own (fork,
+    poll on its pipes, wait), none of which needs asyncio. Every other op is
+    handed, in order, to ``Helper`` on an asyncio event loop that a
+    background thread starts after the first request (``_load_rest``
+    imports asyncio and the rest there); requests for it that come earlier
+    wait in a queue and are served, in order, as soon as it runs. The proxy
+    and resolver sockets are bound before the first answer, so ``hello``
+    tells the truth about them; connections wait in their backlog until the
+    event loop serves them.
+    """
+
+    def __init__(self, fd: int, workspace: str, listeners: _Listeners | None) -> None:
+        self._fd = fd
+        self._workspace = workspace
+        self._listeners = listeners
+        self._out = _Out(fd)
+        self._inflight: set[int] = set()
+        self._execs: dict[int, _Exec] = {}
+        self._stopping = False
+        self._lock = _thread.allocate_lock()
+        # The rest: requests waiting for it (None once it runs), its loop and Helper.
+        self._queue: list[tuple[int, dict[str, Any]]] | None = []
+        self._loop: Any = None
+        self._helper: Helper | None = None
+        self._stop_event: Any = None
+        self._rest_failed = ""
+        self._rest_stopped = _thread.allocate_lock()
+        self._rest_stopped.acquire()
+
+    # -- reading --------------------------------------------------------------
+
+    def run(self) -> int:
+        buf = bytearray()
+        scan_from = 0
+        discarding = False
+        started_rest = False
+        try:
+            while not self._stopping:
+                # The same splitting as LineReader (which needs asyncio).
+                nl = buf.find(b"\n", scan_from)
+                if nl < 0:
+                    if len(buf) > MAX_REQUEST_LINE:
+                        # Drop what we have and everything up to the next newline.
+                        buf.clear()
+                        scan_from = 0
+                        if not discarding:
+                            discarding = True
+                            self._oversized()
+                    scan_from = len(buf)
+                    try:
+                        data = os.read(self._fd, _CHUNK * 4)
+                    except OSError:
+                        data = b""  # reset by the executor: as good as closed
+                    if not data:
+                        return 0
+                    buf += data
+                    continue
+                line = bytes(buf[:nl])
+                del buf[: nl + 1]
+                scan_from = 0
+                if discarding:
+                    discarding = False
+                    continue
+                if len(line) > MAX_REQUEST_LINE:
+                    self._oversized()
+                    continue
+                if not line.strip():
+                    continue
+                self._dispatch(line)
+                if not started_rest:
+                    started_rest = True
+                    _thread.start_new_thread(self._rest_thread, ())
+            return 0
+        finally:
+            self._stop()
+
+    def _oversized(self) -> None:
+        self._error(None, "too_large", f"request line longer than {MAX_REQUEST_LINE} bytes")
+
+    def _error(self, req_id: int | None, code: str, message: str) -> None:
+        self._out.send(
+            _dumps({"id": req_id, "ok": False, "error": {"code": code, "message": message}})
+        )
 
     def _dispatch(self, line: bytes) -> None:
         try:
-            req = json.loads(line)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-            self._spawn(self._error(None, "bad_request", f"not a JSON line: {exc}"))
+            req = _loads(line)
+        except Exception as exc:  # noqa: BLE001 -- JSONDecodeError, UnicodeDecodeError, too deep
+            self._error(None, "bad_request", f"not a JSON line: {exc}")
             return
         if not isinstance(req, dict):
-            self._spawn(self._error(None, "bad_request", "a request must be a JSON object"))
+            self._error(None, "bad_request", "a request must be a JSON object")
             return
         req_id = req.get("id")
         if type(req_id) is not int or not -(2**53) < req_id < 2**53:
-            self._spawn(self._error(None, "bad_request", "request id must be an integer"))
+            self._error(None, "bad_request", "request id must be an integer")
             return
         if req_id in self._inflight:
-            self._spawn(self._error(req_id, "bad_request", f"id {req_id} is already in flight"))
+            self._error(req_id, "bad_request", f"id {req_id} is already in flight")
             return
         self._inflight.add(req_id)
-        self._spawn(self._handle(req_id, req))
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _handle(self, req_id: int, req: dict[str, Any]) -> None:
         op = req.get("op")
-        handler = {
-            "hello": self._op_hello,
-            "exec": self._op_exec,
-            "cancel": self._op_cancel,
-            "read": self._op_read,
-            "write": self._op_write,
-            "edit": self._op_edit,
-            "list": self._op_list,
-            "glob": self._op_glob,
-            "grep": self._op_grep,
-            "fetch": self._op_fetch,
-            "shell": self._op_shell,
-            "shell_input": self._op_shell_input,
-            "shell_resize": self._op_shell_resize,
-            "shell_signal": self._op_shell_signal,
-            "shutdown": self._op_shutdown,
-        }.get(op if isinstance(op, str) else "")
+        if op == "exec":
+            # Known before its thread runs, so that a cancel right after it finds it.
+            ex = self._execs[req_id] = _Exec()
+            try:
+                _thread.start_new_thread(self._answer, (req_id, self._op_exec, req))
+            except RuntimeError as exc:  # no thread: the sandbox's pids limit, say
+                self._execs.pop(req_id, None)
+                ex.close()
+                self._inflight.discard(req_id)
+                self._error(req_id, "spawn_failed", f"cannot run command: {exc}")
+        elif op == "hello":
+            self._answer(req_id, self._op_hello, req)
+        elif op == "cancel":
+            self._answer(req_id, self._op_cancel, req)
+        elif op == "shutdown":
+            self._kill_all()
+            self._answer(req_id, self._op_shutdown, req)
+            self._out.closed = True  # nothing more after the shutdown's answer
+            self._stopping = True
+        elif isinstance(op, str) and op in _REST_OPS:
+            self._to_rest(req_id, req)
+        else:
+            self._answer(req_id, self._op_unknown, req)
+
+    def _answer(
+        self, req_id: int, handler: Callable[[int, dict[str, Any]], dict[str, Any]], req: dict[str, Any]
+    ) -> None:
         try:
-            if handler is None:
-                raise RequestError("unknown_op", f"unknown op {op!r}")
-            result = await handler(req_id, req)
             response = {"id": req_id, "ok": True}
-            response.update(result)
+            response.update(handler(req_id, req))
             # Free the id before answering: the executor may reuse it at once.
             self._inflight.discard(req_id)
-            await self._send(response)
-            if op == "shutdown":
-                self._stopping.set()
+            self._out.send(_dumps(response))
         except RequestError as exc:
             self._inflight.discard(req_id)
-            await self._error(req_id, exc.code, exc.message)
-        except asyncio.CancelledError:
-            raise
+            self._error(req_id, exc.code, exc.message)
         except Exception as exc:  # noqa: BLE001 -- one request must never take the helper down
             self._inflight.discard(req_id)
-            await self._error(req_id, "internal", f"{type(exc).__name__}: {exc}")
+            self._error(req_id, "internal", f"{type(exc).__name__}: {exc}")
         finally:
             self._inflight.discard(req_id)
 
-    def _path(self, req: dict[str, Any], key: str = "path", default: str | None = None) -> str:
-        """``req[key]`` made absolute against the workspace (absolute paths stay as they are)."""
-        path = req.get(key, default)
-        if not isinstance(path, str) or not path or "\0" in path:
-            raise RequestError("bad_request", f"{key} must be a non-empty string without NUL")
-        if len(path) > 4096 * 4:
-            raise RequestError("bad_request", f"{key} is longer than any path can be")
-        _check_unicode(path, key)
-        return os.path.join(self._workspace, path)
+    # -- the rest, on asyncio -----------------------------------------------------
 
-    # -- ops ----------------------------------------------------------------
+    def _to_rest(self, req_id: int, req: dict[str, Any]) -> None:
+        with self._lock:
+            if self._queue is not None:
+                self._queue.append((req_id, req))
+                return
+            loop, helper, failed = self._loop, self._helper, self._rest_failed
+        if helper is not None and not failed:
+            try:
+                loop.call_soon_threadsafe(helper.submit, req_id, req)
+                return
+            except RuntimeError:
+                failed = "its event loop has stopped"
+        self._inflight.discard(req_id)
+        self._error(req_id, "internal", f"the helper cannot serve {req.get('op')}: {failed}")
 
-    async def _op_hello(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+    def _rest_thread(self) -> None:
+        """Import the rest and run its event loop (the background thread's body)."""
+        # Let the main and exec threads take the GIL back quickly while this
+        # thread imports (CPU-bound), instead of after the default 5 ms.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, 0.0005))
+        try:
+            _load_rest()
+            _watch_children_without_threads()  # the shell op's children: no thread per child either
+            asyncio.run(self._rest_main(interval))
+        except BaseException as exc:  # noqa: BLE001 -- reported to every request that needs it
+            with self._lock:
+                self._rest_failed = f"{type(exc).__name__}: {exc}"
+                queued, self._queue = self._queue or [], None
+            for req_id, req in queued:
+                self._inflight.discard(req_id)
+                self._error(
+                    req_id, "internal", f"the helper cannot serve {req.get('op')}: {self._rest_failed}"
+                )
+        finally:
+            sys.setswitchinterval(interval)
+            if self._rest_stopped.locked():
+                self._rest_stopped.release()
+
+    async def _rest_main(self, interval: float) -> None:
+        loop = asyncio.get_running_loop()
+        network = None
+        if self._listeners is not None:
+            network = Network()
+            await network.adopt(self._listeners)
+        sender = _LineSender(self._out, loop)
+        helper = Helper(sender.send, self._workspace, network, self._inflight)
+        stop = asyncio.Event()
+        sys.setswitchinterval(interval)
+        try:
+            with self._lock:
+                self._loop, self._helper, self._stop_event = loop, helper, stop
+                queued, self._queue = self._queue or [], None
+            for req_id, req in queued:
+                helper.submit(req_id, req)
+            if not self._stopping:
+                await stop.wait()
+        finally:
+            await helper.stop()
+            if network is not None:
+                network.close()
+            sender.close()
+            if self._rest_stopped.locked():
+                self._rest_stopped.release()
+
+    def _in_rest(self, fn: Callable[[], Any], timeout: float) -> None:
+        """Run ``fn`` on the rest's loop, if it runs, and wait (bounded) until it did."""
+        with self._lock:
+            loop = self._loop
+        if loop is None:
+            return
+        done = _thread.allocate_lock()
+        done.acquire()
+
+        def call() -> None:
+            try:
+                fn()
+            finally:
+                done.release()
+
+        try:
+            loop.call_soon_threadsafe(call)
+        except RuntimeError:
+            return  # its loop has stopped
+        done.acquire(True, timeout)
+
+    # -- stopping ---------------------------------------------------------------
+
+    def _kill_all(self) -> None:
+        """Kill every running command's process group (execs here, shells and workers there)."""
+        for ex in list(self._execs.values()):
+            ex.cancel()
+        helper = self._helper
+        if helper is not None:
+            self._in_rest(helper.kill_all, 2.0)
+
+    def _stop(self) -> None:
+        """The executor went away or asked for shutdown: kill everything, stop the rest."""
+        self._stopping = True
+        self._kill_all()
+        with self._lock:
+            stop, loop = self._stop_event, self._loop
+        if stop is not None:
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
+                pass  # its loop has stopped already
+            else:
+                # Helper.stop waits up to 2 s for its requests to end.
+                self._rest_stopped.acquire(True, 3.0)
+        self._out.closed = True
+
+    # -- ops ------------------------------------------------------------------------
+
+    def _op_unknown(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        raise RequestError("unknown_op", f"unknown op {req.get('op')!r}")
+
+    def _op_hello(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        lis = self._listeners
         return {
             "pid": os.getpid(),
             "uid": os.getuid(),
@@ -485,12 +786,35 @@ class Helper:
             "cwd": os.getcwd(),
             "workspace": self._workspace,
             "python": ".".join(str(n) for n in sys.version_info[:3]),
-            "proxy_port": self._network.proxy_port if self._network else None,
-            "dns_ports": list(self._network.dns_ports) if self._network else [],
+            "proxy_port": lis.proxy_port if lis else None,
+            "dns_ports": list(lis.dns_ports) if lis else [],
             "egress_relay": os.path.exists(RELAY_SOCKET),
         }
 
-    async def _op_exec(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+    def _op_shutdown(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        return {}  # _dispatch killed everything; stopping follows the answer
+
+    def _op_cancel(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        target = req.get("target")
+        if type(target) is not int:
+            raise RequestError("bad_request", "target must be the id of an exec request")
+        ex = self._execs.get(target)
+        if ex is None:
+            return {"found": False}
+        ex.cancel()
+        return {"found": True}
+
+    def _op_exec(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
+        ex = self._execs[req_id]
+        try:
+            return self._exec(ex, req_id, req)
+        finally:
+            if ex.proc is not None and not ex.exited:
+                ex.kill_group()  # something failed
+            self._execs.pop(req_id, None)
+            ex.close()
+
+    def _exec(self, ex: _Exec, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
         command = req.get("command")
         if not isinstance(command, str) or "\0" in command:
             raise RequestError("bad_request", "command must be a string without NUL")
@@ -520,74 +844,90 @@ class Helper:
         env = dict(os.environ)
         env.update(extra)
         streaming = req.get("stream") is True
+        send = self._out.send
 
-        async def on_chunk(name: str, text: str) -> None:
-            await self._send({"id": req_id, "stream": name, "data": text})
+        def on_chunk(name: str, text: str) -> None:
+            send(_dumps({"id": req_id, "stream": name, "data": text}))
 
-        ex = _Exec()
-        self._execs[req_id] = ex
         started = time.monotonic()
-        # Plain pipes, read by us, rather than asyncio's PIPE: before 3.12
-        # Process.wait() waits for asyncio's pipes to close too, and a job that
-        # escaped the process group can hold them open for ever.
+        # Plain pipes, read here; a job that escaped the process group may
+        # hold them open for ever, so they are read only while worth it.
+        # The reaper's thread starts first: once the command runs, it may use
+        # up the sandbox's pids limit (a fork bomb), and threads count there.
+        spawned = _thread.allocate_lock()
+        spawned.acquire()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        transports: list[asyncio.BaseTransport] = []
+        try:
+            _thread.start_new_thread(_reap, (ex, spawned))
+        except RuntimeError as exc:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise RequestError("spawn_failed", f"cannot run command in {cwd}: {exc}")
         try:
             try:
-                ex.proc = await asyncio.create_subprocess_exec(
-                    "/bin/sh",
-                    "-c",
-                    command,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out_w,
-                    stderr=err_w,
-                    cwd=cwd,
-                    env=env,
-                    # Own session, hence own process group: timeout and cancel
-                    # kill everything the command started that stayed in it.
-                    start_new_session=True,
-                )
+                # Own session, hence own process group: timeout and cancel
+                # kill everything the command started that stayed in it.
+                ex.proc = _spawn(["/bin/sh", "-c", command], cwd, env, out_w, err_w)
             except OSError as exc:
                 raise RequestError("spawn_failed", f"cannot run command in {cwd}: {exc}")
             finally:
+                spawned.release()
                 os.close(out_w)
                 os.close(err_w)
-            proc = ex.proc
-            fd, out_r = out_r, -1  # _read_pipe owns it from here on
-            out_stream = await _read_pipe(fd, transports)
-            fd, err_r = err_r, -1
-            err_stream = await _read_pipe(fd, transports)
-            captures = [
-                _Capture("stdout", out_stream, on_chunk if streaming else None),
-                _Capture("stderr", err_stream, on_chunk if streaming else None),
-            ]
-            pumps = [asyncio.ensure_future(c.run()) for c in captures]
-            waiter = asyncio.ensure_future(proc.wait())
-            cancelled = asyncio.ensure_future(ex.cancel_event.wait())
-            done, _ = await asyncio.wait(
-                {waiter, cancelled},
-                timeout=timeout_ms / 1000,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            timed_out = not done
-            # A command that finished as the cancel came in was not cancelled.
-            was_cancelled = cancelled in done and waiter not in done
-            if waiter not in done:
+            open_pipes = {
+                out_r: _Capture("stdout", on_chunk if streaming else None),
+                err_r: _Capture("stderr", on_chunk if streaming else None),
+            }
+            captures = list(open_pipes.values())
+            poller = select.poll()
+            for fd in (out_r, err_r, ex.wake_r):
+                poller.register(fd, select.POLLIN)
+
+            def pump(timeout_s: float | None) -> None:
+                """Wait up to ``timeout_s`` (None: no limit) for output or a wake-up; take it."""
+                ms = -1 if timeout_s is None else max(0, int(timeout_s * 1000 + 0.999))
+                for fd, _ in poller.poll(ms):
+                    if fd == ex.wake_r:
+                        os.read(fd, 512)
+                        continue
+                    capture = open_pipes.get(fd)
+                    if capture is None:
+                        continue
+                    data = os.read(fd, _CHUNK)
+                    if data:
+                        capture.feed(data)
+                    else:
+                        capture.finish()
+                        del open_pipes[fd]
+                        poller.unregister(fd)
+
+            deadline = started + timeout_ms / 1000
+            timed_out = was_cancelled = False
+            while True:
+                if ex.cancelled:  # (set only while it had not exited)
+                    was_cancelled = True
+                    break
+                if ex.exited:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    break
+                pump(left)
+            if not ex.exited:
                 ex.kill_group()
-            cancelled.cancel()
-            await waiter
+                while not ex.exited:
+                    pump(None)
             # Output the command already wrote is still worth returning; pipes
             # held open by jobs that escaped the group are abandoned.
-            _, lingering = await asyncio.wait(pumps, timeout=PIPE_LINGER_S)
-            for pump in lingering:
-                pump.cancel()
-            await asyncio.gather(*lingering, return_exceptions=True)
-            for pump in pumps:
-                if pump not in lingering:
-                    pump.result()  # re-raises a failed read
-            code = proc.returncode
-            assert code is not None
+            linger_end = time.monotonic() + PIPE_LINGER_S
+            while open_pipes:
+                left = linger_end - time.monotonic()
+                if left <= 0:
+                    break
+                pump(left)
+            code = ex.proc.returncode
             return {
                 # The shell's convention for a signal death, e.g. 137 for SIGKILL.
                 "exit_code": code if code >= 0 else 128 - code,
@@ -601,26 +941,272 @@ class Helper:
                 "duration_ms": int((time.monotonic() - started) * 1000),
             }
         finally:
-            if ex.proc is not None and ex.proc.returncode is None:
-                ex.kill_group()  # the request task itself was cancelled
-            self._execs.pop(req_id, None)
-            for transport in transports:
-                transport.close()
-            for fd in (out_r, err_r):
-                if fd >= 0:
-                    os.close(fd)
+            os.close(out_r)
+            os.close(err_r)
 
-    async def _op_cancel(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
-        target = req.get("target")
-        if type(target) is not int:
-            raise RequestError("bad_request", "target must be the id of an exec request")
-        ex = self._execs.get(target)
-        if ex is None:
-            return {"found": False}
-        ex.cancelled = True
-        ex.kill_group()
-        ex.cancel_event.set()
-        return {"found": True}
+
+class _Child:
+    """A command started by ``_spawn``: its pid, and its return code once reaped."""
+
+    def __init__(self, pid: int, popen: Any = None) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._popen = popen
+
+    def wait(self) -> None:
+        """Block until it exits (a negative return code: killed by that signal)."""
+        if self._popen is not None:
+            self.returncode = self._popen.wait()
+            return
+        try:
+            _, status = os.waitpid(self.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            code = 0  # reaped elsewhere, as subprocess assumes too
+        self.returncode = code
+
+
+_fork_exec_ok = sys.version_info[:2] == (3, 11)
+"""Whether ``_spawn`` calls _posixsubprocess directly (its signature is this Python's)."""
+
+
+def _spawn(argv: list[str], cwd: str, env: dict[str, str], stdout: int, stderr: int) -> _Child:
+    """``subprocess.Popen(argv, stdin=DEVNULL, stdout=, stderr=, cwd=, env=,
+    start_new_session=True)``, without importing subprocess (milliseconds of a
+    cold start, and more while the rest's thread imports) where this Python's
+    ``_posixsubprocess.fork_exec`` is known. Raises OSError as Popen does."""
+    global _fork_exec_ok
+    if _fork_exec_ok:
+        try:
+            return _fork_exec(argv, cwd, env, stdout, stderr)
+        except TypeError:
+            _fork_exec_ok = False  # not the signature we know: use subprocess
+    import subprocess
+
+    popen = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+    )
+    return _Child(popen.pid, popen)
+
+
+def _fork_exec(argv: list[str], cwd: str, env: dict[str, str], stdout: int, stderr: int) -> _Child:
+    """What Popen._execute_child does on Python 3.11, for this one case."""
+    import _posixsubprocess
+
+    env_list = []
+    for key, value in env.items():
+        name = os.fsencode(key)
+        if b"=" in name:
+            raise ValueError("illegal environment variable name")
+        env_list.append(name + b"=" + os.fsencode(value))
+    executable = os.fsencode(argv[0])
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    errpipe_r, errpipe_w = os.pipe()
+    try:
+        try:
+            pid = _posixsubprocess.fork_exec(
+                argv, (executable,), True, (errpipe_w,), cwd, env_list,
+                devnull, -1, -1, stdout, -1, stderr,
+                errpipe_r, errpipe_w,
+                True, True,  # restore_signals, start_new_session
+                -1, None, None, None, -1,  # process_group, gid, gids, uid, umask
+                None,  # type: ignore[arg-type]  # preexec_fn
+                True,  # allow_vfork
+            )
+        finally:
+            os.close(errpipe_w)
+        # The child closes its end on exec; before that it reports a failure here.
+        report = bytearray()
+        while len(report) <= 50000:
+            part = os.read(errpipe_r, 50000)
+            if not part:
+                break
+            report += part
+    finally:
+        os.close(errpipe_r)
+        os.close(devnull)
+    if not report:
+        return _Child(pid)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # reaped already
+    name, _, rest = bytes(report).partition(b":")
+    hex_errno, _, message = rest.partition(b":")
+    try:
+        errno_num = int(hex_errno, 16)
+    except ValueError:
+        errno_num = 0
+    if name == b"OSError" and errno_num:
+        text = message.decode(errors="replace")
+        filename = cwd if text == "noexec:chdir" else "" if text.startswith("noexec") else argv[0]
+        raise OSError(errno_num, os.strerror(errno_num), filename)
+    raise OSError(f"cannot start {argv[0]}: {bytes(report).decode(errors='replace')}")
+
+
+def _reap(ex: _Exec, spawned: Any) -> None:
+    """Wait for an exec's process (a thread's body), then wake the exec's thread.
+
+    ``spawned`` is released once the process was started (or failed to start).
+    """
+    spawned.acquire()
+    if ex.proc is None:
+        return  # it never started
+    try:
+        ex.proc.wait()
+    finally:
+        ex.exited = True
+        ex.wake()
+
+
+class _LineSender:
+    """Sends lines for the rest's coroutines on a thread of its own.
+
+    ``send`` returns once its line is written, so a coroutine that streams
+    waits while the executor does not read, as it did on ``drain``; the
+    event loop itself never blocks on the connection.
+    """
+
+    def __init__(self, out: _Out, loop: Any) -> None:
+        import _queue
+
+        self._out = out
+        self._loop = loop
+        self._queue: Any = _queue.SimpleQueue()
+        _thread.start_new_thread(self._run, ())
+
+    async def send(self, data: bytes) -> None:
+        done = self._loop.create_future()
+        self._queue.put((data, done))
+        await done
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            data, done = item
+            self._out.send(data)
+            try:
+                self._loop.call_soon_threadsafe(_resolve, done)
+            except RuntimeError:
+                return  # the loop is closed: the helper is exiting
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
+def _resolve(future: Any) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Helper:
+    """Serves the ops that need asyncio (see ``_Core``) on the rest's event loop."""
+
+    def __init__(
+        self,
+        send: Callable[[bytes], Awaitable[None]],
+        workspace: str = DEFAULT_WORKSPACE,
+        network: Network | None = None,
+        inflight: set[int] | None = None,
+    ) -> None:
+        """``send`` writes one line; ``network`` is the helper's proxy and resolver, if any;
+        ``inflight`` is the core's set of request ids being served."""
+        self._send_line = send
+        self._workspace = workspace
+        self._network = network
+        self._shells: dict[int, _Shell] = {}
+        # grep workers, killed with everything else on shutdown.
+        self._workers: set[asyncio.subprocess.Process] = set()
+        self._fetch_slots = asyncio.Semaphore(_FETCH_CONCURRENCY)
+        self._inflight: set[int] = inflight if inflight is not None else set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- plumbing -----------------------------------------------------------
+
+    async def _send(self, obj: dict[str, Any]) -> None:
+        await self._send_line(_dumps(obj))
+
+    async def _error(self, req_id: int | None, code: str, message: str) -> None:
+        await self._send({"id": req_id, "ok": False, "error": {"code": code, "message": message}})
+
+    def submit(self, req_id: int, req: dict[str, Any]) -> None:
+        """Serve one request (its id is in flight already)."""
+        self._spawn(self._handle(req_id, req))
+
+    async def stop(self) -> None:
+        """Kill everything and end every request (waits up to 2 s for them)."""
+        self.kill_all()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2)
+
+    def kill_all(self) -> None:
+        """Kill every grep worker and every shell's process group."""
+        for proc in self._workers:
+            _kill(proc)
+        for sh in self._shells.values():
+            sh.hang_up()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, req_id: int, req: dict[str, Any]) -> None:
+        op = req.get("op")
+        handler = {
+            "read": self._op_read,
+            "write": self._op_write,
+            "edit": self._op_edit,
+            "list": self._op_list,
+            "glob": self._op_glob,
+            "grep": self._op_grep,
+            "fetch": self._op_fetch,
+            "shell": self._op_shell,
+            "shell_input": self._op_shell_input,
+            "shell_resize": self._op_shell_resize,
+            "shell_signal": self._op_shell_signal,
+        }.get(op if isinstance(op, str) else "")
+        try:
+            if handler is None:
+                raise RequestError("unknown_op", f"unknown op {op!r}")
+            result = await handler(req_id, req)
+            response = {"id": req_id, "ok": True}
+            response.update(result)
+            # Free the id before answering: the executor may reuse it at once.
+            self._inflight.discard(req_id)
+            await self._send(response)
+        except RequestError as exc:
+            self._inflight.discard(req_id)
+            await self._error(req_id, exc.code, exc.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- one request must never take the helper down
+            self._inflight.discard(req_id)
+            await self._error(req_id, "internal", f"{type(exc).__name__}: {exc}")
+        finally:
+            self._inflight.discard(req_id)
+
+    def _path(self, req: dict[str, Any], key: str = "path", default: str | None = None) -> str:
+        """``req[key]`` made absolute against the workspace (absolute paths stay as they are)."""
+        path = req.get(key, default)
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise RequestError("bad_request", f"{key} must be a non-empty string without NUL")
+        if len(path) > 4096 * 4:
+            raise RequestError("bad_request", f"{key} is longer than any path can be")
+        _check_unicode(path, key)
+        return os.path.join(self._workspace, path)
+
+    # -- ops ----------------------------------------------------------------
 
     async def _op_read(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
         path = self._path(req)
@@ -835,7 +1421,7 @@ class Helper:
                 "bad_request", f"headers must map at most {FETCH_HEADERS_MAX} names to values"
             )
         for name, value in headers.items():
-            if not _HEADER_NAME.match(name) or not isinstance(value, str):
+            if _HEADER_NAME is None or not _HEADER_NAME.match(name) or not isinstance(value, str):
                 raise RequestError("bad_request", f"invalid header name {name[:64]!r}")
             if any(c in value for c in "\0\r\n") or len(value) > 8192:
                 raise RequestError("bad_request", f"invalid value for header {name}")
@@ -949,11 +1535,6 @@ class Helper:
         sh.signal(SHELL_SIGNALS[name])
         return {"found": True}
 
-    async def _op_shutdown(self, req_id: int, req: dict[str, Any]) -> dict[str, Any]:
-        # Stopping happens in _handle once the answer is on its way.
-        self.kill_all()
-        return {}
-
 
 class _Shell:
     """A user's process on a pseudo-terminal (or on pipes) and the descriptors we hold to it."""
@@ -1061,7 +1642,7 @@ class _Shell:
         """Kill the process's group; closing the terminal then hangs up the rest of its session."""
         if self.proc is not None and self.proc.returncode is None:
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(self.proc.pid, _signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass  # the group is already gone
 
@@ -1128,24 +1709,6 @@ async def _write_fd(fd: int, data: bytes) -> None:
                 return  # the process is gone; nobody reads this input
             raise
         view = view[n:]
-
-
-async def _read_pipe(fd: int, transports: list[asyncio.BaseTransport]) -> asyncio.StreamReader:
-    """A StreamReader on the read end of a pipe (which it owns from the call on).
-
-    Its transport goes into ``transports``, for the caller to close.
-    """
-    pipe = os.fdopen(fd, "rb", buffering=0)
-    reader = asyncio.StreamReader(limit=_CHUNK)
-    try:
-        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), pipe
-        )
-    except BaseException:
-        pipe.close()
-        raise
-    transports.append(transport)
-    return reader
 
 
 def _read_file(path: str, offset: int, limit: int) -> tuple[bytes, int]:
@@ -1845,7 +2408,7 @@ def only_loopback() -> bool:
     a hole in that host's loopback, not a sandbox's only way out.
     """
     try:
-        return all(name == "lo" for _, name in socket.if_nameindex())
+        return all(name == "lo" for _, name in _socket.if_nameindex())
     except OSError:
         return False
 
@@ -2112,8 +2675,14 @@ class _DnsUpstream:
             self._writer.close()
 
 
-class _DnsUdp(asyncio.DatagramProtocol):
-    """The UDP side of the resolver."""
+if TYPE_CHECKING:
+    _DatagramProtocol = asyncio.DatagramProtocol
+else:
+    _DatagramProtocol = object  # asyncio is not imported yet when this runs
+
+
+class _DnsUdp(_DatagramProtocol):
+    """The UDP side of the resolver (an ``asyncio.DatagramProtocol``)."""
 
     def __init__(self, upstream: _DnsUpstream, spawn: Callable[[Awaitable[None]], None]) -> None:
         self._upstream = upstream
@@ -2127,6 +2696,18 @@ class _DnsUdp(asyncio.DatagramProtocol):
         if len(data) < 12 or data[2] & 0x80:
             return  # not a query: nothing to answer
         self._spawn(self._answer(data, addr))
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # an ICMP error for an answer we sent: the client is gone
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+
+    def pause_writing(self) -> None:
+        pass  # answers are small and few; a full buffer drops them, as UDP may
+
+    def resume_writing(self) -> None:
+        pass
 
     async def _answer(self, query: bytes, addr: tuple[str, int]) -> None:
         answer = await self._upstream.resolve(query)
@@ -2179,6 +2760,23 @@ class Network:
                 udp.close()
                 self.errors.append(f"dns over tcp on port {port}: {exc.strerror}")
                 continue
+            self._udp.append(udp)
+            self._servers.append(tcp)
+            self.dns_ports.append(port)
+
+    async def adopt(self, bound: _Listeners) -> None:
+        """Serve on the sockets that ``_bind_listeners`` bound already."""
+        loop = asyncio.get_running_loop()
+        self.errors.extend(bound.errors)
+        if bound.proxy is not None:
+            server = await asyncio.start_server(self._proxy_client, sock=_adopt(bound.proxy))
+            self._servers.append(server)
+            self.proxy_port = bound.proxy_port
+        for port, udp_sock, tcp_sock in bound.dns:
+            udp, _ = await loop.create_datagram_endpoint(
+                lambda: _DnsUdp(self._upstream, self._spawn), sock=_adopt(udp_sock)
+            )
+            tcp = await asyncio.start_server(self._dns_client, sock=_adopt(tcp_sock))
             self._udp.append(udp)
             self._servers.append(tcp)
             self.dns_ports.append(port)
@@ -2263,20 +2861,44 @@ def _close_other_fds(keep: int) -> None:
                 pass  # the listing's own descriptor, already closed
 
 
-async def _main_async(fd: int, workspace: str) -> None:
-    sock = socket.socket(fileno=fd)
-    if sock.type != socket.SOCK_STREAM:
-        raise SystemExit(f"helper: fd {fd} is not a stream socket")
-    reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_REQUEST_LINE)
-    network = None
-    if only_loopback():
-        network = Network()
-        await network.start()
-    try:
-        await Helper(reader, writer, workspace, network).serve()
-    finally:
-        if network is not None:
-            network.close()
+def _adopt(sock: Any) -> socket.socket:
+    """A ``socket.socket`` for a ``_socket.socket``, as asyncio wants one."""
+    return socket.socket(fileno=sock.detach())
+
+
+def _load_rest(event_loop: bool = True) -> None:
+    """Import what the core started without (see the imports at the top).
+
+    ``event_loop``: asyncio too, and what the ops on it need (the grep
+    worker needs only json, re and fnmatch).
+    """
+    g = globals()
+    if event_loop:
+        # The core's exec imports subprocess too (asyncio needs it anyway).
+        import asyncio
+        import fcntl
+        import socket
+        import termios
+        import threading
+
+        g.update(asyncio=asyncio, fcntl=fcntl, socket=socket, termios=termios, threading=threading)
+        # Before Python 3.11 it is not the builtin TimeoutError.
+        g["_ASYNC_TIMEOUT"] = asyncio.TimeoutError
+    import base64
+    import fnmatch
+    import json
+    import re
+
+    g.update(base64=base64, fnmatch=fnmatch, json=json, re=re)
+    g["_HEADER_NAME"] = re.compile(_HEADER_NAME_PATTERN)
+
+
+_USAGE = "usage: helper.py [-h] [--fd FD] [--workspace WORKSPACE]\n"
+
+
+def _usage_error(message: str) -> int:
+    sys.stderr.write(f"{_USAGE}helper.py: error: {message}\n")
+    return 2
 
 
 def _watch_children_without_threads() -> None:
@@ -2303,26 +2925,73 @@ def _watch_children_without_threads() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point inside the sandbox: ``helper.py --fd N [--workspace DIR]``."""
-    parser = argparse.ArgumentParser(prog="helper.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--fd", type=int, help="inherited unix socket (required)")
-    parser.add_argument("--workspace", default=DEFAULT_WORKSPACE)
-    # The helper starting itself as a grep worker: see Helper._op_grep.
-    parser.add_argument("--grep-worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.grep_worker:
+    """Entry point inside the sandbox: ``helper.py --fd N [--workspace DIR]``.
+
+    (``--grep-worker``: the helper starting itself as a grep worker, see
+    ``Helper._op_grep``.) Parsed by hand: argparse costs a start-up
+    milliseconds.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    fd: int | None = None
+    workspace = DEFAULT_WORKSPACE
+    grep_worker = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            sys.stdout.write(f"{_USAGE}\n{__doc__.splitlines()[0]}\n")
+            return 0
+        if arg == "--grep-worker":
+            grep_worker = True
+            continue
+        name, eq, value = arg.partition("=")
+        if name not in ("--fd", "--workspace"):
+            return _usage_error(f"unrecognized arguments: {arg}")
+        if not eq:
+            if i >= len(args):
+                return _usage_error(f"argument {name}: expected one argument")
+            value = args[i]
+            i += 1
+        if name == "--workspace":
+            workspace = value
+            continue
+        try:
+            fd = int(value)
+        except ValueError:
+            return _usage_error(f"argument --fd: invalid int value: {value!r}")
+    if grep_worker:
+        _load_rest(event_loop=False)
         return _grep_worker_main()
-    if args.fd is None:
-        parser.error("--fd is required")
-    _close_other_fds(args.fd)
-    os.set_inheritable(args.fd, False)  # commands we run must not get the connection
-    _watch_children_without_threads()
+    if fd is None:
+        return _usage_error("--fd is required")
+    _close_other_fds(fd)
+    os.set_inheritable(fd, False)  # commands we run must not get the connection
+    os.set_blocking(fd, True)  # the core reads and writes it from threads, blocking
+    sock = _socket.socket(fileno=fd)
+    kind = sock.type
+    sock.detach()
+    if kind != _socket.SOCK_STREAM:
+        raise SystemExit(f"helper: fd {fd} is not a stream socket")
+    _init_json()
+    listeners = _bind_listeners() if only_loopback() else None
     try:
-        asyncio.run(_main_async(args.fd, args.workspace))
+        return _Core(fd, workspace, listeners).run()
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _status = main()
+    for _stream in (sys.stdout, sys.stderr):
+        try:
+            _stream.flush()
+        except (OSError, ValueError):
+            pass  # nowhere to write to
+    # Not sys.exit: threads may still be busy (an import, a file request in
+    # asyncio's executor, an exec lingering on its pipes); none has anything
+    # left to say, and the interpreter would wait for some of them.
+    os._exit(_status)
+else:
+    _init_json()
+    _load_rest()
