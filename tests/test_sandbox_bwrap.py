@@ -316,11 +316,20 @@ async def test_new_user_namespaces_are_refused(sandbox: BwrapSandbox) -> None:
 async def test_the_helper_holds_no_directory_descriptor(sandbox: BwrapSandbox) -> None:
     # An inherited descriptor of a host directory would let openat(fd, "..")
     # walk out of the sandbox.
+    # The helper loads most of itself on a background thread after it answers, and
+    # importing opens (and closes) directories of its own: wait until that is done (a
+    # list needs it), and let a descriptor that closes while we look go.
+    await sandbox.helper.list_dir(".")
     script = (
-        "import os, stat, sys; d = '/proc/%s/fd' % sys.argv[1]; "
-        "print([n for n in os.listdir(d) if stat.S_ISDIR(os.stat(d + '/' + n).st_mode)])"
+        'import os, stat, sys; d = "/proc/%s/fd" % sys.argv[1]\n'
+        "def isdir(n):\n"
+        "    try:\n"
+        '        return stat.S_ISDIR(os.stat(d + "/" + n).st_mode)\n'
+        "    except FileNotFoundError:\n"
+        "        return False\n"
+        "print([n for n in os.listdir(d) if isdir(n)])"
     )
-    result = await sandbox.helper.exec(f'python3 -c "{script}" $PPID')
+    result = await sandbox.helper.exec(f"python3 -c '{script}' $PPID")
     assert (result.exit_code, result.stdout) == (0, "[]\n"), result.stderr
 
 
