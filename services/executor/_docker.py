@@ -104,6 +104,8 @@ __all__ = [
 ]
 
 DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
+REMOVE_PATIENCE_S = 180.0
+"""How long a container's removal is asked again while the daemon is slow to stop it."""
 """The daemon used when neither ``docker_url`` nor ``DOCKER_HOST`` names one."""
 BASE_IMAGE_REPO = "devsilo/sandbox-base"
 """Repository of the locally imported base image; the tag is a hash of its content."""
@@ -775,13 +777,28 @@ class DockerSandbox(Sandbox):
             return None
 
     def _remove_container(self, container: Container) -> None:
-        """TERM, ``stop_grace`` seconds, KILL (Docker's stop), then remove; gone is fine."""
+        """TERM, ``stop_grace`` seconds, KILL (Docker's stop), then remove; gone is fine.
+
+        A container full of processes (a fork bomb under runsc) can take the daemon
+        longer than a request's timeout to stop: the removal is then asked again until
+        it is done or :data:`REMOVE_PATIENCE_S` have passed.
+        """
         with contextlib.suppress(docker.errors.NotFound):
             try:
                 container.stop(timeout=max(0, round(self.stop_grace)))
-            except docker.errors.APIError:
-                pass  # e.g. it never started: removal with force still follows
-            container.remove(force=True, v=True)
+            except (docker.errors.APIError, requests.exceptions.RequestException):
+                pass  # never started, or slow to stop: removal with force still follows
+            deadline = time.monotonic() + REMOVE_PATIENCE_S
+            while True:
+                try:
+                    container.remove(force=True, v=True)
+                    return
+                except docker.errors.NotFound:
+                    return
+                except (docker.errors.APIError, requests.exceptions.RequestException):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1.0)
 
     async def _container_detail(self) -> str:
         """How the container ended and the tail of its output, for a start error."""
