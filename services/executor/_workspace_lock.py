@@ -45,6 +45,7 @@ import signal
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from devsilo.runtime._tree_archive import ArchiveError, pack_tree, unpack_tree
 from ._ext4 import IMAGE, Ext4Error, create_image, image_size, mount_image, unmount_image
 from ._risk import check_workspace
 from ._snapshot import (
+    _DIR_FLAGS,
     ChangeReport,
     Entry,
     WorkspaceSnapshot,
@@ -185,7 +187,6 @@ def _entry_manifest(parent: Path, name: str) -> set[tuple[Any, ...]]:
     return found
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 Meta = tuple[str, int, int, int, "int | None", "str | None"]
 """(type, mode, uid, gid, size of a file, target of a symlink): what a copy must reproduce."""
 
@@ -200,35 +201,48 @@ def _kind(mode: int) -> str:
     return "other"
 
 
-def _tree_meta(root: Path, skip: frozenset[str] = frozenset()) -> dict[str, Meta]:
-    """:data:`Meta` of every entry below ``root`` (not ``root`` itself), by relative path.
+def _walk_tree(root: Path, visit: Callable[[int, str, str, os.stat_result], None], *,
+               skip_top: frozenset[str] = frozenset()) -> None:
+    """Call ``visit(dir_fd, name, rel, lstat)`` for every entry below ``root`` (not ``root``
+    itself, nor the top-level names in ``skip_top``), a directory's entries before the
+    directory, walking by directory descriptors opened ``O_NOFOLLOW``: symlinks are never
+    followed."""
 
-    Walks by directory descriptors opened ``O_NOFOLLOW`` (one ``lstat`` per
-    entry, no hashing): symlinks are read as links, never followed.
-    """
-    out: dict[str, Meta] = {}
-
-    def walk(dir_fd: int, prefix: str, skip: frozenset[str]) -> None:
+    def walk(dir_fd: int, prefix: str) -> None:
         with os.scandir(dir_fd) as it:
-            found = [e for e in it if e.name not in skip]
+            found = [e for e in it if prefix or e.name not in skip_top]
         for e in found:
             st = e.stat(follow_symlinks=False)
-            kind, rel = _kind(st.st_mode), prefix + e.name
-            out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                        st.st_size if kind == "file" else None,
-                        os.readlink(e.name, dir_fd=dir_fd) if kind == "symlink" else None)
-            if kind == "dir":
+            rel = prefix + e.name
+            if stat.S_ISDIR(st.st_mode):
                 sub = os.open(e.name, _DIR_FLAGS, dir_fd=dir_fd)
                 try:
-                    walk(sub, rel + "/", frozenset())
+                    walk(sub, rel + "/")
                 finally:
                     os.close(sub)
+            visit(dir_fd, e.name, rel, st)
 
     fd = open_dir_nofollow(root)
     try:
-        walk(fd, "", skip)
+        walk(fd, "")
     finally:
         os.close(fd)
+
+
+def _tree_meta(root: Path, skip: frozenset[str] = frozenset()) -> dict[str, Meta]:
+    """:data:`Meta` of every entry below ``root`` (not ``root`` itself), by relative path.
+
+    One ``lstat`` per entry, no hashing; symlinks are read as links, never followed.
+    """
+    out: dict[str, Meta] = {}
+
+    def add(dir_fd: int, name: str, rel: str, st: os.stat_result) -> None:
+        kind = _kind(st.st_mode)
+        out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                    st.st_size if kind == "file" else None,
+                    os.readlink(name, dir_fd=dir_fd) if kind == "symlink" else None)
+
+    _walk_tree(root, add, skip_top=skip)
     return out
 
 
@@ -236,24 +250,10 @@ def _tree_times(root: Path) -> dict[str, tuple[int, int]]:
     """(atime, mtime) in nanoseconds of every entry below ``root``, walked as :func:`_tree_meta` does."""
     out: dict[str, tuple[int, int]] = {}
 
-    def walk(dir_fd: int, prefix: str) -> None:
-        with os.scandir(dir_fd) as it:
-            found = list(it)
-        for e in found:
-            st = e.stat(follow_symlinks=False)
-            out[prefix + e.name] = (st.st_atime_ns, st.st_mtime_ns)
-            if stat.S_ISDIR(st.st_mode):
-                sub = os.open(e.name, _DIR_FLAGS, dir_fd=dir_fd)
-                try:
-                    walk(sub, prefix + e.name + "/")
-                finally:
-                    os.close(sub)
+    def add(_dir_fd: int, _name: str, rel: str, st: os.stat_result) -> None:
+        out[rel] = (st.st_atime_ns, st.st_mtime_ns)
 
-    fd = open_dir_nofollow(root)
-    try:
-        walk(fd, "")
-    finally:
-        os.close(fd)
+    _walk_tree(root, add)
     return out
 
 
@@ -264,30 +264,15 @@ def _take_times(held: Path, image_times: dict[str, tuple[int, int]]) -> None:
     time equal to the held one cut to the second is the lock-time time: the
     held (exact) one stays. Directories are done after what is in them.
     """
-    def walk(dir_fd: int, prefix: str) -> None:
-        with os.scandir(dir_fd) as it:
-            found = list(it)
-        for e in found:
-            st = e.stat(follow_symlinks=False)
-            rel = prefix + e.name
-            if stat.S_ISDIR(st.st_mode):
-                sub = os.open(e.name, _DIR_FLAGS, dir_fd=dir_fd)
-                try:
-                    walk(sub, rel + "/")
-                finally:
-                    os.close(sub)
-            times = image_times.get(rel)
-            if times is None or times[1] == st.st_mtime_ns:
-                continue
-            if times[1] % 1_000_000_000 == 0 and times[1] == st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000:
-                continue
-            os.utime(e.name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
+    def put_back(dir_fd: int, name: str, rel: str, st: os.stat_result) -> None:
+        times = image_times.get(rel)
+        if times is None or times[1] == st.st_mtime_ns:
+            return
+        if times[1] % 1_000_000_000 == 0 and times[1] == st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000:
+            return
+        os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
 
-    fd = open_dir_nofollow(held)
-    try:
-        walk(fd, "")
-    finally:
-        os.close(fd)
+    _walk_tree(held, put_back)
 
 
 def _meta_of(entry: Entry) -> Meta:
@@ -305,26 +290,11 @@ def _fix_image(src: Path, files: Path, snap: WorkspaceSnapshot, *, times: bool) 
     if not times:
         return
 
-    def walk(dir_fd: int, prefix: str) -> None:
-        with os.scandir(dir_fd) as it:
-            found = [e for e in it if prefix or e.name != MARKER]
-        for e in found:
-            st = e.stat(follow_symlinks=False)
-            rel = prefix + e.name
-            if stat.S_ISDIR(st.st_mode):
-                sub = os.open(e.name, _DIR_FLAGS, dir_fd=dir_fd)
-                try:
-                    walk(sub, rel + "/")
-                finally:
-                    os.close(sub)
-            if os.path.lexists(files / rel):
-                os.utime(files / rel, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    def copy_times(_dir_fd: int, _name: str, rel: str, st: os.stat_result) -> None:
+        if os.path.lexists(files / rel):
+            os.utime(files / rel, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
-    fd = open_dir_nofollow(src)
-    try:
-        walk(fd, "")
-    finally:
-        os.close(fd)
+    _walk_tree(src, copy_times, skip_top=frozenset({MARKER}))
 
 
 def _syncfs(path: Path) -> None:
