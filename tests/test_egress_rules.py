@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 
 import pytest
+from devsilo.egress._ca import SessionCA
 from devsilo.egress._guard import (
     BLOCKED_V4,
     BLOCKED_V6,
@@ -124,3 +126,36 @@ def test_operator_exceptions_are_by_exact_host_only() -> None:
     assert guard.check("git.home.example", "192.168.1.10") is None
     assert guard.check("other.home.example", "192.168.1.10") is not None
     assert guard.check("x.git.home.example", "192.168.1.10") is not None
+
+
+def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, name: str) -> None:
+    """A TLS handshake in memory; raises what the client's verification raises."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    cli = client.wrap_bio(c_in, c_out, server_hostname=name)
+    srv = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for end in (cli, srv):
+            try:
+                end.do_handshake()
+            except ssl.SSLWantReadError:
+                pass  # waiting for the other side's flight, moved below
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if cli.version() is not None and srv.version() is not None:
+            return
+    raise AssertionError("handshake did not finish")
+
+
+def test_a_session_ca_cannot_vouch_for_a_name_off_its_allow_list() -> None:
+    """Even with its key, a session's CA only signs for its allowed names: verifiers refuse the rest."""
+    ca = SessionCA("s1", AllowList(["*.example.com", "api.other.org"]).entries())
+    client = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    _handshake(ca.server_context("www.example.com"), client, "www.example.com")
+    _handshake(ca.server_context("api.other.org"), client, "api.other.org")
+    for outside in ("evil.net", "example.com.evil.net", "x.api.other.org.evil.net"):
+        with pytest.raises(ssl.SSLCertVerificationError, match="permitted subtree violation"):
+            _handshake(ca.server_context(outside), client, outside)
+    empty = SessionCA("s2", AllowList([]).entries())
+    with pytest.raises(ssl.SSLCertVerificationError, match="permitted subtree violation"):
+        _handshake(empty.server_context("www.example.com"),
+                   ssl.create_default_context(cadata=empty.cert_pem.decode()), "www.example.com")

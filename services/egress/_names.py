@@ -41,7 +41,7 @@ def normalise_host(raw: str) -> str:
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
-        pass
+        pass  # not an address: a name, checked below
     if ":" in raw or raw.startswith("["):
         raise BadHost(f"not a host name: {raw!r}")
     name = raw.removesuffix(".")

@@ -251,7 +251,7 @@ class EgressProxy:
             else:
                 await self._serve_proxy_client(preamble.session_id, policy, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError, h11.ProtocolError):
-            pass
+            pass  # the client or upstream went away, or broke the protocol: nothing left to answer
         finally:
             self.open_connections -= 1
             writer.close()
@@ -532,7 +532,7 @@ class EgressProxy:
             with contextlib.suppress(TimeoutError, ConnectionError):
                 async with asyncio.timeout(2):
                     while await down.reader.read(CHUNK):
-                        pass
+                        continue
 
     def _finish(self, record: TrafficRecord) -> None:
         record.duration_ms = round((time.monotonic() - record.started) * 1000, 3)

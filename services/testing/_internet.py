@@ -367,7 +367,7 @@ class TestInternet:
                         writer.write(struct.pack(">H", len(answer)) + answer)
                         await writer.drain()
             except (asyncio.IncompleteReadError, ConnectionError):
-                pass
+                pass  # the client closed its end
             finally:
                 writer.close()
 
