@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anthropic
 import httpx2
 
-from ._model import ModelFailure, ModelResponse, ToolUse, Usage
+from ._model import ModelFailure, ModelResponse, TextSink, ToolUse, Usage
 from ._retry import RetryableFailure, RetryPolicy, Sleep, parse_retry_after, with_retries
 from ._toolspec import tool_specs
 
@@ -17,7 +16,6 @@ CACHE = {"type": "ephemeral"}
 # Error types Anthropic sends inside a 200 stream that another attempt may clear.
 RETRYABLE_STREAM_ERRORS = {"overloaded_error", "api_error", "rate_limit_error"}
 
-TextSink = Callable[[str], Awaitable[None]]
 
 
 def anthropic_tools(names: list[str]) -> list[dict[str, Any]]:
@@ -94,7 +92,8 @@ class AnthropicModel:
             timeout=httpx2.Timeout(timeout_s, connect=30.0),
         )
 
-    async def complete(self, messages: list[dict[str, Any]], tools: list[str]) -> ModelResponse:
+    async def complete(self, messages: list[dict[str, Any]], tools: list[str], *,
+                       on_text: TextSink | None = None) -> ModelResponse:
         """Stream one completion; ModelFailure when it cannot be had."""
         system, msgs = anthropic_messages(messages)
         request: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "messages": msgs}
@@ -102,7 +101,7 @@ class AnthropicModel:
             request["system"] = system
         if tools:
             request["tools"] = anthropic_tools(tools)
-        return await with_retries(lambda: self._attempt(request), self.policy,
+        return await with_retries(lambda: self._attempt(request, on_text or self._on_text), self.policy,
                                   f"Anthropic model {self.model}", sleep=self._sleep)
 
     async def aclose(self) -> None:
@@ -112,9 +111,9 @@ class AnthropicModel:
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "[api key]") if self._key else text
 
-    async def _attempt(self, request: dict[str, Any]) -> ModelResponse:
+    async def _attempt(self, request: dict[str, Any], on_text: TextSink | None) -> ModelResponse:
         try:
-            return await self._stream(request)
+            return await self._stream(request, on_text)
         except anthropic.APIStatusError as exc:
             detail = self._redact(f"HTTP {exc.status_code}: {exc.api_message or exc.message}"[:1000])
             if exc.status_code == 429 or exc.status_code >= 500 or exc.type in RETRYABLE_STREAM_ERRORS:
@@ -123,7 +122,7 @@ class AnthropicModel:
         except (anthropic.APIConnectionError, httpx2.TransportError) as exc:
             raise RetryableFailure(self._redact(f"transport error: {exc!r}"[:1000])) from None
 
-    async def _stream(self, request: dict[str, Any]) -> ModelResponse:
+    async def _stream(self, request: dict[str, Any], on_text: TextSink | None) -> ModelResponse:
         text: list[str] = []
         blocks: dict[int, dict[str, Any]] = {}
         usage = {"input": 0, "output": 0, "read": 0, "write": 0}
@@ -144,8 +143,8 @@ class AnthropicModel:
                     delta = event.delta
                     if delta.type == "text_delta":
                         text.append(delta.text)
-                        if self._on_text is not None:
-                            await self._on_text(delta.text)
+                        if on_text is not None:
+                            await on_text(delta.text)
                     elif delta.type == "input_json_delta" and event.index in blocks:
                         blocks[event.index]["json"].append(delta.partial_json)
                 elif kind == "message_delta":
@@ -172,8 +171,8 @@ class AnthropicModel:
         try:
             data = json.loads(raw)
         except ValueError:
-            raise ModelFailure(f"Anthropic model {self.model} sent invalid JSON arguments for "
-                               f"{block['name']}: {raw[:200]!r}") from None
+            data = None
         if not isinstance(data, dict):
-            raise ModelFailure(f"Anthropic model {self.model} sent non-object arguments for {block['name']}")
+            return ToolUse(id=block["id"], name=block["name"], input={},
+                           input_error=f"the arguments were not a JSON object: {raw[:200]!r}")
         return ToolUse(id=block["id"], name=block["name"], input=data)

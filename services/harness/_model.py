@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from devsilo.protocol import SiloError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+TextSink = Callable[[str], Awaitable[None]]
+"""Receives a completion's text deltas as they arrive (a retried attempt streams again)."""
 
 
 class ModelFailure(SiloError):
@@ -21,6 +26,9 @@ class ToolUse:
     id: str
     name: str
     input: dict[str, Any]
+    input_error: str | None = None
+    """Set when the model's arguments were not a JSON object: the call gets an error result
+    saying so (and ``input`` is empty), so the model can try again."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,12 @@ class ModelBackend(Protocol):
 
     name: str
 
-    async def complete(self, messages: list[dict[str, Any]], tools: list[str]) -> ModelResponse:
-        """Return the model's next response to ``messages`` with ``tools`` available."""
+    async def complete(self, messages: list[dict[str, Any]], tools: list[str], *,
+                       on_text: TextSink | None = None) -> ModelResponse:
+        """Return the model's next response to ``messages`` with ``tools`` available.
+
+        ``on_text`` gets the response's text as deltas while it streams.
+        """
         ...
 
     async def aclose(self) -> None:
@@ -84,7 +96,8 @@ class UnavailableModel:
         self.name = name
         self._reason = reason
 
-    async def complete(self, messages: list[dict[str, Any]], tools: list[str]) -> ModelResponse:
+    async def complete(self, messages: list[dict[str, Any]], tools: list[str], *,
+                       on_text: TextSink | None = None) -> ModelResponse:
         """Raise ModelFailure with the reason the backend is unavailable."""
         raise ModelFailure(self._reason)
 
@@ -127,8 +140,10 @@ class ScriptedModel:
             raise ModelFailure(f"mock script is not valid: {str(exc).splitlines()[0]}") from None
         self._next = 0
 
-    async def complete(self, messages: list[dict[str, Any]], tools: list[str]) -> ModelResponse:
-        """Return the next scripted response; ModelFailure when the script is used up."""
+    async def complete(self, messages: list[dict[str, Any]], tools: list[str], *,
+                       on_text: TextSink | None = None) -> ModelResponse:
+        """Return the next scripted response (its text streamed word by word to ``on_text``);
+        ModelFailure when the script is used up."""
         if self._next >= len(self._script.responses):
             raise ModelFailure(
                 f"mock script exhausted after {len(self._script.responses)} responses"
@@ -140,6 +155,10 @@ class ScriptedModel:
             ToolUse(id=f"call_{n}_{i}", name=c.name, input=dict(c.input))
             for i, c in enumerate(step.tool_calls)
         )
+        if on_text is not None and step.text:
+            for delta in re.findall(r"\S*\s*", step.text):
+                if delta:
+                    await on_text(delta)
         prompt_tokens = sum(len(json.dumps(m)) // 4 for m in messages)
         out_tokens = (len(step.text) + len(json.dumps([c.input for c in step.tool_calls]))) // 4
         return ModelResponse(step.text, calls, Usage(input_tokens=prompt_tokens, output_tokens=out_tokens))

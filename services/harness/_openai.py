@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx2
 import openai
 
-from ._model import ModelFailure, ModelResponse, ToolUse, Usage
+from ._model import ModelFailure, ModelResponse, TextSink, ToolUse, Usage
 from ._retry import RetryableFailure, RetryPolicy, Sleep, parse_retry_after, with_retries
 from ._toolspec import tool_specs
 
 # Error codes in a streamed ``error`` / ``response.failed`` that another attempt may clear.
 RETRYABLE_STREAM_CODES = {"server_error", "rate_limit_exceeded", "server_is_overloaded"}
 
-TextSink = Callable[[str], Awaitable[None]]
 
 
 def openai_tools(names: list[str]) -> list[dict[str, Any]]:
@@ -77,7 +75,8 @@ class OpenAIResponsesModel:
             timeout=httpx2.Timeout(timeout_s, connect=30.0),
         )
 
-    async def complete(self, messages: list[dict[str, Any]], tools: list[str]) -> ModelResponse:
+    async def complete(self, messages: list[dict[str, Any]], tools: list[str], *,
+                       on_text: TextSink | None = None) -> ModelResponse:
         """Stream one response; ModelFailure when it cannot be had."""
         instructions, items = openai_input(messages)
         request: dict[str, Any] = {"model": self.model, "input": items, "store": False}
@@ -87,7 +86,7 @@ class OpenAIResponsesModel:
             request["tools"] = openai_tools(tools)
         if self.max_output_tokens:
             request["max_output_tokens"] = self.max_output_tokens
-        return await with_retries(lambda: self._attempt(request), self.policy,
+        return await with_retries(lambda: self._attempt(request, on_text or self._on_text), self.policy,
                                   f"OpenAI model {self.model}", sleep=self._sleep)
 
     async def aclose(self) -> None:
@@ -97,9 +96,9 @@ class OpenAIResponsesModel:
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "[api key]") if self._key else text
 
-    async def _attempt(self, request: dict[str, Any]) -> ModelResponse:
+    async def _attempt(self, request: dict[str, Any], on_text: TextSink | None) -> ModelResponse:
         try:
-            return await self._stream(request)
+            return await self._stream(request, on_text)
         except openai.APIStatusError as exc:
             detail = self._redact(f"HTTP {exc.status_code}: {_error_message(exc)}"[:1000])
             if exc.status_code == 429 or exc.status_code >= 500:
@@ -114,7 +113,7 @@ class OpenAIResponsesModel:
             return RetryableFailure(detail)
         return ModelFailure(f"OpenAI model {self.model} failed: {detail}")
 
-    async def _stream(self, request: dict[str, Any]) -> ModelResponse:
+    async def _stream(self, request: dict[str, Any], on_text: TextSink | None) -> ModelResponse:
         text: list[str] = []
         calls: dict[int, dict[str, Any]] = {}
         usage: Any = None
@@ -125,8 +124,8 @@ class OpenAIResponsesModel:
                 kind = event.type
                 if kind == "response.output_text.delta":
                     text.append(event.delta)
-                    if self._on_text is not None:
-                        await self._on_text(event.delta)
+                    if on_text is not None:
+                        await on_text(event.delta)
                 elif kind == "response.output_item.added" and event.item.type == "function_call":
                     calls[event.output_index] = {"call_id": event.item.call_id, "name": event.item.name,
                                                  "args": [getattr(event.item, "arguments", "") or ""]}
@@ -154,10 +153,10 @@ class OpenAIResponsesModel:
         try:
             data = json.loads(raw)
         except ValueError:
-            raise ModelFailure(f"OpenAI model {self.model} sent invalid JSON arguments for "
-                               f"{call['name']}: {raw[:200]!r}") from None
+            data = None
         if not isinstance(data, dict):
-            raise ModelFailure(f"OpenAI model {self.model} sent non-object arguments for {call['name']}")
+            return ToolUse(id=call["call_id"], name=call["name"], input={},
+                           input_error=f"the arguments were not a JSON object: {raw[:200]!r}")
         return ToolUse(id=call["call_id"], name=call["name"], input=data)
 
 

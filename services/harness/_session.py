@@ -195,7 +195,10 @@ class SessionRunner:
 
     async def _call_tool(self, call: ToolUse) -> ToolResult:
         await self.events.emit("tool_use", {"id": call.id, "name": call.name, "input": call.input})
-        if call.name not in self.tools:
+        if call.input_error is not None:
+            result = ToolResult(call_id=call.id, is_error=True,
+                                content=f"{call.name}: {call.input_error}; call it again with a JSON object")
+        elif call.name not in self.tools:
             result = ToolResult(call_id=call.id, is_error=True,
                                 content=f"unknown tool {call.name!r}; available: {', '.join(self.tools)}")
         elif call.name == "Exit":
