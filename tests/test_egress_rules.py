@@ -14,7 +14,7 @@ from devsilo.egress._guard import (
     check_address,
     embedded_ipv4,
 )
-from devsilo.egress._names import AllowList, BadHost, normalise_host
+from devsilo.protocol._names import AllowList, BadHost, normalise_host
 
 
 @pytest.mark.parametrize(("raw", "want"), [

@@ -30,8 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from ._names import BadHost, normalise_host
+from devsilo.protocol._names import BadHost, normalise_host
 
 VALIDITY = dt.timedelta(days=1)
 BACKDATE = dt.timedelta(minutes=5)  # sandbox clocks are the host's, but leave room

@@ -109,7 +109,7 @@ class GuardExceptions:
 
     @classmethod
     def of(cls, hosts: Iterable[str]) -> GuardExceptions:
-        from ._names import normalise_host
+        from devsilo.protocol._names import normalise_host
 
         return cls(frozenset(normalise_host(h) for h in hosts))
 

@@ -62,10 +62,10 @@ import h11
 from devsilo.executor._relay import RelayPreamble, read_preamble
 from devsilo.executor.helper.helper import splice
 from devsilo.protocol import ProtocolError, SiloError
+from devsilo.protocol._names import AllowList, BadHost, normalise_host
 
 from ._ca import SessionCA
 from ._h2 import H2Tunnel
-from ._names import AllowList, BadHost, normalise_host
 from ._policy import PolicyTable, SessionPolicy
 from ._secrets import CredentialError, CredentialStore, inject
 from ._upstream import Refused, Upstream

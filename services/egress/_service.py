@@ -38,12 +38,12 @@ from devsilo.protocol import (
     open_grant,
     subjects,
 )
+from devsilo.protocol._names import BadHost
 from devsilo.runtime import ServiceContext
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge, Histogram
 
 from ._guard import GuardExceptions
-from ._names import BadHost
 from ._policy import PolicyTable
 from ._proxy import EgressProxy, TrafficRecord
 from ._secrets import CredentialStore

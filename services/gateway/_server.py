@@ -9,24 +9,23 @@ import time
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
-from nats.aio.msg import Msg
 from devsilo.protocol import (
-    Envelope,
     AuthError,
+    Envelope,
+    ExecutorAnnounce,
+    GrantError,
     LLMChoice,
     MessageRejected,
+    RemoteError,
     Role,
     SessionEvent,
     SessionGrant,
     SessionInput,
     SessionStarted,
     SiloError,
-    ExecutorAnnounce,
-    GrantError,
-    RemoteError,
+    StartSession,
     WorkspaceReply,
     WorkspaceRequest,
-    StartSession,
     seal_grant,
     subjects,
 )
@@ -65,17 +64,18 @@ from devsilo.protocol.client import (
 )
 from devsilo.runtime import ServiceContext
 from devsilo.runtime._pool import PoolView
+from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
 from ._auth import Principal, TokenAuthenticator
+from ._limits import Limits, check_request
 from ._sessions import SessionDirectory, SessionRecord
 from ._shells import ShellBroker
 from ._transfers import WorkspaceTransfers
 
 AUTH_DEADLINE_S = 30.0
-GRANT_LIFETIME_S = 24 * 3600.0
 
 LANDING_PAGE = """<!doctype html><meta charset=utf-8><title>devsilo gateway</title>
 <h1>devsilo gateway</h1><p>This is a devsilo gateway. Clients connect to <code>/ws</code>
@@ -111,6 +111,7 @@ class Gateway:
         """Workspaces this gateway locked or saw unlocked: path -> executor (None once unlocked)."""
         self.shells = ShellBroker(ctx, self.pool, self.sessions, self.locks)
         self.transfers = WorkspaceTransfers(self)
+        self.limits = Limits.from_options(ctx.options)
 
     def app(self) -> web.Application:
         """The aiohttp application: landing page and /ws."""
@@ -245,11 +246,17 @@ class ClientConnection:
         assert self.who is not None
         now = time.time()
         sid = secrets.token_hex(8)
+        user = self.who.user
+        within = check_request(
+            self.gw.limits.for_user(user), user=user, sandbox=req.sandbox, llm=req.llm,
+            allow_domains=req.allow_domains, allow_read=req.allow_read, credentials=req.credentials,
+            quota_tokens=None, quota_usd=None, running=self.gw.pool.user_sandboxes(user))
         grant = SessionGrant(
-            grant_id=secrets.token_hex(12), session_id=sid, user=self.who.user, workspace=req.workspace,
-            workspace_host=req.workspace_host,
-            sandbox=req.sandbox, allow_read=req.allow_read, allow_domains=req.allow_domains, credentials=req.credentials,
-            issued_at=now, expires_at=now + GRANT_LIFETIME_S,
+            grant_id=secrets.token_hex(12), session_id=sid, user=user, workspace=req.workspace,
+            workspace_host=req.workspace_host, sandbox=req.sandbox, allow_read=req.allow_read,
+            allow_domains=within["allow_domains"], credentials=req.credentials,
+            quota_tokens=within["quota_tokens"], quota_usd=within["quota_usd"],
+            issued_at=now, expires_at=now + within["lifetime_s"],
         )
         sealed = seal_grant(self.gw.bus.signer, grant)
         start = StartSession(grant=sealed, llm=LLMChoice(backend=req.llm, model=req.model, script=req.script),
@@ -437,7 +444,6 @@ async def serve(ctx: ServiceContext) -> None:
         ann = env.expect(ExecutorAnnounce)
         if ann.executor_id == env.header.sender:
             gw.pool.update(ann)
-        return None
 
     await ctx.bus.subscribe(subjects.POOL_ANNOUNCE_ALL, on_announce)
     runner = web.AppRunner(gw.app(), access_log=None)

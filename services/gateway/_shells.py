@@ -49,6 +49,7 @@ from devsilo.runtime._pool import PoolView
 from nats.aio.msg import Msg
 
 from ._auth import Principal
+from ._limits import Limits, check_request
 from ._sessions import SessionDirectory
 
 DEFAULT_SHELL_BACKEND = "bwrap"
@@ -111,6 +112,7 @@ class ShellBroker:
         self.pool = pool
         self.sessions = sessions
         self.locks = locks
+        self.limits = Limits.from_options(ctx.options)
         self._shells: dict[str, ShellRecord] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
@@ -151,13 +153,17 @@ class ShellBroker:
         allow_read = base.allow_read if req.allow_read is None else req.allow_read
         allow_domains = base.allow_domains if req.allow_domains is None else req.allow_domains
         notes = _differences(base, sandbox, allow_read, allow_domains)
+        within = check_request(
+            self.limits.for_user(who.user), user=who.user, sandbox=sandbox, llm=None,
+            allow_domains=tuple(allow_domains), allow_read=tuple(allow_read), credentials=(),
+            quota_tokens=None, quota_usd=None, running=self.pool.user_sandboxes(who.user))
         now = time.time()
         shid = secrets.token_hex(8)
         grant = SessionGrant(
             grant_id=secrets.token_hex(12), session_id=shid, user=who.user, workspace=workspace,
             sandbox=cast(Any, sandbox), executor=eid, allow_read=allow_read,
-            allow_domains=allow_domains, credentials=(), egress_addr=base.egress_addr,
-            issued_at=now, expires_at=now + SHELL_GRANT_LIFETIME_S, purpose="shell",
+            allow_domains=within["allow_domains"], credentials=(), egress_addr=base.egress_addr,
+            issued_at=now, expires_at=now + min(SHELL_GRANT_LIFETIME_S, within["lifetime_s"]), purpose="shell",
         )
         rec = ShellRecord(shid, who.user, workspace, eid, client, instance=self.pool.instance_of(eid))
         self._shells[shid] = rec

@@ -1,4 +1,4 @@
-"""Host names as the egress compares them, and the allow-list.
+"""Host names as the egress (and the gateway's limits) compare them, and the allow-list.
 
 A name is normalised once, on the way in, so that every comparison after it
 is a plain string comparison: surrounding whitespace is an error (not
