@@ -142,7 +142,8 @@ class Supervisor:
                         "--metrics-port", str(port)]
                 if self.max_message_bytes:
                     argv += ["--max-message-bytes", str(self.max_message_bytes)]
-                if role is Role.GATEWAY:
+                if role is Role.GATEWAY and "port" not in cfg.services[service_id].options:
+                    # A further gateway replica names its own port in its options.
                     argv += ["--listen", f"{self.ports.gateway_host}:{self.ports.gateway}"]
                 sp = ServiceProcess(role, service_id, argv, port, self.state.root / "logs" / f"{service_id}.log")
                 self.services.append(sp)

@@ -227,6 +227,30 @@ def cmd_shell(args: argparse.Namespace) -> int:
     return asyncio.run(run_shell(target, req))
 
 
+def cmd_pair(args: argparse.Namespace) -> int:
+    """Print a pairing code for a new client."""
+    from devsilo.protocol.client import PairingCodeRequest
+
+    from ._pairing import pair_command
+    from ._sessions import local_gateway
+
+    req = PairingCodeRequest(user=args.user, client_name=args.name, operator=args.operator)
+    target = local_gateway(_state(args), args.gateway)
+    return asyncio.run(pair_command(target, req, sys.stdout, as_json=args.json))
+
+
+def cmd_clients(args: argparse.Namespace) -> int:
+    """List or revoke paired client keys."""
+    from ._pairing import clients_command
+    from ._sessions import local_gateway
+
+    if args.action == "revoke" and not args.key_id:
+        print("error: clients revoke needs a key id (see `silo clients list`)", file=sys.stderr)
+        return EXIT_USAGE
+    target = local_gateway(_state(args), args.gateway)
+    return asyncio.run(clients_command(target, args.action, args.key_id, sys.stdout, as_json=args.json))
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Preflight: sandbox backends, namespaces, cgroups, clock, state directory, NATS."""
     import json as _json
@@ -358,6 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gateway", help="gateway URL (default: the local stack's)")
     s.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD: run one command instead of a shell")
     s.set_defaults(func=cmd_shell)
+
+    s = sub.add_parser("pair", parents=[common], help="a pairing code (8 characters, 120 s, once) for a new client")
+    s.add_argument("--user", help="the user the new client acts for (default: yours)")
+    s.add_argument("--name", default="client", help="the new client's name, shown in `silo clients list`")
+    s.add_argument("--operator", action="store_true", help="the new client is an operator (sees every session)")
+    s.add_argument("--gateway", help="gateway URL (default: the local stack's)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_pair)
+
+    s = sub.add_parser("clients", parents=[common], help="list or revoke paired client keys")
+    s.add_argument("action", choices=["list", "revoke"])
+    s.add_argument("key_id", nargs="?")
+    s.add_argument("--gateway", help="gateway URL (default: the local stack's)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_clients)
 
     s = sub.add_parser("doctor", parents=[common], help="what works on this host, and why not")
     s.add_argument("--json", action="store_true")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from devsilo.protocol import (
-    AuthError,
     Envelope,
     ExecutorAnnounce,
     GrantError,
@@ -35,17 +34,20 @@ from devsilo.protocol.client import (
     Attach,
     Authenticate,
     AuthErrorFrame,
-    AuthOk,
     ClientFrame,
     CreateSession,
     ErrorFrame,
     EventFrame,
     Hello,
     Interrupt,
+    ListClients,
     ListSessions,
+    Pair,
+    PairingCodeRequest,
     Ping,
     Pong,
     Prompt,
+    RevokeClient,
     SessionCreated,
     Sessions,
     ShellInputFrame,
@@ -69,18 +71,30 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
-from ._auth import Principal, TokenAuthenticator
+from ._auth import (
+    AUTH_DEADLINE_S,
+    Authenticator,
+    AuthMetrics,
+    HandshakeFailed,
+    Principal,
+    TokenAuthenticator,
+)
+from ._keys import ClientKeyStore
 from ._limits import Limits, check_request
+from ._pairing import CODE_VALID_S, PairingCodes, PairingLimiter
 from ._sessions import SessionDirectory, SessionRecord
 from ._shells import ShellBroker
+from ._tls import gateway_certificate, server_tls
 from ._transfers import WorkspaceTransfers
 
-AUTH_DEADLINE_S = 30.0
+WEB_ROOT = Path(__file__).parent / "web"
+"""The web app's files (served under /app/); the ``web_root`` option names another directory."""
 
 LANDING_PAGE = """<!doctype html><meta charset=utf-8><title>devsilo gateway</title>
 <h1>devsilo gateway</h1><p>This is a devsilo gateway. Clients connect to <code>/ws</code>
 over TLS WebSocket. If your browser asked you to accept this certificate, compare its
-SHA-256 fingerprint with the one <code>silo up</code> printed.</p>"""
+SHA-256 fingerprint with the one <code>silo up</code> printed.</p>
+<p><a href="/app/">The web app</a></p>"""
 
 
 class GatewayMetrics:
@@ -89,8 +103,9 @@ class GatewayMetrics:
     def __init__(self, ctx: ServiceContext) -> None:
         reg = ctx.metrics.registry
         self.connections = Gauge("silo_client_connections", "Open client connections.", registry=reg)
-        self.auth_failures = Counter("silo_auth_failures_total", "Failed client authentications.",
-                                     ["reason"], registry=reg)
+        self.connections_total = Counter("silo_client_connections_accepted_total", "Client connections accepted.",
+                                         registry=reg)
+        self.auth = AuthMetrics(reg)
         self.events_sent = Counter("silo_events_delivered_total", "Events delivered to clients.",
                                    registry=reg)
         self.sessions_created = Counter("silo_sessions_created_total", "Sessions created.", registry=reg)
@@ -99,12 +114,14 @@ class GatewayMetrics:
 class Gateway:
     """One gateway: its HTTP app and the state of its client connections."""
 
-    def __init__(self, ctx: ServiceContext, auth: TokenAuthenticator) -> None:
+    def __init__(self, ctx: ServiceContext, metrics: GatewayMetrics, auth: Authenticator,
+                 web_root: Path = WEB_ROOT) -> None:
         self.ctx = ctx
         self.bus = ctx.bus
         self.auth = auth
+        self.web_root = web_root
         self.sessions = SessionDirectory()
-        self.metrics = GatewayMetrics(ctx)
+        self.metrics = metrics
         self.connections: set[ClientConnection] = set()
         self.pool = PoolView()
         self.locks: dict[str, str] = {}
@@ -114,20 +131,30 @@ class Gateway:
         self.limits = Limits.from_options(ctx.options)
 
     def app(self) -> web.Application:
-        """The aiohttp application: landing page and /ws."""
+        """The aiohttp application: landing page, the web app's files under /app/, and /ws."""
         app = web.Application(client_max_size=MAX_CLIENT_FRAME)
         app.router.add_get("/", self._landing)
         app.router.add_get("/ws", self._websocket)
+        app.router.add_get("/app", self._to_app)
+        app.router.add_get("/app/", self._app_index)
+        app.router.add_static("/app/", self.web_root, follow_symlinks=False)
         return app
 
     async def _landing(self, _: web.Request) -> web.Response:
         return web.Response(text=LANDING_PAGE, content_type="text/html")
+
+    async def _to_app(self, _: web.Request) -> web.Response:
+        raise web.HTTPPermanentRedirect("/app/")
+
+    async def _app_index(self, _: web.Request) -> web.FileResponse:
+        return web.FileResponse(self.web_root / "index.html")
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_CLIENT_FRAME, heartbeat=30.0)
         await ws.prepare(request)
         conn = ClientConnection(self, ws, request.remote or "?")
         self.metrics.connections.inc()
+        self.metrics.connections_total.inc()
         self.connections.add(conn)
         try:
             await conn.serve()
@@ -158,28 +185,26 @@ class ClientConnection:
 
     async def serve(self) -> None:
         """Greet, authenticate within the deadline, then answer requests until closed."""
-        await self.send(Hello(gateway=self.gw.ctx.service_id, auth_methods=("token",),
-                              auth_deadline_s=AUTH_DEADLINE_S))
+        auth = self.gw.auth
+        await self.send(Hello(gateway=self.gw.ctx.service_id, auth_methods=("token", "key", "pair"),
+                              auth_deadline_s=auth.deadline_s, fingerprint=auth.fingerprint))
         try:
-            first = await asyncio.wait_for(self.ws.receive(), timeout=AUTH_DEADLINE_S)
-        except TimeoutError:
-            self.gw.metrics.auth_failures.labels(reason="timeout").inc()
-            await self.send(AuthErrorFrame(message=f"no authentication within {AUTH_DEADLINE_S:.0f}s"))
+            self.who = await auth.handshake(self.ws.receive, self.send, self.peer)
+        except HandshakeFailed:
             return
-        frame = self._parse(first)
-        if not isinstance(frame, Authenticate):
-            self.gw.metrics.auth_failures.labels(reason="not_authenticate").inc()
-            await self.send(AuthErrorFrame(message="authenticate first"))
-            return
-        try:
-            self.who = self.gw.auth.authenticate(frame)
-        except AuthError as exc:
-            self.gw.metrics.auth_failures.labels(reason="bad_credentials").inc()
-            self.log.info("auth_failed", error=str(exc))
-            await self.send(AuthErrorFrame(message=str(exc)))
-            return
+        forget = auth.track(self.who, self._revoked)
         self.log = self.log.bind(user=self.who.user, client=self.who.client)
-        await self.send(AuthOk(user=self.who.user))
+        try:
+            await self._requests()
+        finally:
+            forget()
+
+    async def _revoked(self, message: str) -> None:
+        """This connection's key was revoked: tell the client and close at once."""
+        await self.send(AuthErrorFrame(message=message, code="revoked"))
+        await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"client key revoked")
+
+    async def _requests(self) -> None:
         async for raw in self.ws:
             if raw.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                 break
@@ -241,6 +266,11 @@ class ClientConnection:
             await self.gw.shells.open(self, req)
         elif isinstance(req, (ShellInputFrame, ShellResizeFrame, ShellSignalFrame)):
             await self.gw.shells.control(self, req)
+        elif isinstance(req, (PairingCodeRequest, ListClients, RevokeClient)):
+            await self.send(await self.gw.auth.request(self.who, req))
+        elif isinstance(req, Pair):
+            await self.send(ErrorFrame(code="bad_request", message="already authenticated; pair a new "
+                                       "client from its own connection", request=req.type))
 
     async def _create(self, req: CreateSession) -> None:
         assert self.who is not None
@@ -426,19 +456,34 @@ class ClientConnection:
         await asyncio.gather(*self._followers.values(), return_exceptions=True)
 
 
-def server_tls(cert: str, key: str) -> ssl.SSLContext:
-    """A TLS server context for the gateway's certificate."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx
-
-
 async def serve(ctx: ServiceContext) -> None:
-    """Run the gateway until stopped."""
+    """Run the gateway until stopped.
+
+    Options (config.json ``services.<id>.options``): ``host``, ``port``;
+    ``tls_cert``/``tls_key`` (the operator's own certificate); ``auth_deadline_s``
+    (30); ``pairing_code_valid_s`` (120); ``pairing_max_failures`` per address
+    (5), ``pairing_global_max_failures`` (50) within ``pairing_window_s`` (300),
+    then ``pairing_lockout_s`` (300); ``web_root`` (the web app's directory).
+    """
     state = ctx.state
     cfg = state.config()
-    gw = Gateway(ctx, TokenAuthenticator(state.client_token()))
+    opts = ctx.options
+    token = TokenAuthenticator(state.client_token())  # refuses a token file others can read
+    cert = gateway_certificate(state, opts)
+    tls = server_tls(cert)
+    metrics = GatewayMetrics(ctx)
+    keys = await ClientKeyStore.open(ctx.bus.js)
+    codes = await PairingCodes.open(ctx.bus.js, valid_s=float(opts.get("pairing_code_valid_s") or CODE_VALID_S))
+    limiter = PairingLimiter(per_address=int(opts.get("pairing_max_failures") or 5),
+                             global_max=int(opts.get("pairing_global_max_failures") or 50),
+                             window_s=float(opts.get("pairing_window_s") or 300.0),
+                             lockout_s=float(opts.get("pairing_lockout_s") or 300.0))
+    auth = Authenticator(token, keys, codes, limiter, fingerprint=cert.fingerprint, metrics=metrics.auth,
+                         log=ctx.log, deadline_s=float(opts.get("auth_deadline_s") or AUTH_DEADLINE_S))
+    web_root = Path(opts["web_root"]) if opts.get("web_root") else WEB_ROOT
+    gw = Gateway(ctx, metrics, auth, web_root)
+    # Revocations on any replica close this replica's connections of that key.
+    revocations = asyncio.create_task(keys.watch_revocations(auth.revoked))
 
     async def on_announce(env: Envelope, msg: Msg) -> None:
         ann = env.expect(ExecutorAnnounce)
@@ -448,16 +493,19 @@ async def serve(ctx: ServiceContext) -> None:
     await ctx.bus.subscribe(subjects.POOL_ANNOUNCE_ALL, on_announce)
     runner = web.AppRunner(gw.app(), access_log=None)
     await runner.setup()
-    tls = server_tls(str(state.root / "tls" / "gateway.crt"), str(state.root / "tls" / "gateway.key"))
     host = ctx.options.get("host") or cfg.gateway.host
     port = int(ctx.options.get("port") or cfg.gateway.port)
     site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
     ctx.status["url"] = f"wss://{host}:{port}/ws"
-    ctx.log.info("gateway_listening", url=ctx.status["url"], fingerprint=state.gateway_fingerprint())
+    ctx.status["fingerprint"] = cert.fingerprint
+    ctx.log.info("gateway_listening", url=ctx.status["url"], fingerprint=cert.fingerprint,
+                 certificate="operator" if cert.operator else "self-signed")
     try:
         await ctx.stopping.wait()
     finally:
+        revocations.cancel()
+        await asyncio.gather(revocations, return_exceptions=True)
         # Open WebSockets would hold the server's shutdown; tell clients we are going away.
         await asyncio.gather(*(c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway stopping")
                                for c in list(gw.connections)), return_exceptions=True)

@@ -22,6 +22,8 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     $O.silo_workspaces.>            gateway, executor     workspace archives between machines
                                                           (JetStream object store; chunks checked
                                                           against the TransferPlan in signed messages)
+    $KV.silo_client_keys.>          gateway               paired client public keys (JetStream KV)
+    $KV.silo_pairing_codes.>        gateway               pending pairing codes (JetStream KV)
     _INBOX.>                        any role              replies, correlated by ``reply_to``
 
 ``silo.grant`` is never published: it is the subject a session grant is
@@ -53,6 +55,12 @@ EGRESS_JOURNAL = "silo.journal.*.network"
 WORKSPACE_OBJECTS = "silo_workspaces"
 """Object store bucket for workspace archives moving between machines (gateway <-> executor)."""
 WORKSPACE_OBJECTS_STREAM = f"OBJ_{WORKSPACE_OBJECTS}"
+CLIENT_KEYS = "silo_client_keys"
+"""KV bucket of paired client keys (gateway only; shared by gateway replicas, watched for revocations)."""
+CLIENT_KEYS_STREAM = f"KV_{CLIENT_KEYS}"
+PAIRING_CODES = "silo_pairing_codes"
+"""KV bucket of pairing codes (gateway only), keyed by the code's SHA-256, consumed once by compare-and-set."""
+PAIRING_CODES_STREAM = f"KV_{PAIRING_CODES}"
 
 HARNESS_QUEUE = "harness"
 EXECUTOR_QUEUE = "executor"
@@ -187,7 +195,7 @@ SUBSCRIBE: dict[Role, tuple[str, ...]] = {
 
 # Streams each role may use through the JetStream API.
 STREAMS: dict[Role, tuple[str, ...]] = {
-    Role.GATEWAY: (EVENTS_STREAM, WORKSPACE_OBJECTS_STREAM),
+    Role.GATEWAY: (EVENTS_STREAM, WORKSPACE_OBJECTS_STREAM, CLIENT_KEYS_STREAM, PAIRING_CODES_STREAM),
     Role.HARNESS: (EVENTS_STREAM, JOURNAL_STREAM),
     Role.EXECUTOR: (WORKSPACE_OBJECTS_STREAM,),
     Role.EGRESS: (),  # publishes network records into the journal; never reads it

@@ -1,15 +1,30 @@
 """The client protocol: JSON messages over the gateway's TLS WebSocket.
 
-Every frame is one JSON object with ``type``; clients send ``v`` (the
-protocol version, currently 1) in ``authenticate``. Frames are validated
-against these models; anything else is answered with ``error``.
+Every frame is one JSON object with ``type``. The gateway's ``hello`` lists
+the protocol ``versions`` it speaks; a client names the one it speaks as
+``v`` in its first frame (``authenticate`` or ``pair``), and a version the
+gateway does not speak is refused with ``auth_error`` naming those it does.
+Frames are validated against these models; anything else is answered with
+``error``.
+
+Authentication, within ``hello.auth_deadline_s`` of connecting: right after
+``hello`` the gateway sends ``challenge`` (32 random bytes, single use, for
+this connection only). A client then sends one of
+
+- ``authenticate {method: "token", token}``: the local token (operator);
+- ``authenticate {method: "key", key_id, signature}``: a registered key's
+  signature over ``challenge_message(fingerprint, nonce)``, which binds it to
+  this gateway's certificate and to devsilo, so it is worth nothing elsewhere;
+- ``pair {code, public_key, key_type, client_name}``: register a new key with
+  a pairing code; answered with ``paired`` and a fresh ``challenge``, after
+  which the client authenticates with the new key.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from ._messages import (
     SESSION_ID_PATTERN,
@@ -22,7 +37,34 @@ from ._messages import (
 from ._transfer import MAX_CHUNK, TRANSFER_ID_PATTERN, TransferPlan
 
 CLIENT_PROTOCOL_VERSION = 1
+CLIENT_PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+"""Every protocol version this code speaks (the gateway lists them in ``hello``)."""
 MAX_CLIENT_FRAME = 1024 * 1024
+
+PAIRING_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+PAIRING_CODE_LENGTH = 8
+PAIRING_CODE_PATTERN = rf"^[{PAIRING_ALPHABET}]{{{PAIRING_CODE_LENGTH}}}$"
+USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+KEY_ID_PATTERN = r"^[0-9a-f]{16,64}$"
+CHALLENGE_BYTES = 32
+CHALLENGE_CONTEXT = b"devsilo-gateway-challenge-v1"
+KeyType = Literal["ed25519", "ecdsa-p256"]
+"""``ed25519``: 32 raw bytes, 64-byte signature. ``ecdsa-p256``: the 65-byte
+uncompressed point (WebCrypto ``exportKey("raw")``), 64-byte ``r||s``
+signature over SHA-256 (WebCrypto's format)."""
+
+
+def challenge_message(fingerprint: str, nonce: bytes) -> bytes:
+    """What a client signs: context, the gateway certificate's SHA-256, the challenge.
+
+    ``fingerprint`` is the certificate fingerprint the client pinned (hex,
+    colons allowed). A signature made for another gateway, or over another
+    connection's challenge, does not verify here.
+    """
+    fp = bytes.fromhex(fingerprint.replace(":", ""))
+    if len(fp) != 32 or len(nonce) != CHALLENGE_BYTES:
+        raise ValueError("a challenge binds a 32-byte SHA-256 fingerprint and a 32-byte nonce")
+    return CHALLENGE_CONTEXT + b"\0" + fp + nonce
 
 
 class ClientFrame(BaseModel):
@@ -35,13 +77,59 @@ class ClientFrame(BaseModel):
 
 
 class Authenticate(ClientFrame):
-    """Prove who the client is: the local token (more methods come with pairing)."""
+    """Prove who the client is: the local token, or a paired key's signature over the challenge."""
 
     type: Literal["authenticate"] = "authenticate"
     v: int = CLIENT_PROTOCOL_VERSION
-    method: Literal["token"]
-    token: str = Field(max_length=256)
-    client_name: str = Field(default="cli", max_length=128)
+    method: Literal["token", "key"]
+    token: str | None = Field(default=None, max_length=256)
+    key_id: str | None = Field(default=None, pattern=KEY_ID_PATTERN)
+    signature: str | None = Field(default=None, max_length=200, description="base64")
+    client_name: str = Field(default="cli", min_length=1, max_length=128)
+
+    @model_validator(mode="after")
+    def _fields_of_method(self) -> Authenticate:
+        if self.method == "token" and (self.token is None or self.key_id or self.signature):
+            raise ValueError("method token takes token (and no key_id or signature)")
+        if self.method == "key" and (self.key_id is None or self.signature is None or self.token):
+            raise ValueError("method key takes key_id and signature (and no token)")
+        return self
+
+
+class Pair(ClientFrame):
+    """Register a public key with a pairing code (instead of authenticating, as a first frame)."""
+
+    type: Literal["pair"] = "pair"
+    v: int = CLIENT_PROTOCOL_VERSION
+    code: str = Field(pattern=PAIRING_CODE_PATTERN)
+    public_key: str = Field(min_length=1, max_length=200, description="base64")
+    key_type: KeyType = "ed25519"
+    client_name: str = Field(min_length=1, max_length=128)
+
+
+class PairingCodeRequest(ClientFrame):
+    """Ask for a pairing code for a new client of ``user`` (default: yourself).
+
+    Only an operator may ask for another user or for ``operator``.
+    """
+
+    type: Literal["pairing_code"] = "pairing_code"
+    user: str | None = Field(default=None, pattern=USER_PATTERN)
+    client_name: str = Field(min_length=1, max_length=128)
+    operator: bool = False
+
+
+class ListClients(ClientFrame):
+    """List paired client keys: yours, or everyone's for an operator (answered with ``clients``)."""
+
+    type: Literal["list_clients"] = "list_clients"
+
+
+class RevokeClient(ClientFrame):
+    """Revoke a paired key; its open connections close at once (answered with ``client_revoked``)."""
+
+    type: Literal["revoke_client"] = "revoke_client"
+    key_id: str = Field(pattern=KEY_ID_PATTERN)
 
 
 class CreateSession(ClientFrame):
@@ -216,7 +304,7 @@ ClientRequest = Annotated[
     Authenticate | CreateSession | Attach | Prompt | Interrupt | Shutdown | WorkspaceCommand | ListSessions
     | Ping | ShellOpenFrame | ShellInputFrame | ShellResizeFrame | ShellSignalFrame
     | WorkspaceUpload | WorkspaceChunk | WorkspaceUploadCommit | WorkspaceFetchChunk
-    | WorkspaceTransferDone,
+    | WorkspaceTransferDone | Pair | PairingCodeRequest | ListClients | RevokeClient,
     Field(discriminator="type"),
 ]
 CLIENT_REQUEST: TypeAdapter[Any] = TypeAdapter(ClientRequest)
@@ -226,13 +314,35 @@ CLIENT_REQUEST: TypeAdapter[Any] = TypeAdapter(ClientRequest)
 
 
 class Hello(ClientFrame):
-    """First frame from the gateway: what it speaks and how long auth may take."""
+    """First frame from the gateway: what it speaks and how long auth may take.
+
+    ``fingerprint`` is the SHA-256 of the certificate the gateway serves; a
+    client that pinned one signs challenges with its pinned value, never this.
+    """
 
     type: Literal["hello"] = "hello"
     v: int = CLIENT_PROTOCOL_VERSION
+    versions: tuple[int, ...] = CLIENT_PROTOCOL_VERSIONS
     gateway: str
     auth_methods: tuple[str, ...]
     auth_deadline_s: float
+    fingerprint: str = ""
+
+
+class Challenge(ClientFrame):
+    """32 random bytes (base64) to sign with a paired key; good for one attempt on this connection."""
+
+    type: Literal["challenge"] = "challenge"
+    nonce: str
+
+
+class Paired(ClientFrame):
+    """A pairing code registered the client's key; a ``challenge`` follows to authenticate with it."""
+
+    type: Literal["paired"] = "paired"
+    key_id: str
+    user: str
+    operator: bool
 
 
 class AuthOk(ClientFrame):
@@ -240,13 +350,60 @@ class AuthOk(ClientFrame):
 
     type: Literal["auth_ok"] = "auth_ok"
     user: str
+    operator: bool = False
+    key_id: str | None = None
 
 
 class AuthErrorFrame(ClientFrame):
-    """Authentication failed; the gateway closes the connection after it."""
+    """Authentication failed (or the key was revoked); the gateway closes the connection after it.
+
+    ``code``: ``auth_failed``, ``timeout``, ``unsupported_version`` (``versions``
+    lists those the gateway speaks), ``rate_limited``, ``revoked``.
+    """
 
     type: Literal["auth_error"] = "auth_error"
     message: str
+    code: str = "auth_failed"
+    versions: tuple[int, ...] = ()
+
+
+class PairingCode(ClientFrame):
+    """Answer to ``pairing_code``: give ``code`` to the new client before ``expires_at``."""
+
+    type: Literal["pairing_code"] = "pairing_code"
+    code: str
+    user: str
+    client_name: str
+    operator: bool
+    expires_at: float
+    valid_s: float
+
+
+class ClientKeySummary(BaseModel):
+    """A line of ``clients``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    key_id: str
+    user: str
+    client_name: str
+    key_type: KeyType
+    operator: bool
+    created_at: float
+    last_seen: float | None
+
+
+class Clients(ClientFrame):
+    """Answer to ``list_clients``."""
+
+    type: Literal["clients"] = "clients"
+    clients: tuple[ClientKeySummary, ...]
+
+
+class ClientRevoked(ClientFrame):
+    """Answer to ``revoke_client``."""
+
+    type: Literal["client_revoked"] = "client_revoked"
+    key_id: str
 
 
 class SessionCreated(ClientFrame):
@@ -380,7 +537,7 @@ GatewayFrame = Annotated[
     Hello | AuthOk | AuthErrorFrame | SessionCreated | EventFrame | Sessions | WorkspaceResult | Pong
     | ErrorFrame | ShellOpenedFrame | ShellOutputFrame | ShellExitFrame
     | WorkspaceUploadNeeded | WorkspaceUploadState | WorkspaceChunkAck | WorkspaceChunk
-    | WorkspaceTransferClosed,
+    | WorkspaceTransferClosed | Challenge | Paired | PairingCode | Clients | ClientRevoked,
     Field(discriminator="type"),
 ]
 GATEWAY_FRAME: TypeAdapter[Any] = TypeAdapter(GatewayFrame)

@@ -819,9 +819,32 @@ class StateDir:
             ) from None
         return ctx
 
-    def gateway_fingerprint(self) -> str:
-        """SHA-256 of the gateway certificate's DER, lowercase hex without colons."""
+    def self_signed_fingerprint(self) -> str:
+        """SHA-256 of the self-signed gateway certificate's DER, lowercase hex without colons."""
         cert = self._load_cert(self.gateway_cert_path)
+        return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+    def gateway_fingerprint(self, service_id: str | None = None) -> str:
+        """SHA-256 (hex) of the certificate a gateway serves, which its clients pin.
+
+        That is the first certificate of the gateway's ``tls_cert`` option (the
+        operator's own) when set, else the self-signed one. ``service_id``
+        defaults to the first gateway in config.json.
+        """
+        cert_opt = None
+        if self.config_path.exists():
+            cfg = self.config()
+            ids = cfg.service_ids(Role.GATEWAY)
+            sid = service_id or (ids[0] if ids else None)
+            if sid in cfg.services:
+                cert_opt = cfg.services[sid].options.get("tls_cert")
+        if not cert_opt:
+            return self.self_signed_fingerprint()
+        path = self.root / str(cert_opt)
+        try:
+            cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the gateway's tls_cert {path}: {exc}") from None
         return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
     def client_token(self) -> str:

@@ -1,0 +1,252 @@
+"""The gateway's TLS and authentication: token, pairing codes, signed challenges, users, versions.
+
+One `silo up` for the module with two gateway replicas on one NATS: ``gateway``
+(the self-signed certificate, defaults) and ``gateway2`` (an operator's own
+certificate, a short auth deadline and code lifetime, a low lockout threshold).
+Clients are real TLS WebSocket clients pinned to the certificate they expect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import os
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from devsilo.cli._client import ClientKeyPair, GatewayClient, GatewayError
+from devsilo.gateway._pairing import PairingLimiter, PairingRefused
+from devsilo.gateway._tls import gateway_certificate, operator_certificate
+from devsilo.protocol import AuthError, ConfigError
+from devsilo.protocol.client import (
+    PAIRING_ALPHABET,
+    Attach,
+    Authenticate,
+    AuthErrorFrame,
+    AuthOk,
+    ClientRevoked,
+    Clients,
+    CreateSession,
+    ErrorFrame,
+    Interrupt,
+    ListClients,
+    ListSessions,
+    PairingCode,
+    PairingCodeRequest,
+    Prompt,
+    RevokeClient,
+    SessionCreated,
+    Sessions,
+    ShellOpenFrame,
+    Shutdown,
+    challenge_message,
+)
+from devsilo.runtime._state import StateDir
+from devsilo.testing import Stack
+from devsilo.testing._stack import free_ports
+
+G2_DEADLINE_S = 1.0
+G2_CODE_VALID_S = 1.0
+G2_MAX_FAILURES = 3
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+def _self_signed(name: str) -> tuple[bytes, bytes, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem, key
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`silo up` with a second gateway replica that serves an operator's certificate."""
+    root = tmp_path_factory.mktemp("gwauth")
+    state_dir = root / "state"
+    (g2_port,) = free_ports(1)
+    s = Stack(state_dir, services={"gateway2": {
+        "role": "gateway", "metrics_port": 0,
+        "options": {"port": g2_port, "tls_cert": "operator/cert.pem", "tls_key": "operator/key.pem",
+                    "auth_deadline_s": G2_DEADLINE_S, "pairing_code_valid_s": G2_CODE_VALID_S,
+                    "pairing_max_failures": G2_MAX_FAILURES, "pairing_lockout_s": 600}}})
+    cert_pem, key_pem, _ = _self_signed("operator.example")
+    (state_dir / "operator").mkdir(mode=0o700)
+    (state_dir / "operator" / "cert.pem").write_bytes(cert_pem)
+    (state_dir / "operator" / "key.pem").write_bytes(key_pem)
+    os.chmod(state_dir / "operator" / "key.pem", 0o600)
+    s.start()
+    s.g2_url = f"wss://127.0.0.1:{g2_port}/ws"  # type: ignore[attr-defined]
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+class Target:
+    """Where one gateway replica listens and which certificate it serves."""
+
+    def __init__(self, url: str, fingerprint: str, token: str) -> None:
+        self.url, self.fingerprint, self.token = url, fingerprint, token
+
+    def client(self, name: str = "test") -> GatewayClient:
+        return GatewayClient(self.url, self.fingerprint, client_name=name)
+
+
+@pytest.fixture(scope="module")
+def g1(stack: Stack) -> Target:
+    state = StateDir(stack.state_dir)
+    return Target(stack.stack["gateway_url"], state.gateway_fingerprint("gateway"), state.client_token())
+
+
+@pytest.fixture(scope="module")
+def g2(stack: Stack) -> Target:
+    state = StateDir(stack.state_dir)
+    return Target(stack.g2_url, state.gateway_fingerprint("gateway2"), state.client_token())  # type: ignore[attr-defined]
+
+
+@pytest_asyncio.fixture
+async def operator(g1: Target) -> AsyncIterator[GatewayClient]:
+    """A client on the first gateway authenticated with the local token (operator)."""
+    c = g1.client("op")
+    await c.connect(g1.token)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def reply(client: GatewayClient, frame: Any) -> Any:
+    """Send ``frame`` and return the next frame that is not an event."""
+    await client.send(frame)
+    while True:
+        got = await asyncio.wait_for(client.receive(), timeout=30)
+        if got.type != "event":
+            return got
+
+
+async def code_for(op: GatewayClient, user: str, name: str = "laptop", operator: bool = False) -> str:
+    got = await reply(op, PairingCodeRequest(user=user, client_name=name, operator=operator))
+    assert isinstance(got, PairingCode), got
+    return got.code
+
+
+async def paired(target: Target, op: GatewayClient, user: str, name: str = "laptop",
+                 key_type: str = "ed25519") -> tuple[str, ClientKeyPair]:
+    """A key paired for ``user``: (key_id, key)."""
+    key = ClientKeyPair.generate(key_type)  # type: ignore[arg-type]
+    code = await code_for(op, user, name)
+    c = target.client(name)
+    try:
+        p = await c.pair(code, key)
+    finally:
+        await c.close()
+    return p.key_id, key
+
+
+async def raw_ws(target: Target) -> tuple[aiohttp.ClientSession, aiohttp.ClientWebSocketResponse, bytes]:
+    """A bare WebSocket after hello and challenge: (session, ws, challenge nonce)."""
+    http = aiohttp.ClientSession()
+    ws = await http.ws_connect(target.url, ssl=aiohttp.Fingerprint(bytes.fromhex(target.fingerprint)))
+    hello = await ws.receive_json(timeout=10)
+    assert hello["type"] == "hello"
+    challenge = await ws.receive_json(timeout=10)
+    assert challenge["type"] == "challenge"
+    return http, ws, base64.b64decode(challenge["nonce"])
+
+
+async def refused(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    """The auth_error the gateway sends, after which it closes the connection."""
+    frame = await ws.receive_json(timeout=10)
+    assert frame["type"] == "auth_error", frame
+    closing = await ws.receive(timeout=10)
+    assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    return frame
+
+
+def silo(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "devsilo.cli", "--state-dir", str(stack.state_dir), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+async def _peer_fingerprint(url: str) -> str:
+    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    _, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    await writer.wait_closed()
+    import hashlib
+    return hashlib.sha256(der).hexdigest()
+
+
+async def test_https_get_serves_the_landing_page_and_the_web_app_directory(g1: Target) -> None:
+    base = g1.url.replace("wss://", "https://").removesuffix("/ws")
+    pin = aiohttp.Fingerprint(bytes.fromhex(g1.fingerprint))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/", ssl=pin) as r:
+            assert r.status == 200 and "devsilo gateway" in await r.text()
+        async with http.get(base + "/app", ssl=pin) as r:
+            assert r.status == 200 and "comes with issue 8" in await r.text()
+        async with http.get(base + "/app/../../../etc/passwd", ssl=pin) as r:
+            assert r.status in (403, 404)
+
+
+async def test_operator_certificate_is_served_and_the_self_signed_pin_fails_on_it(g1: Target,
+                                                                                   g2: Target) -> None:
+    assert g2.fingerprint != g1.fingerprint
+    assert await _peer_fingerprint(g2.url) == g2.fingerprint
+    c = g2.client()
+    assert await c.connect(g2.token) == "local"
+    await c.close()
+    wrong = GatewayClient(g2.url, g1.fingerprint)
+    with pytest.raises(GatewayError, match="does not match the pinned fingerprint"):
+        await wrong.connect(g1.token)
+
+
+def test_operator_certificate_mismatch_and_unreadable_files_are_clear_errors(tmp_path: Path,
+                                                                                state_dir: StateDir) -> None:
+    cert_a, key_a, _ = _self_signed("a")
+    _, key_b, _ = _self_signed("b")
+    (tmp_path / "a.crt").write_bytes(cert_a)
+    (tmp_path / "a.key").write_bytes(key_a)
+    (tmp_path / "b.key").write_bytes(key_b)
+    assert operator_certificate(tmp_path / "a.crt", tmp_path / "a.key").operator
+    with pytest.raises(ConfigError, match="do not match"):
+        operator_certificate(tmp_path / "a.crt", tmp_path / "b.key")
+    with pytest.raises(ConfigError, match="cannot read the gateway's key"):
+        operator_certificate(tmp_path / "a.crt", tmp_path / "missing.key")
+    (tmp_path / "junk.crt").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="not a PEM certificate"):
+        operator_certificate(tmp_path / "junk.crt", tmp_path / "a.key")
+    with pytest.raises(ConfigError, match="go together"):
+        gateway_certificate(state_dir, {"tls_cert": str(tmp_path / "a.crt")})
+    own = gateway_certificate(state_dir, {})
+    assert not own.operator and own.fingerprint == state_dir.gateway_fingerprint()
