@@ -250,3 +250,204 @@ def test_operator_certificate_mismatch_and_unreadable_files_are_clear_errors(tmp
         gateway_certificate(state_dir, {"tls_cert": str(tmp_path / "a.crt")})
     own = gateway_certificate(state_dir, {})
     assert not own.operator and own.fingerprint == state_dir.gateway_fingerprint()
+
+
+# -- the local token ---------------------------------------------------------------------------
+
+
+async def test_local_token_authenticates_as_the_operator(g1: Target) -> None:
+    c = g1.client()
+    assert await c.connect(g1.token) == "local"
+    assert c.auth is not None and c.auth.operator and c.auth.key_id is None
+    assert c.hello is not None and c.hello.versions == (1,) and c.hello.auth_deadline_s == 30.0
+    await c.close()
+
+
+async def test_wrong_token_is_refused_and_the_connection_closes(g1: Target) -> None:
+    http, ws, _ = await raw_ws(g1)
+    try:
+        wrong = "0" * 64 if g1.token != "0" * 64 else "1" * 64
+        await ws.send_str(Authenticate(method="token", token=wrong).model_dump_json())
+        assert "invalid token" in (await refused(ws))["message"]
+    finally:
+        await ws.close()
+        await http.close()
+
+
+def test_a_token_file_others_can_read_stops_the_gateway_with_a_clear_error(stack: Stack) -> None:
+    token = StateDir(stack.state_dir).token_path
+    listen, metrics = free_ports(2)
+    os.chmod(token, 0o640)
+    try:
+        r = subprocess.run([sys.executable, "-m", "devsilo.cli", "service", "gateway", "--id", "gateway2",
+                            "--state-dir", str(stack.state_dir), "--nats", stack.stack["nats_url"],
+                            "--metrics-port", str(metrics), "--listen", f"127.0.0.1:{listen}"],
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        os.chmod(token, 0o600)
+    assert r.returncode == 1
+    assert f"{token} has mode 0o640, readable by others (must be 0o600)" in r.stderr
+
+
+# -- pairing and signed challenges -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key_type", ["ed25519", "ecdsa-p256"])
+async def test_pairing_registers_a_key_that_then_signs_challenges(g1: Target, g2: Target, operator: GatewayClient,
+                                                                  key_type: str) -> None:
+    key = ClientKeyPair.generate(key_type)  # type: ignore[arg-type]
+    code = await code_for(operator, "alice", f"phone-{key_type}")
+    assert len(code) == 8 and set(code) <= set(PAIRING_ALPHABET)
+    c = g1.client("what-the-client-calls-itself")
+    p = await c.pair(code, key)
+    assert (p.user, p.operator) == ("alice", False)
+    assert c.auth is not None and c.auth.user == "alice" and c.auth.key_id == p.key_id
+    assert isinstance(await reply(c, ListSessions()), Sessions)
+    await c.close()
+    # Later connections, on either replica, sign a fresh challenge bound to that replica's certificate.
+    for target in (g1, g2):
+        again = target.client()
+        assert await again.connect_key(p.key_id, key) == "alice"
+        await again.close()
+    listed = await reply(operator, ListClients())
+    mine = [k for k in listed.clients if k.key_id == p.key_id]
+    assert len(mine) == 1 and mine[0].client_name == f"phone-{key_type}" and mine[0].key_type == key_type
+    assert mine[0].last_seen is not None and mine[0].last_seen >= mine[0].created_at
+
+
+async def test_wrong_code_is_refused(g1: Target) -> None:
+    c = g1.client()
+    with pytest.raises(AuthError, match="not valid"):
+        await c.pair("ABCDEFGH", ClientKeyPair.generate())
+    await c.close()
+
+
+async def test_a_code_is_used_once(g1: Target, operator: GatewayClient) -> None:
+    code = await code_for(operator, "alice")
+    first = g1.client()
+    await first.pair(code, ClientKeyPair.generate())
+    await first.close()
+    second = g1.client()
+    with pytest.raises(AuthError, match="already used"):
+        await second.pair(code, ClientKeyPair.generate())
+    await second.close()
+
+
+async def test_two_clients_racing_with_one_code_pair_exactly_once(g1: Target, g2: Target,
+                                                                  operator: GatewayClient) -> None:
+    code = await code_for(operator, "alice")
+    clients = [g1.client(), g2.client(), g1.client(), g2.client()]
+
+    async def attempt(c: GatewayClient) -> bool:
+        try:
+            await c.pair(code, ClientKeyPair.generate())
+            return True
+        except AuthError:
+            return False
+        finally:
+            await c.close()
+    assert sorted(await asyncio.gather(*(attempt(c) for c in clients))) == [False, False, False, True]
+
+
+async def test_an_expired_code_is_refused(g2: Target) -> None:
+    op = g2.client("op")
+    await op.connect(g2.token)
+    code = await code_for(op, "alice")
+    await op.close()
+    await asyncio.sleep(G2_CODE_VALID_S + 0.3)
+    c = g2.client()
+    with pytest.raises(AuthError, match="expired"):
+        await c.pair(code, ClientKeyPair.generate())
+    await c.close()
+
+
+async def test_a_key_that_is_no_key_is_refused_and_spends_the_code(g1: Target, operator: GatewayClient) -> None:
+    code = await code_for(operator, "alice")
+    http, ws, _ = await raw_ws(g1)
+    try:
+        await ws.send_json({"type": "pair", "v": 1, "code": code, "client_name": "x", "key_type": "ecdsa-p256",
+                            "public_key": base64.b64encode(b"\x04" + b"\x01" * 64).decode()})
+        assert "not a valid ecdsa-p256 key" in (await refused(ws))["message"]
+    finally:
+        await ws.close()
+        await http.close()
+    c = g1.client()
+    with pytest.raises(AuthError, match="already used"):
+        await c.pair(code, ClientKeyPair.generate())
+    await c.close()
+
+
+async def test_wrong_signature_is_refused(g1: Target, operator: GatewayClient) -> None:
+    key_id, key = await paired(g1, operator, "alice")
+    c = g1.client()
+    with pytest.raises(AuthError, match="signature does not verify"):
+        await c.connect_key(key_id, ClientKeyPair.generate())  # someone else's key
+    await c.close()
+    # The right key over the right challenge, but signed for another gateway's certificate.
+    http, ws, nonce = await raw_ws(g1)
+    try:
+        other = key.sign(challenge_message("ab" * 32, nonce))
+        await ws.send_str(Authenticate(method="key", key_id=key_id, signature=other).model_dump_json())
+        assert "signature does not verify" in (await refused(ws))["message"]
+    finally:
+        await ws.close()
+        await http.close()
+
+
+async def test_a_signature_replayed_on_a_new_connection_is_refused(g1: Target, operator: GatewayClient) -> None:
+    key_id, key = await paired(g1, operator, "alice")
+    http, ws, nonce = await raw_ws(g1)
+    signed = Authenticate(method="key", key_id=key_id, signature=key.sign(challenge_message(g1.fingerprint, nonce)))
+    try:
+        await ws.send_str(signed.model_dump_json())
+        assert (await ws.receive_json(timeout=10))["type"] == "auth_ok"
+    finally:
+        await ws.close()
+        await http.close()
+    http, ws, _ = await raw_ws(g1)
+    try:
+        await ws.send_str(signed.model_dump_json())
+        assert "signature does not verify" in (await refused(ws))["message"]
+    finally:
+        await ws.close()
+        await http.close()
+
+
+async def test_revoking_a_key_closes_its_connections_on_every_replica_at_once(g1: Target, g2: Target,
+                                                                              operator: GatewayClient) -> None:
+    key_id, key = await paired(g1, operator, "carol")
+    on_g1, on_g2 = g1.client(), g2.client()
+    await on_g1.connect_key(key_id, key)
+    await on_g2.connect_key(key_id, key)
+    got = await reply(operator, RevokeClient(key_id=key_id))
+    assert isinstance(got, ClientRevoked)
+    for c in (on_g1, on_g2):
+        frame = await asyncio.wait_for(c.receive(), timeout=10)
+        assert isinstance(frame, AuthErrorFrame) and frame.code == "revoked"
+        with pytest.raises(GatewayError, match="closed"):
+            await asyncio.wait_for(c.receive(), timeout=10)
+        await c.close()
+    again = g1.client()
+    with pytest.raises(AuthError, match="no client key"):
+        await again.connect_key(key_id, key)
+    await again.close()
+    assert key_id not in [k.key_id for k in (await reply(operator, ListClients())).clients]
+
+
+async def test_silo_pair_and_silo_clients_list_and_revoke(stack: Stack, g1: Target) -> None:
+    r = silo(stack, "pair", "--user", "dave", "--name", "tablet", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["user"] == "dave" and out["fingerprint"] == g1.fingerprint and out["valid_s"] == 120
+    c = g1.client()
+    p = await c.pair(out["code"], ClientKeyPair.generate())
+    r = silo(stack, "clients", "list")
+    line = [x for x in r.stdout.splitlines() if x.startswith(p.key_id)]
+    assert len(line) == 1 and "dave  tablet  ed25519" in line[0] and "last seen 20" in line[0]
+    r = silo(stack, "clients", "revoke", p.key_id)
+    assert r.returncode == 0 and "revoked" in r.stdout
+    frame = await asyncio.wait_for(c.receive(), timeout=10)
+    assert isinstance(frame, AuthErrorFrame) and frame.code == "revoked"
+    await c.close()
+    r = silo(stack, "clients", "revoke", p.key_id)
+    assert r.returncode == 1 and f"no client key {p.key_id} visible to you" in r.stderr
