@@ -87,7 +87,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("gwauth")
     state_dir = root / "state"
     (g2_port,) = free_ports(1)
-    s = Stack(state_dir, services={"gateway2": {
+    # Many tests here fail a pairing on purpose from 127.0.0.1: the first gateway tolerates them,
+    # the second locks an address out after three (its lockout test uses other loopback addresses).
+    s = Stack(state_dir, services={"gateway": {"options": {"pairing_max_failures": 1000}}, "gateway2": {
         "role": "gateway", "metrics_port": 0,
         "options": {"port": g2_port, "tls_cert": "operator/cert.pem", "tls_key": "operator/key.pem",
                     "auth_deadline_s": G2_DEADLINE_S, "pairing_code_valid_s": G2_CODE_VALID_S,
@@ -451,3 +453,203 @@ async def test_silo_pair_and_silo_clients_list_and_revoke(stack: Stack, g1: Targ
     await c.close()
     r = silo(stack, "clients", "revoke", p.key_id)
     assert r.returncode == 1 and f"no client key {p.key_id} visible to you" in r.stderr
+
+
+# -- deadline, versions, malformed handshakes, rate limits ---------------------------------------------
+
+
+async def test_no_authentication_within_the_deadline_closes_the_connection(g2: Target) -> None:
+    http, ws, _ = await raw_ws(g2)
+    try:
+        frame = await refused(ws)  # nothing sent: the gateway gives up after its deadline
+        assert frame["code"] == "timeout" and f"within {G2_DEADLINE_S:.0f} s" in frame["message"]
+    finally:
+        await ws.close()
+        await http.close()
+
+
+@pytest.mark.parametrize("v", [2, 0, "1", None])
+async def test_an_unknown_protocol_version_is_refused_naming_the_supported_ones(g1: Target, v: object) -> None:
+    http, ws, _ = await raw_ws(g1)
+    try:
+        # A version-2 frame may carry fields version 1 does not know: the version is checked first.
+        await ws.send_json({"type": "authenticate", "v": v, "method": "token", "token": g1.token,
+                            "new_in_v2": True})
+        frame = await refused(ws)
+        assert frame["code"] == "unsupported_version" and frame["versions"] == [1]
+        assert "speaks version(s) 1" in frame["message"]
+    finally:
+        await ws.close()
+        await http.close()
+    c = g1.client()  # and the gateway is still there
+    assert await c.connect(g1.token) == "local"
+    await c.close()
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x00\x01binary",
+    "not json",
+    "[1, 2]",
+    json.dumps({"type": "list_sessions"}),
+    json.dumps({"type": "authenticate", "method": "key", "key_id": "00" * 8}),
+    json.dumps({"type": "authenticate", "method": "token", "token": "x" * 10_000}),
+    json.dumps({"type": "pair", "code": "IIIIIIII", "public_key": "AA==", "client_name": "x"}),
+], ids=["binary", "not-json", "array", "request-before-auth", "key-without-signature", "huge-token",
+        "code-outside-alphabet"])
+async def test_a_malformed_first_frame_is_refused_with_auth_error(g1: Target, payload: str | bytes) -> None:
+    http, ws, _ = await raw_ws(g1)
+    try:
+        if isinstance(payload, bytes):
+            await ws.send_bytes(payload)
+        else:
+            await ws.send_str(payload)
+        assert (await refused(ws))["code"] == "auth_failed"
+    finally:
+        await ws.close()
+        await http.close()
+
+
+async def _pair_from(target: Target, address: str, code: str) -> dict[str, Any]:
+    """Pair a fresh key from a given loopback address; the gateway's first answer."""
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)))
+    try:
+        ws = await http.ws_connect(target.url, ssl=aiohttp.Fingerprint(bytes.fromhex(target.fingerprint)))
+        for expected in ("hello", "challenge"):
+            assert (await ws.receive_json(timeout=10))["type"] == expected
+        await ws.send_json({"type": "pair", "v": 1, "code": code, "client_name": "x",
+                            "public_key": ClientKeyPair.generate().public_key()})
+        answer: dict[str, Any] = await ws.receive_json(timeout=10)
+        await ws.close()
+        return answer
+    finally:
+        await http.close()
+
+
+async def test_failed_pairing_attempts_lock_the_address_out(stack: Stack, g2: Target,
+                                                            operator: GatewayClient) -> None:
+    before = stack.metric("gateway2", "silo_pairing_lockouts_total")
+    for _ in range(G2_MAX_FAILURES):
+        answer = await _pair_from(g2, "127.0.0.2", "ZZZZZZZZ")
+        assert answer["type"] == "auth_error" and "not valid" in answer["message"]
+    assert stack.metric("gateway2", "silo_pairing_lockouts_total") == before + 1
+    code = await code_for(operator, "alice")
+    answer = await _pair_from(g2, "127.0.0.2", code)  # even the right code: the limiter answers first
+    assert answer["code"] == "rate_limited"
+    assert "too many failed pairing attempts from your address" in answer["message"]
+    # Another address is not locked out, and the refused attempt did not spend the code.
+    assert (await _pair_from(g2, "127.0.0.3", code))["type"] == "paired"
+
+
+def test_pairing_limiter_counts_per_address_and_globally_within_a_window() -> None:
+    now = [1000.0]
+    lim = PairingLimiter(per_address=3, global_max=4, window_s=60, lockout_s=120, clock=lambda: now[0])
+    assert not lim.failed("a") and not lim.failed("a")
+    now[0] += 61  # those two left the window
+    assert not lim.failed("a") and not lim.failed("a")
+    lim.check("a")
+    assert lim.failed("a")  # third within the window
+    with pytest.raises(PairingRefused, match="from your address") as exc:
+        lim.check("a")
+    assert exc.value.outcome == "locked_out"
+    lim.check("b")  # others are not locked out ...
+    lim.failed("b")
+    with pytest.raises(PairingRefused, match="on this gateway") as exc:
+        lim.check("c")  # ... until the global budget (4 in the window) is spent
+    assert exc.value.outcome == "global_limit"
+    now[0] += 61
+    lim.check("c")
+    with pytest.raises(PairingRefused):
+        lim.check("a")  # still locked out: 120 s from its third failure
+    now[0] += 60
+    lim.check("a")
+
+
+# -- users and sessions ------------------------------------------------------------------------------
+
+
+async def test_a_user_sees_and_drives_only_their_own_sessions(g1: Target, operator: GatewayClient,
+                                                              tmp_path: Path) -> None:
+    alice_id, alice_key = await paired(g1, operator, "alice", "alice-laptop")
+    bob_id, bob_key = await paired(g1, operator, "bob", "bob-laptop")
+    alice, bob = g1.client("alice-laptop"), g1.client("bob-laptop")
+    await alice.connect_key(alice_id, alice_key)
+    await bob.connect_key(bob_id, bob_key)
+    try:
+        ws = tmp_path / "alice-ws"
+        ws.mkdir()
+        created = await reply(alice, CreateSession(
+            workspace=str(ws), llm="mock", script=json.dumps({"responses": [{"text": "hello"}]})))
+        assert isinstance(created, SessionCreated), created
+        sid = created.session_id
+        listed = await reply(bob, ListSessions())
+        assert sid not in [s.session_id for s in listed.sessions]
+        assert sid in [s.session_id for s in (await reply(operator, ListSessions())).sessions]
+        assert sid in [s.session_id for s in (await reply(alice, ListSessions())).sessions]
+        for target in (sid, "nosuchsession"):  # foreign and absent look the same
+            for frame in (Attach(session_id=target), Prompt(session_id=target, text="hi"),
+                          Interrupt(session_id=target), Shutdown(session_id=target),
+                          ShellOpenFrame(session_id=target, command="true", tty=False)):
+                got = await reply(bob, frame)
+                assert isinstance(got, ErrorFrame), (frame, got)
+                assert got.message == f"no session {target} visible to you", (frame, got)
+        # A user asks codes for themselves only, and never for an operator.
+        for req in (PairingCodeRequest(user="alice", client_name="x"),
+                    PairingCodeRequest(client_name="x", operator=True)):
+            got = await reply(bob, req)
+            assert isinstance(got, ErrorFrame) and "only an operator" in got.message
+        own = await reply(bob, PairingCodeRequest(client_name="bob-phone"))
+        assert isinstance(own, PairingCode) and own.user == "bob" and not own.operator
+        # ... and lists and revokes only their own keys.
+        assert {k.user for k in (await reply(bob, ListClients())).clients} == {"bob"}
+        got = await reply(bob, RevokeClient(key_id=alice_id))
+        assert isinstance(got, ErrorFrame) and got.message == f"no client key {alice_id} visible to you"
+        await alice.send(Shutdown(session_id=sid))
+        await alice.send(Attach(session_id=sid))
+        while True:
+            frame = await asyncio.wait_for(alice.receive(), timeout=60)
+            if frame.type == "event" and frame.kind == "shutdown":
+                break
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def test_pairing_grants_operator_only_when_an_operator_asks(g1: Target, operator: GatewayClient) -> None:
+    key = ClientKeyPair.generate()
+    c = g1.client()
+    p = await c.pair(await code_for(operator, "erin", operator=True), key)
+    assert p.operator and c.auth is not None and c.auth.operator
+    got = await reply(c, PairingCodeRequest(user="frank", client_name="desk"))
+    assert isinstance(got, PairingCode) and got.user == "frank"
+    await c.close()
+
+
+# -- restarts and metrics -----------------------------------------------------------------------------
+
+
+async def test_certificate_and_keys_survive_a_gateway_restart(stack: Stack, g1: Target,
+                                                              operator: GatewayClient) -> None:
+    key_id, key = await paired(g1, operator, "alice")
+    fp = await _peer_fingerprint(g1.url)
+    assert fp == g1.fingerprint
+    pid = stack.live_pid("gateway")
+    assert pid is not None
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (stack.live_pid("gateway") in (None, pid) or not stack.healthy("gateway")):
+        await asyncio.sleep(0.1)
+    assert stack.live_pid("gateway") not in (None, pid)
+    assert await _peer_fingerprint(g1.url) == fp
+    c = g1.client()
+    assert await c.connect_key(key_id, key) == "alice"
+    await c.close()
+
+
+def test_auth_metrics_count_outcomes_by_method(stack: Stack) -> None:
+    text = stack.metrics("gateway2")
+    assert 'silo_auth_total{method="key",outcome="ok"}' in text
+    assert 'silo_auth_total{method="none",outcome="timeout"}' in text
+    assert 'silo_pairing_attempts_total{outcome="expired_code"}' in text
+    assert 'silo_pairing_attempts_total{outcome="locked_out"}' in text
+    assert "silo_client_connections_accepted_total" in text
+    assert stack.metric("gateway2", "silo_auth_total", 'method="token",outcome="ok"') >= 1
