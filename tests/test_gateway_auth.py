@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import io
 import json
 import os
 import ssl
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from devsilo.cli._client import ClientKeyPair, GatewayClient, GatewayError
+from devsilo.cli._workspace_transfer import RemoteWorkspace
 from devsilo.gateway._pairing import PairingLimiter, PairingRefused
 from devsilo.gateway._tls import gateway_certificate, operator_certificate
 from devsilo.protocol import AuthError, ConfigError
@@ -53,6 +55,8 @@ from devsilo.protocol.client import (
     Sessions,
     ShellOpenFrame,
     Shutdown,
+    WorkspaceCommand,
+    WorkspaceUploadNeeded,
     challenge_message,
 )
 from devsilo.runtime._state import StateDir
@@ -577,14 +581,28 @@ async def test_a_user_sees_and_drives_only_their_own_sessions(g1: Target, operat
     try:
         ws = tmp_path / "alice-ws"
         ws.mkdir()
-        created = await reply(alice, CreateSession(
-            workspace=str(ws), llm="mock", script=json.dumps({"responses": [{"text": "hello"}]})))
+        (ws / "notes.txt").write_text("alice's\n")
+        # A user's workspace comes from their own machine; the executors' own files are the operator's.
+        create = CreateSession(workspace=str(ws), workspace_host="alice-host", llm="mock",
+                               script=json.dumps({"responses": [{"text": "hello"}]}))
+        got = await reply(alice, create)
+        assert isinstance(got, ErrorFrame) and "only an operator works on the executors' own files" in got.message
+        needed = await reply(alice, WorkspaceCommand(op="lock", path=str(ws), workspace_host="alice-host"))
+        assert isinstance(needed, WorkspaceUploadNeeded) and "only an operator" in needed.reason
+        got = await reply(bob, ShellOpenFrame(workspace=str(ws), command="true", tty=False))
+        assert isinstance(got, ErrorFrame) and "only an operator opens shells" in got.message
+        out = io.StringIO()
+        remote = RemoteWorkspace(alice, tmp_path / "transfers", ws, "alice-host", out, chunk_size=64 * 1024,
+                                 progress=out)
+        assert await remote.lock(needed.executor, as_json=True) == 0, out.getvalue()
+        created = await reply(alice, create)
         assert isinstance(created, SessionCreated), created
         sid = created.session_id
         listed = await reply(bob, ListSessions())
         assert sid not in [s.session_id for s in listed.sessions]
         assert sid in [s.session_id for s in (await reply(operator, ListSessions())).sessions]
         assert sid in [s.session_id for s in (await reply(alice, ListSessions())).sessions]
+        assert str(ws) not in json.dumps((await reply(bob, WorkspaceCommand(op="list"))).workspaces)
         for target in (sid, "nosuchsession"):  # foreign and absent look the same
             for frame in (Attach(session_id=target), Prompt(session_id=target, text="hi"),
                           Interrupt(session_id=target), Shutdown(session_id=target),
@@ -603,12 +621,17 @@ async def test_a_user_sees_and_drives_only_their_own_sessions(g1: Target, operat
         assert {k.user for k in (await reply(bob, ListClients())).clients} == {"bob"}
         got = await reply(bob, RevokeClient(key_id=alice_id))
         assert isinstance(got, ErrorFrame) and got.message == f"no client key {alice_id} visible to you"
-        await alice.send(Shutdown(session_id=sid))
+        # Alice drives her own session.
         await alice.send(Attach(session_id=sid))
-        while True:
+        await alice.send(Prompt(session_id=sid, text="hello there"))
+        kinds: list[str] = []
+        while "shutdown" not in kinds:
             frame = await asyncio.wait_for(alice.receive(), timeout=60)
-            if frame.type == "event" and frame.kind == "shutdown":
-                break
+            if frame.type == "event":
+                kinds.append(frame.kind)
+                if frame.kind == "turn_complete":
+                    await alice.send(Shutdown(session_id=sid))
+        assert "user_prompt" in kinds and "assistant_text" in kinds
     finally:
         await alice.close()
         await bob.close()

@@ -89,6 +89,9 @@ from ._transfers import WorkspaceTransfers
 
 WEB_ROOT = Path(__file__).parent / "web"
 """The web app's files (served under /app/); the ``web_root`` option names another directory."""
+HOST_WORKSPACES_NEED_OPERATOR = (
+    "only an operator works on the executors' own files; other users work on workspaces they "
+    "uploaded (`silo workspace lock --upload PATH` from their machine)")
 
 LANDING_PAGE = """<!doctype html><meta charset=utf-8><title>devsilo gateway</title>
 <h1>devsilo gateway</h1><p>This is a devsilo gateway. Clients connect to <code>/ws</code>
@@ -274,6 +277,10 @@ class ClientConnection:
 
     async def _create(self, req: CreateSession) -> None:
         assert self.who is not None
+        if not self.who.operator:
+            holder = self.gw.pool.remote_holder(req.workspace_host, req.workspace)
+            if holder is None or holder[1] != self.who.user:
+                raise GrantError(HOST_WORKSPACES_NEED_OPERATOR)
         now = time.time()
         sid = secrets.token_hex(8)
         user = self.who.user
@@ -307,6 +314,12 @@ class ClientConnection:
         while not pool.on_host(None) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         body = WorkspaceRequest(op=req.op, path=req.path, user=self.who.user, accept=req.accept)
+        if not self.who.operator and req.op == "lock" and req.path is not None and pool.on_host(None):
+            await self.send(WorkspaceUploadNeeded(path=req.path, executor=pool.on_host(None)[0],
+                                                  reason=HOST_WORKSPACES_NEED_OPERATOR))
+            return
+        if not self.who.operator and req.op != "list":
+            raise GrantError(HOST_WORKSPACES_NEED_OPERATOR)
         if req.op == "list":
             targets = pool.on_host(None)
         else:
@@ -344,7 +357,8 @@ class ClientConnection:
                     self.gw.locks[w.path] = eid
                 elif req.op == "unlock":
                     self.gw.locks.pop(w.path, None)
-        infos = tuple(w.model_dump(mode="json") for r in replies for w in r.workspaces)
+        infos = tuple(w.model_dump(mode="json") for r in replies for w in r.workspaces
+                      if self.who.operator or w.origin_host is not None)  # a user sees their uploads only
         if req.op == "status" and not infos:
             infos = ({"path": req.path, "executor": None, "phase": "unlocked"},)
         first = replies[0] if replies and req.op == "unlock" else None

@@ -131,6 +131,9 @@ class ShellBroker:
             return rec.workspace, rec.executor_id, _from_grant(rec.grant, f"session {rec.session_id}")
         workspace = req.workspace
         assert workspace is not None
+        if not who.operator:  # a shell on the executors' own files is the operator's
+            raise GrantError(f"no workspace {workspace} of yours is locked; only an operator opens shells "
+                             "on the executors' own files")
         holder = self.locks.get(workspace) or self.pool.locked_on(workspace)
         if holder is None:
             raise GrantError(f"{workspace} is not locked on any executor: a shell works only in a locked "
