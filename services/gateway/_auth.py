@@ -282,6 +282,10 @@ class Authenticator:
                 self._open.pop(key_id, None)
         return forget
 
+    async def still_registered(self, who: Principal) -> bool:
+        """Whether the key ``who`` authenticated with is still registered (always, for the token)."""
+        return who.key_id is None or await self.keys.get(who.key_id) is not None
+
     async def revoked(self, key_id: str) -> None:
         """Close every open connection of ``key_id`` on this gateway."""
         closers = list(self._open.pop(key_id, {}).values())

@@ -14,6 +14,7 @@ import binascii
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats.js.errors
 from cryptography.exceptions import InvalidSignature
@@ -166,12 +167,21 @@ class ClientKeyStore:
         await self.kv.delete(key_id)
         return True
 
-    async def watch_revocations(self, on_revoked: Callable[[str], Awaitable[None]]) -> None:
-        """Call ``on_revoked(key_id)`` for every key deleted from now on, until cancelled."""
-        watcher = await self.kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is not None and entry.operation in (KV_DEL, KV_PURGE):
-                    await on_revoked(entry.key)
-        finally:
-            await asyncio.shield(watcher.stop())
+    async def watch_revocations(self, on_revoked: Callable[[str], Awaitable[None]], log: Any) -> None:
+        """Call ``on_revoked(key_id)`` for every key deleted, until cancelled; a broken watch is restarted."""
+        while True:
+            try:
+                watcher = await self.kv.watchall()
+            except Exception as exc:  # noqa: BLE001 -- NATS away: revocations still count at authentication
+                log.warning("client_key_watch_failed", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                async for entry in watcher:
+                    if entry is not None and entry.operation in (KV_DEL, KV_PURGE):
+                        await on_revoked(entry.key)
+            except Exception as exc:  # noqa: BLE001 -- watch again; keys are read afresh at every login
+                log.warning("client_key_watch_failed", error=str(exc))
+                await asyncio.sleep(1.0)
+            finally:
+                await asyncio.shield(watcher.stop())  # type: ignore[no-untyped-call]

@@ -196,6 +196,10 @@ class ClientConnection:
         except HandshakeFailed:
             return
         forget = auth.track(self.who, self._revoked)
+        if not await auth.still_registered(self.who):  # revoked between authentication and tracking
+            forget()
+            await self._revoked(f"client key {self.who.key_id} was revoked")
+            return
         self.log = self.log.bind(user=self.who.user, client=self.who.client)
         try:
             await self._requests()
@@ -497,7 +501,7 @@ async def serve(ctx: ServiceContext) -> None:
     web_root = Path(opts["web_root"]) if opts.get("web_root") else WEB_ROOT
     gw = Gateway(ctx, metrics, auth, web_root)
     # Revocations on any replica close this replica's connections of that key.
-    revocations = asyncio.create_task(keys.watch_revocations(auth.revoked))
+    revocations = asyncio.create_task(keys.watch_revocations(auth.revoked, ctx.log))
 
     async def on_announce(env: Envelope, msg: Msg) -> None:
         ann = env.expect(ExecutorAnnounce)
