@@ -127,6 +127,16 @@ class Authenticator:
 
     async def handshake(self, receive: Receive, send: Send, peer: str) -> Principal:
         """Authenticate one connection; HandshakeFailed (after sending ``auth_error``) otherwise."""
+        try:
+            return await self._handshake(receive, send, peer)
+        except (HandshakeFailed, asyncio.CancelledError):
+            raise
+        except Exception:  # the key store (NATS) failed us: the client may try again
+            self.log.exception("auth_unavailable", peer=peer)
+            await self._fail(send, "none", "unavailable", "the gateway could not check credentials just now; "
+                             "try again in a moment", "unavailable")
+
+    async def _handshake(self, receive: Receive, send: Send, peer: str) -> Principal:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline_s
         nonce = await self._challenge(send)

@@ -358,7 +358,8 @@ class AuthErrorFrame(ClientFrame):
     """Authentication failed (or the key was revoked); the gateway closes the connection after it.
 
     ``code``: ``auth_failed``, ``timeout``, ``unsupported_version`` (``versions``
-    lists those the gateway speaks), ``rate_limited``, ``revoked``.
+    lists those the gateway speaks), ``rate_limited``, ``revoked``, ``unavailable``
+    (the gateway could not check credentials; try again).
     """
 
     type: Literal["auth_error"] = "auth_error"
