@@ -470,7 +470,7 @@ async def test_no_authentication_within_the_deadline_closes_the_connection(g2: T
         await http.close()
 
 
-@pytest.mark.parametrize("v", [2, 0, "1", None])
+@pytest.mark.parametrize("v", [2, 0, "1", None, True, 1.0])
 async def test_an_unknown_protocol_version_is_refused_naming_the_supported_ones(g1: Target, v: object) -> None:
     http, ws, _ = await raw_ws(g1)
     try:

@@ -185,7 +185,7 @@ class Authenticator:
         if not isinstance(data, dict):
             await self._fail(send, "none", "bad_frame", "frames are JSON objects; authenticate first")
         v = data.get("v", None)
-        if "v" in data and v not in CLIENT_PROTOCOL_VERSIONS:
+        if "v" in data and not (type(v) is int and v in CLIENT_PROTOCOL_VERSIONS):
             # Checked before the frame's shape: a newer version may have fields we do not know.
             supported = ", ".join(str(x) for x in CLIENT_PROTOCOL_VERSIONS)
             await self._fail(send, "none", "bad_version",
