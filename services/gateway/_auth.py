@@ -48,7 +48,7 @@ from devsilo.protocol.client import (
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
-from ._keys import ClientKeyStore, verify_signature
+from ._keys import ClientKeyStore, check_public_key, verify_signature
 from ._pairing import PairingCodes, PairingLimiter, PairingRefused
 
 LOCAL_USER = "local"
@@ -226,21 +226,24 @@ class Authenticator:
     async def _pair(self, frame: Pair, send: Send, peer: str) -> None:
         try:
             self.limiter.check(peer)
+        except PairingRefused as exc:
+            self.metrics.pairing.labels(outcome=exc.outcome).inc()
+            await self._fail(send, "pair", exc.outcome, str(exc), "rate_limited")
+        try:
+            check_public_key(frame.key_type, frame.public_key)  # before the code is spent on it
+        except AuthError as exc:
+            self.metrics.pairing.labels(outcome="bad_key").inc()
+            await self._fail(send, "pair", "bad_key", str(exc))
+        try:
             grant = await self.codes.consume(frame.code, used_by=frame.client_name)
         except PairingRefused as exc:
-            if exc.outcome not in ("locked_out", "global_limit") and self.limiter.failed(peer):
+            if self.limiter.failed(peer):
                 self.metrics.lockouts.inc()
                 self.log.warning("pairing_locked_out", peer=peer)
             self.metrics.pairing.labels(outcome=exc.outcome).inc()
-            code = "rate_limited" if exc.outcome in ("locked_out", "global_limit") else "auth_failed"
-            await self._fail(send, "pair", exc.outcome, str(exc), code)
-        try:
-            key = await self.keys.add(user=grant.user, client_name=grant.client_name,
-                                      key_type=frame.key_type, public_key=frame.public_key,
-                                      operator=grant.operator, paired_by=grant.issued_by)
-        except AuthError as exc:  # the code is spent: a client must not probe keys with one code
-            self.metrics.pairing.labels(outcome="bad_key").inc()
-            await self._fail(send, "pair", "bad_key", str(exc))
+            await self._fail(send, "pair", exc.outcome, str(exc))
+        key = await self.keys.add(user=grant.user, client_name=grant.client_name, key_type=frame.key_type,
+                                  public_key=frame.public_key, operator=grant.operator, paired_by=grant.issued_by)
         self.metrics.pairing.labels(outcome="ok").inc()
         self.log.info("client_paired", key_id=key.key_id, user=key.user, client_name=key.client_name,
                       operator=key.operator)
