@@ -61,7 +61,7 @@ from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
 from devsilo.testing._stack import free_ports
 
-G2_DEADLINE_S = 1.0
+G2_DEADLINE_S = 3.0  # short for the deadline test, long enough for the others on a loaded machine
 G2_CODE_VALID_S = 1.0
 G2_MAX_FAILURES = 3
 
@@ -663,10 +663,17 @@ async def test_certificate_and_keys_survive_a_gateway_restart(stack: Stack, g1: 
     assert pid is not None
     os.kill(pid, 9)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (stack.live_pid("gateway") in (None, pid) or not stack.healthy("gateway")):
+    while time.monotonic() < deadline and stack.live_pid("gateway") in (None, pid):
         await asyncio.sleep(0.1)
     assert stack.live_pid("gateway") not in (None, pid)
-    assert await _peer_fingerprint(g1.url) == fp
+    while True:  # /healthz answers before the TLS listener is up
+        try:
+            again = await _peer_fingerprint(g1.url)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the restarted gateway never listened"
+            await asyncio.sleep(0.1)
+    assert again == fp
     c = g1.client()
     assert await c.connect_key(key_id, key) == "alice"
     await c.close()
