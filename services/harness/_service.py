@@ -170,7 +170,7 @@ async def serve(ctx: ServiceContext) -> None:
             raise
         metrics.lease_wait.labels(outcome="ok").observe(time.monotonic() - started)
         runner = SessionRunner(bus, grant, lease.executor_id, lease.access, model,
-                               headless=start.headless, log=ctx.log)
+                               headless=start.headless, log=ctx.log, options=ctx.options)
         runners[grant.session_id] = runner
         metrics.sessions.inc()
 
