@@ -70,7 +70,7 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _open_log(path: str) -> Any:
     """The server's output file (appended to; the child keeps its own descriptor)."""
-    return open(path, "ab", buffering=0)  # noqa: SIM115 - closed once the child has it
+    return open(path, "ab", buffering=0)
 
 
 def _die_with_parent() -> None:
