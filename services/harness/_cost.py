@@ -22,13 +22,13 @@ one refuses to send it a request.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from devsilo.protocol import ConfigError, SessionGrant
+from devsilo.protocol._costs import CostTotals, totals_from_events
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._model import ModelFailure, Usage
@@ -210,67 +210,16 @@ class QuotaExceeded(ModelFailure):
         self.quota = quota
 
 
-@dataclass
-class Tally:
-    """Tokens and dollars of some completions; ``usd`` is None once any had no price."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
-    cache_write_tokens: int = 0
-    completions: int = 0
-    usd_known: float = 0.0
-    usd_unknown: bool = False
-
-    def add(self, usage: Usage, usd: float | None) -> None:
-        """Count one completion."""
-        self.input_tokens += usage.input_tokens
-        self.output_tokens += usage.output_tokens
-        self.cached_tokens += usage.cached_tokens
-        self.cache_write_tokens += usage.cache_write_tokens
-        self.completions += 1
-        if usd is None:
-            self.usd_unknown = True
-        else:
-            self.usd_known += usd
-
-    @property
-    def tokens(self) -> int:
-        """Input plus output tokens: what a token quota counts."""
-        return self.input_tokens + self.output_tokens
-
-    def as_dict(self) -> dict[str, Any]:
-        """For events: counts, ``usd`` (None when unknown) and ``usd_known`` (the priced part)."""
-        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "cached_tokens": self.cached_tokens, "cache_write_tokens": self.cache_write_tokens,
-                "completions": self.completions,
-                "usd": None if self.usd_unknown else round(self.usd_known, 9),
-                "usd_known": round(self.usd_known, 9)}
-
-
-@dataclass
-class CostTotals:
-    """Running totals of a session: all, per model, per agent."""
-
-    total: Tally = field(default_factory=Tally)
-    by_model: dict[str, Tally] = field(default_factory=dict)
-    by_agent: dict[str, Tally] = field(default_factory=dict)
-
-    def add(self, model: str, agent: str, usage: Usage, usd: float | None) -> None:
-        """Count one completion of ``model`` for ``agent``."""
-        self.total.add(usage, usd)
-        self.by_model.setdefault(model, Tally()).add(usage, usd)
-        self.by_agent.setdefault(agent, Tally()).add(usage, usd)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The totals as plain data (the ``totals`` of a cost event)."""
-        return {"total": self.total.as_dict(),
-                "by_model": {k: v.as_dict() for k, v in sorted(self.by_model.items())},
-                "by_agent": {k: v.as_dict() for k, v in sorted(self.by_agent.items())}}
+__all__ = ["DEFAULT_PRICES", "CostMeter", "CostTotals", "Price", "PriceTable", "Quota", "QuotaExceeded",
+           "QuotaSettings", "totals_from_events"]
 
 
 class CostMeter:
-    """One session's accounting: checks quotas before requests, prices completions after them."""
+    """One session's accounting: checks quotas before requests, prices completions after them.
+
+    ``totals.as_dict()`` is the session's cost on request; a gateway without
+    the meter rebuilds the same from the events (``totals_from_events``).
+    """
 
     def __init__(self, prices: PriceTable, quota: Quota, *, logger: Any = None) -> None:
         self.prices = prices
@@ -306,7 +255,7 @@ class CostMeter:
         """Count one completion; return the data of its ``cost`` event."""
         price = self.prices.lookup(model)
         usd = None if price is None else price.usd(usage)
-        self.totals.add(model, agent, usage, usd)
+        self.totals.add(model, agent, usage.as_dict(), usd)
         data: dict[str, Any] = {"model": model, **usage.as_dict(),
                                 "usd": None if usd is None else round(usd, 9),
                                 "totals": self.totals.as_dict()}
@@ -324,26 +273,3 @@ class CostMeter:
         used = self.totals.total
         return {"tokens": None if self.quota.tokens is None else max(self.quota.tokens - used.tokens, 0),
                 "usd": None if self.quota.usd is None else max(self.quota.usd - used.usd_known, 0.0)}
-
-
-def totals_from_events(events: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """A session's cost totals rebuilt from its events (for "cost on request" by a gateway).
-
-    ``events`` are event dicts (``kind``, ``agent``, ``data``) in any order; only ``cost``
-    events count. The result has the shape of a cost event's ``totals``.
-    """
-    totals = CostTotals()
-    for event in events:
-        if event.get("kind") != "cost":
-            continue
-        data = event.get("data") or {}
-        usage = Usage(**{k: _count(data.get(k)) for k in
-                         ("input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens")})
-        usd = data.get("usd")
-        usd_value = float(usd) if isinstance(usd, (int, float)) and math.isfinite(usd) else None
-        totals.add(str(data.get("model", "?")), str(event.get("agent", "main")), usage, usd_value)
-    return totals.as_dict()
-
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
