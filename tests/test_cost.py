@@ -30,7 +30,9 @@ from devsilo.harness._cost import (
 from devsilo.harness._gate import ModelGate
 from devsilo.harness._model import ModelFailure, ScriptedModel, Usage
 from devsilo.protocol import ConfigError, SessionGrant
+from devsilo.protocol.client import CreateSession
 from devsilo.testing import Stack
+from pydantic import ValidationError
 
 
 def grant(**quotas: Any) -> SessionGrant:
@@ -158,6 +160,20 @@ def test_dollar_quota_counts_prices_and_refuses_an_unpriced_model() -> None:
     with pytest.raises(QuotaExceeded, match=r"dollar quota reached: \$0.0020 spent of \$0.0020") as exc:
         meter.check("m")
     assert exc.value.quota == "usd"
+
+
+@pytest.mark.parametrize("quota", [{"quota_tokens": -1}, {"quota_usd": -0.5}, {"quota_usd": float("inf")},
+                                   {"quota_usd": float("nan")}, {"quota_tokens": "lots"}])
+def test_a_client_cannot_ask_for_a_nonsense_quota(quota: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        CreateSession.model_validate({"type": "create_session", "workspace": "/w", **quota})
+
+
+def test_silo_run_refuses_a_negative_quota(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "devsilo.cli", "--state-dir", str(tmp_path), "run", "--headless",
+                        "--llm", "openai", "--model", "gpt-5.4", "--workspace", str(tmp_path), "--prompt", "hi",
+                        "--quota-usd", "-1"], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and "must not be negative" in r.stderr
 
 
 # --- compaction -------------------------------------------------------------------------------

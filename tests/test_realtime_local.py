@@ -344,6 +344,19 @@ async def test_realtime_bad_arguments_and_malformed_events(server: Server) -> No
         await model.aclose()
 
 
+async def test_realtime_an_oversized_event_ends_the_attempt_and_is_retried(server: Server) -> None:
+    huge = realtime_events("x" * 5000)
+    server.replies += [Reply(huge), Reply(realtime_events("small"))]
+    sleeps = Sleeps()
+    model = OpenAIRealtimeModel("gpt-realtime", KEY, base_url=server.url, policy=FAST, sleep=sleeps,
+                                max_event_bytes=4096)
+    try:
+        assert (await model.complete(CONVERSATION[:2], [])).text == "small"
+    finally:
+        await model.aclose()
+    assert len(server.headers) == 2 and len(sleeps.waits) == 1
+
+
 # --- Chat Completions (local servers) ---------------------------------------------------------
 
 def local(server: Server, sleeps: Sleeps | None = None) -> LocalChatModel:

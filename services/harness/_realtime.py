@@ -73,8 +73,9 @@ class OpenAIRealtimeModel:
     def __init__(self, model: str, api_key: str, *, base_url: str | None = None,
                  max_output_tokens: int | None = None, policy: RetryPolicy | None = None,
                  timeout_s: float = 600.0, sleep: Sleep | None = None,
-                 on_text: TextSink | None = None) -> None:
+                 on_text: TextSink | None = None, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self.name = f"openai-ws:{model}"
+        self.max_event_bytes = max_event_bytes
         self.model = model
         self.max_output_tokens = max_output_tokens
         self.policy = policy or RetryPolicy()
@@ -132,7 +133,7 @@ class OpenAIRealtimeModel:
     async def _exchange(self, session: dict[str, Any], items: list[dict[str, Any]],
                         on_text: TextSink | None) -> ModelResponse:
         manager = self._client.realtime.connect(
-            model=self.model, websocket_connection_options={"max_size": MAX_EVENT_BYTES})
+            model=self.model, websocket_connection_options={"max_size": self.max_event_bytes})
         async with manager as conn:
             await conn.send({"type": "session.update", "session": session})
             for item in items:
