@@ -607,6 +607,10 @@ def test_headless_anthropic_session_runs_a_tool_and_exits(model_stack: Stack, mo
     costs = [e["data"] for e in events if e["kind"] == "cost"]
     assert [(c["model"], c["cached_tokens"], c["cache_write_tokens"]) for c in costs] == [
         ("anthropic:claude-x", 0, 500), ("anthropic:claude-x", 500, 0)]
+    # claude-x has no price: its dollars are unknown (not 0), with one warning.
+    assert [(c["usd"], c.get("price_unknown"), "warning" in c) for c in costs] == [
+        (None, True, True), (None, True, False)]
+    assert costs[-1]["totals"]["total"]["usd"] is None and costs[-1]["totals"]["total"]["completions"] == 2
     sent_back = model_server.requests[-1]["messages"][-1]["content"][0]
     assert sent_back["type"] == "tool_result" and sent_back["tool_use_id"] == "toolu_01"
     assert sent_back["content"] == bash[0]["content"]

@@ -6,7 +6,9 @@ journal, compaction and failover rewrite it), so each request opens a fresh
 connection, replays the conversation as items (``conversation.item.create``),
 asks for one response (``response.create``) and reads its events until
 ``response.done``; the server's conversation is then exactly the harness's.
-The price is a WebSocket handshake per request.
+The price is a WebSocket handshake per request; what it buys is that
+concurrent requests of one session's agents (subagents share the backend)
+never share a server-side conversation.
 """
 
 from __future__ import annotations
