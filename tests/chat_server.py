@@ -1,7 +1,7 @@
 """A small OpenAI-compatible Chat Completions server, run as a process by the local-backend tests.
 
-It stands in for llama-server: ``/health`` answers 503 until ``--ready-after``
-seconds have passed, then 200; ``/v1/models`` lists one model; each POST to
+It stands in for llama-server: ``/health`` and completions answer 503 until
+``--ready-after`` seconds have passed; ``/v1/models`` lists one model; each POST to
 ``/v1/chat/completions`` streams the next reply of ``--script`` (a JSON list of
 ``{"text": ..., "tool": [name, {args}]}``) as SSE chunks with usage in the last
 one, and appends the request body to ``--requests`` (JSON lines).
@@ -65,6 +65,9 @@ def main() -> None:
         return web.json_response({"object": "list", "data": [{"id": "local-x", "object": "model"}]})
 
     async def completions(request: web.Request) -> web.StreamResponse:
+        if time.monotonic() - started < args.ready_after:  # as llama-server while it loads
+            return web.json_response({"error": {"code": 503, "message": "Loading model",
+                                                "type": "unavailable_error"}}, status=503)
         body = await request.json()
         record(body)
         if not replies:

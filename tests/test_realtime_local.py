@@ -442,8 +442,8 @@ async def test_harness_starts_health_checks_uses_and_stops_a_local_server(tmp_pa
     servers = LocalServers()
     options = {"models": {"local": {"base_url": f"http://127.0.0.1:{port}/v1", "health_path": "/health",
                                     "command": chat_command(tmp_path, port, [{"text": "hello from local"},
-                                                                             {"text": "again"}], 0.5),
-                                    "retry": {"attempts": 2, "base_delay_s": 0.01}}}}
+                                                                             {"text": "again"}], 1.5),
+                                    "retry": {"attempts": 1}}}}  # no retry: only the health wait helps
     model = make_model(LLMChoice(backend="local", model="local-x"), options, local_servers=servers)
     assert isinstance(model, LocalChatModel) and model.server is not None and model.server.process is None
     try:
