@@ -261,6 +261,22 @@ async def test_nothing_to_summarise_leaves_the_conversation_alone() -> None:
     assert len(msgs) == 2
 
 
+async def test_a_summary_is_not_summarised_again_when_the_last_exchange_alone_is_large() -> None:
+    script = {"responses": [{"text": "the summary"}, {"text": "first"}, {"text": "second"}]}
+    events = Events()
+    gate = ModelGate(ScriptedModel(json.dumps(script)), CostMeter(PriceTable.from_options({}), Quota()),
+                     Compactor(ContextSettings(windows={"mock": 500})), events)
+    msgs = [*conversation(1), {"role": "user", "content": "and now this"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c9", "name": "Bash", "input": {}}]},
+            {"role": "tool", "tool_call_id": "c9", "content": "z" * 4000, "is_error": False}]
+    assert (await gate.complete(msgs, ["Bash"])).text == "first"
+    # Still over the window (the kept exchange alone is), but only the summary is left before it.
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "tool"]
+    assert gate.compactor.needed("mock", "main", msgs)
+    assert (await gate.complete(msgs, ["Bash"])).text == "second"
+    assert [e["data"].get("purpose") for e in events.events] == ["compaction", None, None]
+
+
 async def test_quota_stops_compaction_too() -> None:
     gate = ModelGate(ScriptedModel(json.dumps({"responses": [{"text": "never"}]})),
                      CostMeter(PriceTable.from_options({}), Quota(tokens=0, tokens_source="the grant")),

@@ -164,7 +164,8 @@ class Compactor:
         tool calls in a conversation without them) and is told not to call any.
         """
         start, end = split_for_compaction(messages)
-        if end - start < self.settings.min_messages:
+        # A previous summary (and its acknowledgement) alone is not worth summarising again.
+        if sum(1 for m in messages[start:end] if not _from_compaction(m)) < self.settings.min_messages:
             return None
         before = self.estimate(agent, messages)
         request = [*messages[:end], {"role": "user", "content": SUMMARY_INSTRUCTION}]
@@ -182,3 +183,10 @@ class Compactor:
         if on_compacted is not None:
             await on_compacted(original, list(messages), summary)
         return Compaction(end - start, before, estimate_tokens(messages), response)
+
+
+def _from_compaction(message: dict[str, Any]) -> bool:
+    content = message.get("content")
+    return isinstance(content, str) and (
+        (message["role"] == "user" and content.startswith(SUMMARY_PREFIX))
+        or (message["role"] == "assistant" and content == CONTINUE_ACK and not message.get("tool_calls")))
