@@ -27,11 +27,12 @@ from devsilo.harness._cost import (
     QuotaSettings,
     totals_from_events,
 )
-from devsilo.harness._gate import ModelGate
+from devsilo.harness._gate import ModelGate, ModelPolicy
 from devsilo.harness._model import ModelFailure, ScriptedModel, Usage
 from devsilo.protocol import ConfigError, SessionGrant
 from devsilo.protocol.client import CreateSession
 from devsilo.testing import Stack
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 
@@ -174,6 +175,26 @@ def test_silo_run_refuses_a_negative_quota(tmp_path: Path) -> None:
                         "--llm", "openai", "--model", "gpt-5.4", "--workspace", str(tmp_path), "--prompt", "hi",
                         "--quota-usd", "-1"], capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 2 and "must not be negative" in r.stderr
+
+
+async def test_policy_counts_tokens_dollars_and_quota_stops_in_metrics() -> None:
+    registry = CollectorRegistry()
+    policy = ModelPolicy.from_options({"prices": {"mock": {"input": 2.0, "output": 4.0}}}, registry)
+    gate = policy.gate(ScriptedModel(json.dumps({"responses": [{"text": "a b c"}, {"text": "d"}]})),
+                       grant(quota_tokens=1), Events())
+    response = await gate.complete([{"role": "user", "content": "hello there"}], [])
+    with pytest.raises(QuotaExceeded):
+        await gate.complete([{"role": "user", "content": "again"}], [])
+    sample = registry.get_sample_value
+    assert sample("silo_model_tokens_total", {"backend": "mock", "kind": "input"}) == response.usage.input_tokens
+    assert sample("silo_model_cost_usd_total", {"backend": "mock"}) == pytest.approx(
+        (response.usage.input_tokens * 2 + response.usage.output_tokens * 4) / 1e6)
+    assert sample("silo_quota_stops_total", {"quota": "tokens"}) == 1
+
+
+def test_a_bad_option_fails_the_policy_not_a_session() -> None:
+    with pytest.raises(ConfigError, match="context"):
+        ModelPolicy.from_options({"context": {"threshold": 2}})
 
 
 # --- compaction -------------------------------------------------------------------------------

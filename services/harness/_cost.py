@@ -228,13 +228,6 @@ class CostMeter:
         self._warned: set[str] = set()
         self._log = logger or log
 
-    @classmethod
-    def for_session(cls, grant: SessionGrant, options: Mapping[str, Any], *,
-                    logger: Any = None) -> CostMeter:
-        """The meter for a session under ``grant`` with the harness's ``options``."""
-        return cls(PriceTable.from_options(options),
-                   Quota.for_session(grant, QuotaSettings.from_options(options)), logger=logger)
-
     def check(self, model: str) -> None:
         """Raise QuotaExceeded when the next request to ``model`` must not be sent."""
         q, used = self.quota, self.totals.total

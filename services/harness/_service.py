@@ -29,6 +29,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from prometheus_client import Gauge, Histogram
 
 from ._backends import make_model
+from ._gate import ModelPolicy
 from ._local import LocalServers
 from ._session import SessionRunner
 
@@ -115,6 +116,7 @@ async def serve(ctx: ServiceContext) -> None:
     pool = PoolView()
     metrics = PoolMetrics(ctx)
     local_servers = LocalServers()
+    policy = ModelPolicy.from_options(ctx.options, ctx.metrics.registry)
     await ensure_streams(ctx)
 
     def executor_gone(eid: str, why: str) -> None:
@@ -172,7 +174,7 @@ async def serve(ctx: ServiceContext) -> None:
             raise
         metrics.lease_wait.labels(outcome="ok").observe(time.monotonic() - started)
         runner = SessionRunner(bus, grant, lease.executor_id, lease.access, model,
-                               headless=start.headless, log=ctx.log, options=ctx.options)
+                               headless=start.headless, log=ctx.log, policy=policy)
         runners[grant.session_id] = runner
         metrics.sessions.inc()
 

@@ -24,7 +24,7 @@ from devsilo.protocol import (
 from devsilo.protocol._messages import AccessReport, EventKind
 from devsilo.runtime import Bus
 
-from ._gate import ModelGate
+from ._gate import ModelPolicy
 from ._model import ModelBackend, ModelFailure, ToolUse
 
 HEADLESS_INSTRUCTION = (
@@ -79,7 +79,7 @@ class SessionRunner:
         *,
         headless: bool,
         log: Any,
-        options: dict[str, Any] | None = None,
+        policy: ModelPolicy | None = None,
     ) -> None:
         self.bus = bus
         self.grant = grant
@@ -90,7 +90,7 @@ class SessionRunner:
         self.headless = headless
         self.events = SessionEvents(bus, self.sid)
         self.log = log.bind(session=self.sid)
-        self.llm = ModelGate.for_session(model, grant, options or {}, self.events.emit, logger=self.log)
+        self.llm = (policy or ModelPolicy.from_options({})).gate(model, grant, self.events.emit, logger=self.log)
         self.inputs: asyncio.Queue[str] = asyncio.Queue()
         self.messages: list[dict[str, Any]] = []
         self.exit_code: int | None = None
