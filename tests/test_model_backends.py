@@ -21,6 +21,10 @@ from devsilo.harness._openai import OpenAIResponsesModel
 from devsilo.harness._retry import RetryPolicy
 from devsilo.protocol import LLMChoice
 from devsilo.testing import Stack
+from devsilo.testing._nats import free_port
+from test_realtime_local import Reply as WSReply
+from test_realtime_local import Server as WSServer
+from test_realtime_local import chat_command, realtime_events
 
 ANTHROPIC_KEY = "sk-ant-planted-0123456789abcdef-KEY"
 OPENAI_KEY = "sk-proj-planted-fedcba9876543210-KEY"
@@ -543,14 +547,32 @@ def model_server() -> Iterator[APIServer]:
 
 
 @pytest.fixture(scope="module")
-def model_stack(tmp_path_factory: pytest.TempPathFactory, model_server: APIServer) -> Iterator[Stack]:
+def ws_server() -> Iterator[WSServer]:
+    with WSServer() as server:
+        yield server
+
+
+LOCAL_REPLIES = [{"text": "Counting locally.", "tool": ["Bash", {"command": "ls | wc -l"}]},
+                 {"text": "", "tool": ["Exit", {"message": "local done"}]}]
+
+
+@pytest.fixture(scope="module")
+def model_stack(tmp_path_factory: pytest.TempPathFactory, model_server: APIServer,
+                ws_server: WSServer) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("models")
     key_file = root / "anthropic-key"
     key_file.write_text(ANTHROPIC_KEY)
+    openai_key = root / "openai-key"
+    openai_key.write_text(OPENAI_KEY)
+    local_port = free_port()
     options = {"models": {
         "anthropic": {"api_key_file": str(key_file), "base_url": model_server.url,
                       "retry": {"attempts": 3, "base_delay_s": 0.01}},
         "openai": {"api_key_env": "DEVSILO_TEST_NO_SUCH_KEY"},
+        "openai-ws": {"api_key_file": str(openai_key), "base_url": ws_server.url,
+                      "retry": {"attempts": 3, "base_delay_s": 0.01}},
+        "local": {"base_url": f"http://127.0.0.1:{local_port}/v1", "health_path": "/health",
+                  "command": chat_command(root, local_port, LOCAL_REPLIES, 0.2)},
     }}
     s = Stack(root / "state", services={"harness": {"options": options}})
     s.start()
@@ -585,6 +607,10 @@ def test_headless_anthropic_session_runs_a_tool_and_exits(model_stack: Stack, mo
     costs = [e["data"] for e in events if e["kind"] == "cost"]
     assert [(c["model"], c["cached_tokens"], c["cache_write_tokens"]) for c in costs] == [
         ("anthropic:claude-x", 0, 500), ("anthropic:claude-x", 500, 0)]
+    # claude-x has no price: its dollars are unknown (not 0), with one warning.
+    assert [(c["usd"], c.get("price_unknown"), "warning" in c) for c in costs] == [
+        (None, True, True), (None, True, False)]
+    assert costs[-1]["totals"]["total"]["usd"] is None and costs[-1]["totals"]["total"]["completions"] == 2
     sent_back = model_server.requests[-1]["messages"][-1]["content"][0]
     assert sent_back["type"] == "tool_result" and sent_back["tool_use_id"] == "toolu_01"
     assert sent_back["content"] == bash[0]["content"]
@@ -604,3 +630,42 @@ def test_headless_session_without_a_key_ends_with_exit_code_3(model_stack: Stack
     errors = [json.loads(line)["data"]["message"] for line in r.stdout.splitlines()
               if json.loads(line)["kind"] == "error"]
     assert errors and "DEVSILO_TEST_NO_SUCH_KEY is not set" in errors[0]
+
+
+def test_headless_realtime_session_runs_a_tool_and_exits(model_stack: Stack, ws_server: WSServer,
+                                                         workspace: Path) -> None:
+    (workspace / "a.txt").write_text("x")
+    ws_server.replies += [
+        WSReply(status=503, body={"error": {"message": "overloaded"}}),
+        WSReply(realtime_events("Counting.", ("call_rt1", "Bash", '{"command": "ls | wc -l"}'),
+                                usage=(300, 128, 11))),
+        WSReply(realtime_events("Done.", ("call_rt2", "Exit", '{"message": "realtime done"}'))),
+    ]
+    r = silo(model_stack, "run", "--headless", "--llm", "openai-ws", "--model", "gpt-realtime",
+             "--workspace", str(workspace), "--prompt", "count the files", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    bash = [e["data"] for e in events if e["kind"] == "tool_result" and e["data"]["name"] == "Bash"]
+    assert bash[0]["content"].splitlines()[0] == "1"
+    assert events[-1]["kind"] == "shutdown" and events[-1]["data"]["reason"] == "realtime done"
+    first_cost = next(e["data"] for e in events if e["kind"] == "cost")
+    assert (first_cost["model"], first_cost["cached_tokens"]) == ("openai-ws:gpt-realtime", 128)
+    assert first_cost["usd"] == pytest.approx((172 * 4 + 128 * 0.4 + 11 * 16) / 1e6)
+    # The second connection replayed the tool result the sandbox produced.
+    outputs = [e["item"] for e in ws_server.received[-1] if e["type"] == "conversation.item.create"
+               and e["item"]["type"] == "function_call_output"]
+    assert outputs == [{"type": "function_call_output", "call_id": "call_rt1", "output": bash[0]["content"]}]
+    assert OPENAI_KEY not in r.stdout + r.stderr + model_stack.output()
+
+
+def test_headless_local_session_starts_the_configured_server(model_stack: Stack, workspace: Path) -> None:
+    (workspace / "a.txt").write_text("x")
+    r = silo(model_stack, "run", "--headless", "--llm", "local", "--model", "local-x",
+             "--workspace", str(workspace), "--prompt", "count the files", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    bash = [e["data"] for e in events if e["kind"] == "tool_result" and e["data"]["name"] == "Bash"]
+    assert bash[0]["content"].splitlines()[0] == "1"
+    assert events[-1]["data"]["reason"] == "local done"
+    costs = [e["data"] for e in events if e["kind"] == "cost"]
+    assert costs[0]["model"] == "local:local-x" and costs[0]["output_tokens"] == 7 and costs[0]["usd"] == 0

@@ -148,6 +148,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.llm == "mock" and not args.script:
         print("error: --llm mock needs --script FILE", file=sys.stderr)
         return EXIT_USAGE
+    if (args.quota_tokens is not None and args.quota_tokens < 0) or (
+            args.quota_usd is not None and not args.quota_usd >= 0):
+        print("error: --quota-tokens and --quota-usd must not be negative", file=sys.stderr)
+        return EXIT_USAGE
     workspace = Path(args.workspace).resolve()
     if not workspace.is_dir():
         print(f"error: workspace {workspace} is not a directory", file=sys.stderr)
@@ -155,7 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     req = CreateSession(workspace=str(workspace), workspace_host=socket.gethostname(), sandbox=args.sandbox, llm=args.llm, model=args.model,
                         script=_read_script(args.script), headless=True, prompt=args.prompt,
                         allow_read=tuple(args.allow_read), allow_domains=tuple(args.allow_domain),
-                        credentials=tuple(args.credential))
+                        credentials=tuple(args.credential), quota_tokens=args.quota_tokens,
+                        quota_usd=args.quota_usd)
     target = local_gateway(_state(args), args.gateway)
     return asyncio.run(run_session(target, req, sys.stdout, as_json=args.json))
 
@@ -344,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-domain", action="append", default=[])
     s.add_argument("--credential", action="append", default=[],
                    help="an egress credential the session may use, by name (the egress config says who may)")
+    s.add_argument("--quota-tokens", type=int, help="stop the session (exit 3) once its models used this "
+                   "many tokens (input plus output)")
+    s.add_argument("--quota-usd", type=float, help="stop the session (exit 3) once its models cost this "
+                   "many US dollars")
     s.add_argument("--gateway", help="gateway URL (default: the local stack's)")
     s.add_argument("--json", action="store_true", help="print events as JSON lines")
     s.set_defaults(func=cmd_run)

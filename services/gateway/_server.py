@@ -291,7 +291,7 @@ class ClientConnection:
         within = check_request(
             self.gw.limits.for_user(user), user=user, sandbox=req.sandbox, llm=req.llm,
             allow_domains=req.allow_domains, allow_read=req.allow_read, credentials=req.credentials,
-            quota_tokens=None, quota_usd=None, running=self.gw.pool.user_sandboxes(user))
+            quota_tokens=req.quota_tokens, quota_usd=req.quota_usd, running=self.gw.pool.user_sandboxes(user))
         grant = SessionGrant(
             grant_id=secrets.token_hex(12), session_id=sid, user=user, workspace=req.workspace,
             workspace_host=req.workspace_host, sandbox=req.sandbox, allow_read=req.allow_read,

@@ -5,8 +5,16 @@ Harness options in config.json (every field optional)::
     "models": {
       "anthropic": {"api_key_env": "ANTHROPIC_API_KEY", "base_url": "...", "max_tokens": 8192,
                     "retry": {"attempts": 5, "base_delay_s": 1.0, "max_delay_s": 60.0}},
-      "openai": {"api_key_file": "/path/to/key", "base_url": "..."}
+      "openai": {"api_key_file": "/path/to/key", "base_url": "..."},
+      "openai-ws": {"api_key_env": "OPENAI_API_KEY", "base_url": "https://api.openai.com/v1"},
+      "local": {"base_url": "http://127.0.0.1:8080/v1", "command": ["llama-server", "..."],
+                "health_path": "/health", "start_timeout_s": 120}
     }
+
+``openai-ws`` is the Realtime API over WebSocket (the SDK derives the
+``wss://`` address from ``base_url``); ``local`` a local OpenAI-compatible
+server, which needs no key unless ``api_key_env`` or ``api_key_file`` names
+one, and which the harness starts from ``command`` when given.
 
 A key comes from the harness's own environment (``api_key_env``) or a file
 (``api_key_file``); it is never put in a message, event, journal or log.
@@ -22,11 +30,15 @@ from devsilo.protocol import ConfigError, LLMChoice
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._anthropic import AnthropicModel
+from ._local import LocalChatModel, LocalServers
 from ._model import ModelBackend, ModelFailure, ScriptedModel, UnavailableModel
 from ._openai import OpenAIResponsesModel
+from ._realtime import OpenAIRealtimeModel
 from ._retry import RetryPolicy
 
-DEFAULT_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
+DEFAULT_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY",
+                   "openai-ws": "OPENAI_API_KEY"}
+DEFAULT_LOCAL_URL = "http://127.0.0.1:8080/v1"
 
 
 class RetrySettings(BaseModel):
@@ -50,12 +62,23 @@ class ProviderSettings(BaseModel):
     retry: RetrySettings = RetrySettings()
 
 
+class LocalSettings(ProviderSettings):
+    """The local server's settings: a provider's, plus the command that starts it."""
+
+    command: list[str] | None = Field(default=None, min_length=1)
+    health_path: str | None = Field(default=None, pattern=r"^/[!-~]*$")
+    start_timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0)
+    log_file: str | None = None
+
+
 class ModelSettings(BaseModel):
     """The harness options' ``models`` section."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     anthropic: ProviderSettings = ProviderSettings()
     openai: ProviderSettings = ProviderSettings()
+    openai_ws: ProviderSettings = Field(default=ProviderSettings(), alias="openai-ws")
+    local: LocalSettings = LocalSettings()
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> ModelSettings:
@@ -90,21 +113,27 @@ def read_api_key(provider: str, settings: ProviderSettings) -> str:
     return key
 
 
-def make_model(llm: LLMChoice, options: dict[str, Any]) -> ModelBackend:
+def make_model(llm: LLMChoice, options: dict[str, Any], *,
+               local_servers: LocalServers | None = None) -> ModelBackend:
     """The backend a session asked for.
 
     A real backend that cannot be set up (no key) is returned as an
     UnavailableModel, so the session reports it as a model failure.
+    ``local_servers`` holds the harness's local model server processes (a
+    ``local`` backend with a ``command`` needs it).
     """
     if llm.backend == "mock":
         if not llm.script:
             raise ModelFailure("the mock model needs a script (--script FILE)")
         return ScriptedModel(llm.script)
-    if llm.backend not in ("anthropic", "openai"):
-        raise ModelFailure(f"LLM backend {llm.backend!r} is not built yet; "
-                           "use --llm anthropic, openai or mock")
     settings = ModelSettings.from_options(options)
-    provider = settings.anthropic if llm.backend == "anthropic" else settings.openai
+    if llm.backend == "local":
+        return _local_model(llm.model, settings.local, local_servers)
+    providers = {"anthropic": settings.anthropic, "openai": settings.openai, "openai-ws": settings.openai_ws}
+    if llm.backend not in providers:
+        raise ModelFailure(f"LLM backend {llm.backend!r} is not built; use --llm anthropic, openai, "
+                           "openai-ws, local or mock")
+    provider = providers[llm.backend]
     policy = RetryPolicy(provider.retry.attempts, provider.retry.base_delay_s, provider.retry.max_delay_s)
     try:
         key = read_api_key(llm.backend, provider)
@@ -113,6 +142,29 @@ def make_model(llm: LLMChoice, options: dict[str, Any]) -> ModelBackend:
     if llm.backend == "anthropic":
         return AnthropicModel(llm.model, key, base_url=provider.base_url, max_tokens=provider.max_tokens,
                               policy=policy, timeout_s=provider.timeout_s)
+    if llm.backend == "openai-ws":
+        return OpenAIRealtimeModel(llm.model, key, base_url=provider.base_url,
+                                   max_output_tokens=provider.max_tokens, policy=policy,
+                                   timeout_s=provider.timeout_s)
     return OpenAIResponsesModel(llm.model, key, base_url=provider.base_url,
                                 max_output_tokens=provider.max_tokens, policy=policy,
                                 timeout_s=provider.timeout_s)
+
+
+def _local_model(model: str, local: LocalSettings, servers: LocalServers | None) -> ModelBackend:
+    policy = RetryPolicy(local.retry.attempts, local.retry.base_delay_s, local.retry.max_delay_s)
+    base_url = local.base_url or DEFAULT_LOCAL_URL
+    key = "none"  # local servers usually want none; the SDK insists on some string
+    if local.api_key_env or local.api_key_file:
+        try:
+            key = read_api_key("local", local)
+        except ModelFailure as exc:
+            return UnavailableModel(f"local:{model}", str(exc))
+    server = None
+    if local.command:
+        if servers is None:
+            return UnavailableModel(f"local:{model}", "this harness cannot start local model servers")
+        server = servers.get(local.command, base_url, health_path=local.health_path,
+                             start_timeout_s=local.start_timeout_s, log_path=local.log_file)
+    return LocalChatModel(model, base_url=base_url, api_key=key, server=server,
+                          max_tokens=local.max_tokens, policy=policy, timeout_s=local.timeout_s)

@@ -29,6 +29,8 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from prometheus_client import Gauge, Histogram
 
 from ._backends import make_model
+from ._gate import ModelPolicy
+from ._local import LocalServers
 from ._session import SessionRunner
 
 ANNOUNCE_GRACE_S = 2.5
@@ -113,6 +115,8 @@ async def serve(ctx: ServiceContext) -> None:
     tasks: set[asyncio.Task[None]] = set()
     pool = PoolView()
     metrics = PoolMetrics(ctx)
+    local_servers = LocalServers()
+    policy = ModelPolicy.from_options(ctx.options, ctx.metrics.registry)
     await ensure_streams(ctx)
 
     def executor_gone(eid: str, why: str) -> None:
@@ -160,7 +164,7 @@ async def serve(ctx: ServiceContext) -> None:
             raise GrantError(f"start signed for {env.header.sid}, grant is for {grant.session_id}")
         if grant.session_id in runners:
             raise GrantError(f"session {grant.session_id} is already running")
-        model = make_model(start.llm, ctx.options)
+        model = make_model(start.llm, ctx.options, local_servers=local_servers)
         started = time.monotonic()
         try:
             lease = await lease_sandbox(bus, pool, grant, start.grant,
@@ -170,7 +174,7 @@ async def serve(ctx: ServiceContext) -> None:
             raise
         metrics.lease_wait.labels(outcome="ok").observe(time.monotonic() - started)
         runner = SessionRunner(bus, grant, lease.executor_id, lease.access, model,
-                               headless=start.headless, log=ctx.log)
+                               headless=start.headless, log=ctx.log, policy=policy)
         runners[grant.session_id] = runner
         metrics.sessions.inc()
 
@@ -210,3 +214,4 @@ async def serve(ctx: ServiceContext) -> None:
     for task in list(tasks):
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await local_servers.aclose()

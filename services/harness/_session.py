@@ -24,6 +24,7 @@ from devsilo.protocol import (
 from devsilo.protocol._messages import AccessReport, EventKind
 from devsilo.runtime import Bus
 
+from ._gate import ModelPolicy
 from ._model import ModelBackend, ModelFailure, ToolUse
 
 HEADLESS_INSTRUCTION = (
@@ -78,6 +79,7 @@ class SessionRunner:
         *,
         headless: bool,
         log: Any,
+        policy: ModelPolicy | None = None,
     ) -> None:
         self.bus = bus
         self.grant = grant
@@ -88,6 +90,7 @@ class SessionRunner:
         self.headless = headless
         self.events = SessionEvents(bus, self.sid)
         self.log = log.bind(session=self.sid)
+        self.llm = (policy or ModelPolicy.from_options({})).gate(model, grant, self.events.emit, logger=self.log)
         self.inputs: asyncio.Queue[str] = asyncio.Queue()
         self.messages: list[dict[str, Any]] = []
         self.exit_code: int | None = None
@@ -168,8 +171,7 @@ class SessionRunner:
         self.messages.append({"role": "user", "content": text})
         nudges = 0
         while self.exit_code is None:
-            response = await self.model.complete(self.messages, self.tools)
-            await self.events.emit("cost", {"model": self.model.name, **response.usage.as_dict()})
+            response = await self.llm.complete(self.messages, self.tools, agent="main")
             if response.text:
                 await self.events.emit("assistant_text", {"text": response.text, "final": True})
             self.messages.append({

@@ -149,6 +149,10 @@ class CreateSession(ClientFrame):
     credentials: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], ...] = Field(
         default=(), max_length=32,
         description="names of egress credentials the session may use (the egress decides who may)")
+    quota_tokens: int | None = Field(default=None, ge=0, description="the session stops once its models "
+                                     "used this many tokens (the harness's own limit may be lower)")
+    quota_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False,
+                                    description="the session stops once its models cost this many USD")
 
 
 class Attach(ClientFrame):
