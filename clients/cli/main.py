@@ -181,6 +181,23 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return asyncio.run(list_sessions(target, sys.stdout))
 
 
+def cmd_journal(args: argparse.Namespace) -> int:
+    """Export a session's journal as JSONL."""
+    from ._journal import export_journal
+    from ._sessions import local_gateway
+
+    target = local_gateway(_state(args), args.gateway)
+    if args.output in (None, "-"):
+        asyncio.run(export_journal(target, args.session, sys.stdout))
+        return EXIT_OK
+    out = Path(args.output)
+    partial = out.with_name(out.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as f:
+        asyncio.run(export_journal(target, args.session, f))
+    partial.replace(out)
+    return EXIT_OK
+
+
 def cmd_workspace(args: argparse.Namespace) -> int:
     """Lock, unlock, describe or list workspaces."""
     from devsilo.protocol.client import WorkspaceCommand
@@ -364,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gateway")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_sessions)
+
+    s = sub.add_parser("journal", parents=[common], help="export a session's journal as JSONL")
+    s.add_argument("action", choices=["export"])
+    s.add_argument("session")
+    s.add_argument("-o", "--output", help="file to write (default: standard output)")
+    s.add_argument("--gateway")
+    s.set_defaults(func=cmd_journal)
 
     s = sub.add_parser("workspace", parents=[common], help="lock, unlock (with a change report), status, list")
     s.add_argument("action", choices=["lock", "unlock", "status", "list"])

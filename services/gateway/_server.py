@@ -41,6 +41,7 @@ from devsilo.protocol.client import (
     Hello,
     Interrupt,
     ListClients,
+    JournalExport,
     ListSessions,
     Pair,
     PairingCodeRequest,
@@ -79,6 +80,7 @@ from ._auth import (
     Principal,
     TokenAuthenticator,
 )
+from ._journal import export_page
 from ._keys import ClientKeyStore
 from ._limits import Limits, check_request
 from ._pairing import CODE_VALID_S, PairingCodes, PairingLimiter
@@ -278,6 +280,8 @@ class ClientConnection:
         elif isinstance(req, Pair):
             await self.send(ErrorFrame(code="bad_request", message="already authenticated; pair a new "
                                        "client from its own connection", request=req.type))
+        elif isinstance(req, JournalExport):
+            await self.send(await export_page(self.gw.bus, self.who, req))
 
     async def _create(self, req: CreateSession) -> None:
         assert self.who is not None

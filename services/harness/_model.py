@@ -140,6 +140,10 @@ class ScriptedModel:
             raise ModelFailure(f"mock script is not valid: {str(exc).splitlines()[0]}") from None
         self._next = 0
 
+    def resume_at(self, step: int) -> None:
+        """Go on from response ``step`` (a session resumed from its journal after ``step`` responses)."""
+        self._next = max(0, step)
+
     async def complete(self, messages: list[dict[str, Any]], tools: list[str], *,
                        on_text: TextSink | None = None) -> ModelResponse:
         """Return the next scripted response (its text streamed word by word to ``on_text``);

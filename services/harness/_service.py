@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
+from typing import Any
 
 from devsilo.protocol import (
+    Ack,
     Envelope,
     ExecutorAnnounce,
     GrantError,
+    JournalExportPage,
+    JournalExportRequest,
     LeaseGranted,
     LeaseRequest,
     Message,
     PoolError,
     RemoteError,
     Role,
+    SessionEvent,
     SessionGrant,
     SessionInput,
+    SessionOwnership,
     SessionStarted,
     StartSession,
     open_grant,
@@ -26,12 +33,16 @@ from devsilo.runtime import Bus, ServiceContext
 from devsilo.runtime._pool import PoolView
 from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-from prometheus_client import Gauge, Histogram
+from nats.js.errors import NotFoundError
+from prometheus_client import Counter, Gauge, Histogram
 
-from ._backends import make_model
+from ._backends import DEFAULT_KEY_ENV, ModelSettings, ProviderSettings, make_model, read_api_key
+from ._failover import BEAT_S, TAKEOVER_AFTER_S, UNKNOWN_RESULT, SessionOwners, rebuild
 from ._gate import ModelPolicy
+from ._journal import JournalReader, SessionJournal, StreamSink, script_digest
 from ._local import LocalServers
-from ._session import SessionRunner
+from ._model import ModelFailure, ScriptedModel
+from ._session import HEADLESS_INSTRUCTION, SessionRunner
 
 ANNOUNCE_GRACE_S = 2.5
 """Executors announce every second; a session leased this recently may not be listed yet."""
@@ -72,6 +83,9 @@ class PoolMetrics:
         self.executors = Gauge("silo_pool_executors", "Executors announcing themselves.", registry=reg)
         self.capacity = Gauge("silo_pool_capacity", "Sandbox slots in the pool, by state.", ["state"],
                               registry=reg)
+        self.takeovers = Counter("silo_session_takeovers_total",
+                                 "Sessions this harness resumed after their owner went silent.",
+                                 registry=reg)
         self.lease_wait = Histogram("silo_lease_wait_seconds", "Time to lease a sandbox, by outcome.",
                                     ["outcome"], registry=reg,
                                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15))
@@ -108,26 +122,80 @@ async def lease_sandbox(bus: Bus, pool: PoolView, grant: SessionGrant, sealed: s
         await asyncio.sleep(0.1)
 
 
+def harness_secrets(options: dict[str, Any]) -> list[str]:
+    """The API keys this harness can read: scrubbed from every journal record."""
+    settings = ModelSettings.from_options(options)
+    found = []
+    for provider in DEFAULT_KEY_ENV:
+        provider_settings = getattr(settings, provider.replace("-", "_"), None)
+        if not isinstance(provider_settings, ProviderSettings):
+            continue
+        try:
+            found.append(read_api_key(provider, provider_settings))
+        except ModelFailure:
+            continue
+    return found
+
+
+async def next_event_seq(bus: Bus, sid: str) -> int:
+    """The seq after the last event of ``sid`` in the events stream (0 when it has none)."""
+    subject = subjects.session_events(sid)
+    try:
+        msg = await bus.js.get_last_msg(subjects.EVENTS_STREAM, subject, direct=True)
+    except NotFoundError:
+        return 0
+    env = bus.open(bytes(msg.data or b""), subject, fresh=False)
+    return env.expect(SessionEvent).seq + 1
+
+
 async def serve(ctx: ServiceContext) -> None:
     """Run the harness until stopped."""
     bus = ctx.bus
     runners: dict[str, SessionRunner] = {}
+    run_tasks: dict[str, asyncio.Task[None]] = {}
     tasks: set[asyncio.Task[None]] = set()
     pool = PoolView()
     metrics = PoolMetrics(ctx)
     local_servers = LocalServers()
     policy = ModelPolicy.from_options(ctx.options, ctx.metrics.registry)
     await ensure_streams(ctx)
+    scrub = harness_secrets(ctx.options)
+    owners = SessionOwners(bus, ctx.service_id, secrets.token_hex(8), ctx.log,
+                           takeover_after_s=float(ctx.options.get("takeover_after_s", TAKEOVER_AFTER_S)))
+    await owners.open()
+
+    def journal_for(sid: str, next_n: int = 0) -> SessionJournal:
+        return SessionJournal(StreamSink(bus, sid), sid, max_bytes=bus.verifier.max_bytes, secrets=scrub,
+                              next_n=next_n)
 
     def executor_gone(eid: str, why: str) -> None:
         for runner in list(runners.values()):
             if runner.executor_id == eid:
                 spawn(runner.executor_lost(f"executor {eid} {why}; the session cannot continue"))
 
-    def spawn(coro: object) -> None:
+    def spawn(coro: object) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        return task
+
+    def launch(runner: SessionRunner, body: Any) -> None:
+        """Run a session's coroutine; when it ends, the session leaves this harness and the bucket."""
+        sid = runner.sid
+        runners[sid] = runner
+        metrics.sessions.inc()
+
+        async def run() -> None:
+            try:
+                await body
+            finally:
+                runners.pop(sid, None)
+                run_tasks.pop(sid, None)
+                metrics.sessions.dec()
+                if runner.exit_code is not None:
+                    await owners.release(sid)
+
+        run_tasks[sid] = spawn(run())
 
     async def on_announce(env: Envelope, msg: Msg) -> None:
         ann = env.expect(ExecutorAnnounce)
@@ -157,6 +225,23 @@ async def serve(ctx: ServiceContext) -> None:
             metrics.capacity.labels(state="free").set(free)
             metrics.capacity.labels(state="total").set(total)
 
+    async def session_lost(sid: str) -> None:
+        """Another harness took the session: stop driving it here, without a word to anyone."""
+        runner = runners.get(sid)
+        task = run_tasks.get(sid)
+        if runner is not None:
+            runner.abandon()
+        if task is not None:
+            task.cancel()
+
+    async def heartbeat() -> None:
+        while True:
+            await asyncio.sleep(BEAT_S)
+            try:
+                await owners.renew(session_lost)
+            except Exception as exc:  # noqa: BLE001 — a NATS hiccup: the next beat tries again
+                ctx.log.warning("ownership_renew_failed", error=str(exc))
+
     async def on_start(env: Envelope, msg: Msg) -> Message:
         start = env.expect(StartSession)
         grant = open_grant(bus.verifier, start.grant)
@@ -173,44 +258,103 @@ async def serve(ctx: ServiceContext) -> None:
             metrics.lease_wait.labels(outcome="error").observe(time.monotonic() - started)
             raise
         metrics.lease_wait.labels(outcome="ok").observe(time.monotonic() - started)
+        sid = grant.session_id
+        await owners.claim(SessionOwnership(
+            session_id=sid, owner=ctx.service_id, instance=owners.instance, grant=start.grant,
+            llm=start.llm, headless=start.headless, executor_id=lease.executor_id, access=lease.access))
+        journal = journal_for(sid)
         runner = SessionRunner(bus, grant, lease.executor_id, lease.access, model,
-                               headless=start.headless, log=ctx.log, policy=policy)
-        runners[grant.session_id] = runner
-        metrics.sessions.inc()
+                               headless=start.headless, log=ctx.log, policy=policy, journal=journal)
 
-        async def run() -> None:
-            try:
-                await runner.run(start.prompt)
-            finally:
-                runners.pop(grant.session_id, None)
-                metrics.sessions.dec()
+        async def begin() -> None:
+            await journal.meta(
+                grant=grant.model_dump(mode="json"),
+                llm={"backend": start.llm.backend, "model": start.llm.model,
+                     "script_sha256": script_digest(start.llm.script)},
+                headless=start.headless, executor=lease.executor_id,
+                access=lease.access.model_dump(mode="json"), harness=ctx.service_id, tools=runner.tools)
+            await journal.lifecycle("started", harness=ctx.service_id)
+            if start.prompt:
+                await journal.client_input("prompt", "start", start.prompt)
+            await runner.run(start.prompt)
 
-        spawn(run())
+        launch(runner, begin())
         ctx.log.info("session_started", user=grant.user, executor=lease.executor_id)
-        return SessionStarted(session_id=grant.session_id, executor_id=lease.executor_id)
+        return SessionStarted(session_id=sid, executor_id=lease.executor_id)
 
-    async def on_input(env: Envelope, msg: Msg) -> None:
+    async def take_over(own: SessionOwnership, revision: int) -> None:
+        """Resume a session whose harness went silent, from its journal."""
+        sid = own.session_id
+        grant = open_grant(bus.verifier, own.grant)
+        state = rebuild(await JournalReader(bus, sid, network=False).entries())
+        if state.ended:
+            await owners.release(sid)
+            return
+        model = make_model(own.llm, ctx.options, local_servers=local_servers)
+        if isinstance(model, ScriptedModel):
+            model.resume_at(state.responses)
+        journal = journal_for(sid, state.next_n)
+        runner = SessionRunner(bus, grant, own.executor_id, own.access, model, headless=own.headless,
+                               log=ctx.log, policy=policy, journal=journal, next_seq=await next_event_seq(bus, sid))
+        await journal.lifecycle("resumed", harness=ctx.service_id, responses=state.responses,
+                                pending_calls=len(state.pending), unknown_results=len(state.unknown))
+        for call in state.unknown:
+            await journal.tool_result("main", call.id, call.name, UNKNOWN_RESULT, True, {}, "harness")
+            await runner.events.emit("tool_result", {"id": call.id, "name": call.name,
+                                                     "content": UNKNOWN_RESULT, "is_error": True, "meta": {}})
+        messages = state.messages
+        if not messages and own.headless:
+            messages = [{"role": "system", "content": HEADLESS_INSTRUCTION}]
+        metrics.takeovers.inc()
+        ctx.log.info("session_resumed", session=sid, responses=state.responses, in_turn=state.in_turn)
+        launch(runner, runner.resume(messages, state.pending if state.in_turn else [], state.in_turn,
+                                     state.queued))
+
+    async def on_input(env: Envelope, msg: Msg) -> Message | None:
         inp = env.expect(SessionInput)
         sid = msg.subject.split(".")[2]
+        runner = runners.get(sid)
+        if runner is None or not owners.owns(sid):
+            return None  # another harness runs it (or nobody): stay silent
         if env.header.sid != sid:
             raise GrantError(f"input signed for session {env.header.sid}, sent to {sid}")
-        runner = runners.get(sid)
-        if runner is None:
-            raise GrantError(f"no running session {sid} on this harness")
+        if runner.journal is not None:
+            await runner.journal.client_input(inp.kind, inp.client, inp.text, inp.question_id)
         if inp.kind == "prompt":
             runner.inputs.put_nowait(inp.text)
         elif inp.kind == "interrupt":
             runner.interrupt()
         elif inp.kind == "stop":
             await runner.stop(f"stopped by {inp.client or 'a client'}")
+        return Ack()
+
+    async def on_export(env: Envelope, msg: Msg) -> Message:
+        req = env.expect(JournalExportRequest)
+        reader = JournalReader(bus, req.session_id)
+        first = await reader.unit(0)
+        meta = first[0][0] if first else None
+        if meta is None or meta.kind != "meta":
+            raise GrantError(f"no journal for session {req.session_id}")
+        owner = str((meta.data.get("grant") or {}).get("user", ""))
+        if not req.operator and owner != req.user:
+            raise GrantError(f"session {req.session_id} is not {req.user}'s")
+        budget = min(req.max_bytes, bus.verifier.max_bytes // 2)
+        text, after, offset, done = await reader.page(req.after, req.offset, budget)
+        return JournalExportPage(session_id=req.session_id, text=text, after=after, offset=offset, done=done)
 
     await bus.subscribe(subjects.POOL_ANNOUNCE_ALL, on_announce)
     await bus.subscribe(subjects.HARNESS_START, on_start, queue=subjects.HARNESS_QUEUE, concurrent=True)
     await bus.subscribe("silo.session.*.input", on_input)
+    await bus.subscribe(subjects.HARNESS_JOURNAL_EXPORT, on_export, queue=subjects.HARNESS_QUEUE,
+                        concurrent=True)
     spawn(watch_pool())
+    spawn(heartbeat())
+    spawn(owners.watch(take_over))
     await ctx.stopping.wait()
     for runner in list(runners.values()):
         await runner.stop("harness stopping")
+    if run_tasks:  # each closes its sandbox and leaves the bucket
+        await asyncio.wait(set(run_tasks.values()), timeout=15.0)
     for task in list(tasks):
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -25,6 +25,7 @@ from devsilo.protocol._messages import AccessReport, EventKind
 from devsilo.runtime import Bus
 
 from ._gate import ModelPolicy
+from ._journal import SessionJournal
 from ._model import ModelBackend, ModelFailure, ToolUse
 
 HEADLESS_INSTRUCTION = (
@@ -46,13 +47,15 @@ class SessionEvents:
     the next is sent, and its dedupe id makes a retried publish idempotent.
     """
 
-    def __init__(self, bus: Bus, session_id: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, bus: Bus, session_id: str, clock: Callable[[], float] = time.time, *,
+                 journal: SessionJournal | None = None, next_seq: int = 0) -> None:
         self._bus = bus
         self._sid = session_id
         self._subject = subjects.session_events(session_id)
-        self._seq = 0
+        self._seq = next_seq
         self._lock = asyncio.Lock()
         self._clock = clock
+        self._journal = journal
 
     async def emit(self, kind: EventKind, data: dict[str, Any] | None = None, agent: str = "main") -> int:
         """Publish one event; return its seq."""
@@ -63,6 +66,8 @@ class SessionEvents:
             )
             await self._bus.js_publish(self._subject, event, sid=self._sid, dedupe_id=f"{self._sid}:{seq}")
             self._seq += 1
+            if self._journal is not None:
+                await self._journal.event(event)
             return seq
 
 
@@ -80,6 +85,8 @@ class SessionRunner:
         headless: bool,
         log: Any,
         policy: ModelPolicy | None = None,
+        journal: SessionJournal | None = None,
+        next_seq: int = 0,
     ) -> None:
         self.bus = bus
         self.grant = grant
@@ -88,7 +95,8 @@ class SessionRunner:
         self.access = access
         self.model = model
         self.headless = headless
-        self.events = SessionEvents(bus, self.sid)
+        self.journal = journal
+        self.events = SessionEvents(bus, self.sid, journal=journal, next_seq=next_seq)
         self.log = log.bind(session=self.sid)
         self.llm = (policy or ModelPolicy.from_options({})).gate(model, grant, self.events.emit, logger=self.log)
         self.inputs: asyncio.Queue[str] = asyncio.Queue()
@@ -96,6 +104,7 @@ class SessionRunner:
         self.exit_code: int | None = None
         self._turn: asyncio.Task[None] | None = None
         self._executor_lost = False
+        self._abandoned = False
         self.leased_at = time.monotonic()
         self.tools = [*SANDBOX_TOOLS, "Exit"] if headless else list(SANDBOX_TOOLS)
 
@@ -111,7 +120,26 @@ class SessionRunner:
             self.messages.append({"role": "system", "content": HEADLESS_INSTRUCTION})
         if prompt:
             self.inputs.put_nowait(prompt)
+        await self._loop()
+
+    async def resume(self, messages: list[dict[str, Any]], pending: list[ToolUse], in_turn: bool,
+                     queued: list[str]) -> None:
+        """Go on with a session another harness ran (rebuilt from its journal, see ``_failover``).
+
+        ``in_turn``: the turn was under way; ``pending`` are the tool calls of
+        its last response that had not started, run before the model is asked again.
+        """
+        self.messages = messages
+        for text in queued:
+            self.inputs.put_nowait(text)
+        if in_turn:
+            self._turn = asyncio.create_task(self._run_turn(None, pending))
+        await self._loop()
+
+    async def _loop(self) -> None:
         try:
+            if self._turn is not None:
+                await self._await_turn()
             while self.exit_code is None:
                 if self.inputs.empty():
                     if self.headless:
@@ -122,14 +150,7 @@ class SessionRunner:
                 if self.exit_code is not None:
                     break
                 self._turn = asyncio.create_task(self._run_turn(text))
-                try:
-                    await self._turn
-                except asyncio.CancelledError:
-                    if self.exit_code is not None or asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                        raise
-                    if self._executor_lost:
-                        continue  # executor_lost() reports and ends the session
-                    await self.events.emit("interrupted", {"reason": "user interrupt"})
+                await self._await_turn()
         except ModelFailure as exc:
             await self.events.emit("error", {"message": str(exc)})
             await self._finish(EXIT_MODEL, str(exc))
@@ -140,6 +161,21 @@ class SessionRunner:
         finally:
             await self.model.aclose()
             await self._close_sandbox()
+
+    async def _await_turn(self) -> None:
+        assert self._turn is not None
+        try:
+            await self._turn
+        except asyncio.CancelledError:
+            if self.exit_code is not None or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+            if self._executor_lost:
+                return  # executor_lost() reports and ends the session
+            await self.events.emit("interrupted", {"reason": "user interrupt"})
+
+    def abandon(self) -> None:
+        """Another harness owns the session now: end here without events and leave its sandbox be."""
+        self._abandoned = True
 
     def interrupt(self) -> bool:
         """Cancel the running turn (its tool calls included); True when one was running."""
@@ -165,13 +201,26 @@ class SessionRunner:
         await self._finish(EXIT_RUNTIME, reason)
         self.inputs.put_nowait("")
 
-    async def _run_turn(self, text: str) -> None:
-        await self.events.emit("user_prompt", {"text": text})
-        await self.events.emit("busy", {"busy": True})
-        self.messages.append({"role": "user", "content": text})
+    async def _run_turn(self, text: str | None, pending: list[ToolUse] | None = None) -> None:
+        if text is not None:
+            if self.journal is not None:
+                await self.journal.lifecycle("turn")
+            await self.events.emit("user_prompt", {"text": text})
+            await self.events.emit("busy", {"busy": True})
+            self.messages.append({"role": "user", "content": text})
+        for call in pending or ():
+            result = await self._call_tool(call)
+            self.messages.append({"role": "tool", "tool_call_id": call.id, "content": result.content,
+                                  "is_error": result.is_error})
+            if self.exit_code is not None:
+                return
         nudges = 0
         while self.exit_code is None:
             response = await self.llm.complete(self.messages, self.tools, agent="main")
+            if self.journal is not None:  # after the call: ``messages`` as sent (compaction works in place)
+                await self.journal.llm_request("main", self.model.name, self.messages, self.tools)
+                await self.journal.llm_response("main", response.text, response.tool_calls,
+                                                response.usage.as_dict())
             if response.text:
                 await self.events.emit("assistant_text", {"text": response.text, "final": True})
             self.messages.append({
@@ -196,6 +245,18 @@ class SessionRunner:
         await self.events.emit("turn_complete")
 
     async def _call_tool(self, call: ToolUse) -> ToolResult:
+        result = await self._run_tool(call)
+        if self.journal is not None:
+            await self.journal.tool_result("main", call.id, call.name, result.content, result.is_error,
+                                           result.meta, self._owner(call))
+        return result
+
+    def _owner(self, call: ToolUse) -> str:
+        return self.executor_id if call.name in SANDBOX_TOOLS else "harness"
+
+    async def _run_tool(self, call: ToolUse) -> ToolResult:
+        if self.journal is not None:
+            await self.journal.tool_call("main", call.id, call.name, call.input, self._owner(call))
         await self.events.emit("tool_use", {"id": call.id, "name": call.name, "input": call.input})
         if call.input_error is not None:
             result = ToolResult(call_id=call.id, is_error=True,
@@ -237,9 +298,11 @@ class SessionRunner:
             return
         self.exit_code = code
         await self.events.emit("shutdown", {"exit_code": code, "reason": reason})
+        if self.journal is not None:
+            await self.journal.lifecycle("ended", exit_code=code, reason=reason)
 
     async def _close_sandbox(self) -> None:
-        if self._executor_lost:
+        if self._executor_lost or self._abandoned:
             return
         try:
             await self.bus.request(

@@ -285,6 +285,83 @@ class NetworkRecord(Message):
     credential: bool = False
 
 
+JournalKind = Literal["meta", "event", "llm_request", "llm_response", "tool_exec", "client_input", "lifecycle"]
+
+
+class JournalRecord(Message):
+    """One record of a session's journal, numbered ``n`` from 0 per session, without gaps.
+
+    A record too large for one message is split: ``parts`` messages with the
+    same ``n``, each carrying a ``fragment`` of the JSON text of ``data`` (and
+    an empty ``data``), to be joined in ``part`` order. Nothing is dropped.
+    """
+
+    TYPE = "journal_record"
+    SUBJECTS = ("silo.journal.*",)
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    n: int = Field(ge=0)
+    kind: JournalKind
+    ts: float
+    agent: str | None = Field(default=None, max_length=128)
+    data: dict[str, Any] = Field(default_factory=dict)
+    part: int = Field(default=0, ge=0)
+    parts: int = Field(default=1, ge=1, le=100_000)
+    fragment: str | None = None
+
+
+class JournalExportRequest(Message):
+    """Gateway asks a harness for one page of a session's journal, for a user it authenticated.
+
+    ``after`` is the stream sequence of the last message already sent (0 at
+    first); ``operator`` lets the request read any user's session.
+    """
+
+    TYPE = "journal_export_request"
+    SUBJECTS = ("silo.harness.journal",)
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    user: str = Field(min_length=1, max_length=128)
+    operator: bool = False
+    after: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, description="characters of the next unit already sent")
+    max_bytes: int = Field(default=256 * 1024, ge=1024, le=512 * 1024)
+
+
+class JournalExportPage(Message):
+    """Harness reply: the next piece of the export's JSONL text (journal and network records, in order).
+
+    Pieces concatenate into the whole export; a line may span pages.
+    """
+
+    TYPE = "journal_export_page"
+    SUBJECTS = (REPLY,)
+    session_id: str
+    text: str = ""
+    after: int = Field(ge=0, description="pass back as the next request's ``after``")
+    offset: int = Field(ge=0, description="pass back as the next request's ``offset``")
+    done: bool
+
+
+class SessionOwnership(Message):
+    """Which harness runs a session: the value of its entry in the ``silo_sessions`` KV bucket.
+
+    The owner renews it every second (``beat`` counts renewals); a replica that
+    sees no renewal for a few seconds takes the session over by compare-and-set
+    on the entry's revision, and resumes it from the journal.
+    """
+
+    TYPE = "session_ownership"
+    SUBJECTS = ("$KV.silo_sessions.*",)
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    owner: str = Field(max_length=64)
+    instance: str = Field(max_length=64)
+    grant: str = Field(max_length=64 * 1024)
+    llm: LLMChoice
+    headless: bool = False
+    executor_id: str = Field(pattern=SESSION_ID_PATTERN)
+    access: AccessReport
+    beat: int = Field(default=0, ge=0)
+
+
 class WorkspaceRequest(Message):
     """Gateway asks an executor to lock, unlock or describe workspaces for a user."""
 
@@ -450,6 +527,10 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         EgressSessionClose,
         EgressSessionReady,
         NetworkRecord,
+        JournalRecord,
+        JournalExportRequest,
+        JournalExportPage,
+        SessionOwnership,
         RelayHello,
         Ack,
         ErrorReply,

@@ -14,6 +14,12 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.egress.any.session         executor -> egress    same, any egress (queue group)
     silo.journal.<sid>              harness  -> stream    JournalRecord (JetStream JOURNAL)
     silo.journal.<sid>.network      egress   -> stream    NetworkRecord (JetStream JOURNAL)
+    silo.harness.journal            gateway  -> harness   JournalExportRequest (request, queue group):
+                                                          one bounded page of a session's journal
+    $KV.silo_sessions.<sid>         harness  -> KV        SessionOwnership: which harness runs a
+                                                          session, renewed every second; another
+                                                          replica takes over a silent one by
+                                                          compare-and-set on the revision
     silo.egress.<gid>.relay         executor -> egress    RelayHello: never on NATS, the signed first
                                                           line of each relay TCP connection
     silo.exec.<eid>.shell           gateway  -> executor  ShellOpen (request)
@@ -52,6 +58,11 @@ JOURNAL_STREAM = "SILO_JOURNAL"
 JOURNAL_SUBJECTS = "silo.journal.>"
 HARNESS_JOURNAL = "silo.journal.*"
 EGRESS_JOURNAL = "silo.journal.*.network"
+HARNESS_JOURNAL_EXPORT = "silo.harness.journal"
+SESSION_OWNERS = "silo_sessions"
+"""KV bucket: session id -> the harness that runs it (a signed SessionOwnership)."""
+SESSION_OWNERS_STREAM = f"KV_{SESSION_OWNERS}"
+SESSION_OWNERS_SUBJECTS = f"$KV.{SESSION_OWNERS}.*"
 WORKSPACE_OBJECTS = "silo_workspaces"
 """Object store bucket for workspace archives moving between machines (gateway <-> executor)."""
 WORKSPACE_OBJECTS_STREAM = f"OBJ_{WORKSPACE_OBJECTS}"
@@ -143,6 +154,11 @@ def egress_relay(gid: str) -> str:
     return f"silo.egress.{check_id(gid, 'egress id')}.relay"
 
 
+def session_owner(sid: str) -> str:
+    """Subject of a session's entry in the session ownership KV bucket."""
+    return f"$KV.{SESSION_OWNERS}.{check_id(sid, 'session id')}"
+
+
 def journal_network(sid: str) -> str:
     """Subject of a session's network records (from the egress), kept in the journal stream."""
     return f"silo.journal.{check_id(sid, 'session id')}.network"
@@ -172,13 +188,14 @@ SHELL_OUTPUT_ALL = "silo.shell.*.output"
 # from the role they asked.
 PUBLISH: dict[Role, tuple[str, ...]] = {
     Role.GATEWAY: (GRANT, HARNESS_START, "silo.session.*.input", "silo.exec.*.workspace",
-                   "silo.exec.*.shell", SHELL_INPUT_ALL),
+                   "silo.exec.*.shell", SHELL_INPUT_ALL, HARNESS_JOURNAL_EXPORT),
     Role.HARNESS: (
         EVENTS_SUBJECTS,
         "silo.exec.*.lease",
         "silo.exec.*.*.tool",
         "silo.exec.*.*.close",
         HARNESS_JOURNAL,
+        SESSION_OWNERS_SUBJECTS,
     ),
     Role.EXECUTOR: ("silo.egress.*.session", POOL_ANNOUNCE_ALL, SHELL_OUTPUT_ALL, EGRESS_RELAY_ALL),
     Role.EGRESS: (EGRESS_JOURNAL,),
@@ -188,7 +205,7 @@ PUBLISH: dict[Role, tuple[str, ...]] = {
 # in depth; the signature checks above are the application-level guarantee).
 SUBSCRIBE: dict[Role, tuple[str, ...]] = {
     Role.GATEWAY: (EVENTS_SUBJECTS, POOL_ANNOUNCE_ALL, SHELL_OUTPUT_ALL),
-    Role.HARNESS: (HARNESS_START, "silo.session.*.input", POOL_ANNOUNCE_ALL),
+    Role.HARNESS: (HARNESS_START, "silo.session.*.input", POOL_ANNOUNCE_ALL, HARNESS_JOURNAL_EXPORT),
     Role.EXECUTOR: ("silo.exec.>", SHELL_INPUT_ALL),
     Role.EGRESS: ("silo.egress.*.session",),
 }
@@ -196,7 +213,7 @@ SUBSCRIBE: dict[Role, tuple[str, ...]] = {
 # Streams each role may use through the JetStream API.
 STREAMS: dict[Role, tuple[str, ...]] = {
     Role.GATEWAY: (EVENTS_STREAM, WORKSPACE_OBJECTS_STREAM, CLIENT_KEYS_STREAM, PAIRING_CODES_STREAM),
-    Role.HARNESS: (EVENTS_STREAM, JOURNAL_STREAM),
+    Role.HARNESS: (EVENTS_STREAM, JOURNAL_STREAM, SESSION_OWNERS_STREAM),
     Role.EXECUTOR: (WORKSPACE_OBJECTS_STREAM,),
     Role.EGRESS: (),  # publishes network records into the journal; never reads it
 }

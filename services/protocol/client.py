@@ -304,11 +304,23 @@ class ShellSignalFrame(ClientFrame):
     signal: ShellSignalName
 
 
+class JournalExport(ClientFrame):
+    """Ask for the next page of a session's journal export (JSONL; only its user or an operator).
+
+    Start with ``after`` 0 and ``offset`` 0, then pass back each ``journal_page``'s cursor.
+    """
+
+    type: Literal["journal_export"] = "journal_export"
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    after: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0)
+
+
 ClientRequest = Annotated[
     Authenticate | CreateSession | Attach | Prompt | Interrupt | Shutdown | WorkspaceCommand | ListSessions
     | Ping | ShellOpenFrame | ShellInputFrame | ShellResizeFrame | ShellSignalFrame
     | WorkspaceUpload | WorkspaceChunk | WorkspaceUploadCommit | WorkspaceFetchChunk
-    | WorkspaceTransferDone | Pair | PairingCodeRequest | ListClients | RevokeClient,
+    | WorkspaceTransferDone | Pair | PairingCodeRequest | ListClients | RevokeClient | JournalExport,
     Field(discriminator="type"),
 ]
 CLIENT_REQUEST: TypeAdapter[Any] = TypeAdapter(ClientRequest)
@@ -538,11 +550,22 @@ class ErrorFrame(ClientFrame):
     request: str | None = None
 
 
+class JournalPage(ClientFrame):
+    """A piece of a session's journal export: pieces concatenate into the JSONL file."""
+
+    type: Literal["journal_page"] = "journal_page"
+    session_id: str
+    text: str
+    after: int
+    offset: int
+    done: bool
+
+
 GatewayFrame = Annotated[
     Hello | AuthOk | AuthErrorFrame | SessionCreated | EventFrame | Sessions | WorkspaceResult | Pong
     | ErrorFrame | ShellOpenedFrame | ShellOutputFrame | ShellExitFrame
     | WorkspaceUploadNeeded | WorkspaceUploadState | WorkspaceChunkAck | WorkspaceChunk
-    | WorkspaceTransferClosed | Challenge | Paired | PairingCode | Clients | ClientRevoked,
+    | WorkspaceTransferClosed | Challenge | Paired | PairingCode | Clients | ClientRevoked | JournalPage,
     Field(discriminator="type"),
 ]
 GATEWAY_FRAME: TypeAdapter[Any] = TypeAdapter(GatewayFrame)
