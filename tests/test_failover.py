@@ -1,0 +1,105 @@
+"""Failover: kill -9 the harness that runs a session; another one resumes it from the journal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from devsilo.harness._failover import UNKNOWN_RESULT
+from devsilo.testing import Stack
+
+SCRIPT = {"responses": [
+    {"text": "writing", "tool_calls": [{"name": "Write", "input": {"path": "a.txt", "content": "before\n"}}]},
+    {"text": "waiting", "tool_calls": [{"name": "Bash", "input": {"command": "sleep 4; echo slept"}},
+                                       {"name": "Bash", "input": {"command": "cat a.txt; echo after >> a.txt"}}]},
+    {"text": "checking", "tool_calls": [{"name": "Read", "input": {"path": "a.txt"}}]},
+    {"text": "done", "tool_calls": [{"name": "Exit", "input": {"message": "survived"}}]},
+]}
+
+
+@pytest.fixture(scope="module")
+def two_harnesses(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("failover") / "state", services={
+        "harness": {"role": "harness", "options": {"takeover_after_s": 2.0}},
+        "harness2": {"role": "harness", "metrics_port": 0, "options": {"takeover_after_s": 2.0}}})
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def owner_of(stack: Stack, sid: str) -> str:
+    for service in ("harness", "harness2"):
+        for line in (stack.state_dir / "logs" / f"{service}.log").read_text().splitlines():
+            if '"session_started"' in line and sid in line:
+                return service
+    raise AssertionError(f"no harness logged starting {sid}")
+
+
+def test_a_session_survives_kill_9_of_its_harness_with_one_continuous_event_stream(
+        two_harnesses: Stack, tmp_path: Path) -> None:
+    stack = two_harnesses
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps(SCRIPT))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    events = []
+    killed = None
+    with subprocess.Popen(
+            [sys.executable, "-m", "devsilo.cli", "--state-dir", str(stack.state_dir), "run", "--headless",
+             "--llm", "mock", "--script", str(script), "--workspace", str(ws), "--prompt", "go", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            for line in proc.stdout:
+                event = json.loads(line)
+                events.append(event)
+                if (killed is None and event["kind"] == "tool_use"
+                        and event["data"]["input"].get("command", "").startswith("sleep")):
+                    killed = owner_of(stack, event["session_id"])
+                    os.kill(stack.live_pid(killed) or 0, signal.SIGKILL)
+            code = proc.wait(timeout=120)
+            err = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert killed is not None, events
+    assert code == 0, err
+    # one stream: no gap, no duplicate, ending with the agent's own Exit
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert events[-1]["kind"] == "shutdown" and events[-1]["data"]["exit_code"] == 0
+    assert events[-1]["data"]["reason"] == "survived"
+    results = {e["data"]["id"]: e["data"] for e in events if e["kind"] == "tool_result"}
+    uses = [e["data"] for e in events if e["kind"] == "tool_use"]
+    assert [u["name"] for u in uses] == ["Write", "Bash", "Bash", "Read", "Exit"]
+    # the call that ran while its harness died has an unknown result; the rest of the turn ran
+    assert results[uses[1]["id"]]["content"] == UNKNOWN_RESULT and results[uses[1]["id"]]["is_error"]
+    assert results[uses[2]["id"]]["content"].startswith("before\n")
+    assert results[uses[3]["id"]]["content"] == "before\nafter\n"
+    assert (ws / "a.txt").read_text() == "before\nafter\n"
+    # the journal says who resumed it, and the resumed model request carried the earlier results
+    sid = events[0]["session_id"]
+    out = tmp_path / "journal.jsonl"
+    r = subprocess.run([sys.executable, "-m", "devsilo.cli", "--state-dir", str(stack.state_dir), "journal",
+                        "export", sid, "-o", str(out)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    records = [x for x in records if x["kind"] != "network"]
+    assert [x["n"] for x in records] == list(range(len(records)))
+    resumed = [i for i, x in enumerate(records) if x["kind"] == "lifecycle" and x["data"]["what"] == "resumed"]
+    assert len(resumed) == 1
+    assert records[resumed[0]]["data"]["responses"] == 2
+    after = [x["data"] for x in records[resumed[0]:] if x["kind"] == "llm_request"]
+    assert after[0]["from"] == 0
+    tool_messages = [m for m in after[0]["messages"] if m["role"] == "tool"]
+    assert tool_messages[0]["content"].startswith("wrote 7 bytes to a.txt")
+    assert tool_messages[1]["content"] == UNKNOWN_RESULT
+    assert tool_messages[2]["content"].startswith("before\n")
+    assert [m["role"] for m in after[0]["messages"]][:2] == ["system", "user"]
