@@ -185,3 +185,44 @@ async def test_the_journal_scrubs_the_harness_keys_and_splits_without_loss() -> 
     assert json.loads("".join(p.fragment or "" for p in parts)) == {"content": "é\"\\" * 5000}
     assert all(len(p.model_dump_json().encode()) <= 8192 for p in parts)
     assert "".join(split_text("abc" * 100, 40)) == "abc" * 100
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "devsilo.cli", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_a_journal_replays_deterministically_and_a_tampered_script_fails_with_exit_4(
+        jstack: Stack, tmp_path: Path) -> None:
+    events = run_session(jstack, tmp_path, SCRIPT, "--allow-domain", CRED_HOST)
+    journal = tmp_path / "recorded.jsonl"
+    export(jstack, events[0]["session_id"], journal)
+    script = tmp_path / "replay.json"
+    r = cli("replay-test", str(journal), "-o", str(script))
+    assert r.returncode == 0, r.stderr
+    assert "3 model steps, 2 tool results" in r.stdout  # Write and Bash ran in the sandbox
+    runs = []
+    for i in (1, 2):
+        r = cli("run", "--llm", "mock", "--sandbox", "mock", "--mock-egress", "--script", str(script),
+                "--deterministic", "--json", "--journal", str(tmp_path / f"replay{i}.jsonl"))
+        assert r.returncode == 0, r.stderr
+        runs.append(r)
+    assert (tmp_path / "replay1.jsonl").read_bytes() == (tmp_path / "replay2.jsonl").read_bytes()
+    replayed = [json.loads(x) for x in runs[0].stdout.splitlines()]
+    assert [e["kind"] for e in replayed] == [e["kind"] for e in events]
+    assert [e["data"] for e in replayed if e["kind"] == "tool_result"] == \
+        [e["data"] for e in events if e["kind"] == "tool_result"]
+    lines = [json.loads(x) for x in (tmp_path / "replay1.jsonl").read_text().splitlines()]
+    assert [x["data"]["host"] for x in lines if x["kind"] == "network"] == \
+        [x["data"]["host"] for x in json.loads("[" + ",".join(journal.read_text().splitlines()) + "]")
+         if x["kind"] == "network"]
+    # the model now says something else: the next request no longer matches the journal
+    data = json.loads(script.read_text())
+    data["steps"][0]["response"]["tool_calls"][0]["input"]["content"] = "tampered\n"
+    tampered = tmp_path / "tampered.json"
+    tampered.write_text(json.dumps(data))
+    r = cli("run", "--llm", "mock", "--sandbox", "mock", "--mock-egress", "--script", str(tampered),
+            "--deterministic")
+    assert r.returncode == 4, r.stderr
+    assert "first mismatch: tool call 1: Write" in r.stderr and "tampered" in r.stderr
+    assert "unconsumed model responses: 2" in r.stderr and "unconsumed tool results: 2" in r.stderr

@@ -138,6 +138,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from ._sessions import local_gateway, run_session
 
+    if args.deterministic:
+        return _replay_run(args)
+    if args.mock_egress:
+        print("error: --mock-egress is for replays: add --deterministic (with --llm mock --sandbox mock)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if not args.workspace:
+        print("error: --workspace DIR is required", file=sys.stderr)
+        return EXIT_USAGE
     if not args.headless:
         print("error: only --headless sessions exist so far (the terminal UI is not built yet)",
               file=sys.stderr)
@@ -163,6 +172,49 @@ def cmd_run(args: argparse.Namespace) -> int:
                         quota_usd=args.quota_usd)
     target = local_gateway(_state(args), args.gateway)
     return asyncio.run(run_session(target, req, sys.stdout, as_json=args.json))
+
+
+def _replay_run(args: argparse.Namespace) -> int:
+    """`silo run --deterministic`: replay a `silo replay-test` script in this process."""
+    import json as _json
+
+    from devsilo.harness._replay import ReplayScript, replay
+    from pydantic import ValidationError
+
+    if args.llm != "mock" or args.sandbox != "mock" or not args.mock_egress or not args.script:
+        print("error: --deterministic replays a script: give --llm mock --sandbox mock --mock-egress "
+              "--script SCRIPT (made by `silo replay-test`)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        script = ReplayScript.model_validate_json(_read_script(args.script) or "")
+    except ValidationError as exc:
+        print(f"error: {args.script} is not a replay script ({exc.errors()[0]['msg']}); "
+              "make one with `silo replay-test JOURNAL -o SCRIPT`", file=sys.stderr)
+        return EXIT_USAGE
+    outcome = asyncio.run(replay(script))
+    for event in outcome.events:
+        if args.json:
+            print(_json.dumps(event.model_dump(mode="json"), sort_keys=True))
+        else:
+            print(f"{event.seq:>4} {event.kind} {_json.dumps(event.data, ensure_ascii=False)[:200]}")
+    if args.journal:
+        Path(args.journal).write_text(outcome.journal, encoding="utf-8")
+    if outcome.code:
+        print(f"replay failed:\n{outcome.summary}", file=sys.stderr)
+    else:
+        print("replay matched every recorded step", file=sys.stderr)
+    return outcome.code
+
+
+def cmd_replay_test(args: argparse.Namespace) -> int:
+    """Turn an exported journal into a replay script."""
+    from devsilo.harness._replay import script_from_journal
+
+    script = script_from_journal(Path(args.journal))
+    Path(args.output).write_text(script.model_dump_json(indent=1) + "\n", encoding="utf-8")
+    print(f"{args.output}: {len(script.steps)} model steps, {len(script.tools)} tool results, "
+          f"{sum(len(t.network) for t in script.tools)} network records")
+    return EXIT_OK
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
@@ -355,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_service)
 
     s = sub.add_parser("run", parents=[common], help="start a session")
-    s.add_argument("--workspace", required=True)
+    s.add_argument("--workspace")
     s.add_argument("--llm", default="mock", choices=["anthropic", "openai", "openai-ws", "local", "mock"])
     s.add_argument("--model", default="mock")
     s.add_argument("--sandbox", default="bwrap", choices=["bwrap", "gvisor", "docker", "microvm", "mock", "auto"])
@@ -372,7 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "many US dollars")
     s.add_argument("--gateway", help="gateway URL (default: the local stack's)")
     s.add_argument("--json", action="store_true", help="print events as JSON lines")
+    s.add_argument("--mock-egress", action="store_true", help="replay: recorded network records, no network")
+    s.add_argument("--deterministic", action="store_true",
+                   help="replay a `silo replay-test` script here, under a fake clock (exit 4 on a mismatch)")
+    s.add_argument("--journal", help="with --deterministic: write the replay's journal (JSONL) here")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("replay-test", parents=[common], help="turn an exported journal into a replay script")
+    s.add_argument("journal", help="JSONL from `silo journal export`")
+    s.add_argument("-o", "--output", required=True, help="the replay script to write")
+    s.set_defaults(func=cmd_replay_test)
 
     s = sub.add_parser("sessions", parents=[common], help="list sessions or attach to one")
     s.add_argument("action", choices=["list", "attach", "stop"])

@@ -87,6 +87,7 @@ class SessionRunner:
         policy: ModelPolicy | None = None,
         journal: SessionJournal | None = None,
         next_seq: int = 0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus = bus
         self.grant = grant
@@ -96,7 +97,7 @@ class SessionRunner:
         self.model = model
         self.headless = headless
         self.journal = journal
-        self.events = SessionEvents(bus, self.sid, journal=journal, next_seq=next_seq)
+        self.events = SessionEvents(bus, self.sid, clock, journal=journal, next_seq=next_seq)
         self.log = log.bind(session=self.sid)
         self.llm = (policy or ModelPolicy.from_options({})).gate(model, grant, self.events.emit, logger=self.log)
         self.inputs: asyncio.Queue[str] = asyncio.Queue()
