@@ -59,7 +59,7 @@ def jstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def silo(stack: Stack, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "devsilo.cli", "--state-dir", str(stack.state_dir), *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          check=False, capture_output=True, text=True, timeout=timeout)
 
 
 def run_session(stack: Stack, tmp_path: Path, script: dict[str, Any], *extra: str) -> list[dict[str, Any]]:
@@ -189,8 +189,8 @@ async def test_the_journal_scrubs_the_harness_keys_and_splits_without_loss() -> 
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "devsilo.cli", *args], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([sys.executable, "-m", "devsilo.cli", *args], check=False, capture_output=True,
+                          text=True, timeout=60)
 
 
 def test_a_journal_replays_deterministically_and_a_tampered_script_fails_with_exit_4(
