@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from typing import Any
 
 import pytest
 import structlog
@@ -53,7 +54,7 @@ async def test_exactly_one_replica_takes_over_a_silent_owner_and_the_owner_learn
     await b.kv.put("forged", b"not a signed ownership")
     won: list[tuple[str, str]] = []
 
-    def taker(name: str):  # noqa: ANN202
+    def taker(name: str) -> Any:
         async def take(own: SessionOwnership, revision: int) -> None:
             won.append((name, own.session_id))
         return take
