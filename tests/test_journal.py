@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from devsilo.harness._journal import MemorySink, SessionJournal, split_text
 from devsilo.harness._replay import ReplayScript, replay
-from devsilo.protocol import subjects
+from devsilo.protocol import JournalExportPage, JournalExportRequest, RemoteError, Role, subjects
+from devsilo.runtime import Bus
+from devsilo.runtime._metrics import ServiceMetrics
 from devsilo.runtime._natsconn import connect_nats
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
@@ -227,3 +230,47 @@ def test_a_journal_replays_deterministically_and_a_tampered_script_fails_with_ex
     assert r.returncode == 4, r.stderr
     assert "first mismatch: tool call 1: Write" in r.stderr and "tampered" in r.stderr
     assert "unconsumed model responses: 2" in r.stderr and "unconsumed tool results: 2" in r.stderr
+
+
+async def ask_export(stack: Stack, sid: str, user: str, operator: bool) -> JournalExportPage:
+    state = StateDir(stack.state_dir)
+    nc = await connect_nats(state, "gateway", f"tls://127.0.0.1:{stack.nats_port}")
+    try:
+        bus = Bus(nc, state.identity("gateway"), state.roster(), ServiceMetrics("gateway", "gateway"),
+                  log=structlog.get_logger())
+        return await bus.request(subjects.HARNESS_JOURNAL_EXPORT,
+                                 JournalExportRequest(session_id=sid, user=user, operator=operator,
+                                                      max_bytes=1024),
+                                 JournalExportPage, from_role=Role.HARNESS, sid=sid, timeout=10)
+    finally:
+        await nc.close()
+
+
+def test_a_stop_is_journaled_as_client_input_and_only_the_sessions_user_may_export(
+        jstack: Stack, tmp_path: Path) -> None:
+    script = tmp_path / "slow.json"
+    script.write_text(json.dumps({"responses": [
+        {"text": "", "tool_calls": [{"name": "Bash", "input": {"command": "sleep 60"}}]}]}))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    with subprocess.Popen([sys.executable, "-m", "devsilo.cli", "--state-dir", str(jstack.state_dir), "run",
+                           "--headless", "--llm", "mock", "--script", str(script), "--workspace", str(ws),
+                           "--prompt", "wait", "--json"], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event["kind"] == "tool_use":
+                sid = event["session_id"]
+                assert silo(jstack, "sessions", "stop", sid).returncode == 0
+        assert proc.wait(timeout=60) == 0
+    lines = export(jstack, sid, tmp_path / "stopped.jsonl")
+    inputs = [x["data"] for x in lines if x["kind"] == "client_input"]
+    assert inputs[-1] == {"kind": "stop", "client": "silo-stop", "text": "", "question_id": None}
+    ended = [x["data"] for x in lines if x["kind"] == "lifecycle" and x["data"]["what"] == "ended"]
+    assert ended == [{"what": "ended", "exit_code": 0, "reason": "stopped by silo-stop"}]
+    # the harness itself checks whose session it is: another user gets nothing, an operator gets it
+    with pytest.raises(RemoteError, match=f"session {sid} is not mallory's"):
+        asyncio.run(ask_export(jstack, sid, "mallory", operator=False))
+    page = asyncio.run(ask_export(jstack, sid, "local", operator=False))
+    assert page.text.startswith('{"agent":null,"data":{"access"') and not page.done
+    assert len(page.text.encode()) <= 1024
