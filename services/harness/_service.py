@@ -9,6 +9,7 @@ from typing import Any
 
 from devsilo.protocol import (
     Ack,
+    CloseSession,
     Envelope,
     ExecutorAnnounce,
     GrantError,
@@ -25,6 +26,7 @@ from devsilo.protocol import (
     SessionInput,
     SessionOwnership,
     SessionStarted,
+    SiloError,
     StartSession,
     open_grant,
     subjects,
@@ -39,7 +41,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from ._backends import DEFAULT_KEY_ENV, ModelSettings, ProviderSettings, make_model, read_api_key
 from ._failover import BEAT_S, TAKEOVER_AFTER_S, UNKNOWN_RESULT, SessionOwners, rebuild
 from ._gate import ModelPolicy
-from ._journal import JournalReader, SessionJournal, StreamSink, script_digest
+from ._journal import JournalEntry, JournalReader, SessionJournal, StreamSink, script_digest
 from ._local import LocalServers
 from ._model import ModelFailure, ScriptedModel
 from ._session import HEADLESS_INSTRUCTION, SessionRunner
@@ -137,15 +139,17 @@ def harness_secrets(options: dict[str, Any]) -> list[str]:
     return found
 
 
-async def next_event_seq(bus: Bus, sid: str) -> int:
-    """The seq after the last event of ``sid`` in the events stream (0 when it has none)."""
+async def last_event(bus: Bus, sid: str) -> SessionEvent | None:
+    """The last event of ``sid`` in the events stream (None when it has none)."""
     subject = subjects.session_events(sid)
     try:
         msg = await bus.js.get_last_msg(subjects.EVENTS_STREAM, subject, direct=True)
     except NotFoundError:
-        return 0
+        return None
     env = bus.open(bytes(msg.data or b""), subject, fresh=False)
-    return env.expect(SessionEvent).seq + 1
+    if env.header.role is not Role.HARNESS:
+        raise GrantError(f"the last event of {sid} was not written by a harness")
+    return env.expect(SessionEvent)
 
 
 async def serve(ctx: ServiceContext) -> None:
@@ -286,16 +290,34 @@ async def serve(ctx: ServiceContext) -> None:
         """Resume a session whose harness went silent, from its journal."""
         sid = own.session_id
         grant = open_grant(bus.verifier, own.grant)
-        state = rebuild(await JournalReader(bus, sid, network=False).entries())
-        if state.ended:
-            await owners.release(sid)
-            return
+        entries = await JournalReader(bus, sid, network=False).entries()
+        last = await last_event(bus, sid)
+        journaled = max((int(e.data.get("seq", -1)) for e in entries if e.kind == "event"), default=-1)
+        # Events are journaled right after they are stored: a harness killed in between leaves one out.
+        unjournaled = last if last is not None and last.seq > journaled else None
+        if unjournaled is not None:
+            entries.append(JournalEntry("event", {"seq": unjournaled.seq, "kind": unjournaled.kind,
+                                                  "ts": unjournaled.ts, "data": unjournaled.data},
+                                        agent=unjournaled.agent))
+        state = rebuild(entries)
         model = make_model(own.llm, ctx.options, local_servers=local_servers)
         if isinstance(model, ScriptedModel):
             model.resume_at(state.responses)
         journal = journal_for(sid, state.next_n)
+        if unjournaled is not None:
+            await journal.event(unjournaled)
+        if state.ended:  # it ended as its harness died: finish what that harness could not
+            if not any(e.kind == "lifecycle" and e.data.get("what") == "ended" for e in entries):
+                await journal.lifecycle("ended", exit_code=None, reason="ended as its harness died")
+            try:
+                await bus.request(subjects.exec_close(own.executor_id, sid), CloseSession(reason="session ended"),
+                                  Ack, from_role=Role.EXECUTOR, sid=sid, timeout=15.0)
+            except SiloError as exc:
+                ctx.log.info("sandbox_close_after_takeover", session=sid, error=str(exc))
+            await owners.release(sid)
+            return
         runner = SessionRunner(bus, grant, own.executor_id, own.access, model, headless=own.headless,
-                               log=ctx.log, policy=policy, journal=journal, next_seq=await next_event_seq(bus, sid))
+                               log=ctx.log, policy=policy, journal=journal, next_seq=last.seq + 1 if last else 0)
         await journal.lifecycle("resumed", harness=ctx.service_id, responses=state.responses,
                                 pending_calls=len(state.pending), unknown_results=len(state.unknown))
         for call in state.unknown:
