@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +85,10 @@ def test_a_session_survives_kill_9_of_its_harness_with_one_continuous_event_stre
     assert results[uses[2]["id"]]["content"].startswith("before\n")
     assert results[uses[3]["id"]]["content"] == "before\nafter\n"
     assert (ws / "a.txt").read_text() == "before\nafter\n"
+    deadline = time.monotonic() + 30
+    while not stack.healthy(killed) and time.monotonic() < deadline:  # `silo up` restarts it
+        time.sleep(0.2)
+    assert sum(stack.metric(h, "silo_session_takeovers_total") for h in ("harness", "harness2")) == 1
     # the journal says who resumed it, and the resumed model request carried the earlier results
     sid = events[0]["session_id"]
     out = tmp_path / "journal.jsonl"

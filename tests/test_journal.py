@@ -134,6 +134,7 @@ def test_a_session_journals_every_kind_in_order_and_exports_as_jsonl(jstack: Sta
     assert execs[5]["is_error"] and "unknown tool" in execs[5]["content"]
     ended = [x["data"] for x in records if x["kind"] == "lifecycle" and x["data"]["what"] == "ended"]
     assert ended == [{"what": "ended", "exit_code": 0, "reason": "journaled"}]
+    assert jstack.metric("harness", "silo_journal_messages_total", 'kind="meta"') >= 1
     network = [x["data"] for x in lines if x["kind"] == "network"]
     assert network and network[0]["host"] == CRED_HOST and "session_id" not in network[0]
     # no planted secret anywhere: the export, every stored message, every log

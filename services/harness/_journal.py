@@ -40,6 +40,7 @@ from devsilo.protocol import (
 )
 from devsilo.runtime import Bus
 from nats.js.errors import NotFoundError
+from prometheus_client import Counter
 
 REDACTED = "[redacted]"
 ENVELOPE_ROOM = 4096
@@ -55,16 +56,22 @@ class JournalSink(Protocol):
 
 
 class StreamSink:
-    """Publishes records into the SILO_JOURNAL stream, each acknowledged before the next."""
+    """Publishes records into the SILO_JOURNAL stream, each acknowledged before the next.
 
-    def __init__(self, bus: Bus, session_id: str) -> None:
+    ``counter`` (labels ``kind``) counts the messages written, a split record once per part.
+    """
+
+    def __init__(self, bus: Bus, session_id: str, counter: Counter | None = None) -> None:
         self._bus = bus
         self._sid = session_id
         self._subject = subjects.journal(session_id)
+        self._counter = counter
 
     async def write(self, record: JournalRecord, dedupe_id: str) -> None:
         """Publish and wait for JetStream's acknowledgement."""
         await self._bus.js_publish(self._subject, record, sid=self._sid, dedupe_id=dedupe_id)
+        if self._counter is not None:
+            self._counter.labels(kind=record.kind).inc()
 
 
 @dataclass

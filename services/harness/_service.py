@@ -88,6 +88,9 @@ class PoolMetrics:
         self.takeovers = Counter("silo_session_takeovers_total",
                                  "Sessions this harness resumed after their owner went silent.",
                                  registry=reg)
+        self.journal = Counter("silo_journal_messages_total",
+                               "Journal messages written, by record kind (a split record once per part).",
+                               ["kind"], registry=reg)
         self.lease_wait = Histogram("silo_lease_wait_seconds", "Time to lease a sandbox, by outcome.",
                                     ["outcome"], registry=reg,
                                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15))
@@ -169,8 +172,8 @@ async def serve(ctx: ServiceContext) -> None:
     await owners.open()
 
     def journal_for(sid: str, next_n: int = 0) -> SessionJournal:
-        return SessionJournal(StreamSink(bus, sid), sid, max_bytes=bus.verifier.max_bytes, secrets=scrub,
-                              next_n=next_n)
+        return SessionJournal(StreamSink(bus, sid, metrics.journal), sid, max_bytes=bus.verifier.max_bytes,
+                              secrets=scrub, next_n=next_n)
 
     def executor_gone(eid: str, why: str) -> None:
         for runner in list(runners.values()):
