@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,7 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from devsilo.harness._failover import UNKNOWN_RESULT
+from devsilo.protocol import Ack, RemoteError, Role, SessionInput, subjects
+from devsilo.runtime import Bus
+from devsilo.runtime._metrics import ServiceMetrics
+from devsilo.runtime._natsconn import connect_nats
+from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
 
 SCRIPT = {"responses": [
@@ -108,3 +115,21 @@ def test_a_session_survives_kill_9_of_its_harness_with_one_continuous_event_stre
     assert tool_messages[1]["content"] == UNKNOWN_RESULT
     assert tool_messages[2]["content"].startswith("before\n")
     assert [m["role"] for m in after[0]["messages"]][:2] == ["system", "user"]
+
+
+async def ask_input(stack: Stack, sid: str) -> None:
+    state = StateDir(stack.state_dir)
+    nc = await connect_nats(state, "gateway", f"tls://127.0.0.1:{stack.nats_port}")
+    try:
+        bus = Bus(nc, state.identity("gateway"), state.roster(), ServiceMetrics("gateway", "gateway"),
+                  log=structlog.get_logger())
+        await bus.request(subjects.session_input(sid), SessionInput(kind="prompt", text="anyone?"), Ack,
+                          from_role=Role.HARNESS, sid=sid, timeout=1.5)
+    finally:
+        await nc.close()
+
+
+def test_no_harness_answers_input_for_a_session_it_does_not_run(two_harnesses: Stack) -> None:
+    with pytest.raises(RemoteError) as caught:
+        asyncio.run(ask_input(two_harnesses, "nobodysession"))
+    assert caught.value.code == "timeout"  # both replicas heard it; neither answered
