@@ -96,6 +96,9 @@ def test_a_session_survives_kill_9_of_its_harness_with_one_continuous_event_stre
     while not stack.healthy(killed) and time.monotonic() < deadline:  # `silo up` restarts it
         time.sleep(0.2)
     assert sum(stack.metric(h, "silo_session_takeovers_total") for h in ("harness", "harness2")) == 1
+    # what was spent before the kill still counts: the totals after it include it
+    costs = [e["data"] for e in events if e["kind"] == "cost"]
+    assert costs[-1]["totals"]["total"]["input_tokens"] == sum(c["input_tokens"] for c in costs)
     # the journal says who resumed it, and the resumed model request carried the earlier results
     sid = events[0]["session_id"]
     out = tmp_path / "journal.jsonl"

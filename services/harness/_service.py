@@ -31,6 +31,7 @@ from devsilo.protocol import (
     open_grant,
     subjects,
 )
+from devsilo.protocol._costs import TOKEN_FIELDS
 from devsilo.runtime import Bus, ServiceContext
 from devsilo.runtime._pool import PoolView
 from nats.aio.msg import Msg
@@ -43,7 +44,7 @@ from ._failover import BEAT_S, TAKEOVER_AFTER_S, UNKNOWN_RESULT, SessionOwners, 
 from ._gate import ModelPolicy
 from ._journal import JournalEntry, JournalReader, SessionJournal, StreamSink, script_digest
 from ._local import LocalServers
-from ._model import ModelFailure, ScriptedModel
+from ._model import ModelFailure, ScriptedModel, Usage
 from ._session import HEADLESS_INSTRUCTION, SessionRunner
 
 ANNOUNCE_GRACE_S = 2.5
@@ -321,6 +322,11 @@ async def serve(ctx: ServiceContext) -> None:
             return
         runner = SessionRunner(bus, grant, own.executor_id, own.access, model, headless=own.headless,
                                log=ctx.log, policy=policy, journal=journal, next_seq=last.seq + 1 if last else 0)
+        for e in entries:  # what the session spent before counts against its quotas here too
+            if e.kind == "event" and e.data.get("kind") == "cost":
+                cost = e.data.get("data") or {}
+                runner.llm.meter.record(str(cost.get("model", model.name)), e.agent or "main",
+                                        Usage(**{k: int(cost.get(k) or 0) for k in TOKEN_FIELDS}))
         await journal.lifecycle("resumed", harness=ctx.service_id, responses=state.responses,
                                 pending_calls=len(state.pending), unknown_results=len(state.unknown))
         for call in state.unknown:
