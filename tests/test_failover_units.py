@@ -141,11 +141,13 @@ def test_rebuild_an_idle_session_keeps_the_prompts_not_yet_started() -> None:
     assert not r.in_turn and r.queued == ["second", "third"] and r.pending == []
 
 
-def test_rebuild_a_turn_that_never_reached_the_model_starts_it_again() -> None:
+def test_rebuild_a_first_request_that_was_under_way_goes_on_from_the_turns_prompt() -> None:
     entries = [e(0, "meta", {}), e(1, "client_input", {"kind": "prompt", "text": "go"}),
-               e(2, "lifecycle", {"what": "turn"}), e(3, "event", {"kind": "user_prompt"})]
+               e(2, "lifecycle", {"what": "turn"}), e(3, "event", {"kind": "user_prompt"}),
+               e(4, "client_input", {"kind": "prompt", "text": "later"})]
     r = rebuild(entries)
-    assert not r.in_turn and r.queued == ["go"] and r.messages == []
+    assert r.in_turn and r.pending == [] and r.responses == 0
+    assert r.messages == [{"role": "user", "content": "go"}] and r.queued == ["later"]
 
 
 def test_rebuild_an_ended_session_says_so_and_skips_half_written_records() -> None:

@@ -200,8 +200,6 @@ class Rebuilt:
     """``llm_response`` records of every agent: where a scripted model goes on."""
     next_n: int = 0
     ended: bool = False
-    turn_prompt: str | None = None
-    """A turn that began but never reached the model: its prompt, to start again."""
 
 
 def rebuild(entries: list[JournalEntry]) -> Rebuilt:
@@ -261,10 +259,9 @@ def rebuild(entries: list[JournalEntry]) -> Rebuilt:
                                      "is_error": True})
             else:
                 out.pending.append(call)
-    started = turns
-    if out.in_turn and not requested_since_turn:
-        # the turn began but never reached the model: start it again from its prompt
-        out.in_turn = False
-        started = turns - 1
-    out.queued = prompts[max(0, started):]
+    if out.in_turn and not requested_since_turn and 0 < turns <= len(prompts):
+        # the turn's first model request was under way (requests are journaled once answered):
+        # the conversation goes on from the turn's prompt
+        out.messages.append({"role": "user", "content": prompts[turns - 1]})
+    out.queued = prompts[turns:]
     return out

@@ -334,8 +334,8 @@ async def serve(ctx: ServiceContext) -> None:
             await runner.events.emit("tool_result", {"id": call.id, "name": call.name,
                                                      "content": UNKNOWN_RESULT, "is_error": True, "meta": {}})
         messages = state.messages
-        if not messages and own.headless:
-            messages = [{"role": "system", "content": HEADLESS_INSTRUCTION}]
+        if own.headless and not any(m.get("role") == "system" for m in messages[:1]):
+            messages.insert(0, {"role": "system", "content": HEADLESS_INSTRUCTION})
         metrics.takeovers.inc()
         ctx.log.info("session_resumed", session=sid, responses=state.responses, in_turn=state.in_turn)
         launch(runner, runner.resume(messages, state.pending if state.in_turn else [], state.in_turn,
