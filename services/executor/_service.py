@@ -25,6 +25,7 @@ from devsilo.protocol import (
     EgressSessionReady,
     Envelope,
     ExecutorAnnounce,
+    FileUpload,
     GrantError,
     WorkspaceInfo,
     WorkspaceReply,
@@ -60,6 +61,7 @@ from ._sandbox import Sandbox, prepare_workspace_ownership
 from ._shell_stream import ShellStream
 from ._spec import WORKSPACE, SandboxSpec
 from ._tools import run_tool
+from ._upload import DEFAULT_UPLOAD_MAX, land_upload
 from ._warm import WarmPools, warm_sizes
 from ._ext4 import ext4_unavailable
 from ._workspace_lock import WorkspaceStore
@@ -628,6 +630,9 @@ async def serve(ctx: ServiceContext) -> None:
         session = sessions.get(sid)
         if session is None:
             raise SandboxClosed(f"no sandbox for session {sid} on executor {eid} (closed or never leased)")
+        if op == "upload":
+            return await land_upload(bus.js, session.sandbox.helper, session.workspace, env.expect(FileUpload),
+                                     max_bytes=int(opts.get("upload_max_bytes") or DEFAULT_UPLOAD_MAX))
         call = env.expect(ToolCall)
         started = time.perf_counter()
         result = await run_tool(session.sandbox.helper, call)

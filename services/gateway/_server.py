@@ -14,15 +14,14 @@ from devsilo.protocol import (
     ExecutorAnnounce,
     GrantError,
     LLMChoice,
-    MessageRejected,
     RemoteError,
     Role,
-    SessionEvent,
     SessionGrant,
     SessionInput,
     SessionStarted,
     SiloError,
     StartSession,
+    UploadError,
     WorkspaceReply,
     WorkspaceRequest,
     seal_grant,
@@ -31,23 +30,29 @@ from devsilo.protocol import (
 from devsilo.protocol.client import (
     CLIENT_REQUEST,
     MAX_CLIENT_FRAME,
+    AccessReportFrame,
+    AccessReportRequest,
     Attach,
     Authenticate,
     AuthErrorFrame,
     ClientFrame,
+    CostFrame,
+    CostRequest,
     CreateSession,
     ErrorFrame,
-    EventFrame,
+    EventsFrame,
     Hello,
     Interrupt,
     ListClients,
     JournalExport,
     ListSessions,
+    Overloaded,
     Pair,
     PairingCodeRequest,
     Ping,
     Pong,
     Prompt,
+    RequestEvents,
     RevokeClient,
     SessionCreated,
     Sessions,
@@ -56,6 +61,8 @@ from devsilo.protocol.client import (
     ShellResizeFrame,
     ShellSignalFrame,
     Shutdown,
+    UploadChunk,
+    UploadFile,
     WorkspaceChunk,
     WorkspaceCommand,
     WorkspaceFetchChunk,
@@ -65,10 +72,11 @@ from devsilo.protocol.client import (
     WorkspaceUploadCommit,
     WorkspaceUploadNeeded,
 )
+from aiolimiter import AsyncLimiter
 from devsilo.runtime import ServiceContext
 from devsilo.runtime._pool import PoolView
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.errors import Error as NatsError
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
@@ -80,20 +88,30 @@ from ._auth import (
     Principal,
     TokenAuthenticator,
 )
+from ._delivery import DEFAULT_OUTBOX, DEFAULT_RING, DeliveryMetrics, Feeds, Outbox, follow
 from ._journal import export_page
 from ._keys import ClientKeyStore
 from ._limits import Limits, check_request
 from ._pairing import CODE_VALID_S, PairingCodes, PairingLimiter
-from ._sessions import SessionDirectory, SessionRecord
+from ._sessions import SessionDirectory, SessionRecord, open_sessions_bucket
 from ._shells import ShellBroker
+from ._tally import SessionTally
 from ._tls import gateway_certificate, server_tls
 from ._transfers import WorkspaceTransfers
+from ._uploads import DEFAULT_UPLOAD_MAX, ConnectionUploads
 
 WEB_ROOT = Path(__file__).parent / "web"
 """The web app's files (served under /app/); the ``web_root`` option names another directory."""
 HOST_WORKSPACES_NEED_OPERATOR = (
     "only an operator works on the executors' own files; other users work on workspaces they "
     "uploaded (`silo workspace lock --upload PATH` from their machine)")
+DEFAULT_MAX_CLIENTS = 1000
+"""Open client connections a gateway serves (option ``max_clients``)."""
+DEFAULT_MAX_CLIENTS_PER_USER = 200
+"""Open connections of one user (option ``max_clients_per_user``)."""
+DEFAULT_CLIENT_RATE = 200.0
+"""Frames per second one connection may send, averaged over a second (option ``client_rate``)."""
+OVERLOADED_RETRY_MS = 1000
 
 LANDING_PAGE = """<!doctype html><meta charset=utf-8><title>devsilo gateway</title>
 <h1>devsilo gateway</h1><p>This is a devsilo gateway. Clients connect to <code>/ws</code>
@@ -111,8 +129,7 @@ class GatewayMetrics:
         self.connections_total = Counter("silo_client_connections_accepted_total", "Client connections accepted.",
                                          registry=reg)
         self.auth = AuthMetrics(reg)
-        self.events_sent = Counter("silo_events_delivered_total", "Events delivered to clients.",
-                                   registry=reg)
+        self.delivery = DeliveryMetrics(reg)
         self.sessions_created = Counter("silo_sessions_created_total", "Sessions created.", registry=reg)
 
 
@@ -120,13 +137,21 @@ class Gateway:
     """One gateway: its HTTP app and the state of its client connections."""
 
     def __init__(self, ctx: ServiceContext, metrics: GatewayMetrics, auth: Authenticator,
-                 web_root: Path = WEB_ROOT) -> None:
+                 sessions: SessionDirectory, web_root: Path = WEB_ROOT) -> None:
         self.ctx = ctx
         self.bus = ctx.bus
         self.auth = auth
         self.web_root = web_root
-        self.sessions = SessionDirectory()
+        self.sessions = sessions
         self.metrics = metrics
+        opts = ctx.options
+        self.feeds = Feeds(self.bus, metrics.delivery, ctx.log, ring=int(opts.get("event_ring") or DEFAULT_RING))
+        self.outbox_limit = int(opts.get("client_queue") or DEFAULT_OUTBOX)
+        self.max_clients = int(opts.get("max_clients") or DEFAULT_MAX_CLIENTS)
+        self.max_clients_per_user = int(opts.get("max_clients_per_user") or DEFAULT_MAX_CLIENTS_PER_USER)
+        self.client_rate = float(opts.get("client_rate") or DEFAULT_CLIENT_RATE)
+        self.upload_max = int(opts.get("upload_max_bytes") or DEFAULT_UPLOAD_MAX)
+        self.tallies: dict[str, SessionTally] = {}
         self.connections: set[ClientConnection] = set()
         self.pool = PoolView()
         self.locks: dict[str, str] = {}
@@ -162,6 +187,9 @@ class Gateway:
         self.metrics.connections_total.inc()
         self.connections.add(conn)
         try:
+            if len(self.connections) > self.max_clients:
+                await conn.overloaded("clients", f"this gateway serves at most {self.max_clients} clients")
+                return ws
             await conn.serve()
         finally:
             self.connections.discard(conn)
@@ -179,14 +207,32 @@ class ClientConnection:
         self.peer = peer
         self.log = gw.ctx.log.bind(peer=peer)
         self.who: Principal | None = None
-        self._send_lock = asyncio.Lock()
+        self.outbox = Outbox(ws, gw.metrics.delivery, limit=gw.outbox_limit)
+        self.outbox.start()
         self._followers: dict[str, asyncio.Task[None]] = {}
+        self._limiter = AsyncLimiter(gw.client_rate, 1.0)
+        self._uploads: ConnectionUploads | None = None
 
     async def send(self, frame: ClientFrame) -> None:
-        """Send one frame (serialised: several tasks send to one socket)."""
-        async with self._send_lock:
-            if not self.ws.closed:
-                await self.ws.send_str(frame.model_dump_json())
+        """Queue one frame for this client, in order with its events (waits while its queue is full)."""
+        await self.outbox.put(frame.model_dump_json())
+
+    async def overloaded(self, reason: str, message: str, request: str | None = None) -> None:
+        """Tell the client to come back later, and count it."""
+        self.gw.metrics.delivery.overloaded.labels(reason=reason).inc()
+        self.log.info("client_overloaded", reason=reason, request=request)
+        await self.send(Overloaded(reason=reason, message=message,  # type: ignore[arg-type]
+                                   retry_after_ms=OVERLOADED_RETRY_MS, request=request))
+
+    async def admit_user(self) -> bool:
+        """Whether this authenticated client fits its user's connection limit (else told overloaded)."""
+        assert self.who is not None
+        mine = sum(1 for c in self.gw.connections if c.who is not None and c.who.user == self.who.user)
+        if mine <= self.gw.max_clients_per_user:
+            return True
+        await self.overloaded("user_clients", f"user {self.who.user} has {self.gw.max_clients_per_user} "
+                              "clients connected already; close one")
+        return False
 
     async def serve(self) -> None:
         """Greet, authenticate within the deadline, then answer requests until closed."""
@@ -203,6 +249,9 @@ class ClientConnection:
             await self._revoked(f"client key {self.who.key_id} was revoked")
             return
         self.log = self.log.bind(user=self.who.user, client=self.who.client)
+        if not await self.admit_user():
+            forget()
+            return
         try:
             await self._requests()
         finally:
@@ -244,6 +293,13 @@ class ClientConnection:
 
     async def _handle(self, req: Any) -> None:
         assert self.who is not None
+        if not self._limiter.has_capacity():
+            await self.overloaded("rate", f"more than {self.gw.client_rate:.0f} frames a second; this one "
+                                  "was dropped", request=req.type)
+            return
+        await self._limiter.acquire()
+        if await self._handle_delivery(req):
+            return
         if isinstance(req, Ping):
             await self.send(Pong())
         elif isinstance(req, Authenticate):
@@ -251,8 +307,6 @@ class ClientConnection:
                                        request=req.type))
         elif isinstance(req, CreateSession):
             await self._create(req)
-        elif isinstance(req, Attach):
-            self._attach(req)
         elif isinstance(req, (Prompt, Interrupt, Shutdown)):
             await self._input(req)
         elif isinstance(req, WorkspaceCommand) and req.uploaded:
@@ -269,8 +323,6 @@ class ClientConnection:
             await self.send(await self.gw.transfers.fetch(self.who.user, req))
         elif isinstance(req, WorkspaceTransferDone):
             await self.send(await self.gw.transfers.done(self.who.user, req))
-        elif isinstance(req, ListSessions):
-            await self.send(Sessions(sessions=tuple(r.summary() for r in self.gw.sessions.list_for(self.who))))
         elif isinstance(req, ShellOpenFrame):
             await self.gw.shells.open(self, req)
         elif isinstance(req, (ShellInputFrame, ShellResizeFrame, ShellSignalFrame)):
@@ -308,7 +360,8 @@ class ClientConnection:
                              headless=req.headless, prompt=req.prompt)
         started = await self.gw.bus.request(subjects.HARNESS_START, start, SessionStarted,
                                             from_role=Role.HARNESS, sid=sid, timeout=90.0)
-        self.gw.sessions.add(SessionRecord(sid, self.who.user, req.workspace, started.executor_id, grant=grant))
+        await self.gw.sessions.add(SessionRecord(session_id=sid, user=self.who.user, workspace=req.workspace,
+                                                 executor_id=started.executor_id, grant=grant))
         self.gw.metrics.sessions_created.inc()
         self.log.info("session_created", session=sid, executor=started.executor_id)
         await self.send(SessionCreated(session_id=sid, executor_id=started.executor_id))
@@ -416,52 +469,86 @@ class ClientConnection:
         finally:
             ask.cancel()
 
-    def _visible(self, sid: str) -> SessionRecord:
+    async def _visible(self, sid: str) -> SessionRecord:
         assert self.who is not None
-        rec = self.gw.sessions.visible(self.who, sid)
+        rec = await self.gw.sessions.visible(self.who, sid)
         if rec is None:
             raise SiloError(f"no session {sid} visible to you")
         return rec
 
-    def _attach(self, req: Attach) -> None:
-        self._visible(req.session_id)
-        old = self._followers.pop(req.session_id, None)
-        if old is not None:
-            old.cancel()
-        self._followers[req.session_id] = asyncio.create_task(self._follow(req.session_id, req.from_seq))
+    async def _handle_delivery(self, req: Any) -> bool:
+        """Session lists, events, uploads, access reports and cost; False for other requests."""
+        assert self.who is not None
+        if isinstance(req, ListSessions):
+            lines = []
+            for rec in await self.gw.sessions.list_for(self.who):
+                tally = await self._tally(rec.session_id)
+                lines.append(rec.summary(state=tally.state, next_seq=tally.next_seq))
+            await self.send(Sessions(sessions=tuple(lines)))
+        elif isinstance(req, Attach):
+            await self._visible(req.session_id)
+            old = self._followers.pop(req.session_id, None)
+            if old is not None:
+                old.cancel()
+            self._followers[req.session_id] = asyncio.create_task(
+                self._follow(req.session_id, req.from_seq, req.batch))
+        elif isinstance(req, RequestEvents):
+            await self._visible(req.session_id)
+            events, complete = await self.gw.feeds.get(req.session_id).read(req.from_seq, req.limit)
+            await self.send(EventsFrame(session_id=req.session_id, events=tuple(e.frame for e in events),
+                                        next_seq=events[-1].seq + 1 if events else req.from_seq,
+                                        complete=complete))
+        elif isinstance(req, (AccessReportRequest, CostRequest)):
+            await self._visible(req.session_id)
+            tally = await self._tally(req.session_id)
+            if isinstance(req, CostRequest):
+                await self.send(CostFrame(session_id=req.session_id, **tally.cost()))
+            elif tally.access_report is None:
+                raise SiloError(f"session {req.session_id} has not reported its access yet")
+            else:
+                await self.send(AccessReportFrame(session_id=req.session_id, seq=tally.access_report.seq,
+                                                  report=tally.access_report.data))
+        elif isinstance(req, (UploadFile, UploadChunk)):
+            await self._upload(req)
+        else:
+            return False
+        return True
 
-    async def _follow(self, sid: str, from_seq: int) -> None:
-        """Forward a session's events from ``from_seq``: the stream's backlog, then live."""
-        subject = subjects.session_events(sid)
-        sub = await self.gw.bus.js.subscribe(
-            subject, ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-        )
-        expected = from_seq
+    async def _follow(self, sid: str, from_seq: int, per_frame: int) -> None:
+        """Deliver a session's events to this client until it detaches or goes; tell it if that fails."""
         try:
-            async for msg in sub.messages:
-                try:
-                    env = self.gw.bus.open(msg.data, msg.subject, fresh=False)
-                    event = env.expect(SessionEvent)
-                except MessageRejected:
-                    continue
-                if env.header.role is not Role.HARNESS or event.session_id != sid:
-                    self.log.warning("event_rejected", session=sid, sender=env.header.sender)
-                    continue
-                if event.seq < expected:
-                    continue
-                if event.seq > expected:
-                    self.log.error("event_gap", session=sid, expected=expected, got=event.seq)
-                expected = event.seq + 1
-                await self.send(EventFrame(session_id=sid, seq=event.seq, kind=event.kind,
-                                           agent=event.agent, ts=event.ts, data=event.data))
-                self.gw.metrics.events_sent.inc()
-        finally:
-            await sub.unsubscribe()
+            await follow(self.gw.feeds.get(sid), self.outbox, from_seq, self.log, per_frame=per_frame)
+        except (SiloError, NatsError, TimeoutError) as exc:
+            self.log.warning("delivery_failed", session=sid, error=str(exc))
+            await self.send(ErrorFrame(code="delivery_failed", request="attach", message=(
+                f"delivering the events of session {sid} stopped ({exc}); attach again from the seq "
+                "after your last event")))
+
+    async def _tally(self, sid: str) -> SessionTally:
+        """The session's tally, brought up to its newest stored event."""
+        tally = self.gw.tallies.get(sid)
+        if tally is None:
+            tally = self.gw.tallies[sid] = SessionTally(self.gw.feeds.get(sid))
+        await tally.catch_up()
+        return tally
+
+    async def _upload(self, req: UploadFile | UploadChunk) -> None:
+        assert self.who is not None
+        if self._uploads is None:
+            self._uploads = ConnectionUploads(self.gw.bus, self.who.client, self.log,
+                                              max_bytes=self.gw.upload_max)
+        try:
+            if isinstance(req, UploadFile):
+                await self.send(self._uploads.begin(req, await self._visible(req.session_id)))
+            else:
+                await self.send(await self._uploads.chunk(req))
+        except UploadError as exc:
+            self.log.info("upload_refused", code=exc.code, error=str(exc))
+            await self.send(ErrorFrame(code=exc.code, message=str(exc), request=req.type))
 
     async def _input(self, req: Prompt | Interrupt | Shutdown) -> None:
         assert self.who is not None
-        self._visible(req.session_id)
+        await self._visible(req.session_id)
         if isinstance(req, Prompt):
             body = SessionInput(kind="prompt", text=req.text, client=self.who.client)
         elif isinstance(req, Interrupt):
@@ -471,11 +558,15 @@ class ClientConnection:
         await self.gw.bus.publish(subjects.session_input(req.session_id), body, sid=req.session_id)
 
     async def close(self) -> None:
-        """Stop following sessions; end this connection's shells."""
+        """Stop following sessions; end this connection's shells and uploads; send what is queued."""
         await self.gw.shells.client_gone(self)
         for task in self._followers.values():
             task.cancel()
         await asyncio.gather(*self._followers.values(), return_exceptions=True)
+        if self._uploads is not None:
+            self._uploads.close()
+        await self.outbox.flush(timeout=2.0)
+        await self.outbox.close()
 
 
 async def serve(ctx: ServiceContext) -> None:
@@ -503,7 +594,8 @@ async def serve(ctx: ServiceContext) -> None:
     auth = Authenticator(token, keys, codes, limiter, fingerprint=cert.fingerprint, metrics=metrics.auth,
                          log=ctx.log, deadline_s=float(opts.get("auth_deadline_s") or AUTH_DEADLINE_S))
     web_root = Path(opts["web_root"]) if opts.get("web_root") else WEB_ROOT
-    gw = Gateway(ctx, metrics, auth, web_root)
+    sessions = SessionDirectory(ctx.bus.js, await open_sessions_bucket(ctx.bus.js), ctx.log)
+    gw = Gateway(ctx, metrics, auth, sessions, web_root)
     # Revocations on any replica close this replica's connections of that key.
     revocations = asyncio.create_task(keys.watch_revocations(auth.revoked, ctx.log))
 

@@ -1,52 +1,113 @@
-"""The gateway's view of sessions: who owns which, and their event streams."""
+"""The gateway's view of sessions: who owns which, kept in a JetStream KV bucket.
+
+Records live in the ``silo_sessions`` bucket, not in the gateway's memory,
+so a restarted gateway (or another replica) lists, attaches to and stops the
+sessions an earlier one created. Only gateways may use the bucket (NATS
+permissions), and a record is read back as the model it was written as:
+anything else in the bucket is skipped and logged.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from typing import Any
 
-from devsilo.protocol import SessionGrant
+from devsilo.protocol import SessionGrant, subjects
 from devsilo.protocol.client import SessionSummary
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._auth import Principal
 
 
-@dataclass
-class SessionRecord:
-    """A session this gateway created."""
+class SessionRecord(BaseModel):
+    """A session a gateway created."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
     session_id: str
     user: str
     workspace: str
     executor_id: str
-    created_at: float = field(default_factory=time.time)
+    created_at: float = Field(default_factory=time.time)
     grant: SessionGrant | None = None
     """The session's policy, which `silo shell` on its workspace inherits."""
 
-    def summary(self) -> SessionSummary:
+    def summary(self, *, state: str = "new", next_seq: int = 0) -> SessionSummary:
         """The line shown in session lists."""
         return SessionSummary(session_id=self.session_id, user=self.user, workspace=self.workspace,
-                              created_at=self.created_at)
+                              created_at=self.created_at, executor_id=self.executor_id,
+                              state=state, next_seq=next_seq)  # type: ignore[arg-type]
+
+
+async def open_sessions_bucket(js: JetStreamContext) -> KeyValue:
+    """The session-record bucket, created on first use (a race with another replica is fine)."""
+    try:
+        return await js.key_value(subjects.SESSIONS_BUCKET)
+    except (BucketNotFoundError, NotFoundError):
+        return await js.create_key_value(KeyValueConfig(
+            bucket=subjects.SESSIONS_BUCKET, description="devsilo session records (gateway)",
+            history=1, storage=StorageType.FILE))
 
 
 class SessionDirectory:
-    """Sessions by id, and which of them a principal may see."""
+    """Sessions by id, and which of them a principal may see.
 
-    def __init__(self) -> None:
-        self._sessions: dict[str, SessionRecord] = {}
+    Reads go to the bucket (another replica may have created the session);
+    records this gateway wrote or read are kept in ``_cache``, as records
+    never change once written.
+    """
 
-    def add(self, record: SessionRecord) -> None:
-        """Remember a new session."""
-        self._sessions[record.session_id] = record
+    def __init__(self, kv: KeyValue, log: Any) -> None:
+        self._kv = kv
+        self._log = log
+        self._cache: dict[str, SessionRecord] = {}
 
-    def visible(self, who: Principal, session_id: str) -> SessionRecord | None:
+    async def add(self, record: SessionRecord) -> None:
+        """Store a new session's record."""
+        await self._kv.put(subjects.check_id(record.session_id, "session id"),
+                           record.model_dump_json().encode())
+        self._cache[record.session_id] = record
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        """A session's record, or None when there is none (or it is unreadable)."""
+        rec = self._cache.get(session_id)
+        if rec is not None:
+            return rec
+        try:
+            entry = await self._kv.get(subjects.check_id(session_id, "session id"))
+        except (KeyNotFoundError, NotFoundError):
+            return None
+        return self._parse(session_id, entry.value)
+
+    async def visible(self, who: Principal, session_id: str) -> SessionRecord | None:
         """The session when ``who`` may see it; None for absent and foreign alike."""
-        rec = self._sessions.get(session_id)
+        rec = await self.get(session_id)
         if rec is None or not (who.operator or rec.user == who.user):
             return None
         return rec
 
-    def list_for(self, who: Principal) -> list[SessionRecord]:
+    async def list_for(self, who: Principal) -> list[SessionRecord]:
         """Every session ``who`` may see, oldest first."""
-        return sorted((r for r in self._sessions.values() if who.operator or r.user == who.user),
-                      key=lambda r: r.created_at)
+        try:
+            keys = await self._kv.keys()
+        except NoKeysError:
+            keys = []
+        records = [r for r in [await self.get(k) for k in keys] if r is not None]
+        return sorted((r for r in records if who.operator or r.user == who.user), key=lambda r: r.created_at)
+
+    def _parse(self, key: str, value: bytes | None) -> SessionRecord | None:
+        if not value:
+            return None
+        try:
+            rec = SessionRecord.model_validate_json(value)
+        except ValidationError as exc:
+            self._log.warning("session_record_unreadable", key=key, error=str(exc).splitlines()[0])
+            return None
+        if rec.session_id != key:
+            self._log.warning("session_record_misfiled", key=key, session=rec.session_id)
+            return None
+        self._cache[key] = rec
+        return rec

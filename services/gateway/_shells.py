@@ -119,12 +119,12 @@ class ShellBroker:
 
     # -- opening ----------------------------------------------------------------------
 
-    def _place(self, who: Principal, req: ShellOpenFrame) -> tuple[str, str, ShellPolicy]:
+    async def _place(self, who: Principal, req: ShellOpenFrame) -> tuple[str, str, ShellPolicy]:
         """The workspace, the executor and the base policy for a shell request."""
         if (req.workspace is None) == (req.session_id is None):
             raise GrantError("a shell needs exactly one of a workspace path or a session id")
         if req.session_id is not None:
-            rec = self.sessions.visible(who, req.session_id)
+            rec = await self.sessions.visible(who, req.session_id)
             if rec is None or rec.grant is None:
                 raise GrantError(f"no session {req.session_id} visible to you")
             # Whether it still runs is the executor's to say: its announcements lag a second.
@@ -140,7 +140,7 @@ class ShellBroker:
                              f"workspace; lock it with `silo workspace lock {workspace}`, or use "
                              "--session ID for a running session's")
         # The newest running session of this user on the workspace lends its policy.
-        for rec in reversed(self.sessions.list_for(who)):
+        for rec in reversed(await self.sessions.list_for(who)):
             if (rec.workspace == workspace and rec.executor_id == holder and rec.grant is not None
                     and rec.user == who.user and self.pool.runs(holder, rec.session_id)):
                 return workspace, holder, _from_grant(rec.grant, f"session {rec.session_id}")
@@ -151,7 +151,7 @@ class ShellBroker:
         """Start a shell; the client gets ``shell_opened``, then its output and exit."""
         who = client.who
         assert who is not None
-        workspace, eid, base = self._place(who, req)
+        workspace, eid, base = await self._place(who, req)
         sandbox = req.sandbox or base.sandbox
         allow_read = base.allow_read if req.allow_read is None else req.allow_read
         allow_domains = base.allow_domains if req.allow_domains is None else req.allow_domains

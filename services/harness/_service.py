@@ -357,6 +357,8 @@ async def serve(ctx: ServiceContext) -> None:
             runner.interrupt()
         elif inp.kind == "stop":
             await runner.stop(f"stopped by {inp.client or 'a client'}")
+        elif inp.kind == "upload":
+            await runner.file_uploaded(inp.text, inp.client)
         return Ack()
 
     async def on_export(env: Envelope, msg: Msg) -> Message:

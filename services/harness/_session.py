@@ -11,6 +11,7 @@ from devsilo.protocol import (
     SANDBOX_TOOLS,
     Ack,
     CloseSession,
+    GrantError,
     RemoteError,
     Role,
     SandboxClosed,
@@ -23,6 +24,7 @@ from devsilo.protocol import (
 )
 from devsilo.protocol._messages import AccessReport, EventKind
 from devsilo.runtime import Bus
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._gate import ModelPolicy
 from ._journal import SessionJournal
@@ -38,6 +40,15 @@ MAX_HEADLESS_NUDGES = 3
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_MODEL = 3
+
+
+class UploadNotice(BaseModel):
+    """What the gateway says about a file a client uploaded into the workspace."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str = Field(min_length=1, max_length=4096)
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class SessionEvents:
@@ -101,6 +112,8 @@ class SessionRunner:
         self.log = log.bind(session=self.sid)
         self.llm = (policy or ModelPolicy.from_options({})).gate(model, grant, self.events.emit, logger=self.log)
         self.inputs: asyncio.Queue[str] = asyncio.Queue()
+        self.notes: list[str] = []
+        """Things the model is told with the next prompt (files users uploaded)."""
         self.messages: list[dict[str, Any]] = []
         self.exit_code: int | None = None
         self._turn: asyncio.Task[None] | None = None
@@ -192,6 +205,19 @@ class SessionRunner:
             await self._finish(EXIT_OK, reason)
             self.inputs.put_nowait("")
 
+    async def file_uploaded(self, notice: str, client: str) -> None:
+        """A client's file landed in the workspace: show it to every client, tell the model next turn.
+
+        ``notice`` is the gateway's JSON ``{"path", "size", "sha256"}`` (the executor's report).
+        """
+        try:
+            info = UploadNotice.model_validate_json(notice)
+        except ValidationError as exc:
+            raise GrantError(f"upload notice is not {{path, size, sha256}}: {exc.errors()[0]['msg']}") from None
+        await self.events.emit("file_shared", {**info.model_dump(), "client": client, "direction": "upload"})
+        self.notes.append(f"[{client or 'a user'} uploaded {info.path} into the workspace: {info.size} bytes, "
+                          f"sha256 {info.sha256}]")
+
     async def executor_lost(self, reason: str) -> None:
         """The session's executor is gone: end the session with a clear error."""
         if self.exit_code is not None:
@@ -208,7 +234,8 @@ class SessionRunner:
                 await self.journal.lifecycle("turn")
             await self.events.emit("user_prompt", {"text": text})
             await self.events.emit("busy", {"busy": True})
-            self.messages.append({"role": "user", "content": text})
+            notes, self.notes = self.notes, []
+            self.messages.append({"role": "user", "content": "\n\n".join([*notes, text])})
         for call in pending or ():
             result = await self._call_tool(call)
             self.messages.append({"role": "tool", "tool_call_id": call.id, "content": result.content,

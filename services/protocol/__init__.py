@@ -33,6 +33,7 @@ from ._errors import (
     SiloError,
     ToolError,
     UnknownSender,
+    UploadError,
     WrongKey,
     WrongSubject,
 )
@@ -55,6 +56,8 @@ from ._messages import (
     ErrorReply,
     EventKind,
     ExecutorAnnounce,
+    FileUpload,
+    FileUploaded,
     GlobInput,
     GrepInput,
     JournalExportPage,
@@ -87,6 +90,7 @@ from ._messages import (
     WorkspaceReply,
     WorkspaceRequest,
     WriteInput,
+    workspace_relative,
 )
 from ._replay import ReplayCache
 from ._transfer import RemoteLock, TransferPlan
@@ -116,6 +120,10 @@ __all__ = [
     "ErrorReply",
     "EventKind",
     "ExecutorAnnounce",
+    "FileUpload",
+    "FileUploaded",
+    "UploadError",
+    "workspace_relative",
     "Expired",
     "GlobInput",
     "GrantError",

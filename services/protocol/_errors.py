@@ -20,6 +20,7 @@
     ├── SandboxError                a sandbox could not be started or died
     │   └── SandboxClosed           a session's sandbox was closed under it
     ├── ToolError                   a tool call that failed in a way the model should see
+    ├── UploadError                 a client's file upload refused (size, hash, path); ``code`` says which
     └── AuthError                   a client failed to authenticate
 
 Every error carries a message that says what failed, on what, and what to try.
@@ -147,6 +148,15 @@ class SandboxClosed(SandboxError):
 
 class ToolError(SiloError):
     """A tool call failed in a way the model should be told about."""
+
+
+class UploadError(SiloError):
+    """A client's file upload was refused; ``code`` is ``upload_too_large``, ``upload_hash_mismatch``,
+    ``upload_bad_path``, ``upload_bad_chunk`` or ``upload_unknown``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class AuthError(SiloError):

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ._errors import UploadError
 from ._subjects import EVENTS_SUBJECTS, GRANT, HARNESS_START, INBOX_PREFIX, POOL_ANNOUNCE_ALL
 from ._transfer import RemoteLock, TransferPlan
 
@@ -118,7 +119,7 @@ class SessionInput(Message):
 
     TYPE = "session_input"
     SUBJECTS = ("silo.session.*.input",)
-    kind: Literal["prompt", "answer", "interrupt", "stop"]
+    kind: Literal["prompt", "answer", "interrupt", "stop", "upload"]
     text: str = Field(default="", max_length=256 * 1024)
     question_id: str | None = None
     client: str = Field(default="", max_length=128)
@@ -410,6 +411,66 @@ class WorkspaceReply(Message):
     """unlock of an uploaded workspace: the result archive (chunks in the object store)."""
 
 
+UPLOAD_PATH_MAX = 4096
+
+
+def workspace_relative(path: str) -> str:
+    """``path`` when it names a file inside a workspace, else UploadError ``upload_bad_path``.
+
+    Relative, no NUL, no empty, ``.`` or ``..`` component, each at most 255
+    bytes of valid UTF-8. (Symbolic links are checked where the file lands.)
+    """
+    why = None
+    if not path or len(path) > UPLOAD_PATH_MAX:
+        why = f"must be 1 to {UPLOAD_PATH_MAX} characters"
+    elif "\0" in path:
+        why = "contains NUL"
+    elif path.startswith("/"):
+        why = "is absolute; give a path relative to the workspace"
+    else:
+        try:
+            parts = path.encode("utf-8").split(b"/")
+        except UnicodeEncodeError:
+            parts, why = [], "is not valid UTF-8"
+        for part in parts:
+            if part in (b"", b".", b".."):
+                why = "has an empty, '.' or '..' component; it must stay inside the workspace"
+                break
+            if len(part) > 255:
+                why = "has a component longer than 255 bytes"
+                break
+    if why is not None:
+        raise UploadError("upload_bad_path", f"upload path {path[:200]!r} {why}")
+    return path
+
+
+class FileUpload(Message):
+    """Gateway asks a session's executor to write a client's file into the session's workspace.
+
+    The bytes are the object ``object_name`` of the workspace object store;
+    the executor checks ``size`` and ``sha256`` against them and ``path``
+    (relative to the workspace: no absolute path, ``..``, NUL, or symlink on
+    the way) before writing.
+    """
+
+    TYPE = "file_upload"
+    SUBJECTS = ("silo.exec.*.*.upload",)
+    path: str = Field(min_length=1, max_length=UPLOAD_PATH_MAX)
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    object_name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,200}$")
+
+
+class FileUploaded(Message):
+    """Executor reply: the file is in the workspace (``path`` as written, relative to it)."""
+
+    TYPE = "file_uploaded"
+    SUBJECTS = (REPLY,)
+    path: str
+    size: int
+    sha256: str
+
+
 class Ack(Message):
     """A reply that says only: done."""
 
@@ -534,6 +595,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         RelayHello,
         Ack,
         ErrorReply,
+        FileUpload,
+        FileUploaded,
         ShellOpen,
         ShellOpened,
         ShellInput,

@@ -10,6 +10,9 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.exec.<eid>.workspace       gateway  -> executor  WorkspaceRequest (request)
     silo.exec.<eid>.<sid>.tool      harness  -> executor  ToolCall (request)
     silo.exec.<eid>.<sid>.close     harness  -> executor  CloseSession (request)
+    silo.exec.<eid>.<sid>.upload    gateway  -> executor  FileUpload (request): a client's file into
+                                                          the session's workspace (bytes in the
+                                                          workspace object store)
     silo.egress.<gid>.session       executor -> egress    EgressSessionOpen / EgressSessionClose
     silo.egress.any.session         executor -> egress    same, any egress (queue group)
     silo.journal.<sid>              harness  -> stream    JournalRecord (JetStream JOURNAL)
@@ -25,6 +28,8 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.exec.<eid>.shell           gateway  -> executor  ShellOpen (request)
     silo.shell.<shid>.input         gateway  -> executor  ShellInput (keystrokes, size, signals, output acks)
     silo.shell.<shid>.output        executor -> gateway   ShellOutput, then one ShellExit
+    $KV.silo_sessions.>             gateway               session records (JetStream KV), shared by
+                                                          gateway replicas and kept across restarts
     $O.silo_workspaces.>            gateway, executor     workspace archives between machines
                                                           (JetStream object store; chunks checked
                                                           against the TransferPlan in signed messages)
@@ -72,6 +77,9 @@ CLIENT_KEYS_STREAM = f"KV_{CLIENT_KEYS}"
 PAIRING_CODES = "silo_pairing_codes"
 """KV bucket of pairing codes (gateway only), keyed by the code's SHA-256, consumed once by compare-and-set."""
 PAIRING_CODES_STREAM = f"KV_{PAIRING_CODES}"
+SESSIONS_BUCKET = "silo_sessions"
+"""KV bucket of session records (id, user, workspace, executor, grant, created), gateway only."""
+SESSIONS_STREAM = f"KV_{SESSIONS_BUCKET}"
 
 HARNESS_QUEUE = "harness"
 EXECUTOR_QUEUE = "executor"
@@ -124,6 +132,11 @@ def exec_lease(eid: str) -> str:
 def exec_workspace(eid: str) -> str:
     """Subject on which the gateway asks an executor to lock, unlock or describe workspaces."""
     return f"silo.exec.{check_id(eid, 'executor id')}.workspace"
+
+
+def exec_upload(eid: str, sid: str) -> str:
+    """Subject on which the gateway asks a session's executor to write a client's uploaded file."""
+    return f"silo.exec.{check_id(eid, 'executor id')}.{check_id(sid, 'session id')}.upload"
 
 
 def exec_close(eid: str, sid: str) -> str:
@@ -188,7 +201,7 @@ SHELL_OUTPUT_ALL = "silo.shell.*.output"
 # from the role they asked.
 PUBLISH: dict[Role, tuple[str, ...]] = {
     Role.GATEWAY: (GRANT, HARNESS_START, "silo.session.*.input", "silo.exec.*.workspace",
-                   "silo.exec.*.shell", SHELL_INPUT_ALL, HARNESS_JOURNAL_EXPORT),
+                   "silo.exec.*.shell", SHELL_INPUT_ALL, HARNESS_JOURNAL_EXPORT, "silo.exec.*.*.upload"),
     Role.HARNESS: (
         EVENTS_SUBJECTS,
         "silo.exec.*.lease",
@@ -212,7 +225,8 @@ SUBSCRIBE: dict[Role, tuple[str, ...]] = {
 
 # Streams each role may use through the JetStream API.
 STREAMS: dict[Role, tuple[str, ...]] = {
-    Role.GATEWAY: (EVENTS_STREAM, WORKSPACE_OBJECTS_STREAM, CLIENT_KEYS_STREAM, PAIRING_CODES_STREAM),
+    Role.GATEWAY: (EVENTS_STREAM, WORKSPACE_OBJECTS_STREAM, CLIENT_KEYS_STREAM, PAIRING_CODES_STREAM,
+                   SESSIONS_STREAM),
     Role.HARNESS: (EVENTS_STREAM, JOURNAL_STREAM, SESSION_OWNERS_STREAM),
     Role.EXECUTOR: (WORKSPACE_OBJECTS_STREAM,),
     Role.EGRESS: (),  # publishes network records into the journal; never reads it

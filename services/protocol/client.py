@@ -40,6 +40,10 @@ CLIENT_PROTOCOL_VERSION = 1
 CLIENT_PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 """Every protocol version this code speaks (the gateway lists them in ``hello``)."""
 MAX_CLIENT_FRAME = 1024 * 1024
+MAX_EVENTS_BATCH = 500
+"""Most events one ``events`` frame carries."""
+UPLOAD_CHUNK = 512 * 1024
+"""Most bytes one ``upload_chunk`` carries (base64 makes it about 683 KiB of text)."""
 
 PAIRING_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 PAIRING_CODE_LENGTH = 8
@@ -244,6 +248,61 @@ class WorkspaceTransferDone(ClientFrame):
     transfer_id: str = Field(pattern=TRANSFER_ID_PATTERN)
 
 
+class RequestEvents(ClientFrame):
+    """Ask for a bounded batch of a session's events from ``from_seq`` (answered with ``events``).
+
+    A client that lost its connection, or was dropped for reading too
+    slowly, asks from the seq after the last event it has until ``complete``.
+    """
+
+    type: Literal["request_events"] = "request_events"
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    from_seq: int = Field(default=0, ge=0)
+    limit: int = Field(default=MAX_EVENTS_BATCH, ge=1, le=MAX_EVENTS_BATCH)
+
+
+class UploadFile(ClientFrame):
+    """Start uploading a file into a session's workspace (answered with ``upload_ready``).
+
+    ``path`` is relative to the workspace; ``size`` and ``sha256`` are the
+    whole file's, checked when the last chunk is in. ``upload_id`` is the
+    client's name for this upload (unique per connection).
+    """
+
+    type: Literal["upload_file"] = "upload_file"
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    upload_id: str = Field(pattern=SESSION_ID_PATTERN)
+    path: str = Field(min_length=1, max_length=4096)
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class UploadChunk(ClientFrame):
+    """The next bytes of an upload (base64, at most ``UPLOAD_CHUNK`` decoded), at ``offset``.
+
+    Answered with ``upload_progress``; after the last byte with ``upload_done``.
+    """
+
+    type: Literal["upload_chunk"] = "upload_chunk"
+    upload_id: str = Field(pattern=SESSION_ID_PATTERN)
+    offset: int = Field(ge=0)
+    data: str = Field(max_length=4 * (UPLOAD_CHUNK // 3 + 1))
+
+
+class AccessReportRequest(ClientFrame):
+    """Ask what a session's sandbox can reach (answered with ``access_report``)."""
+
+    type: Literal["access_report"] = "access_report"
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+
+
+class CostRequest(ClientFrame):
+    """Ask for a session's cost so far (answered with ``cost``)."""
+
+    type: Literal["cost"] = "cost"
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+
+
 class ListSessions(ClientFrame):
     """List the sessions this client's user may see."""
 
@@ -320,7 +379,8 @@ ClientRequest = Annotated[
     Authenticate | CreateSession | Attach | Prompt | Interrupt | Shutdown | WorkspaceCommand | ListSessions
     | Ping | ShellOpenFrame | ShellInputFrame | ShellResizeFrame | ShellSignalFrame
     | WorkspaceUpload | WorkspaceChunk | WorkspaceUploadCommit | WorkspaceFetchChunk
-    | WorkspaceTransferDone | Pair | PairingCodeRequest | ListClients | RevokeClient | JournalExport,
+    | WorkspaceTransferDone | Pair | PairingCodeRequest | ListClients | RevokeClient | JournalExport
+    | RequestEvents | UploadFile | UploadChunk | AccessReportRequest | CostRequest,
     Field(discriminator="type"),
 ]
 CLIENT_REQUEST: TypeAdapter[Any] = TypeAdapter(ClientRequest)
@@ -444,13 +504,98 @@ class EventFrame(ClientFrame):
 
 
 class SessionSummary(BaseModel):
-    """A line of ``sessions``."""
+    """A line of ``sessions``: ``state`` is ``busy`` (a turn runs), ``idle``, ``ended`` or ``new``
+    (no event yet), from the session's latest event; ``next_seq`` is the seq its next event gets."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     session_id: str
     user: str
     workspace: str
     created_at: float
+    executor_id: str = ""
+    state: Literal["busy", "idle", "ended", "new"] = "new"
+    next_seq: int = 0
+
+
+class EventsFrame(ClientFrame):
+    """Answer to ``request_events``: events ``from_seq`` .. ``next_seq - 1`` in order.
+
+    ``complete``: these reach the newest event stored; ask again from
+    ``next_seq`` otherwise.
+    """
+
+    type: Literal["events"] = "events"
+    session_id: str
+    events: tuple[EventFrame, ...]
+    next_seq: int
+    complete: bool
+
+
+class AccessReportFrame(ClientFrame):
+    """Answer to ``access_report``: the session's report, from its ``access_report`` event."""
+
+    type: Literal["access_report"] = "access_report"
+    session_id: str
+    seq: int
+    report: dict[str, Any]
+
+
+class CostFrame(ClientFrame):
+    """Answer to ``cost``: sums of every numeric field of the session's cost events.
+
+    ``by_model`` and ``by_agent`` split the same sums; ``through_seq`` is the
+    last event counted (-1 before any).
+    """
+
+    type: Literal["cost"] = "cost"
+    session_id: str
+    totals: dict[str, float]
+    by_model: dict[str, dict[str, float]]
+    by_agent: dict[str, dict[str, float]]
+    cost_events: int
+    through_seq: int
+
+
+class Overloaded(ClientFrame):
+    """The gateway refused work for now: try again after ``retry_after_ms``.
+
+    ``reason``: ``clients`` (too many connections), ``user_clients`` (too
+    many of this user's), or ``rate`` (too many frames per second; the
+    frame named in ``request`` was dropped).
+    """
+
+    type: Literal["overloaded"] = "overloaded"
+    reason: Literal["clients", "user_clients", "rate"]
+    message: str
+    retry_after_ms: int
+    request: str | None = None
+
+
+class UploadReady(ClientFrame):
+    """Answer to ``upload_file``: send chunks of at most ``chunk_size`` bytes from ``offset`` 0."""
+
+    type: Literal["upload_ready"] = "upload_ready"
+    upload_id: str
+    chunk_size: int
+
+
+class UploadProgress(ClientFrame):
+    """A chunk was stored: ``received`` bytes so far."""
+
+    type: Literal["upload_progress"] = "upload_progress"
+    upload_id: str
+    received: int
+
+
+class UploadDone(ClientFrame):
+    """The file is in the workspace (its hash checked); every client sees a ``file_shared`` event."""
+
+    type: Literal["upload_done"] = "upload_done"
+    upload_id: str
+    session_id: str
+    path: str
+    size: int
+    sha256: str
 
 
 class Sessions(ClientFrame):
@@ -565,7 +710,8 @@ GatewayFrame = Annotated[
     Hello | AuthOk | AuthErrorFrame | SessionCreated | EventFrame | Sessions | WorkspaceResult | Pong
     | ErrorFrame | ShellOpenedFrame | ShellOutputFrame | ShellExitFrame
     | WorkspaceUploadNeeded | WorkspaceUploadState | WorkspaceChunkAck | WorkspaceChunk
-    | WorkspaceTransferClosed | Challenge | Paired | PairingCode | Clients | ClientRevoked | JournalPage,
+    | WorkspaceTransferClosed | Challenge | Paired | PairingCode | Clients | ClientRevoked | JournalPage
+    | EventsFrame | AccessReportFrame | CostFrame | Overloaded | UploadReady | UploadProgress | UploadDone,
     Field(discriminator="type"),
 ]
 GATEWAY_FRAME: TypeAdapter[Any] = TypeAdapter(GatewayFrame)
