@@ -16,11 +16,13 @@ from devsilo.protocol import SessionGrant, subjects
 from devsilo.protocol.client import SessionSummary
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._auth import Principal
+
+_KEY_PREFIX = f"$KV.{subjects.SESSIONS_BUCKET}."
 
 
 class SessionRecord(BaseModel):
@@ -60,7 +62,8 @@ class SessionDirectory:
     never change once written.
     """
 
-    def __init__(self, kv: KeyValue, log: Any) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, log: Any) -> None:
+        self._js = js
         self._kv = kv
         self._log = log
         self._cache: dict[str, SessionRecord] = {}
@@ -91,10 +94,9 @@ class SessionDirectory:
 
     async def list_for(self, who: Principal) -> list[SessionRecord]:
         """Every session ``who`` may see, oldest first."""
-        try:
-            keys = await self._kv.keys()
-        except NoKeysError:
-            keys = []
+        # The stream's subject list, not KeyValue.keys(): its watcher can end before the first key arrives.
+        info = await self._js.stream_info(subjects.SESSIONS_STREAM, subjects_filter=f"{_KEY_PREFIX}>")
+        keys = [s[len(_KEY_PREFIX):] for s in (info.state.subjects or {})]
         records = [r for r in [await self.get(k) for k in keys] if r is not None]
         return sorted((r for r in records if who.operator or r.user == who.user), key=lambda r: r.created_at)
 

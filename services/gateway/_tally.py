@@ -1,4 +1,4 @@
-"""What a session's events add up to, on request: its cost so far and its access report.
+"""What a session's events add up to, on request: its cost so far, its access report, whether it is busy.
 
 A tally reads the session's verified events once, from where it stopped
 last time, so asking again costs only the events since.
@@ -20,8 +20,18 @@ def _numbers(data: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+_STATE_AFTER = {"user_prompt": "busy", "turn_complete": "idle", "interrupted": "idle", "awaiting_input": "idle",
+                "shutdown": "ended"}
+
+
 class SessionTally:
-    """Running sums of a session's ``cost`` events (by model and agent) and its access report."""
+    """Running sums of a session's ``cost`` events (by model and agent), its access report and state.
+
+    ``state``: ``new`` before any event, ``busy`` while a turn runs (from its
+    prompt or ``busy`` event to ``turn_complete``, ``interrupted``,
+    ``awaiting_input`` or ``busy`` false), ``idle`` otherwise, ``ended`` after
+    ``shutdown``.
+    """
 
     def __init__(self, feed: SessionFeed) -> None:
         self.feed = feed
@@ -31,6 +41,7 @@ class SessionTally:
         self.by_model: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.by_agent: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.access_report: SessionEvent | None = None
+        self.state = "new"
         self._lock = asyncio.Lock()
 
     async def catch_up(self) -> None:
@@ -46,6 +57,12 @@ class SessionTally:
                     return
 
     def _count(self, event: SessionEvent) -> None:
+        if self.state != "ended":
+            self.state = _STATE_AFTER.get(event.kind, self.state)
+            if event.kind == "busy":
+                self.state = "busy" if event.data.get("busy") else "idle"
+            elif self.state == "new":
+                self.state = "idle"
         if event.kind == "access_report":
             self.access_report = event  # the newest one stands
         elif event.kind == "cost":

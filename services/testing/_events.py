@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 import time
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import structlog
 from devsilo.gateway._sessions import SessionDirectory, SessionRecord, open_sessions_bucket
@@ -46,12 +46,12 @@ class ScriptedSession:
         self._buses: list[Bus] = []
         self.events: SessionEvents | None = None
 
-    async def __aenter__(self) -> ScriptedSession:
+    async def __aenter__(self) -> Self:
         gateway = await service_bus(self.state, "gateway", self.nats_url)
         harness = await service_bus(self.state, "harness", self.nats_url)
         self._buses = [gateway, harness]
         assert harness.identity.role is Role.HARNESS and gateway.identity.role is Role.GATEWAY
-        directory = SessionDirectory(await open_sessions_bucket(gateway.js), gateway.log)
+        directory = SessionDirectory(gateway.js, await open_sessions_bucket(gateway.js), gateway.log)
         await directory.add(SessionRecord(session_id=self.sid, user=self.user, workspace=self.workspace,
                                           executor_id="none", created_at=time.time()))
         self.events = SessionEvents(harness, self.sid)

@@ -1,0 +1,437 @@
+"""Clients in sync through the gateway: restart, catch-up, slow clients, limits, uploads, cost.
+
+One `silo up` stack for the module (real NATS, TLS WebSocket, bwrap
+sandboxes, mock model). Clients are real WebSocket clients pinned to the
+gateway's certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from devsilo.cli._client import GatewayClient, GatewayError
+from devsilo.protocol import AuthError
+from devsilo.protocol.client import (
+    AccessReportFrame,
+    AccessReportRequest,
+    Attach,
+    CostFrame,
+    CostRequest,
+    CreateSession,
+    ErrorFrame,
+    EventFrame,
+    EventsFrame,
+    ListSessions,
+    Overloaded,
+    Ping,
+    Pong,
+    Prompt,
+    RequestEvents,
+    SessionCreated,
+    Sessions,
+    Shutdown,
+    UploadChunk,
+    UploadDone,
+    UploadFile,
+    UploadProgress,
+    UploadReady,
+)
+from devsilo.runtime._state import StateDir
+from devsilo.testing import Stack
+from devsilo.testing._events import ScriptedSession
+
+UPLOAD_MAX = 1024 * 1024
+MAX_PER_USER = 8
+CLIENT_RATE = 40
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One stack with small gateway limits, so the tests reach them quickly."""
+    s = Stack(tmp_path_factory.mktemp("gwsync") / "state", services={"gateway": {"options": {
+        "upload_max_bytes": UPLOAD_MAX, "max_clients_per_user": MAX_PER_USER, "client_rate": CLIENT_RATE,
+        "client_queue": 64, "event_ring": 128}}})
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def gateway_url(stack: Stack) -> str:
+    return f"wss://127.0.0.1:{stack.gateway_port}/ws"
+
+
+async def connect(stack: Stack, name: str) -> GatewayClient:
+    state = StateDir(stack.state_dir)
+    client = GatewayClient(gateway_url(stack), state.gateway_fingerprint(), client_name=name)
+    try:
+        await client.connect(state.client_token())
+    except BaseException:
+        await client.close()
+        raise
+    return client
+
+
+async def next_frame(client: GatewayClient, kind: type[Any], timeout: float = 30.0) -> Any:
+    """The next frame of type ``kind``; other frames (events of attached sessions) are skipped."""
+    async def wait() -> Any:
+        while True:
+            frame = await client.receive()
+            if isinstance(frame, kind):
+                return frame
+            if isinstance(frame, ErrorFrame) and kind is not ErrorFrame:
+                raise AssertionError(f"gateway error: {frame.code}: {frame.message}")
+    return await asyncio.wait_for(wait(), timeout)
+
+
+async def events_until(client: GatewayClient, sid: str, stop: Any, out: list[EventFrame],
+                       timeout: float = 60.0) -> list[EventFrame]:
+    """Collect ``sid``'s events into ``out`` until ``stop(event)``."""
+    async def wait() -> list[EventFrame]:
+        while True:
+            frame = await client.receive()
+            if isinstance(frame, EventFrame) and frame.session_id == sid:
+                out.append(frame)
+                if stop(frame):
+                    return out
+    return await asyncio.wait_for(wait(), timeout)
+
+
+def assert_gapless(events: list[EventFrame]) -> None:
+    assert [e.seq for e in events] == list(range(len(events)))
+
+
+def write_script(tmp_path: Path, script: dict[str, Any]) -> str:
+    return json.dumps(script)
+
+
+# -- a gateway restart in the middle of a streamed turn -------------------------------------
+
+RESTART_SCRIPT = {"responses": [
+    {"text": "first step", "tool_calls": [{"name": "Bash", "input": {"command": "sleep 3; echo one"}}]},
+    {"text": "second step", "tool_calls": [{"name": "Bash", "input": {"command": "sleep 1; echo two"}}]},
+    {"text": "done", "tool_calls": [{"name": "Exit", "input": {"message": "finished"}}]},
+]}
+
+
+async def resilient_follow(stack: Stack, name: str, sid: str, events: list[EventFrame],
+                           reconnects: list[str]) -> None:
+    """Follow ``sid`` to its shutdown, reconnecting (and resuming from the last seq) when cut off."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            client = await connect(stack, name)
+        except (GatewayError, OSError):
+            await asyncio.sleep(0.2)
+            continue
+        try:
+            await client.send(Attach(session_id=sid, from_seq=len(events)))
+            await events_until(client, sid, lambda e: e.kind == "shutdown", events)
+            return
+        except GatewayError:
+            reconnects.append(name)
+        finally:
+            await client.close()
+    raise AssertionError(f"{name} never saw the session end")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def restarted(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A session three clients follow while the gateway is killed mid-turn and comes back."""
+    ws = tmp_path_factory.mktemp("restart-ws")
+    creator = await connect(stack, "creator")
+    try:
+        await creator.send(CreateSession(workspace=str(ws), script=json.dumps(RESTART_SCRIPT), headless=True,
+                                         prompt="go"))
+        sid = (await next_frame(creator, SessionCreated, timeout=90)).session_id
+    finally:
+        await creator.close()
+    lists: dict[str, list[EventFrame]] = {f"c{i}": [] for i in range(3)}
+    reconnects: list[str] = []
+    followers = [asyncio.create_task(resilient_follow(stack, n, sid, lists[n], reconnects)) for n in lists]
+    # Kill the gateway while the first Bash (sleep 3) runs: every client has seen its tool_use.
+    deadline = time.monotonic() + 60
+    while not all(any(e.kind == "tool_use" for e in got) for got in lists.values()):
+        assert time.monotonic() < deadline, "clients never saw the first tool call"
+        await asyncio.sleep(0.05)
+    old_pid = stack.live_pid("gateway")
+    assert old_pid is not None
+    os.kill(old_pid, signal.SIGKILL)
+    killed_at = time.time()
+    await asyncio.wait_for(asyncio.gather(*followers), 120)
+    return {"sid": sid, "lists": lists, "reconnects": reconnects, "killed_at": killed_at, "old_pid": old_pid}
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_gateway_restart_mid_turn_every_client_ends_with_identical_gapless_events(
+        stack: Stack, restarted: dict[str, Any]) -> None:
+    lists = list(restarted["lists"].values())
+    assert sorted(restarted["reconnects"]) == ["c0", "c1", "c2"]  # each was cut off once
+    assert stack.live_pid("gateway") not in (None, restarted["old_pid"])
+    for got in lists:
+        assert_gapless(got)
+        assert [e.model_dump() for e in got] == [e.model_dump() for e in lists[0]]
+    kinds = [e.kind for e in lists[0]]
+    assert kinds[0] == "session_started" and kinds[-1] == "shutdown"
+    assert lists[0][-1].data["exit_code"] == 0
+    # The restart fell inside the turn: events were written both before and after it.
+    assert lists[0][0].ts < restarted["killed_at"] < lists[0][-1].ts
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_sessions_are_listed_and_served_by_the_restarted_gateway(
+        stack: Stack, restarted: dict[str, Any]) -> None:
+    sid = restarted["sid"]
+    events = restarted["lists"]["c0"]
+    client = await connect(stack, "after-restart")
+    try:
+        await client.send(ListSessions())
+        listed = {s.session_id: s for s in (await next_frame(client, Sessions)).sessions}
+        assert listed[sid].state == "ended" and listed[sid].next_seq == len(events)
+        # request_events: bounded batches, in order, the same events as the live clients saw.
+        got: list[EventFrame] = []
+        complete = False
+        while not complete:
+            await client.send(RequestEvents(session_id=sid, from_seq=len(got), limit=4))
+            batch = await next_frame(client, EventsFrame)
+            assert len(batch.events) <= 4 and batch.next_seq == len(got) + len(batch.events)
+            got.extend(batch.events)
+            complete = batch.complete
+        assert [e.model_dump() for e in got] == [e.model_dump() for e in events]
+        await client.send(RequestEvents(session_id=sid, from_seq=len(events) + 10))
+        past = await next_frame(client, EventsFrame)
+        assert past.events == () and past.complete
+        await client.send(RequestEvents(session_id="no-such-session", from_seq=0))
+        err = await next_frame(client, ErrorFrame)
+        assert "no session no-such-session" in err.message
+    finally:
+        await client.close()
+
+
+# -- slow clients -----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_stalled_client_slows_nobody_then_catches_up_exactly_once(stack: Stack) -> None:
+    state = StateDir(stack.state_dir)
+    drops_before = stack.metric("gateway", "silo_delivery_queue_drops_total")
+    total = 1500
+    pad = "x" * 8000  # ~12 MB in all: more than the stalled client's and the gateway's socket buffers hold
+    async with ScriptedSession(state, f"tls://127.0.0.1:{stack.nats_port}") as session:
+        sid = session.sid
+        slow = await connect(stack, "slow")
+        fast = await connect(stack, "fast")
+        # A client on a thin line: a small receive buffer that the kernel does not grow.
+        sock = slow._ws._conn.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        try:
+            await session.emit("session_started", {"note": "scripted"})
+            for c in (slow, fast):
+                await c.send(Attach(session_id=sid, from_seq=0))
+                await next_frame(c, EventFrame)
+            # The slow client stops reading (aiohttp then stops reading its socket, whose window fills up).
+            fast_got: list[EventFrame] = []
+            fast_task = asyncio.create_task(events_until(fast, sid, lambda e: e.seq == total, fast_got))
+            for i in range(total):
+                await session.emit("tool_output", {"i": i, "text": pad})
+            await asyncio.wait_for(fast_task, 60)
+            assert [e.seq for e in fast_got] == list(range(1, total + 1))
+            # Reading again, the slow client gets everything it missed, once each, in order.
+            slow_got: list[EventFrame] = []
+            await events_until(slow, sid, lambda e: e.seq == total, slow_got)
+            assert [e.seq for e in slow_got] == list(range(1, total + 1))
+            assert [e.data["i"] for e in slow_got] == list(range(total))
+            # It had fallen behind the live ring: its feed was dropped and it caught up from the stream.
+            assert stack.metric("gateway", "silo_delivery_queue_drops_total") > drops_before
+            assert stack.metric("gateway", "silo_events_caught_up_total") > 0
+        finally:
+            await slow.close()
+            await fast.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_forged_event_in_the_stream_is_not_delivered(stack: Stack) -> None:
+    state = StateDir(stack.state_dir)
+    async with ScriptedSession(state, f"tls://127.0.0.1:{stack.nats_port}") as session:
+        await session.emit("session_started")
+        # Raw bytes on the session's subject (the harness may publish there) that no key signed.
+        await session.nc.jetstream().publish(f"silo.session.{session.sid}.events", b"x" * 80 + b'{"seq": 1}')
+        await session.emit("turn_complete")
+        client = await connect(stack, "reader")
+        try:
+            await client.send(RequestEvents(session_id=session.sid, from_seq=0))
+            batch = await next_frame(client, EventsFrame)
+            assert [(e.seq, e.kind) for e in batch.events] == [(0, "session_started"), (1, "turn_complete")]
+        finally:
+            await client.close()
+
+
+# -- limits -------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_too_many_frames_get_overloaded_with_a_retry_hint(stack: Stack) -> None:
+    client = await connect(stack, "chatty")
+    try:
+        for _ in range(CLIENT_RATE * 3):
+            await client.send(Ping())
+        frames = [await client.receive() for _ in range(CLIENT_RATE * 3)]
+        over = [f for f in frames if isinstance(f, Overloaded)]
+        assert over and all(f.reason == "rate" and f.retry_after_ms > 0 and f.request == "ping" for f in over)
+        assert sum(isinstance(f, Pong) for f in frames) >= CLIENT_RATE
+        await asyncio.sleep(over[0].retry_after_ms / 1000)
+        await client.send(Ping())
+        assert isinstance(await client.receive(), Pong)
+    finally:
+        await client.close()
+    assert stack.metric("gateway", "silo_overloaded_total", 'reason="rate"') > 0
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_too_many_clients_of_one_user_get_overloaded(stack: Stack) -> None:
+    clients = [await connect(stack, f"c{i}") for i in range(MAX_PER_USER)]
+    try:
+        with pytest.raises(AuthError, match="clients connected already"):
+            await connect(stack, "one-too-many")
+        # One leaves: there is room again.
+        await clients.pop().close()
+        await asyncio.sleep(0.2)
+        clients.append(await connect(stack, "room-again"))
+    finally:
+        for c in clients:
+            await c.close()
+    assert stack.metric("gateway", "silo_overloaded_total", 'reason="user_clients"') == 1
+
+
+# -- uploads, access report, cost, busy state ------------------------------------------------------
+
+IDLE_SCRIPT = {"responses": [{"text": "I see the file."}]}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def idle_session(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[str, Any]]:
+    ws = tmp_path_factory.mktemp("upload-ws")
+    (ws / "sub").mkdir()
+    outside = tmp_path_factory.mktemp("outside")
+    (ws / "link").symlink_to(outside)
+    client = await connect(stack, "owner")
+    await client.send(CreateSession(workspace=str(ws), script=json.dumps(IDLE_SCRIPT)))
+    sid = (await next_frame(client, SessionCreated, timeout=90)).session_id
+    await client.send(Attach(session_id=sid))
+    events = await events_until(client, sid, lambda e: e.kind == "awaiting_input", [])
+    yield {"sid": sid, "ws": ws, "outside": outside, "client": client, "events": events}
+    await client.send(Shutdown(session_id=sid))
+    await client.close()
+
+
+async def upload(client: GatewayClient, sid: str, path: str, data: bytes, *, sha256: str | None = None,
+                 size: int | None = None, chunk: int = 100_000) -> Any:
+    """Upload ``data``; the final frame (upload_done) or the first error."""
+    upload_id = hashlib.sha256(path.encode() + data[:64]).hexdigest()[:16]
+    await client.send(UploadFile(session_id=sid, upload_id=upload_id, path=path, size=len(data) if size is None else size,
+                                 sha256=sha256 or hashlib.sha256(data).hexdigest()))
+    first = await next_frame(client, (UploadReady, ErrorFrame))  # type: ignore[arg-type]
+    if isinstance(first, ErrorFrame):
+        return first
+    offset = 0
+    while True:
+        piece = data[offset:offset + chunk]
+        await client.send(UploadChunk(upload_id=upload_id, offset=offset, data=base64.b64encode(piece).decode()))
+        offset += len(piece)
+        reply = await next_frame(client, (UploadProgress, UploadDone, ErrorFrame), timeout=60)  # type: ignore[arg-type]
+        if not isinstance(reply, UploadProgress):
+            return reply
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_binary_upload_lands_in_the_workspace_and_shows_for_every_client(
+        stack: Stack, idle_session: dict[str, Any]) -> None:
+    sid, ws = idle_session["sid"], idle_session["ws"]
+    watcher = await connect(stack, "watcher")
+    uploader = await connect(stack, "uploader")
+    try:
+        await watcher.send(Attach(session_id=sid, from_seq=len(idle_session["events"])))
+        data = bytes(range(256)) * 1200  # every byte value, 300 KiB, four chunks
+        done = await upload(uploader, sid, "sub/data.bin", data)
+        assert isinstance(done, UploadDone), done
+        assert (done.path, done.size, done.sha256) == ("sub/data.bin", len(data), hashlib.sha256(data).hexdigest())
+        assert (ws / "sub" / "data.bin").read_bytes() == data
+        shared = await next_frame(watcher, EventFrame)
+        assert shared.kind == "file_shared"
+        assert shared.data == {"path": "sub/data.bin", "size": len(data), "sha256": done.sha256,
+                               "client": "uploader", "direction": "upload"}
+        # An empty file is a file too.
+        empty = await upload(uploader, sid, "empty.txt", b"")
+        assert isinstance(empty, UploadDone) and (ws / "empty.txt").read_bytes() == b""
+    finally:
+        await watcher.close()
+        await uploader.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize(("path", "size", "good_hash", "code"), [
+    ("wrong-hash.bin", None, False, "upload_hash_mismatch"),
+    ("big.bin", UPLOAD_MAX + 1, True, "upload_too_large"),
+    ("../escape.bin", None, True, "upload_bad_path"),
+    ("/tmp/absolute.bin", None, True, "upload_bad_path"),
+    ("sub/../../escape.bin", None, True, "upload_bad_path"),
+    ("link/through-symlink.bin", None, True, "upload_bad_path"),
+    ("link", None, True, "upload_bad_path"),
+])
+async def test_bad_uploads_are_refused_and_write_nothing(stack: Stack, idle_session: dict[str, Any], path: str,
+                                                         size: int | None, good_hash: bool, code: str) -> None:
+    client = await connect(stack, "bad-uploader")
+    try:
+        data = b"\x00secret\xff" * 10
+        reply = await upload(client, idle_session["sid"], path, data, size=size,
+                             sha256=None if good_hash else "0" * 64)
+        assert isinstance(reply, ErrorFrame) and reply.code == code, reply
+        assert list(idle_session["outside"].iterdir()) == []
+        assert not (idle_session["ws"].parent / "escape.bin").exists()
+        assert not (idle_session["ws"] / "wrong-hash.bin").exists()
+        await client.send(Ping())  # the connection goes on
+        assert isinstance(await next_frame(client, Pong), Pong)
+    finally:
+        await client.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_access_report_cost_and_busy_state_on_request(stack: Stack, idle_session: dict[str, Any]) -> None:
+    sid = idle_session["sid"]
+    client = await connect(stack, "asker")
+    try:
+        await client.send(ListSessions())
+        line = {s.session_id: s for s in (await next_frame(client, Sessions)).sessions}[sid]
+        assert line.state == "idle"
+        await client.send(Attach(session_id=sid, from_seq=0))
+        await client.send(Prompt(session_id=sid, text="look at the file"))
+        events = await events_until(client, sid, lambda e: e.kind == "turn_complete", [])
+        await client.send(AccessReportRequest(session_id=sid))
+        report = await next_frame(client, AccessReportFrame)
+        published = [e for e in events if e.kind == "access_report"]
+        assert report.seq == published[-1].seq and report.report == published[-1].data
+        assert report.report["backend"] == "bwrap"
+        await client.send(CostRequest(session_id=sid))
+        cost = await next_frame(client, CostFrame)
+        costs = [e for e in events if e.kind == "cost"]
+        assert cost.cost_events == len(costs) >= 1
+        for key in ("input_tokens", "output_tokens"):
+            want = sum(e.data[key] for e in costs)
+            assert cost.totals[key] == want and cost.by_agent["main"][key] == want
+            assert cost.by_model[costs[0].data["model"]][key] == want
+        assert cost.through_seq >= costs[-1].seq
+    finally:
+        await client.close()
