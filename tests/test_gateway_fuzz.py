@@ -1,0 +1,231 @@
+"""Hypothesis-generated frames against a real gateway over real TLS WebSocket.
+
+Malformed JSON, wrong types, huge fields, binary frames, unknown types and
+deep nesting, before and after authentication: the gateway never crashes,
+answers every frame (``error``, or ``auth_error`` before authentication),
+and a normal request works afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+from devsilo.cli._client import GatewayClient
+from devsilo.protocol.client import (
+    CLIENT_REQUEST,
+    GATEWAY_FRAME,
+    ListSessions,
+    Ping,
+    Pong,
+    Sessions,
+)
+from devsilo.runtime._state import StateDir
+from devsilo.testing import Stack
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+T = TypeVar("T")
+FRAME_LIMIT = 1024 * 1024  # the gateway's MAX_CLIENT_FRAME: larger frames close the socket (1009)
+ANSWER_TIMEOUT_S = 15.0
+
+# Request types whose fields the fuzzer mutates. Session-creating, shell and workspace
+# requests are left out: a mutation that happens to be valid would start real work.
+TYPES = ("attach", "request_events", "prompt", "interrupt", "shutdown", "access_report", "cost",
+         "upload_file", "upload_chunk", "ping", "list_sessions", "authenticate", "answer_question")
+FIELDS = ("session_id", "from_seq", "limit", "text", "upload_id", "path", "size", "sha256", "offset", "data",
+          "v", "method", "token", "client_name", "question_id")
+
+json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=40)
+json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                           max_leaves=12)
+
+wrong_types = st.builds(lambda t, fields: json.dumps({"type": t, **fields}),
+                        st.sampled_from(TYPES), st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=5))
+unknown_types = st.builds(lambda t, rest: json.dumps({"type": t, **rest}), st.text(max_size=30),
+                          st.dictionaries(st.text(max_size=8), json_values, max_size=3))
+huge_fields = st.builds(lambda t, f, n: json.dumps({"type": t, "session_id": "s", f: "A" * n}),
+                        st.sampled_from(TYPES), st.sampled_from(FIELDS), st.integers(100_000, 900_000))
+deep_nesting = st.builds(lambda d, opener: opener[0] * d + opener[1] * d, st.integers(100, 200_000),
+                         st.sampled_from([("[", "]"), ('{"type":', "}")]))
+malformed = st.text(max_size=200).filter(lambda s: not _is_json(s)) | st.builds(
+    lambda t: '{"type": "ping"' + t, st.text(max_size=20))
+any_json = st.builds(json.dumps, json_values)
+binary = st.binary(max_size=2000)
+
+frames = wrong_types | unknown_types | huge_fields | deep_nesting | malformed | any_json | binary
+
+
+def _is_json(s: str) -> bool:
+    try:
+        json.loads(s)
+    except ValueError:
+        return False
+    return True
+
+
+def is_valid_request(frame: str | bytes) -> bool:
+    if isinstance(frame, bytes):
+        return False
+    try:
+        CLIENT_REQUEST.validate_json(frame)
+    except ValidationError:
+        return False
+    return True
+
+
+class LoopThread:
+    """An event loop in a thread, so that synchronous Hypothesis examples can drive one connection."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack whose gateway does not rate-limit (every frame must get its answer, not overloaded)."""
+    s = Stack(tmp_path_factory.mktemp("fuzz") / "state",
+              services={"gateway": {"options": {"client_rate": 100_000}}})
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+class RawClient:
+    """A WebSocket client that sends whatever it is given (no frame models)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.state = StateDir(stack.state_dir)
+        self.url = f"wss://127.0.0.1:{stack.gateway_port}/ws"
+        self.session: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+
+    async def open(self) -> dict[str, Any]:
+        self.session = aiohttp.ClientSession()
+        fp = bytes.fromhex(self.state.gateway_fingerprint().replace(":", "").lower())
+        self.ws = await self.session.ws_connect(self.url, ssl=aiohttp.Fingerprint(fp), max_msg_size=16 << 20)
+        return await self.answer()
+
+    async def send(self, frame: str | bytes) -> None:
+        assert self.ws is not None
+        if isinstance(frame, bytes):
+            await self.ws.send_bytes(frame)
+        else:
+            await self.ws.send_str(frame)
+
+    async def answer(self) -> dict[str, Any]:
+        """The next frame, checked against the gateway's frame models."""
+        assert self.ws is not None
+        msg = await self.ws.receive(timeout=ANSWER_TIMEOUT_S)
+        assert msg.type == aiohttp.WSMsgType.TEXT, f"connection ended: {msg.type.name} {msg.data!r}"
+        GATEWAY_FRAME.validate_json(msg.data)
+        data: dict[str, Any] = json.loads(msg.data)
+        return data
+
+    async def until_closed(self, most: int) -> list[dict[str, Any]]:
+        """Every frame until the gateway closes the connection (at most ``most``)."""
+        assert self.ws is not None
+        got: list[dict[str, Any]] = []
+        while True:
+            msg = await self.ws.receive(timeout=ANSWER_TIMEOUT_S)
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+                return got
+            assert msg.type == aiohttp.WSMsgType.TEXT and len(got) < most, (msg, got)
+            GATEWAY_FRAME.validate_json(msg.data)
+            got.append(json.loads(msg.data))
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self.session is not None:
+            await self.session.close()
+
+
+@pytest.fixture(scope="module")
+def authed(stack: Stack, loop: LoopThread) -> Iterator[RawClient]:
+    client = RawClient(stack)
+    assert loop.run(client.open())["type"] == "hello"
+    loop.run(client.send(json.dumps({"type": "authenticate", "method": "token", "token": client.state.client_token(),
+                                     "client_name": "fuzzer"})))
+    assert loop.run(client.answer())["type"] == "auth_ok"
+    yield client
+    loop.run(client.close())
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(frame=frames)
+def test_authenticated_gateway_answers_every_generated_frame(stack: Stack, loop: LoopThread, authed: RawClient,
+                                                             frame: str | bytes) -> None:
+    assert len(frame) < FRAME_LIMIT
+    loop.run(authed.send(frame))
+    answer = loop.run(authed.answer())
+    if not is_valid_request(frame):
+        assert answer["type"] == "error" and answer["message"], answer
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(frame=frames)
+def test_unauthenticated_gateway_answers_every_generated_frame_with_auth_error(stack: Stack, loop: LoopThread,
+                                                                               frame: str | bytes) -> None:
+    async def attempt() -> list[dict[str, Any]]:
+        client = RawClient(stack)
+        try:
+            assert (await client.open())["type"] == "hello"
+            await client.send(frame)
+            return await client.until_closed(most=3)
+        finally:
+            await client.close()
+
+    answers = loop.run(attempt())
+    # An auth_error, and then the connection closes; a frame that is not even valid may also get an error.
+    auth_errors = [a for a in answers if a["type"] == "auth_error"]
+    assert len(auth_errors) == 1 and auth_errors[0]["message"], answers
+    assert all(a["type"] in ("auth_error", "error") for a in answers), answers
+
+
+def test_gateway_still_serves_after_the_fuzzing(stack: Stack, loop: LoopThread, authed: RawClient) -> None:
+    started = stack.health("gateway")
+    assert started is not None and started["ok"]
+
+    async def normal() -> None:
+        state = StateDir(stack.state_dir)
+        async with GatewayClient(authed.url, state.gateway_fingerprint(), client_name="after") as client:
+            await client.connect(state.client_token())
+            await client.send(Ping())
+            assert isinstance(await client.receive(), Pong)
+            await client.send(ListSessions())
+            assert isinstance(await client.receive(), Sessions)
+
+    loop.run(normal())
+    loop.run(authed.send(Ping().model_dump_json()))  # the fuzzed connection itself goes on too
+    assert loop.run(authed.answer())["type"] == "pong"
+    assert "Traceback" not in (stack.state_dir / "logs" / "gateway.log").read_text()
+    # The supervisor never had to restart it: it is the first gateway process.
+    assert stack.live_pid("gateway") == stack.service_pid("gateway")
