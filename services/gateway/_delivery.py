@@ -135,11 +135,12 @@ class SessionFeed:
         if changed is not None and not changed.done():
             changed.set_result(None)
 
-    def changed(self) -> asyncio.Future[None]:
-        """A future that completes when the next live event arrives."""
-        if self._changed is None:
+    async def changed(self) -> None:
+        """Wait for the next live event."""
+        if self._changed is None or self._changed.done():
             self._changed = asyncio.get_running_loop().create_future()
-        return self._changed
+        # Shielded: a follower cancelled while waiting must not cancel the others' wait.
+        await asyncio.shield(self._changed)
 
     @property
     def live_next(self) -> int | None:
@@ -302,7 +303,7 @@ class Outbox:
                 await asyncio.Event().wait()  # until the connection's close cancels us
             if self._room is None or self._room.done():
                 self._room = asyncio.get_running_loop().create_future()
-            await self._room
+            await asyncio.shield(self._room)
 
     async def put(self, text: str) -> None:
         """Queue a reply or notice (waits while the queue is full)."""
