@@ -279,6 +279,25 @@ async def test_forged_event_in_the_stream_is_not_delivered(stack: Stack) -> None
             await client.close()
 
 
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_client_attaching_after_the_last_follower_left_gets_live_events(stack: Stack) -> None:
+    state = StateDir(stack.state_dir)
+    async with ScriptedSession(state, f"tls://127.0.0.1:{stack.nats_port}") as session:
+        await session.emit("session_started")
+        for round_ in range(2):  # the second client comes after the first (the feed's only follower) left
+            client = await connect(stack, f"round-{round_}")
+            try:
+                first = await session.emit("tool_output", {"round": round_})
+                await client.send(Attach(session_id=session.sid, from_seq=first))
+                got = await events_until(client, session.sid, lambda e, f=first: e.seq == f, [], timeout=20)
+                for _ in range(3):  # live, after the client caught up
+                    await session.emit("tool_output", {"round": round_})
+                await events_until(client, session.sid, lambda e, f=first: e.seq == f + 3, got, timeout=20)
+                assert [e.seq for e in got] == [first, first + 1, first + 2, first + 3]
+            finally:
+                await client.close()
+
+
 # -- limits -------------------------------------------------------------------------------------
 
 
