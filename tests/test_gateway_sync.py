@@ -284,15 +284,22 @@ async def test_a_client_attaching_after_the_last_follower_left_gets_live_events(
     state = StateDir(stack.state_dir)
     async with ScriptedSession(state, f"tls://127.0.0.1:{stack.nats_port}") as session:
         await session.emit("session_started")
+        connections = stack.metric("gateway", "silo_client_connections")
         for round_ in range(2):  # the second client comes after the first (the feed's only follower) left
+            deadline = time.monotonic() + 10
+            while stack.metric("gateway", "silo_client_connections") != connections:
+                assert time.monotonic() < deadline, "the gateway never noticed the first client leave"
+                await asyncio.sleep(0.05)
             client = await connect(stack, f"round-{round_}")
             try:
-                first = await session.emit("tool_output", {"round": round_})
+                first = session.next_seq
                 await client.send(Attach(session_id=session.sid, from_seq=first))
-                got = await events_until(client, session.sid, lambda e, f=first: e.seq == f, [], timeout=20)
-                for _ in range(3):  # live, after the client caught up
+                await client.send(Ping())
+                await next_frame(client, Pong)  # the attach was handled
+                await asyncio.sleep(0.5)  # ...and its follower is waiting for the next live event
+                for _ in range(4):
                     await session.emit("tool_output", {"round": round_})
-                await events_until(client, session.sid, lambda e, f=first: e.seq == f + 3, got, timeout=20)
+                got = await events_until(client, session.sid, lambda e, f=first: e.seq == f + 3, [], timeout=20)
                 assert [e.seq for e in got] == [first, first + 1, first + 2, first + 3]
             finally:
                 await client.close()

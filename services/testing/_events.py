@@ -45,6 +45,8 @@ class ScriptedSession:
         self.sid = "scripted-" + secrets.token_hex(6)
         self._buses: list[Bus] = []
         self.events: SessionEvents | None = None
+        self.next_seq = 0
+        """The seq the next event gets."""
 
     async def __aenter__(self) -> Self:
         gateway = await service_bus(self.state, "gateway", self.nats_url)
@@ -60,7 +62,9 @@ class ScriptedSession:
     async def emit(self, kind: Any, data: dict[str, Any] | None = None, agent: str = "main") -> int:
         """Publish the next event (acknowledged by JetStream); its seq."""
         assert self.events is not None
-        return await self.events.emit(kind, data, agent)
+        seq = await self.events.emit(kind, data, agent)
+        self.next_seq = seq + 1
+        return seq
 
     @property
     def nc(self) -> Client:
