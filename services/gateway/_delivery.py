@@ -38,6 +38,8 @@ DEFAULT_RING = 2048
 """Newest events a feed keeps for its followers; one further behind reads the stream."""
 DEFAULT_OUTBOX = 512
 """Frames queued for one client before its followers wait (and fall behind the ring)."""
+OUTBOX_BYTES = 8 * 1024 * 1024
+"""Characters of frames queued for one client before its followers wait (events can be large)."""
 STREAM_BATCH = 256
 """Events fetched from the stream per round trip."""
 MARK_EVERY = 64
@@ -273,10 +275,12 @@ class Outbox:
     """One client's bounded queue of frames and the task that writes them, in order, to its socket."""
 
     def __init__(self, ws: web.WebSocketResponse, metrics: DeliveryMetrics, *, limit: int = DEFAULT_OUTBOX,
-                 clock: Callable[[], float] = time.time) -> None:
+                 limit_bytes: int = OUTBOX_BYTES, clock: Callable[[], float] = time.time) -> None:
         self.ws = ws
         self.metrics = metrics
         self.limit = limit
+        self.limit_bytes = limit_bytes
+        self._bytes = 0
         self._clock = clock
         self._queue: deque[tuple[str, float | None, bool]] = deque()
         self._ready = asyncio.Event()
@@ -294,11 +298,16 @@ class Outbox:
     @property
     def room(self) -> int:
         """Frames that fit now."""
+        if self._bytes >= self.limit_bytes:
+            return 0
         return max(0, self.limit - len(self._queue))
+
+    def _half_empty(self) -> bool:
+        return len(self._queue) <= self.limit // 2 and self._bytes <= self.limit_bytes // 2
 
     async def wait_room(self) -> None:
         """Wait until at least half the queue is free (so followers refill it in batches)."""
-        while len(self._queue) > self.limit // 2 or self._dead.is_set():
+        while not self._half_empty() or self._dead.is_set():
             if self._dead.is_set():
                 await asyncio.Event().wait()  # until the connection's close cancels us
             if self._room is None or self._room.done():
@@ -307,17 +316,22 @@ class Outbox:
 
     async def put(self, text: str) -> None:
         """Queue a reply or notice (waits while the queue is full)."""
-        while len(self._queue) >= self.limit:
+        while self.room == 0:
             await self.wait_room()
         self._queue.append((text, None, False))
+        self._bytes += len(text)
         self._idle.clear()
         self._ready.set()
 
-    def put_event(self, ev: FeedEvent, *, from_stream: bool) -> None:
-        """Queue an event frame; the caller made sure there is room."""
+    def put_event(self, ev: FeedEvent, *, from_stream: bool) -> bool:
+        """Queue an event frame if there is room; whether it was queued."""
+        if self.room == 0:
+            return False
         self._queue.append((ev.wire, ev.event.ts, from_stream))
+        self._bytes += len(ev.wire)
         self._idle.clear()
         self._ready.set()
+        return True
 
     async def flush(self, timeout: float) -> None:
         """Wait (up to ``timeout``) until every queued frame was written."""
@@ -335,7 +349,8 @@ class Outbox:
             await self._ready.wait()
             while queue:
                 text, ts, from_stream = queue.popleft()
-                if len(queue) <= self.limit // 2 and self._room is not None and not self._room.done():
+                self._bytes -= len(text)
+                if self._half_empty() and self._room is not None and not self._room.done():
                     self._room.set_result(None)
                 if self.ws.closed or self._dead.is_set():
                     continue
@@ -344,6 +359,7 @@ class Outbox:
                 except ConnectionError:
                     self._dead.set()
                     queue.clear()
+                    self._bytes = 0
                     break
                 if ts is not None:
                     (stream if from_stream else live).observe(max(0.0, self._clock() - ts))
@@ -393,10 +409,14 @@ async def follow(feed: SessionFeed, outbox: Outbox, from_seq: int, log: Any) -> 
                 continue
             else:
                 live = True
+            queued = 0
             for ev in batch:
-                outbox.put_event(ev, from_stream=from_stream)
+                if not outbox.put_event(ev, from_stream=from_stream):
+                    break
+                queued += 1
             if from_stream:
-                feed.metrics.from_stream.inc(len(batch))
-            next_seq = batch[-1].seq + 1
+                feed.metrics.from_stream.inc(queued)
+            if queued:
+                next_seq = batch[queued - 1].seq + 1
     finally:
         await feed.unfollow()
