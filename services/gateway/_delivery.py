@@ -102,11 +102,15 @@ class SessionFeed:
     async def follow(self) -> None:
         """One more follower: the live subscription runs while there is any."""
         self.followers += 1
-        async with self._starting:
-            if self._sub is None:
-                self._sub = await self.bus.js.subscribe(
-                    self.subject, ordered_consumer=True, cb=self._on_live,
-                    config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW))
+        try:
+            async with self._starting:
+                if self._sub is None:
+                    self._sub = await self.bus.js.subscribe(
+                        self.subject, ordered_consumer=True, cb=self._on_live,
+                        config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW))
+        except BaseException:
+            self.followers -= 1
+            raise
 
     async def unfollow(self) -> None:
         """One follower less; the last one stops the live subscription and empties the ring."""
