@@ -41,7 +41,7 @@ class SessionRecord(BaseModel):
         """The line shown in session lists."""
         return SessionSummary(session_id=self.session_id, user=self.user, workspace=self.workspace,
                               created_at=self.created_at, executor_id=self.executor_id,
-                              state=state, next_seq=next_seq)  # type: ignore[arg-type]
+                              state=state, next_seq=next_seq)
 
 
 async def open_sessions_bucket(js: JetStreamContext) -> KeyValue:
