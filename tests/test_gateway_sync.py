@@ -154,6 +154,9 @@ async def restarted(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> d
     ws = tmp_path_factory.mktemp("restart-ws")
     creator = await connect(stack, "creator")
     try:
+        # One waits for a prompt through the restart (to be stopped afterwards); one runs a turn.
+        await creator.send(CreateSession(workspace=str(ws), script=json.dumps(IDLE_SCRIPT)))
+        waiting = (await next_frame(creator, SessionCreated, timeout=90)).session_id
         await creator.send(CreateSession(workspace=str(ws), script=json.dumps(RESTART_SCRIPT), headless=True,
                                          prompt="go"))
         sid = (await next_frame(creator, SessionCreated, timeout=90)).session_id
@@ -172,7 +175,8 @@ async def restarted(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> d
     os.kill(old_pid, signal.SIGKILL)
     killed_at = time.time()
     await asyncio.wait_for(asyncio.gather(*followers), 120)
-    return {"sid": sid, "lists": lists, "reconnects": reconnects, "killed_at": killed_at, "old_pid": old_pid}
+    return {"sid": sid, "lists": lists, "reconnects": reconnects, "killed_at": killed_at, "old_pid": old_pid,
+            "waiting": waiting}
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -217,6 +221,13 @@ async def test_sessions_are_listed_and_served_by_the_restarted_gateway(
         await client.send(RequestEvents(session_id="no-such-session", from_seq=0))
         err = await next_frame(client, ErrorFrame)
         assert "no session no-such-session" in err.message
+        # A session created before the restart is stopped through the new gateway.
+        waiting = restarted["waiting"]
+        assert listed[waiting].state == "idle"
+        await client.send(Attach(session_id=waiting))
+        await client.send(Shutdown(session_id=waiting))
+        end = await events_until(client, waiting, lambda e: e.kind == "shutdown", [])
+        assert "stopped by after-restart" in end[-1].data["reason"]
     finally:
         await client.close()
 
