@@ -316,6 +316,32 @@ async def test_a_client_attaching_after_the_last_follower_left_gets_live_events(
                 await client.close()
 
 
+@pytest.mark.asyncio(loop_scope="module")
+async def test_batching_client_gets_its_backlog_in_events_frames_then_live(stack: Stack) -> None:
+    state = StateDir(stack.state_dir)
+    async with ScriptedSession(state, f"tls://127.0.0.1:{stack.nats_port}") as session:
+        for i in range(300):
+            await session.emit("tool_output", {"i": i})
+        client = await connect(stack, "batcher")
+        try:
+            await client.send(Attach(session_id=session.sid, from_seq=0, batch=100))
+            got: list[EventFrame] = []
+            frames = []
+            while len(got) < 300:
+                frame = await asyncio.wait_for(client.receive(), 20)
+                frames.append(frame)
+                got.extend(frame.events if isinstance(frame, EventsFrame) else [frame])
+            await session.emit("turn_complete")
+            live = await asyncio.wait_for(client.receive(), 20)
+            assert isinstance(live, EventFrame) and live.seq == 300
+            assert [e.data["i"] for e in got] == list(range(300))
+            assert [e.seq for e in got] == list(range(300))
+            assert max(len(f.events) for f in frames if isinstance(f, EventsFrame)) > 1
+            assert all(len(f.events) <= 100 for f in frames if isinstance(f, EventsFrame))
+        finally:
+            await client.close()
+
+
 # -- limits -------------------------------------------------------------------------------------
 
 
@@ -371,6 +397,7 @@ async def idle_session(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -
     events = await events_until(client, sid, lambda e: e.kind == "awaiting_input", [])
     yield {"sid": sid, "ws": ws, "outside": outside, "client": client, "events": events}
     await client.send(Shutdown(session_id=sid))
+    await events_until(client, sid, lambda e: e.kind == "shutdown", [])
     await client.close()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import json
 import time
 from collections import deque
 from collections.abc import Callable
@@ -286,7 +287,8 @@ class Outbox:
         self.limit_bytes = limit_bytes
         self._bytes = 0
         self._clock = clock
-        self._queue: deque[tuple[str, float | None, bool]] = deque()
+        self._queue: deque[tuple[str, tuple[float, ...], bool]] = deque()
+        """(frame, timestamps of the events in it, whether they came from the stream)"""
         self._ready = asyncio.Event()
         self._room: asyncio.Future[None] | None = None
         self._idle = asyncio.Event()
@@ -322,7 +324,7 @@ class Outbox:
         """Queue a reply or notice (waits while the queue is full)."""
         while self.room == 0:
             await self.wait_room()
-        self._queue.append((text, None, False))
+        self._queue.append((text, (), False))
         self._bytes += len(text)
         self._idle.clear()
         self._ready.set()
@@ -331,11 +333,25 @@ class Outbox:
         """Queue an event frame if there is room; whether it was queued."""
         if self.room == 0:
             return False
-        self._queue.append((ev.wire, ev.event.ts, from_stream))
+        self._queue.append((ev.wire, (ev.event.ts,), from_stream))
         self._bytes += len(ev.wire)
         self._idle.clear()
         self._ready.set()
         return True
+
+    def put_events(self, sid: str, events: list[FeedEvent], *, complete: bool, from_stream: bool) -> None:
+        """Queue several consecutive events as one ``events`` frame (the caller made sure there is room).
+
+        The frame is assembled from the events' frames as encoded once for
+        every client, so nothing is encoded again per client.
+        """
+        text = (f'{{"type":"events","session_id":{json.dumps(sid)},"events":['
+                + ",".join(ev.wire for ev in events)
+                + f'],"next_seq":{events[-1].seq + 1},"complete":{"true" if complete else "false"}}}')
+        self._queue.append((text, tuple(ev.event.ts for ev in events), from_stream))
+        self._bytes += len(text)
+        self._idle.clear()
+        self._ready.set()
 
     async def flush(self, timeout: float) -> None:
         """Wait (up to ``timeout``) until every queued frame was written."""
@@ -352,7 +368,7 @@ class Outbox:
         while True:
             await self._ready.wait()
             while queue:
-                text, ts, from_stream = queue.popleft()
+                text, stamps, from_stream = queue.popleft()
                 self._bytes -= len(text)
                 if self._half_empty() and self._room is not None and not self._room.done():
                     self._room.set_result(None)
@@ -365,9 +381,12 @@ class Outbox:
                     queue.clear()
                     self._bytes = 0
                     break
-                if ts is not None:
-                    (stream if from_stream else live).observe(max(0.0, self._clock() - ts))
-                    delivered.inc()
+                if stamps:
+                    now = self._clock()
+                    path = stream if from_stream else live
+                    for ts in stamps:
+                        path.observe(max(0.0, now - ts))
+                    delivered.inc(len(stamps))
             self._ready.clear()
             self._idle.set()
 
@@ -380,12 +399,14 @@ class Outbox:
             self._room.cancel()
 
 
-async def follow(feed: SessionFeed, outbox: Outbox, from_seq: int, log: Any) -> None:
+async def follow(feed: SessionFeed, outbox: Outbox, from_seq: int, log: Any, *, per_frame: int = 1) -> None:
     """Move ``feed``'s events from ``from_seq`` into ``outbox``: the backlog, then live, forever.
 
     While it keeps up it takes events from the ring; when the client reads
     too slowly and falls behind the ring, its live feed is dropped (counted)
     and it reads on from the stream until it is back in the ring.
+    ``per_frame`` above 1: up to that many events waiting at once go out as
+    one ``events`` frame (fewer, larger writes when the client is busy).
     """
     await feed.follow()
     next_seq = from_seq
@@ -414,10 +435,19 @@ async def follow(feed: SessionFeed, outbox: Outbox, from_seq: int, log: Any) -> 
             else:
                 live = True
             queued = 0
-            for ev in batch:
-                if not outbox.put_event(ev, from_stream=from_stream):
-                    break
-                queued += 1
+            if per_frame > 1 and len(batch) > 1:
+                for i in range(0, len(batch), per_frame):
+                    group = batch[i:i + per_frame]
+                    outbox.put_events(feed.sid, group, complete=group[-1].seq + 1 == feed.live_next,
+                                      from_stream=from_stream)
+                    queued += len(group)
+                    if outbox.room == 0:
+                        break
+            else:
+                for ev in batch:
+                    if not outbox.put_event(ev, from_stream=from_stream):
+                        break
+                    queued += 1
             if from_stream:
                 feed.metrics.from_stream.inc(queued)
             if queued:

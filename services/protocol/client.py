@@ -160,11 +160,17 @@ class CreateSession(ClientFrame):
 
 
 class Attach(ClientFrame):
-    """Follow a session's events from ``from_seq`` (backlog first, then live)."""
+    """Follow a session's events from ``from_seq`` (backlog first, then live).
+
+    ``batch`` above 1: the client also takes ``events`` frames, and up to
+    that many events waiting at once (a backlog, or a burst the client is
+    slow to read) come as one frame; single events still come as ``event``.
+    """
 
     type: Literal["attach"] = "attach"
     session_id: str = Field(pattern=SESSION_ID_PATTERN)
     from_seq: int = Field(default=0, ge=0)
+    batch: int = Field(default=1, ge=1, le=MAX_EVENTS_BATCH)
 
 
 class Prompt(ClientFrame):
