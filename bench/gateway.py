@@ -14,9 +14,13 @@ through the gateway over TLS. For each N it prints:
 * the gateway's CPU (user + system seconds per wall second, from /proc);
 * whether every client got every event exactly once, in order.
 
+Each level runs twice: clients taking one ``event`` frame per event, then
+clients attached with ``batch`` (events waiting at once come as one
+``events`` frame).
+
 The goal (issue 7): 100 clients at 1,000 events/s with p99 lag under 50 ms.
 
-    .venv/bin/python bench/gateway.py [--rate 1000] [--seconds 3] [--clients 1,10,50,100,200]
+    .venv/bin/python bench/gateway.py [--rate 1000] [--seconds 3] [--clients 1,10,50,100,200] [--batch 100]
 """
 
 from __future__ import annotations
@@ -53,13 +57,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def client_worker(url: str, fingerprint: str, token: str, sid: str, from_seq: int, count: int, clients: int,
-                  ready: Any, go: Any, results: Any) -> None:
+                  batch: int, ready: Any, go: Any, results: Any) -> None:
     """Follow ``sid`` from ``from_seq`` with ``clients`` connections; report lags and completeness."""
-    asyncio.run(_client_worker(url, fingerprint, token, sid, from_seq, count, clients, ready, go, results))
+    asyncio.run(_client_worker(url, fingerprint, token, sid, from_seq, count, clients, batch, ready, go, results))
 
 
 async def _client_worker(url: str, fingerprint: str, token: str, sid: str, from_seq: int, count: int,
-                         clients: int, ready: Any, go: Any, results: Any) -> None:
+                         clients: int, batch: int, ready: Any, go: Any, results: Any) -> None:
     import aiohttp
 
     last = from_seq + count - 1
@@ -73,7 +77,7 @@ async def _client_worker(url: str, fingerprint: str, token: str, sid: str, from_
                                       "client_name": f"bench-{os.getpid()}-{i}"}))
         reply = json.loads((await ws.receive()).data)
         assert reply["type"] == "auth_ok", reply
-        await ws.send_str(json.dumps({"type": "attach", "session_id": sid, "from_seq": from_seq}))
+        await ws.send_str(json.dumps({"type": "attach", "session_id": sid, "from_seq": from_seq, "batch": batch}))
         sockets.append(ws)
     ready.put(clients)
     await asyncio.get_running_loop().run_in_executor(None, go.wait)
@@ -88,11 +92,12 @@ async def _client_worker(url: str, fingerprint: str, token: str, sid: str, from_
                 return lags, False
             now = time.time()
             frame = json.loads(msg.data)
-            if frame.get("type") != "event":
-                continue
-            in_order = in_order and frame["seq"] == expected
-            expected = frame["seq"] + 1
-            lags.append(now - frame["ts"])
+            kind = frame.get("type")
+            events = [frame] if kind == "event" else frame["events"] if kind == "events" else []
+            for event in events:
+                in_order = in_order and event["seq"] == expected
+                expected = event["seq"] + 1
+                lags.append(now - event["ts"])
         return lags, in_order
 
     try:
@@ -198,22 +203,24 @@ async def run(args: argparse.Namespace) -> None:
                 pub = Publisher(scripted, nats_url)
                 await pub.start()
                 ctx = mp.get_context("spawn")
-                for n in levels:
-                    row = await one_level(ctx, stack, state, nats_url, url, fingerprint, scripted.sid, pub, n,
-                                          count, args.rate, gateway_pid)
-                    print(row, flush=True)
+                for batch in (1, args.batch) if args.batch > 1 else (1,):
+                    print(f"-- {'one event frame per event' if batch == 1 else f'attach batch={batch}'}")
+                    for n in levels:
+                        row = await one_level(ctx, stack, state, nats_url, url, fingerprint, scripted.sid, pub,
+                                              n, count, args.rate, gateway_pid, batch)
+                        print(row, flush=True)
         finally:
             stack.stop()
 
 
 async def one_level(ctx: Any, stack: Any, state: Any, nats_url: str, url: str, fingerprint: str, sid: str,
-                    pub: Publisher, n: int, count: int, rate: float, gateway_pid: int) -> str:
+                    pub: Publisher, n: int, count: int, rate: float, gateway_pid: int, batch: int) -> str:
     first = pub.next_seq
     last = first + count - 1
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     split = [n // WORKERS + (1 if i < n % WORKERS else 0) for i in range(WORKERS)]
     procs = [ctx.Process(target=client_worker, args=(url, fingerprint, state.client_token(), sid, first, count,
-                                                     k, ready, go, results)) for k in split if k]
+                                                     k, batch, ready, go, results)) for k in split if k]
     for p in procs:
         p.start()
     loop = asyncio.get_running_loop()
@@ -248,6 +255,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="events per second (default 1000)")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds of events per level (default 3)")
     parser.add_argument("--clients", default="1,10,50,100,200", help="client counts (default 1,10,50,100,200)")
+    parser.add_argument("--batch", type=int, default=100,
+                        help="also run with clients attached with batch=N (events frames; default 100, 1: skip)")
     args = parser.parse_args()
     asyncio.run(run(args))
 
