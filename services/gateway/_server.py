@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiolimiter import AsyncLimiter
 from devsilo.protocol import (
     Envelope,
     ExecutorAnnounce,
@@ -43,8 +44,8 @@ from devsilo.protocol.client import (
     EventsFrame,
     Hello,
     Interrupt,
-    ListClients,
     JournalExport,
+    ListClients,
     ListSessions,
     Overloaded,
     Pair,
@@ -72,7 +73,6 @@ from devsilo.protocol.client import (
     WorkspaceUploadCommit,
     WorkspaceUploadNeeded,
 )
-from aiolimiter import AsyncLimiter
 from devsilo.runtime import ServiceContext
 from devsilo.runtime._pool import PoolView
 from nats.aio.msg import Msg
