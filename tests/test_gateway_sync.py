@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from devsilo.cli._client import GatewayClient, GatewayError
-from devsilo.protocol import AuthError
 from devsilo.protocol.client import (
     AccessReportFrame,
     AccessReportRequest,
@@ -367,8 +366,16 @@ async def test_too_many_frames_get_overloaded_with_a_retry_hint(stack: Stack) ->
 async def test_too_many_clients_of_one_user_get_overloaded(stack: Stack) -> None:
     clients = [await connect(stack, f"c{i}") for i in range(MAX_PER_USER)]
     try:
-        with pytest.raises(AuthError, match="clients connected already"):
-            await connect(stack, "one-too-many")
+        # Authenticated, but one too many: told so with a retry hint, then disconnected.
+        extra = await connect(stack, "one-too-many")
+        try:
+            over = await next_frame(extra, Overloaded)
+            assert over.reason == "user_clients" and over.retry_after_ms > 0
+            assert "clients connected already" in over.message
+            with pytest.raises(GatewayError):
+                await extra.receive()
+        finally:
+            await extra.close()
         # One leaves: there is room again.
         await clients.pop().close()
         await asyncio.sleep(0.2)

@@ -180,7 +180,7 @@ class Authenticator:
             await self._fail(send, "none", "bad_frame", "send JSON text frames; authenticate first")
         try:
             data = json.loads(raw.data)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
             data = None
         if not isinstance(data, dict):
             await self._fail(send, "none", "bad_frame", "frames are JSON objects; authenticate first")

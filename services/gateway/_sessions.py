@@ -1,6 +1,6 @@
 """The gateway's view of sessions: who owns which, kept in a JetStream KV bucket.
 
-Records live in the ``silo_sessions`` bucket, not in the gateway's memory,
+Records live in the ``silo_gateway_sessions`` bucket, not in the gateway's memory,
 so a restarted gateway (or another replica) lists, attaches to and stops the
 sessions an earlier one created. Only gateways may use the bucket (NATS
 permissions), and a record is read back as the model it was written as:

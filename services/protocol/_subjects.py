@@ -28,7 +28,7 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.exec.<eid>.shell           gateway  -> executor  ShellOpen (request)
     silo.shell.<shid>.input         gateway  -> executor  ShellInput (keystrokes, size, signals, output acks)
     silo.shell.<shid>.output        executor -> gateway   ShellOutput, then one ShellExit
-    $KV.silo_sessions.>             gateway               session records (JetStream KV), shared by
+    $KV.silo_gateway_sessions.>     gateway               session records (JetStream KV), shared by
                                                           gateway replicas and kept across restarts
     $O.silo_workspaces.>            gateway, executor     workspace archives between machines
                                                           (JetStream object store; chunks checked
@@ -77,7 +77,7 @@ CLIENT_KEYS_STREAM = f"KV_{CLIENT_KEYS}"
 PAIRING_CODES = "silo_pairing_codes"
 """KV bucket of pairing codes (gateway only), keyed by the code's SHA-256, consumed once by compare-and-set."""
 PAIRING_CODES_STREAM = f"KV_{PAIRING_CODES}"
-SESSIONS_BUCKET = "silo_sessions"
+SESSIONS_BUCKET = "silo_gateway_sessions"
 """KV bucket of session records (id, user, workspace, executor, grant, created), gateway only."""
 SESSIONS_STREAM = f"KV_{SESSIONS_BUCKET}"
 
