@@ -260,6 +260,7 @@ class ClientConnection:
     async def _revoked(self, message: str) -> None:
         """This connection's key was revoked: tell the client and close at once."""
         await self.send(AuthErrorFrame(message=message, code="revoked"))
+        await self.outbox.flush(timeout=2.0)  # frames are written by the outbox's task: let it write this one
         await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"client key revoked")
 
     async def _requests(self) -> None:
