@@ -73,6 +73,7 @@ async def _client_worker(url: str, fingerprint: str, token: str, sid: str, from_
     for i in range(clients):
         ws = await session.ws_connect(url, ssl=ssl, max_msg_size=16 << 20)
         await ws.receive()  # hello
+        await ws.receive()  # the challenge a paired key would sign
         await ws.send_str(json.dumps({"type": "authenticate", "method": "token", "token": token,
                                       "client_name": f"bench-{os.getpid()}-{i}"}))
         reply = json.loads((await ws.receive()).data)
