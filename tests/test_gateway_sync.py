@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -204,6 +205,11 @@ async def test_sessions_are_listed_and_served_by_the_restarted_gateway(
         await client.send(ListSessions())
         listed = {s.session_id: s for s in (await next_frame(client, Sessions)).sessions}
         assert listed[sid].state == "ended" and listed[sid].next_seq == len(events)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "devsilo.cli", "--state-dir", str(stack.state_dir), "sessions", "list",
+            stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert any(line.startswith(sid) and line.endswith("  ended") for line in out.decode().splitlines()), out
         # request_events: bounded batches, in order, the same events as the live clients saw.
         got: list[EventFrame] = []
         complete = False

@@ -167,7 +167,7 @@ async def list_sessions(target: GatewayTarget, out: TextIO) -> int:
         await client.send(ListSessions())
         async for frame in client.frames():
             if isinstance(frame, Sessions):
-                out.writelines(f"{s.session_id}  {s.user}  {s.workspace}\n" for s in frame.sessions)
+                out.writelines(f"{s.session_id}  {s.user}  {s.workspace}  {s.state}\n" for s in frame.sessions)
                 return 0
     return EXIT_RUNTIME
 
