@@ -496,6 +496,17 @@ async def test_access_report_cost_and_busy_state_on_request(stack: Stack, idle_s
         await client.send(Attach(session_id=sid, from_seq=0))
         await client.send(Prompt(session_id=sid, text="look at the file"))
         events = await events_until(client, sid, lambda e: e.kind == "turn_complete", [])
+        # The model was told, with this prompt, about the file uploaded before it (from the session's journal).
+        journal = idle_session["ws"].parent / "journal.jsonl"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "devsilo.cli", "--state-dir", str(stack.state_dir), "journal", "export", sid,
+            "-o", str(journal))
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        requests = [json.loads(x)["data"] for x in journal.read_text().splitlines()
+                    if json.loads(x)["kind"] == "llm_request"]
+        told = requests[-1]["messages"][-1]["content"]
+        assert told.endswith("look at the file") and "uploader uploaded sub/data.bin" in told
+        assert f"{len(bytes(range(256)) * 1200)} bytes" in told
         await client.send(AccessReportRequest(session_id=sid))
         report = await next_frame(client, AccessReportFrame)
         published = [e for e in events if e.kind == "access_report"]
