@@ -20,7 +20,7 @@ import bisect
 import itertools
 import json
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +43,8 @@ OUTBOX_BYTES = 8 * 1024 * 1024
 """Characters of frames queued for one client before its followers wait (events can be large)."""
 STREAM_BATCH = 256
 """Events fetched from the stream per round trip."""
+KEEP_IDLE = 1024
+"""Feeds of sessions nobody follows that a gateway keeps (their stream positions), newest used first."""
 MARK_EVERY = 64
 """Every this many seqs a feed remembers the event's stream sequence, to start stream reads near it."""
 STREAM_TIMEOUT_S = 10.0
@@ -258,14 +260,16 @@ async def _drop_consumer(js: Any, psub: Any, name: str | None, log: Any) -> None
 
 
 class Feeds:
-    """The gateway's session feeds, one per session anyone asked about."""
+    """The gateway's session feeds: one per session followed now, and the most recently used others."""
 
-    def __init__(self, bus: Bus, metrics: DeliveryMetrics, log: Any, *, ring: int = DEFAULT_RING) -> None:
+    def __init__(self, bus: Bus, metrics: DeliveryMetrics, log: Any, *, ring: int = DEFAULT_RING,
+                 keep_idle: int = KEEP_IDLE) -> None:
         self.bus = bus
         self.metrics = metrics
         self.log = log
         self.ring = ring
-        self._feeds: dict[str, SessionFeed] = {}
+        self.keep_idle = keep_idle
+        self._feeds: OrderedDict[str, SessionFeed] = OrderedDict()
 
     def get(self, sid: str) -> SessionFeed:
         """The feed of ``sid`` (made on first use)."""
@@ -273,6 +277,11 @@ class Feeds:
         if feed is None:
             feed = self._feeds[sid] = SessionFeed(self.bus, sid, ring=self.ring, metrics=self.metrics,
                                                   log=self.log)
+            idle = [k for k, f in self._feeds.items() if f.followers == 0 and k != sid]
+            for k in idle[: max(0, len(idle) - self.keep_idle)]:  # oldest first
+                del self._feeds[k]
+        else:
+            self._feeds.move_to_end(sid)
         return feed
 
 

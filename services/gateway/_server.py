@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,8 @@ DEFAULT_MAX_CLIENTS_PER_USER = 200
 DEFAULT_CLIENT_RATE = 200.0
 """Frames per second one connection may send, averaged over a second (option ``client_rate``)."""
 OVERLOADED_RETRY_MS = 1000
+KEEP_TALLIES = 1024
+"""Sessions whose running cost sums and state a gateway keeps; others are counted again when asked."""
 
 LANDING_PAGE = """<!doctype html><meta charset=utf-8><title>devsilo gateway</title>
 <h1>devsilo gateway</h1><p>This is a devsilo gateway. Clients connect to <code>/ws</code>
@@ -151,7 +154,8 @@ class Gateway:
         self.max_clients_per_user = int(opts.get("max_clients_per_user") or DEFAULT_MAX_CLIENTS_PER_USER)
         self.client_rate = float(opts.get("client_rate") or DEFAULT_CLIENT_RATE)
         self.upload_max = int(opts.get("upload_max_bytes") or DEFAULT_UPLOAD_MAX)
-        self.tallies: dict[str, SessionTally] = {}
+        self.tallies: OrderedDict[str, SessionTally] = OrderedDict()
+        """Session tallies, the most recently asked for last (at most ``KEEP_TALLIES``)."""
         self.connections: set[ClientConnection] = set()
         self.pool = PoolView()
         self.locks: dict[str, str] = {}
@@ -527,9 +531,13 @@ class ClientConnection:
 
     async def _tally(self, sid: str) -> SessionTally:
         """The session's tally, brought up to its newest stored event."""
-        tally = self.gw.tallies.get(sid)
+        tallies = self.gw.tallies
+        tally = tallies.get(sid)
         if tally is None:
-            tally = self.gw.tallies[sid] = SessionTally(self.gw.feeds.get(sid))
+            tally = tallies[sid] = SessionTally(self.gw.feeds.get(sid))
+            while len(tallies) > KEEP_TALLIES:
+                tallies.popitem(last=False)
+        tallies.move_to_end(sid)
         await tally.catch_up()
         return tally
 
