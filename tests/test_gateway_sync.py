@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from devsilo.cli._client import GatewayClient, GatewayError
@@ -54,6 +55,7 @@ from devsilo.testing._events import ScriptedSession
 
 UPLOAD_MAX = 1024 * 1024
 MAX_PER_USER = 8
+MAX_CLIENTS = MAX_PER_USER + 2
 CLIENT_RATE = 40
 
 
@@ -62,6 +64,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One stack with small gateway limits, so the tests reach them quickly."""
     s = Stack(tmp_path_factory.mktemp("gwsync") / "state", services={"gateway": {"options": {
         "upload_max_bytes": UPLOAD_MAX, "max_clients_per_user": MAX_PER_USER, "client_rate": CLIENT_RATE,
+        "max_clients": MAX_CLIENTS,
         "client_queue": 64, "event_ring": 128}}})
     s.start()
     try:
@@ -384,12 +387,31 @@ async def test_too_many_clients_of_one_user_get_overloaded(stack: Stack) -> None
             await extra.close()
         # One leaves: there is room again.
         await clients.pop().close()
-        await asyncio.sleep(0.2)
+        await wait_connections(stack, MAX_PER_USER - 1)
         clients.append(await connect(stack, "room-again"))
+        # Connections not authenticated (yet) count against the gateway's total.
+        state = StateDir(stack.state_dir)
+        fingerprint = aiohttp.Fingerprint(bytes.fromhex(state.gateway_fingerprint().replace(":", "").lower()))
+        async with aiohttp.ClientSession() as http:
+            waiting = [await http.ws_connect(gateway_url(stack), ssl=fingerprint) for _ in range(MAX_CLIENTS - MAX_PER_USER)]
+            refused = await http.ws_connect(gateway_url(stack), ssl=fingerprint)
+            first = json.loads((await refused.receive(timeout=10)).data)
+            assert first["type"] == "overloaded" and first["reason"] == "clients" and first["retry_after_ms"] > 0
+            for ws in [*waiting, refused]:
+                await ws.close()
     finally:
         for c in clients:
             await c.close()
     assert stack.metric("gateway", "silo_overloaded_total", 'reason="user_clients"') == 1
+    assert stack.metric("gateway", "silo_overloaded_total", 'reason="clients"') == 1
+
+
+async def wait_connections(stack: Stack, n: int) -> None:
+    """Wait until the gateway counts ``n`` open client connections."""
+    deadline = time.monotonic() + 10
+    while stack.metric("gateway", "silo_client_connections") != n:
+        assert time.monotonic() < deadline, "the gateway never noticed the clients leave"
+        await asyncio.sleep(0.05)
 
 
 # -- uploads, access report, cost, busy state ------------------------------------------------------
