@@ -45,6 +45,9 @@ from devsilo.protocol import (
     ShellOutput,
     SiloError,
     ToolCall,
+    ToolCancel,
+    ToolOutput,
+    ToolResult,
     open_grant,
     subjects,
 )
@@ -59,7 +62,8 @@ from ._risk import check_workspace
 from ._sandbox import Sandbox, prepare_workspace_ownership
 from ._shell_stream import ShellStream
 from ._spec import WORKSPACE, SandboxSpec
-from ._tools import run_tool
+from ._tool_output import ToolOutputStream
+from ._tools import ToolOptions, run_tool
 from ._warm import WarmPools, warm_sizes
 from ._ext4 import ext4_unavailable
 from ._workspace_lock import WorkspaceStore
@@ -68,6 +72,8 @@ from ._workspace_remote import UploadedWorkspaces
 RELAY_HELLO_TTL = 60.0
 """Lifetime of a relay connection's signed first line (the egress accepts each once)."""
 DEFAULT_SANDBOX_UID = 64123
+CANCELLED_CALLS_KEPT = 1024
+"""Cancelled call ids remembered, so a cancel that overtakes its call still stops it."""
 DEFAULT_CAPACITY = 16
 DEFAULT_PER_USER = 8
 ANNOUNCE_EVERY_S = 1.0
@@ -194,6 +200,9 @@ async def serve(ctx: ServiceContext) -> None:
     store = workspace_store(opts, eid, ctx.log)
     unlocking: set[str] = set()
     uploaded = UploadedWorkspaces(ctx, store, eid)
+    tool_options = ToolOptions.from_options(opts)
+    running_calls: dict[tuple[str, str], asyncio.Task[ToolResult]] = {}
+    cancelled_calls: dict[tuple[str, str], None] = {}
 
     def store_records(phases: tuple[str, ...]) -> dict[str, Path]:
         """Workspace path -> where its files are, for the store's records in ``phases``."""
@@ -606,6 +615,48 @@ async def serve(ctx: ServiceContext) -> None:
             shell_closed_why.pop(shid, None)
             ctx.log.info("shell_ended", shell=shid, exit_code=code, message=message)
 
+    def cancel_call(sid: str, call_id: str) -> Ack:
+        """Stop a running call (its command is killed); a call not started yet will not start."""
+        task = running_calls.get((sid, call_id))
+        if task is not None:
+            task.cancel()
+        else:
+            cancelled_calls[(sid, call_id)] = None
+            while len(cancelled_calls) > CANCELLED_CALLS_KEPT:
+                del cancelled_calls[next(iter(cancelled_calls))]
+        return Ack()
+
+    async def run_call(sid: str, session: ExecSession, call: ToolCall) -> ToolResult:
+        """Run a call, streaming a command's output to the harness; a cancelled call's result says so."""
+        key = (sid, call.call_id)
+        if key in running_calls:
+            raise GrantError(f"call {call.call_id} of session {sid} is already running")
+        if cancelled_calls.pop(key, "running") is None:
+            return ToolResult(call_id=call.call_id, is_error=True, content="cancelled before it started")
+
+        async def send(out: ToolOutput) -> None:
+            await bus.publish(subjects.session_output(sid), out, sid=sid)
+
+        stream = ToolOutputStream(send, call.call_id, log=ctx.log) if call.name == "Bash" else None
+        task = asyncio.create_task(run_tool(session.sandbox.helper, call, tool_options,
+                                            on_output=stream.feed if stream else None))
+        running_calls[key] = task
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                if stream is not None:
+                    stream.abort()
+                raise  # the executor is stopping
+            result = ToolResult(call_id=call.call_id, is_error=True, content="cancelled",
+                                meta={"cancelled": True})
+        finally:
+            running_calls.pop(key, None)
+        if stream is not None:
+            chunks = await stream.close()
+            result = result.model_copy(update={"meta": {**result.meta, "output_chunks": chunks}})
+        return result
+
     async def on_exec(env: Envelope, msg: Msg) -> Message:
         parts = msg.subject.split(".")  # silo.exec.<eid>.lease | silo.exec.<eid>.<sid>.<op>
         if len(parts) == 4 and parts[3] == "lease":
@@ -625,12 +676,14 @@ async def serve(ctx: ServiceContext) -> None:
             env.expect(CloseSession)
             await close_session(sid, "closed by harness")
             return Ack()
+        if op == "cancel":
+            return cancel_call(sid, env.expect(ToolCancel).call_id)
         session = sessions.get(sid)
         if session is None:
             raise SandboxClosed(f"no sandbox for session {sid} on executor {eid} (closed or never leased)")
         call = env.expect(ToolCall)
         started = time.perf_counter()
-        result = await run_tool(session.sandbox.helper, call)
+        result = await run_call(sid, session, call)
         if sessions.get(sid) is not session:
             raise SandboxClosed(f"the sandbox of session {sid} was closed on executor {eid} while "
                                 f"{call.name} ran (was its workspace unlocked?)")

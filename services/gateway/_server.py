@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 from nats.aio.msg import Msg
 from devsilo.protocol import (
+    Ack,
     Envelope,
     AuthError,
     LLMChoice,
@@ -23,6 +24,7 @@ from devsilo.protocol import (
     SiloError,
     ExecutorAnnounce,
     GrantError,
+    QuestionAnswer,
     RemoteError,
     WorkspaceReply,
     WorkspaceRequest,
@@ -32,6 +34,7 @@ from devsilo.protocol import (
 )
 from devsilo.protocol.client import (
     CLIENT_REQUEST,
+    AnswerQuestion,
     MAX_CLIENT_FRAME,
     Attach,
     Authenticate,
@@ -220,6 +223,8 @@ class ClientConnection:
             self._attach(req)
         elif isinstance(req, (Prompt, Interrupt, Shutdown)):
             await self._input(req)
+        elif isinstance(req, AnswerQuestion):
+            await self._answer(req)
         elif isinstance(req, WorkspaceCommand) and req.uploaded:
             await self._uploaded_workspace(req)
         elif isinstance(req, WorkspaceCommand):
@@ -409,7 +414,23 @@ class ClientConnection:
             body = SessionInput(kind="interrupt", client=self.who.client)
         else:
             body = SessionInput(kind="stop", client=self.who.client)
-        await self.gw.bus.publish(subjects.session_input(req.session_id), body, sid=req.session_id)
+        await self._send_input(req.session_id, body, req.type)
+
+    async def _answer(self, req: AnswerQuestion) -> None:
+        assert self.who is not None
+        self._visible(req.session_id)
+        answer = QuestionAnswer(selected=req.selected, text=req.text)
+        await self._send_input(req.session_id, SessionInput(
+            kind="answer", question_id=req.question_id, text=answer.model_dump_json(),
+            client=self.who.client), req.type)
+
+    async def _send_input(self, sid: str, body: SessionInput, request: str) -> None:
+        """Hand input to the session's harness and wait for its verdict; a refusal goes back as ``error``."""
+        try:
+            await self.gw.bus.request(subjects.session_input(sid), body, Ack, from_role=Role.HARNESS,
+                                      sid=sid, timeout=10.0)
+        except RemoteError as exc:
+            await self.send(ErrorFrame(code=exc.code, message=exc.message, request=request))
 
     async def close(self) -> None:
         """Stop following sessions; end this connection's shells."""

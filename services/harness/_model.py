@@ -109,10 +109,26 @@ class _ScriptCall(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=64)
     input: dict[str, Any] = Field(default_factory=dict)
+    arguments: str | None = Field(default=None, max_length=256 * 1024)
+    """Raw argument text, as a model sends it (instead of ``input``): text that is not a JSON
+    object becomes the call's ``input_error``, as with the real backends."""
+
+    def to_use(self, call_id: str) -> ToolUse:
+        if self.arguments is None:
+            return ToolUse(id=call_id, name=self.name, input=dict(self.input))
+        try:
+            data = json.loads(self.arguments)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            return ToolUse(id=call_id, name=self.name, input={},
+                           input_error=f"the arguments were not a JSON object: {self.arguments[:200]!r}")
+        return ToolUse(id=call_id, name=self.name, input=data)
 
 
 class _ScriptResponse(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    agent: str | None = Field(default=None, max_length=64)
     text: str = ""
     tool_calls: list[_ScriptCall] = Field(default_factory=list)
 
@@ -129,6 +145,12 @@ class ScriptedModel:
 
         {"responses": [{"text": "...", "tool_calls": [{"name": "Bash",
                         "input": {"command": "ls"}}]}, ...]}
+
+    With subagents, several agents ask at once. A response may name the agent it is for
+    (``"agent": "main"``, ``"a1"``, ...; subagent ids count up in the order they are
+    started); each agent asks through its own view (:meth:`for_agent`) and gets the first
+    response not yet used that names it or names no agent. Unnamed responses therefore go
+    in the order requests arrive, which is only predictable with one agent at a time.
     """
 
     name = "mock"
@@ -138,23 +160,32 @@ class ScriptedModel:
             self._script = _Script.model_validate(json.loads(script_text))
         except (ValueError, ValidationError) as exc:
             raise ModelFailure(f"mock script is not valid: {str(exc).splitlines()[0]}") from None
-        self._next = 0
+        self._used = [False] * len(self._script.responses)
+        self._agent: str | None = None
+
+    def for_agent(self, agent: str) -> ScriptedModel:
+        """A view of this script for one agent: it shares which responses are used."""
+        view = object.__new__(ScriptedModel)
+        view._script, view._used, view._agent = self._script, self._used, agent
+        return view
+
+    def _take(self) -> int:
+        for n, step in enumerate(self._script.responses):
+            if not self._used[n] and (step.agent is None or step.agent == (self._agent or "main")):
+                self._used[n] = True
+                return n
+        left = self._used.count(False)
+        who = f" for agent {self._agent}" if self._agent else ""
+        raise ModelFailure(f"mock script exhausted{who} after {len(self._script.responses)} responses"
+                           + (f" ({left} left for other agents)" if left else ""))
 
     async def complete(self, messages: list[dict[str, Any]], tools: list[str], *,
                        on_text: TextSink | None = None) -> ModelResponse:
         """Return the next scripted response (its text streamed word by word to ``on_text``);
         ModelFailure when the script is used up."""
-        if self._next >= len(self._script.responses):
-            raise ModelFailure(
-                f"mock script exhausted after {len(self._script.responses)} responses"
-            )
-        step = self._script.responses[self._next]
-        n = self._next
-        self._next += 1
-        calls = tuple(
-            ToolUse(id=f"call_{n}_{i}", name=c.name, input=dict(c.input))
-            for i, c in enumerate(step.tool_calls)
-        )
+        n = self._take()
+        step = self._script.responses[n]
+        calls = tuple(c.to_use(f"call_{n}_{i}") for i, c in enumerate(step.tool_calls))
         if on_text is not None and step.text:
             for delta in re.findall(r"\S*\s*", step.text):
                 if delta:

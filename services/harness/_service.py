@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from devsilo.protocol import (
+    Ack,
     Envelope,
     ExecutorAnnounce,
     GrantError,
@@ -19,6 +20,7 @@ from devsilo.protocol import (
     SessionInput,
     SessionStarted,
     StartSession,
+    ToolOutput,
     open_grant,
     subjects,
 )
@@ -185,24 +187,37 @@ async def serve(ctx: ServiceContext) -> None:
         ctx.log.info("session_started", user=grant.user, executor=lease.executor_id)
         return SessionStarted(session_id=grant.session_id, executor_id=lease.executor_id)
 
-    async def on_input(env: Envelope, msg: Msg) -> None:
+    async def on_input(env: Envelope, msg: Msg) -> Message | None:
+        """A client's input (request/reply): Ack or an error, from the harness running the session only."""
         inp = env.expect(SessionInput)
         sid = msg.subject.split(".")[2]
         if env.header.sid != sid:
             raise GrantError(f"input signed for session {env.header.sid}, sent to {sid}")
         runner = runners.get(sid)
         if runner is None:
-            raise GrantError(f"no running session {sid} on this harness")
+            return None  # another replica runs it (or nobody does): it answers, not us
         if inp.kind == "prompt":
-            runner.inputs.put_nowait(inp.text)
+            await runner.prompt(inp.text, inp.client)
+        elif inp.kind == "answer":
+            runner.answer(inp.question_id, inp.client, inp.text)
         elif inp.kind == "interrupt":
             runner.interrupt()
         elif inp.kind == "stop":
             await runner.stop(f"stopped by {inp.client or 'a client'}")
+        return Ack()
+
+    async def on_tool_output(env: Envelope, msg: Msg) -> None:
+        out = env.expect(ToolOutput)
+        sid = msg.subject.split(".")[2]
+        runner = runners.get(sid)
+        if env.header.sid != sid or runner is None:
+            return
+        await runner.tool_output(env.header.sender, out)
 
     await bus.subscribe(subjects.POOL_ANNOUNCE_ALL, on_announce)
     await bus.subscribe(subjects.HARNESS_START, on_start, queue=subjects.HARNESS_QUEUE, concurrent=True)
     await bus.subscribe("silo.session.*.input", on_input)
+    await bus.subscribe(subjects.SESSION_OUTPUT_ALL, on_tool_output)
     spawn(watch_pool())
     await ctx.stopping.wait()
     for runner in list(runners.values()):

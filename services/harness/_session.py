@@ -3,35 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from devsilo.protocol import (
-    SANDBOX_TOOLS,
     Ack,
+    AskUserQuestionInput,
     CloseSession,
     RemoteError,
     Role,
     SandboxClosed,
+    SendUserFileInput,
     SessionEvent,
     SessionGrant,
     SiloError,
     ToolCall,
+    ToolCancel,
+    ToolOutput,
     ToolResult,
     subjects,
 )
 from devsilo.protocol._messages import AccessReport, EventKind
 from devsilo.runtime import Bus
 
+from ._agents import AgentLoop, answer_text
 from ._model import ModelBackend, ModelFailure, ToolUse
+from ._questions import Answer, QuestionBoard
 
 HEADLESS_INSTRUCTION = (
     "You are running headless: nobody will answer questions. When the task is done, "
     "call the Exit tool with a short summary."
 )
-HEADLESS_REMINDER = "You are running headless. Continue the task, then call Exit with a summary."
-MAX_HEADLESS_NUDGES = 3
+STOP_WAIT_S = 5.0
+"""How long a stop waits for the running turn to wind down before the session ends regardless."""
+OUTPUT_DRAIN_S = 5.0
+"""After a call's result, how long its streamed output that is still on the way is waited for."""
 # Exit codes, shared with the CLI (REQUIREMENTS §1).
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -54,7 +63,15 @@ class SessionEvents:
         self._clock = clock
 
     async def emit(self, kind: EventKind, data: dict[str, Any] | None = None, agent: str = "main") -> int:
-        """Publish one event; return its seq."""
+        """Publish one event; return its seq.
+
+        A cancelled caller does not cut a publish short (shielded): a publish that landed
+        without its seq being counted would make the next event reuse the seq, and the
+        stream would drop that one as a duplicate.
+        """
+        return await asyncio.shield(self._emit(kind, data, agent))
+
+    async def _emit(self, kind: EventKind, data: dict[str, Any] | None, agent: str) -> int:
         async with self._lock:
             seq = self._seq
             event = SessionEvent(
@@ -65,8 +82,18 @@ class SessionEvents:
             return seq
 
 
+@dataclass
+class RunningCall:
+    """A sandbox call in flight: whose it is and how much of its streamed output was passed on."""
+
+    agent: str
+    call_id: str
+    seen: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class SessionRunner:
-    """Drives one session: the top-level agent's turns, its tools, and its end."""
+    """Drives one session: the top-level agent's turns, subagents, tools, questions, and its end."""
 
     def __init__(
         self,
@@ -89,12 +116,30 @@ class SessionRunner:
         self.events = SessionEvents(bus, self.sid)
         self.log = log.bind(session=self.sid)
         self.inputs: asyncio.Queue[str] = asyncio.Queue()
-        self.messages: list[dict[str, Any]] = []
         self.exit_code: int | None = None
+        self.questions = QuestionBoard()
+        self.running_subagents = 0
+        self.finish_order = itertools.count(1)
+        self._agent_ids = itertools.count(1)
+        self._wire_ids = itertools.count(1)
+        self._calls: dict[str, RunningCall] = {}
         self._turn: asyncio.Task[None] | None = None
         self._executor_lost = False
+        self._sandbox_gone: str | None = None
+        self._stopping: str | None = None
+        self._finished = asyncio.Event()
         self.leased_at = time.monotonic()
-        self.tools = [*SANDBOX_TOOLS, "Exit"] if headless else list(SANDBOX_TOOLS)
+        self.main = AgentLoop(self, "main", name="main", parent=None, messages=[])
+        self.tools = self.main.tools
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The top-level agent's conversation."""
+        return self.main.messages
+
+    def next_agent_id(self) -> str:
+        """A new subagent id: a1, a2, ..."""
+        return f"a{next(self._agent_ids)}"
 
     async def run(self, prompt: str | None) -> None:
         """Run until the agent exits, the session is stopped, or the model fails."""
@@ -107,26 +152,30 @@ class SessionRunner:
         if self.headless:
             self.messages.append({"role": "system", "content": HEADLESS_INSTRUCTION})
         if prompt:
-            self.inputs.put_nowait(prompt)
+            await self.prompt(prompt, "")
         try:
             while self.exit_code is None:
+                if self._stopping is not None:
+                    await self._finish(EXIT_OK, self._stopping)
+                    break
                 if self.inputs.empty():
                     if self.headless:
                         await self._finish(EXIT_RUNTIME, "headless session has no prompt")
                         break
                     await self.events.emit("awaiting_input")
                 text = await self.inputs.get()
-                if self.exit_code is not None:
-                    break
+                if self.exit_code is not None or self._stopping is not None:
+                    continue
                 self._turn = asyncio.create_task(self._run_turn(text))
                 try:
                     await self._turn
                 except asyncio.CancelledError:
-                    if self.exit_code is not None or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    if asyncio.current_task().cancelling():  # type: ignore[union-attr]
                         raise
-                    if self._executor_lost:
-                        continue  # executor_lost() reports and ends the session
+                    if self._executor_lost or self.exit_code is not None or self._stopping is not None:
+                        continue  # executor_lost() or the loop's top ends the session
                     await self.events.emit("interrupted", {"reason": "user interrupt"})
+                    await self.events.emit("busy", {"busy": False})
         except ModelFailure as exc:
             await self.events.emit("error", {"message": str(exc)})
             await self._finish(EXIT_MODEL, str(exc))
@@ -138,19 +187,38 @@ class SessionRunner:
             await self.model.aclose()
             await self._close_sandbox()
 
+    async def prompt(self, text: str, client: str) -> None:
+        """A user's prompt: shown to every client at once, then queued for the top-level agent."""
+        data: dict[str, Any] = {"text": text}
+        if client:
+            data["client"] = client
+        await self.events.emit("user_prompt", data)
+        self.inputs.put_nowait(text)
+
+    def answer(self, question_id: str | None, client: str, raw: str) -> Answer:
+        """A client's answer to a question; raises InputRefused unless it is the first valid one."""
+        return self.questions.answer(question_id, client, raw)
+
     def interrupt(self) -> bool:
-        """Cancel the running turn (its tool calls included); True when one was running."""
+        """Cancel the running turn (its commands, subagents and questions included); True when one ran."""
         if self._turn is not None and not self._turn.done():
             self._turn.cancel()
             return True
         return False
 
     async def stop(self, reason: str) -> None:
-        """End the session from outside (a client's stop)."""
-        if self.exit_code is None:
-            self.interrupt()
+        """End the session from outside (a client's stop): the running turn winds down first
+        (commands, subagents and questions cancelled), then ``shutdown``."""
+        if self.exit_code is not None or self._stopping is not None:
+            return
+        self._stopping = reason
+        self.interrupt()
+        self.inputs.put_nowait("")
+        try:
+            async with asyncio.timeout(STOP_WAIT_S):
+                await self._finished.wait()
+        except TimeoutError:
             await self._finish(EXIT_OK, reason)
-            self.inputs.put_nowait("")
 
     async def executor_lost(self, reason: str) -> None:
         """The session's executor is gone: end the session with a clear error."""
@@ -162,79 +230,128 @@ class SessionRunner:
         await self._finish(EXIT_RUNTIME, reason)
         self.inputs.put_nowait("")
 
+    async def tool_done(self, agent: AgentLoop, call: ToolUse, result: ToolResult) -> None:
+        """After a tool's result is out: end the session if its sandbox is gone or main called Exit."""
+        if self._sandbox_gone is not None and self.exit_code is None:
+            await self.events.emit("error", {"message": self._sandbox_gone})
+            await self._finish(EXIT_RUNTIME, self._sandbox_gone)
+        elif call.name == "Exit" and agent.parent is None and not result.is_error:
+            await self._finish(EXIT_OK, str(call.input.get("message") or "done"))
+
     async def _run_turn(self, text: str) -> None:
-        await self.events.emit("user_prompt", {"text": text})
         await self.events.emit("busy", {"busy": True})
         self.messages.append({"role": "user", "content": text})
-        nudges = 0
-        while self.exit_code is None:
-            response = await self.model.complete(self.messages, self.tools)
-            await self.events.emit("cost", {"model": self.model.name, **response.usage.as_dict()})
-            if response.text:
-                await self.events.emit("assistant_text", {"text": response.text, "final": True})
-            self.messages.append({
-                "role": "assistant", "content": response.text,
-                "tool_calls": [{"id": c.id, "name": c.name, "input": c.input} for c in response.tool_calls],
-            })
-            if not response.tool_calls:
-                if not self.headless:
-                    break
-                nudges += 1
-                if nudges > MAX_HEADLESS_NUDGES:
-                    raise ModelFailure(f"model stopped {nudges} times without calling Exit")
-                self.messages.append({"role": "user", "content": HEADLESS_REMINDER})
-                continue
-            for call in response.tool_calls:
-                result = await self._call_tool(call)
-                self.messages.append({"role": "tool", "tool_call_id": call.id, "content": result.content,
-                                      "is_error": result.is_error})
-                if self.exit_code is not None:
-                    return
-        await self.events.emit("busy", {"busy": False})
-        await self.events.emit("turn_complete")
+        await self.main.converse()
+        if self.exit_code is None:
+            await self.events.emit("busy", {"busy": False})
+            await self.events.emit("turn_complete")
 
-    async def _call_tool(self, call: ToolUse) -> ToolResult:
-        await self.events.emit("tool_use", {"id": call.id, "name": call.name, "input": call.input})
-        if call.input_error is not None:
-            result = ToolResult(call_id=call.id, is_error=True,
-                                content=f"{call.name}: {call.input_error}; call it again with a JSON object")
-        elif call.name not in self.tools:
-            result = ToolResult(call_id=call.id, is_error=True,
-                                content=f"unknown tool {call.name!r}; available: {', '.join(self.tools)}")
-        elif call.name == "Exit":
-            message = str(call.input.get("message", ""))
-            result = ToolResult(call_id=call.id, content="exiting")
-        else:
-            try:
-                result = await self.bus.request(
-                    subjects.exec_tool(self.executor_id, self.sid),
-                    ToolCall(call_id=call.id, name=call.name, input=call.input),
-                    ToolResult, from_role=Role.EXECUTOR, sid=self.sid, timeout=660.0,
-                )
-            except RemoteError as exc:
-                result = ToolResult(call_id=call.id, is_error=True, content=f"tool failed: {exc}")
-                if exc.code == SandboxClosed.code:
-                    # No sandbox, no session: end it here (interrupting would cancel this very turn).
-                    self._executor_lost = True
-                    await self.events.emit("tool_result", {"id": call.id, "name": call.name,
-                                                           "content": result.content, "is_error": True,
-                                                           "meta": {}})
-                    await self.events.emit("error", {"message": exc.message})
-                    await self._finish(EXIT_RUNTIME, exc.message)
-                    return result
-        await self.events.emit("tool_result", {
-            "id": call.id, "name": call.name, "content": result.content,
-            "is_error": result.is_error, "meta": result.meta,
+    # -- tools that leave the harness ------------------------------------------------------
+
+    async def run_in_sandbox(self, agent: AgentLoop, call: ToolUse) -> ToolResult:
+        """Run a sandbox tool on the session's executor; its output streams as ``tool_output``."""
+        result = await self._executor_call(agent, call, call.name, call.input)
+        return result.model_copy(update={"call_id": call.id})
+
+    async def share_file(self, agent: AgentLoop, call: ToolUse, args: SendUserFileInput) -> ToolResult:
+        """Read a workspace file through the executor and hand it to every client (``file_shared``)."""
+        got = await self._executor_call(agent, call, "SendUserFile", args.model_dump())
+        if got.is_error:
+            return got.model_copy(update={"call_id": call.id})
+        meta = got.meta
+        if not (isinstance(meta.get("data"), str) and isinstance(meta.get("size"), int)
+                and isinstance(meta.get("sha256"), str)):
+            return ToolResult(call_id=call.id, is_error=True, content="SendUserFile: the executor's answer was malformed")
+        await agent.emit("file_shared", {
+            "path": args.path, "caption": args.caption, "size": meta["size"], "sha256": meta["sha256"],
+            "data": meta["data"], "direction": "download",
         })
-        if call.name == "Exit":
-            await self._finish(EXIT_OK, message or "done")
+        return ToolResult(call_id=call.id, content=f"sent {args.path} ({meta['size']} bytes) to the user",
+                          meta={"size": meta["size"], "sha256": meta["sha256"]})
+
+    async def _executor_call(self, agent: AgentLoop, call: ToolUse, name: str, args: dict[str, Any]) -> ToolResult:
+        # Calls go out under session-unique ids: models may reuse theirs, and agents run at once.
+        wire_id = f"t{next(self._wire_ids)}"
+        running = self._calls[wire_id] = RunningCall(agent.id, call.id)
+        try:
+            result = await self.bus.request(
+                subjects.exec_tool(self.executor_id, self.sid),
+                ToolCall(call_id=wire_id, name=name, input=args),
+                ToolResult, from_role=Role.EXECUTOR, sid=self.sid, timeout=660.0,
+            )
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancel_call(wire_id))
+            raise
+        except RemoteError as exc:
+            if exc.code == SandboxClosed.code:
+                # No sandbox, no session: it ends once this result is out (tool_done), not by
+                # interrupting, which would cancel this very turn.
+                self._executor_lost = True
+                self._sandbox_gone = exc.message
+            return ToolResult(call_id=wire_id, is_error=True, content=f"tool failed: {exc}")
+        finally:
+            self._calls.pop(wire_id, None)
+        chunks = result.meta.get("output_chunks")
+        if isinstance(chunks, int) and running.seen < chunks:
+            self._calls[wire_id] = running  # output still on its way: let it land before the result
+            try:
+                async with asyncio.timeout(OUTPUT_DRAIN_S):
+                    while running.seen < chunks:
+                        running.changed.clear()
+                        await running.changed.wait()
+            except TimeoutError:
+                self.log.warning("tool_output_missing", call=wire_id, seen=running.seen, sent=chunks)
+            finally:
+                self._calls.pop(wire_id, None)
         return result
+
+    async def _cancel_call(self, wire_id: str) -> None:
+        try:
+            await self.bus.request(subjects.exec_cancel(self.executor_id, self.sid), ToolCancel(call_id=wire_id),
+                                   Ack, from_role=Role.EXECUTOR, sid=self.sid, timeout=10.0)
+        except SiloError as exc:
+            self.log.warning("tool_cancel_failed", call=wire_id, error=str(exc))
+
+    async def tool_output(self, sender: str, out: ToolOutput) -> None:
+        """Streamed output of a running call, from the executor: passed on as ``tool_output``.
+
+        Chunks from another service, for calls not running, or out of order are dropped.
+        """
+        running = self._calls.get(out.call_id)
+        if sender != self.executor_id or running is None or out.seq != running.seen:
+            self.log.info("tool_output_dropped", sender=sender, call=out.call_id, seq=out.seq)
+            return
+        running.seen += 1
+        await self.events.emit("tool_output", {"id": running.call_id, "stream": out.stream, "data": out.data},
+                               agent=running.agent)
+        running.changed.set()
+
+    # -- the session's users ------------------------------------------------------------------
+
+    async def ask(self, agent: AgentLoop, call: ToolUse, args: AskUserQuestionInput) -> ToolResult:
+        """Ask every client; the first valid answer is the result (an interrupt cancels the question)."""
+        question = self.questions.ask(args)
+        await agent.emit("question_asked", {
+            "id": question.id, "question": args.question, "options": [o.model_dump() for o in args.options],
+            "multi_select": args.multi_select, "allow_free_text": args.allow_free_text,
+        })
+        try:
+            won = await question.future
+        except asyncio.CancelledError:
+            self.questions.cancel(question.id)
+            await agent.emit("question_answered", {"id": question.id, "cancelled": True})
+            raise
+        await agent.emit("question_answered", {"id": question.id, "client": won.client,
+                                               "selected": list(won.selected), "text": won.text})
+        return ToolResult(call_id=call.id, content=answer_text(won.selected, won.text, won.client),
+                          meta={"question": question.id, "client": won.client})
 
     async def _finish(self, code: int, reason: str) -> None:
         if self.exit_code is not None:
             return
         self.exit_code = code
         await self.events.emit("shutdown", {"exit_code": code, "reason": reason})
+        self._finished.set()
 
     async def _close_sandbox(self) -> None:
         if self._executor_lost:

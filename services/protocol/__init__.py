@@ -27,6 +27,7 @@ from ._errors import (
     ProtocolError,
     RemoteError,
     Replayed,
+    InputRefused,
     RoleNotAllowed,
     SandboxClosed,
     SandboxError,
@@ -38,8 +39,20 @@ from ._errors import (
 )
 from ._grant import open_grant, seal_grant
 from ._messages import (
+    HARNESS_TOOLS,
     MESSAGE_TYPES,
     SANDBOX_TOOLS,
+    TOOL_OUTPUT_CHUNK,
+    AgentInput,
+    AskUserQuestionInput,
+    AwaitAgentInput,
+    ExitInput,
+    QuestionAnswer,
+    QuestionOption,
+    SendUserFileInput,
+    ToolCancel,
+    ToolOutput,
+    WebSearchInput,
     SHELL_ACK_EVERY,
     SHELL_CHUNK,
     SHELL_SIGNALS,
@@ -89,6 +102,9 @@ from ._roster import RosterEntry, ServiceIdentity, TrustRoster, key_id
 from ._subjects import Role
 
 __all__ = [
+    "HARNESS_TOOLS", "TOOL_OUTPUT_CHUNK", "AgentInput", "AskUserQuestionInput", "AwaitAgentInput",
+    "ExitInput", "InputRefused", "QuestionAnswer", "QuestionOption", "SendUserFileInput", "ToolCancel",
+    "ToolOutput", "WebSearchInput",
     "SandboxClosed",
     "WorkspaceInfo", "WorkspaceReply", "WorkspaceRequest",
     "RemoteLock", "TransferPlan",
