@@ -17,7 +17,7 @@ import pytest_asyncio
 from devsilo.cli._client import GatewayClient
 from devsilo.cli._sessions import local_gateway
 from devsilo.executor._tools import SHARE_MAX, ToolOptions, run_tool
-from devsilo.protocol import ToolCall
+from devsilo.protocol import Signer, ToolCall, ToolOutput, subjects
 from devsilo.protocol.client import (
     AnswerQuestion,
     Attach,
@@ -29,6 +29,7 @@ from devsilo.protocol.client import (
     SessionCreated,
     Shutdown,
 )
+from devsilo.runtime._natsconn import connect_nats
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
 
@@ -283,6 +284,40 @@ async def test_malformed_model_output_gets_error_results_and_the_session_goes_on
     streamed = [e.data for e in client.of("tool_output") if e.data["id"] == big["id"]]
     assert streamed and all(len(s["data"]) <= 16 * 1024 for s in streamed)
     assert sum(len(s["data"]) for s in streamed) <= 1024 * 1024 + 1024  # the helper's cap
+
+
+async def test_streamed_output_only_comes_from_the_sessions_executor_for_its_running_call_in_order(
+        stack: Stack, client: Client, workspace: Path) -> None:
+    script = [step("main", "", call("Bash", command="echo early-out; while [ ! -e go ]; do sleep 0.02; done; "
+                                                     "echo late-out")),
+              step("main", "done")]
+    sid = await client.create(workspace, script, prompt="go")
+    started = await client.until_kind("session_started")
+    await client.until(lambda e: e.kind == "tool_output" and "early-out" in e.data["data"])
+    state = StateDir(stack.state_dir)
+    nc = await connect_nats(state, "executor", f"tls://127.0.0.1:{stack.nats_port}")
+    try:
+        signer = Signer(state.identity("executor"))
+        subject = subjects.session_output(sid)
+        forged = [  # the executor's own key, but: a call not running, a seq out of order, another session's sid
+            (subject, sid, ToolOutput(call_id="t999", seq=0, stream="stdout", data="FORGED-unknown-call")),
+            (subject, sid, ToolOutput(call_id="t1", seq=7, stream="stdout", data="FORGED-seq")),
+            (subject, "other-session", ToolOutput(call_id="t1", seq=1, stream="stdout", data="FORGED-sid")),
+        ]
+        for subj, signed_sid, body in forged:
+            wire, _ = signer.seal(body, subj, sid=signed_sid)
+            await nc.publish(subj, wire)
+        await nc.flush()
+    finally:
+        await nc.close()
+    assert started.data["executor"] == "executor"
+    (workspace / "go").touch()
+    await client.until_kind("turn_complete")
+    streamed = [e.data for e in client.of("tool_output")]
+    assert "".join(s["data"] for s in streamed) == "early-out\nlate-out\n"
+    assert {s["id"] for s in streamed} == {client.result("Bash")[0]["id"]}
+    await client.gw.send(Shutdown(session_id=sid))
+    await client.until_kind("shutdown")
 
 
 async def test_text_streams_as_deltas_then_whole(client: Client, workspace: Path) -> None:

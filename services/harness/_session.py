@@ -137,6 +137,10 @@ class SessionRunner:
         """The top-level agent's conversation."""
         return self.main.messages
 
+    @messages.setter
+    def messages(self, value: list[dict[str, Any]]) -> None:
+        self.main.messages = value
+
     def next_agent_id(self) -> str:
         """A new subagent id: a1, a2, ..."""
         return f"a{next(self._agent_ids)}"
