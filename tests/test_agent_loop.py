@@ -32,16 +32,29 @@ from devsilo.protocol.client import (
 from devsilo.runtime._natsconn import connect_nats
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
+from devsilo.testing._internet import ZONE, TestInternet
 
 WAIT = 60.0  # how long a test waits for an event before it fails (never a measured bound)
-SEARCH_HOST = "search.silo-test.example"
+SEARCH_HOST = f"www.{ZONE}"
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def internet() -> AsyncIterator[TestInternet]:
+    """The test internet (its servers run on the module's event loop)."""
+    async with TestInternet() as inet:
+        yield inet
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """One stack for the module; its executor has a WebSearch endpoint no session allows."""
-    s = Stack(tmp_path_factory.mktemp("stack") / "state",
-              services={"executor": {"options": {"search_url": f"https://{SEARCH_HOST}/search?q={{query}}"}}})
+def stack(tmp_path_factory: pytest.TempPathFactory, internet: TestInternet) -> Iterator[Stack]:
+    """One stack for the module: its egress reaches the test internet, and its executor's WebSearch
+    endpoint is a site there (which sessions reach only when they allow its domain)."""
+    s = Stack(tmp_path_factory.mktemp("stack") / "state", services={
+        "executor": {"options": {"search_url": f"https://{SEARCH_HOST}/search?q={{query}}"}},
+        "egress": {"options": {"nameservers": [internet.dns_addr], "ca_bundles": [str(internet.ca_file)]}},
+    })
     s.start()
     try:
         yield s
@@ -59,13 +72,12 @@ class Client:
         self.sid = ""
 
     async def create(self, workspace: Path, responses: list[dict[str, Any]], *, headless: bool = False,
-                     prompt: str | None = None) -> str:
+                     prompt: str | None = None, allow_domains: tuple[str, ...] = ()) -> str:
         await self.gw.send(CreateSession(workspace=str(workspace), llm="mock", headless=headless, prompt=prompt,
-                                         script=json.dumps({"responses": responses})))
+                                         script=json.dumps({"responses": responses}), allow_domains=allow_domains))
         while True:
             frame = await asyncio.wait_for(self.gw.receive(), WAIT)
-            if isinstance(frame, ErrorFrame):
-                raise AssertionError(f"create failed: {frame}")
+            assert not isinstance(frame, ErrorFrame), f"create failed: {frame}"
             if isinstance(frame, SessionCreated):
                 break
         await self.attach(frame.session_id)
@@ -107,7 +119,7 @@ class Client:
                 and e.data["name"] == name]
 
 
-@pytest_asyncio.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def client(stack: Stack) -> AsyncIterator[Client]:
     c = await connect(stack, "tester")
     try:
@@ -364,6 +376,23 @@ async def test_web_search_outside_the_allow_list_says_so(client: Client, workspa
     assert result["is_error"]
     assert f"WebSearch uses {SEARCH_HOST}, which this session may not reach" in result["content"]
     assert "domain not allowed" in result["content"]
+
+
+async def test_web_search_asks_the_configured_endpoint_through_the_egress(
+        client: Client, workspace: Path, internet: TestInternet) -> None:
+    script = [{"text": "", "tool_calls": [{"name": "WebSearch", "input": {"query": "sandbox egress"}}]},
+              {"text": "", "tool_calls": [{"name": "Exit", "input": {"message": "ok"}}]}]
+    before = internet.hits[SEARCH_HOST]
+    await client.create(workspace, script, headless=True, prompt="go", allow_domains=(SEARCH_HOST,))
+    await client.until_kind("shutdown")
+    result = client.result("WebSearch")[0]
+    assert not result["is_error"], result
+    head, body = result["content"].split("\n\n", 1)
+    assert head == f"search results from {SEARCH_HOST} (HTTP 200)"
+    assert json.loads(body) == {"query": "sandbox egress", "results": [
+        {"title": "sandbox explained", "url": f"https://{SEARCH_HOST}/wiki/sandbox"},
+        {"title": "egress explained", "url": f"https://{SEARCH_HOST}/wiki/egress"}]}
+    assert internet.hits[SEARCH_HOST] == before + 1
 
 
 async def test_web_search_without_an_endpoint_is_a_clear_error() -> None:

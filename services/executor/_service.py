@@ -631,8 +631,10 @@ async def serve(ctx: ServiceContext) -> None:
         key = (sid, call.call_id)
         if key in running_calls:
             raise GrantError(f"call {call.call_id} of session {sid} is already running")
-        if cancelled_calls.pop(key, "running") is None:
-            return ToolResult(call_id=call.call_id, is_error=True, content="cancelled before it started")
+        if key in cancelled_calls:
+            del cancelled_calls[key]
+            return ToolResult(call_id=call.call_id, is_error=True, content="cancelled before it started",
+                              meta={"cancelled": True})
 
         async def send(out: ToolOutput) -> None:
             await bus.publish(subjects.session_output(sid), out, sid=sid)
