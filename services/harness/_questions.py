@@ -60,6 +60,9 @@ class QuestionBoard:
         if not qid:
             raise InputRefused("invalid_answer", "an answer needs the question's id")
         question = self._open.get(qid)
+        if question is not None and question.future.done():  # its turn is being interrupted
+            self.cancel(qid)
+            question = None
         if question is None:
             how = self._closed.get(qid)
             if how == "cancelled":

@@ -293,6 +293,9 @@ class SessionRunner:
                 self._executor_lost = True
                 self._sandbox_gone = exc.message
             return ToolResult(call_id=wire_id, is_error=True, content=f"tool failed: {exc}")
+        except SiloError as exc:  # e.g. a reply that did not verify: the model hears of it, the session goes on
+            self.log.warning("tool_reply_rejected", call=wire_id, error=str(exc))
+            return ToolResult(call_id=wire_id, is_error=True, content=f"tool failed: {exc}")
         finally:
             self._calls.pop(wire_id, None)
         chunks = result.meta.get("output_chunks")
