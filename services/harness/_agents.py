@@ -85,7 +85,7 @@ class AgentLoop:
         self.id = agent_id
         self.name = name
         self.parent = parent
-        self.depth = 0 if parent is None else parent.depth + 1
+        self.depth: int = 0 if parent is None else parent.depth + 1
         self.messages = messages
         self.tools = tools_for(top_level=parent is None, headless=host.headless)
         self.model = agent_model(host.model, agent_id)
