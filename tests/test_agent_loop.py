@@ -306,6 +306,10 @@ async def test_streamed_output_only_comes_from_the_sessions_executor_for_its_run
     sid = await client.create(workspace, script, prompt="go")
     started = await client.until_kind("session_started")
     await client.until(lambda e: e.kind == "tool_output" and "early-out" in e.data["data"])
+    def dropped(reason: str) -> float:
+        return stack.metric("harness", "silo_tool_output_dropped_total", f'reason="{reason}"')
+
+    before = {r: dropped(r) for r in ("not_running", "out_of_order")}
     state = StateDir(stack.state_dir)
     nc = await connect_nats(state, "executor", f"tls://127.0.0.1:{stack.nats_port}")
     try:
@@ -328,6 +332,7 @@ async def test_streamed_output_only_comes_from_the_sessions_executor_for_its_run
     streamed = [e.data for e in client.of("tool_output")]
     assert "".join(s["data"] for s in streamed) == "early-out\nlate-out\n"
     assert {s["id"] for s in streamed} == {client.result("Bash")[0]["id"]}
+    assert {r: dropped(r) - n for r, n in before.items()} == {"not_running": 1, "out_of_order": 1}
     await client.gw.send(Shutdown(session_id=sid))
     await client.until_kind("shutdown")
 

@@ -22,7 +22,7 @@ from devsilo.protocol import (
     SendUserFileInput,
     ToolResult,
 )
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
 from ._model import ModelBackend, ModelFailure, ModelResponse, ScriptedModel, ToolUse
@@ -46,7 +46,19 @@ SUBAGENT_INSTRUCTION = (
     "Do the task below; your last reply without tool calls is your answer to {parent}."
 )
 
-SUBAGENTS = Counter("silo_subagents_total", "Subagents by how they ended.", ["status"])
+
+
+class LoopMetrics:
+    """The agent loop's metrics (labels: status, reason, outcome; never session or agent ids)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        reg = registry if registry is not None else CollectorRegistry()
+        self.subagents = Counter("silo_subagents_total", "Subagents by how they ended.", ["status"],
+                                 registry=reg)
+        self.output_dropped = Counter("silo_tool_output_dropped_total",
+                                      "Streamed tool output chunks dropped, by why.", ["reason"], registry=reg)
+        self.answers = Counter("silo_question_answers_total", "Answers to questions by outcome.", ["outcome"],
+                               registry=reg)
 
 TOP_LEVEL_TOOLS = [*SANDBOX_TOOLS, "Agent", "AwaitAgent", "AskUserQuestion", "SendUserFile"]
 HEADLESS_TOOLS = [*SANDBOX_TOOLS, "Agent", "AwaitAgent", "Exit"]
@@ -141,7 +153,7 @@ class AgentLoop:
             text = await self.converse()
             status = "done"
         except asyncio.CancelledError:
-            SUBAGENTS.labels(status="cancelled").inc()
+            self.host.metrics.subagents.labels(status="cancelled").inc()
             await self.emit("agent_completed", {"id": self.id, "status": "cancelled", "text": ""})
             raise
         except ModelFailure as exc:
@@ -149,7 +161,7 @@ class AgentLoop:
         except Exception as exc:  # this subagent ends; its parent and the session go on
             self.host.log.exception("subagent_failed", agent=self.id)
             status, text = "failed", f"subagent failed: {exc}"
-        SUBAGENTS.labels(status=status).inc()
+        self.host.metrics.subagents.labels(status=status).inc()
         await self.emit("agent_completed", {"id": self.id, "status": status, "text": text})
         return status, text
 

@@ -30,6 +30,7 @@ from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from prometheus_client import Gauge, Histogram
 
+from ._agents import LoopMetrics
 from ._backends import make_model
 from ._session import SessionRunner
 
@@ -115,6 +116,7 @@ async def serve(ctx: ServiceContext) -> None:
     tasks: set[asyncio.Task[None]] = set()
     pool = PoolView()
     metrics = PoolMetrics(ctx)
+    loop_metrics = LoopMetrics(ctx.metrics.registry)
     await ensure_streams(ctx)
 
     def executor_gone(eid: str, why: str) -> None:
@@ -172,7 +174,7 @@ async def serve(ctx: ServiceContext) -> None:
             raise
         metrics.lease_wait.labels(outcome="ok").observe(time.monotonic() - started)
         runner = SessionRunner(bus, grant, lease.executor_id, lease.access, model,
-                               headless=start.headless, log=ctx.log)
+                               headless=start.headless, log=ctx.log, metrics=loop_metrics)
         runners[grant.session_id] = runner
         metrics.sessions.inc()
 

@@ -13,6 +13,7 @@ from devsilo.protocol import (
     Ack,
     AskUserQuestionInput,
     CloseSession,
+    InputRefused,
     RemoteError,
     Role,
     SandboxClosed,
@@ -29,7 +30,7 @@ from devsilo.protocol import (
 from devsilo.protocol._messages import AccessReport, EventKind
 from devsilo.runtime import Bus
 
-from ._agents import AgentLoop, answer_text
+from ._agents import AgentLoop, LoopMetrics, answer_text
 from ._model import ModelBackend, ModelFailure, ToolUse
 from ._questions import Answer, QuestionBoard
 
@@ -105,8 +106,10 @@ class SessionRunner:
         *,
         headless: bool,
         log: Any,
+        metrics: LoopMetrics | None = None,
     ) -> None:
         self.bus = bus
+        self.metrics = metrics if metrics is not None else LoopMetrics()
         self.grant = grant
         self.sid = grant.session_id
         self.executor_id = executor_id
@@ -201,7 +204,13 @@ class SessionRunner:
 
     def answer(self, question_id: str | None, client: str, raw: str) -> Answer:
         """A client's answer to a question; raises InputRefused unless it is the first valid one."""
-        return self.questions.answer(question_id, client, raw)
+        try:
+            won = self.questions.answer(question_id, client, raw)
+        except InputRefused as exc:
+            self.metrics.answers.labels(outcome=exc.code).inc()
+            raise
+        self.metrics.answers.labels(outcome="won").inc()
+        return won
 
     def interrupt(self) -> bool:
         """Cancel the running turn (its commands, subagents and questions included); True when one ran."""
@@ -325,8 +334,11 @@ class SessionRunner:
         Chunks from another service, for calls not running, or out of order are dropped.
         """
         running = self._calls.get(out.call_id)
-        if sender != self.executor_id or running is None or out.seq != running.seen:
-            self.log.info("tool_output_dropped", sender=sender, call=out.call_id, seq=out.seq)
+        why = ("other_sender" if sender != self.executor_id else "not_running" if running is None
+               else "out_of_order" if out.seq != running.seen else None)
+        if why is not None or running is None:
+            self.metrics.output_dropped.labels(reason=why).inc()
+            self.log.info("tool_output_dropped", reason=why, sender=sender, call=out.call_id, seq=out.seq)
             return
         running.seen += 1
         await self.events.emit("tool_output", {"id": running.call_id, "stream": out.stream, "data": out.data},
