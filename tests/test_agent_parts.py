@@ -11,7 +11,7 @@ import structlog
 from devsilo.executor._tool_output import ToolOutputStream
 from devsilo.executor._tools import bounded
 from devsilo.harness._agents import tools_for
-from devsilo.harness._model import ModelFailure, ScriptedModel
+from devsilo.harness._model import ASKING_AGENT, ModelFailure, ModelResponse, ScriptedModel
 from devsilo.harness._questions import QuestionBoard
 from devsilo.harness._toolspec import tool_specs
 from devsilo.protocol import (
@@ -81,15 +81,19 @@ async def test_the_mock_gives_each_agent_the_responses_named_for_it_and_unnamed_
         {"agent": "main", "text": "for main"},
         {"text": "anyone 2", "tool_calls": [{"name": "Bash", "arguments": "{\"command\": 1"}]},
     ]}))
-    main, a1 = model.for_agent("main"), model.for_agent("a1")
-    assert (await main.complete([], [])).text == "anyone 1"
-    assert (await main.complete([], [])).text == "for main"
-    assert (await a1.complete([], [])).text == "for a1"
-    bad = await a1.complete([], [])
+
+    async def ask(agent: str) -> ModelResponse:
+        ASKING_AGENT.set(agent)  # as the loop does in each agent's task
+        return await model.complete([], [])
+
+    assert (await asyncio.create_task(ask("main"))).text == "anyone 1"
+    assert (await asyncio.create_task(ask("main"))).text == "for main"
+    assert (await asyncio.create_task(ask("a1"))).text == "for a1"
+    bad = await asyncio.create_task(ask("a1"))
     assert bad.text == "anyone 2" and bad.tool_calls[0].input_error is not None
     assert "not a JSON object" in bad.tool_calls[0].input_error
     with pytest.raises(ModelFailure, match="exhausted for agent a1 after 4 responses"):
-        await a1.complete([], [])
+        await asyncio.create_task(ask("a1"))
 
 
 def test_each_agent_kind_is_offered_its_tools_with_specs() -> None:

@@ -25,7 +25,7 @@ from devsilo.protocol import (
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
-from ._model import ModelBackend, ModelFailure, ModelResponse, ScriptedModel, ToolUse
+from ._model import ASKING_AGENT, ModelFailure, ModelResponse, ToolUse
 
 if TYPE_CHECKING:
     from ._session import SessionRunner
@@ -83,11 +83,6 @@ class Child:
     """Order in which the session's subagents finished (for AwaitAgent without an id)."""
 
 
-def agent_model(model: ModelBackend, agent_id: str) -> ModelBackend:
-    """The model an agent talks to: the session's, or for the mock, its view for that agent."""
-    return model.for_agent(agent_id) if isinstance(model, ScriptedModel) else model
-
-
 class AgentLoop:
     """One agent: its conversation with the model and the tools it may call."""
 
@@ -100,7 +95,6 @@ class AgentLoop:
         self.depth: int = 0 if parent is None else parent.depth + 1
         self.messages = messages
         self.tools = tools_for(top_level=parent is None, headless=host.headless)
-        self.model = agent_model(host.model, agent_id)
         self.children: dict[str, Child] = {}
 
     async def emit(self, kind: Any, data: dict[str, Any] | None = None) -> int:
@@ -177,16 +171,16 @@ class AgentLoop:
         async def on_text(delta: str) -> None:
             await self.emit("assistant_text", {"text": delta, "final": False})
 
-        response = await self.model.complete(self.messages, self.tools, on_text=on_text)
-        await self.emit("cost", {"model": self.model.name, **response.usage.as_dict()})
+        ASKING_AGENT.set(self.id)  # in this agent's own task (each agent runs in its own)
+        response = await self.host.complete(self, on_text)
         if response.text:
             await self.emit("assistant_text", {"text": response.text, "final": True})
         return response
 
     async def call_tool(self, call: ToolUse) -> ToolResult:
         """Run one tool call and emit its ``tool_use`` and ``tool_result``; failures are error results."""
-        await self.emit("tool_use", {"id": call.id, "name": call.name, "input": call.input})
-        try:
+        try:  # an emit cut short by a cancel was still published (see SessionEvents.emit)
+            await self.emit("tool_use", {"id": call.id, "name": call.name, "input": call.input})
             result = await self._dispatch(call)
         except asyncio.CancelledError:
             await self.emit("tool_result", {"id": call.id, "name": call.name, "content": "interrupted",
@@ -237,8 +231,13 @@ class AgentLoop:
         system = SUBAGENT_INSTRUCTION.format(id=child_id, name=args.name, parent=self.id)
         child = AgentLoop(self.host, child_id, name=args.name, parent=self,
                           messages=[{"role": "system", "content": system}, {"role": "user", "content": args.prompt}])
-        await self.emit("agent_spawned", {"id": child_id, "name": args.name, "parent": self.id,
-                                          "prompt": args.prompt})
+        try:
+            await self.emit("agent_spawned", {"id": child_id, "name": args.name, "parent": self.id,
+                                              "prompt": args.prompt})
+        except asyncio.CancelledError:  # spawned as far as clients know: say it ended
+            await self.host.events.emit("agent_completed", {"id": child_id, "status": "cancelled", "text": ""},
+                                        agent=child_id)
+            raise
         self.host.running_subagents += 1
         task = asyncio.create_task(child.run_as_subagent(), name=f"agent-{child_id}")
         entry = Child(child, task)

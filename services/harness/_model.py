@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from devsilo.protocol import SiloError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ASKING_AGENT: ContextVar[str] = ContextVar("asking_agent", default="main")
+"""The agent whose request is being made (``main``, ``a1``, ...): the agent loop sets it in each
+agent's task. Only the mock model reads it, to pick that agent's scripted responses."""
 
 TextSink = Callable[[str], Awaitable[None]]
 """Receives a completion's text deltas as they arrive (a retried attempt streams again)."""
@@ -148,9 +153,9 @@ class ScriptedModel:
 
     With subagents, several agents ask at once. A response may name the agent it is for
     (``"agent": "main"``, ``"a1"``, ...; subagent ids count up in the order they are
-    started); each agent asks through its own view (:meth:`for_agent`) and gets the first
-    response not yet used that names it or names no agent. Unnamed responses therefore go
-    in the order requests arrive, which is only predictable with one agent at a time.
+    started); a request (from the agent in :data:`ASKING_AGENT`) gets the first response
+    not yet used that names that agent or names none. Unnamed responses therefore go in
+    the order requests arrive, which is only predictable with one agent at a time.
     """
 
     name = "mock"
@@ -161,21 +166,15 @@ class ScriptedModel:
         except (ValueError, ValidationError) as exc:
             raise ModelFailure(f"mock script is not valid: {str(exc).splitlines()[0]}") from None
         self._used = [False] * len(self._script.responses)
-        self._agent: str | None = None
-
-    def for_agent(self, agent: str) -> ScriptedModel:
-        """A view of this script for one agent: it shares which responses are used."""
-        view = object.__new__(ScriptedModel)
-        view._script, view._used, view._agent = self._script, self._used, agent
-        return view
 
     def _take(self) -> int:
+        agent = ASKING_AGENT.get()
         for n, step in enumerate(self._script.responses):
-            if not self._used[n] and (step.agent is None or step.agent == (self._agent or "main")):
+            if not self._used[n] and step.agent in (None, agent):
                 self._used[n] = True
                 return n
         left = self._used.count(False)
-        who = f" for agent {self._agent}" if self._agent else ""
+        who = "" if agent == "main" else f" for agent {agent}"
         raise ModelFailure(f"mock script exhausted{who} after {len(self._script.responses)} responses"
                            + (f" ({left} left for other agents)" if left else ""))
 

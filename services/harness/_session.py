@@ -31,7 +31,7 @@ from devsilo.protocol._messages import AccessReport, EventKind
 from devsilo.runtime import Bus
 
 from ._agents import AgentLoop, LoopMetrics, answer_text
-from ._model import ModelBackend, ModelFailure, ToolUse
+from ._model import ModelBackend, ModelFailure, ModelResponse, TextSink, ToolUse
 from ._questions import Answer, QuestionBoard
 
 HEADLESS_INSTRUCTION = (
@@ -259,6 +259,12 @@ class SessionRunner:
             await self.events.emit("busy", {"busy": False})
             await self.events.emit("turn_complete")
 
+    async def complete(self, agent: AgentLoop, on_text: TextSink) -> ModelResponse:
+        """One model request of ``agent`` (every agent shares the session's model), then its cost event."""
+        response = await self.model.complete(agent.messages, agent.tools, on_text=on_text)
+        await agent.emit("cost", {"model": self.model.name, **response.usage.as_dict()})
+        return response
+
     # -- tools that leave the harness ------------------------------------------------------
 
     async def run_in_sandbox(self, agent: AgentLoop, call: ToolUse) -> ToolResult:
@@ -350,11 +356,11 @@ class SessionRunner:
     async def ask(self, agent: AgentLoop, call: ToolUse, args: AskUserQuestionInput) -> ToolResult:
         """Ask every client; the first valid answer is the result (an interrupt cancels the question)."""
         question = self.questions.ask(args)
-        await agent.emit("question_asked", {
-            "id": question.id, "question": args.question, "options": [o.model_dump() for o in args.options],
-            "multi_select": args.multi_select, "allow_free_text": args.allow_free_text,
-        })
-        try:
+        try:  # an emit cut short by a cancel was still published (see SessionEvents.emit)
+            await agent.emit("question_asked", {
+                "id": question.id, "question": args.question, "options": [o.model_dump() for o in args.options],
+                "multi_select": args.multi_select, "allow_free_text": args.allow_free_text,
+            })
             won = await question.future
         except asyncio.CancelledError:
             self.questions.cancel(question.id)
