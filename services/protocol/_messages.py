@@ -616,7 +616,9 @@ class SendUserFileInput(ToolInput):
 class ExitInput(ToolInput):
     """End the session (headless runs) with a short summary."""
 
-    message: str = Field(max_length=64 * 1024, description="A short summary of what was done.")
+    # Models are asked for a message; an Exit without one still ends the session.
+    model_config = ConfigDict(json_schema_extra={"required": ["message"]})
+    message: str = Field(default="", max_length=64 * 1024, description="A short summary of what was done.")
 
 
 HARNESS_TOOLS: dict[str, type[ToolInput]] = {
