@@ -13,11 +13,15 @@ from devsilo.executor._tools import bounded
 from devsilo.harness._agents import tools_for
 from devsilo.harness._model import ASKING_AGENT, ModelFailure, ModelResponse, ScriptedModel
 from devsilo.harness._questions import QuestionBoard
+from devsilo.harness._session import SessionRunner
 from devsilo.harness._toolspec import tool_specs
 from devsilo.protocol import (
     TOOL_OUTPUT_CHUNK,
+    AccessReport,
     AskUserQuestionInput,
     InputRefused,
+    SessionEvent,
+    SessionGrant,
     ToolOutput,
     ToolResult,
 )
@@ -135,3 +139,40 @@ async def test_output_chunks_are_merged_per_stream_in_order_and_split_at_the_chu
     assert "".join(o.data for o in sent[2:]) == "x" * (TOOL_OUTPUT_CHUNK + 5) + "z"
     assert all(len(o.data) <= TOOL_OUTPUT_CHUNK for o in sent)
     assert [o.seq for o in sent] == list(range(len(sent)))
+
+
+class EventSink:
+    """The one part of a bus SessionEvents uses: a JetStream publish (kept in a list)."""
+
+    def __init__(self) -> None:
+        self.events: list[SessionEvent] = []
+
+    async def js_publish(self, subject: str, body: SessionEvent, *, sid: str | None, dedupe_id: str) -> None:
+        assert dedupe_id == f"{sid}:{body.seq}"
+        self.events.append(body)
+
+
+def runner(script: list[dict[str, object]]) -> tuple[SessionRunner, EventSink]:
+    sink = EventSink()
+    grant = SessionGrant(grant_id="g1", session_id="s1", user="u", workspace="/w", issued_at=0.0, expires_at=1.0)
+    model = ScriptedModel(json.dumps({"responses": script}))
+    return SessionRunner(sink, grant, "e1", AccessReport(backend="mock", workspace="/w"), model,  # type: ignore[arg-type]
+                         headless=False, log=structlog.get_logger()), sink
+
+
+async def test_an_upload_is_shown_to_every_client_and_told_to_the_model_with_the_next_prompt() -> None:
+    loop_runner, sink = runner([{"text": "seen it"}])
+    digest = "ab" * 32
+    await loop_runner.upload("phone", json.dumps({"path": "in/photo.png", "size": 12, "sha256": digest}))
+    with pytest.raises(InputRefused) as bad:
+        await loop_runner.upload("phone", json.dumps({"path": "x", "size": -1, "sha256": digest}))
+    assert bad.value.code == "invalid_upload"
+    await loop_runner.prompt("look at it", "phone")
+    await loop_runner._run_turn(await loop_runner.inputs.get())
+    shared = [e.data for e in sink.events if e.kind == "file_shared"]
+    assert shared == [{"path": "in/photo.png", "size": 12, "sha256": digest, "client": "phone",
+                       "direction": "upload"}]
+    asked = loop_runner.messages[0]
+    assert asked["role"] == "user" and asked["content"] == (
+        f"[phone uploaded in/photo.png (12 bytes, sha256 {digest}) into the workspace.]\nlook at it")
+    assert [e.kind for e in sink.events][-3:] == ["assistant_text", "busy", "turn_complete"]

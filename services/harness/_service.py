@@ -206,6 +206,8 @@ async def serve(ctx: ServiceContext) -> None:
             runner.interrupt()
         elif inp.kind == "stop":
             await runner.stop(f"stopped by {inp.client or 'a client'}")
+        elif inp.kind == "upload":
+            await runner.upload(inp.client, inp.text)
         return Ack()
 
     async def on_tool_output(env: Envelope, msg: Msg) -> None:

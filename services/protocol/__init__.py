@@ -52,6 +52,7 @@ from ._messages import (
     SendUserFileInput,
     ToolCancel,
     ToolOutput,
+    UploadNotice,
     WebSearchInput,
     SHELL_ACK_EVERY,
     SHELL_CHUNK,
@@ -104,7 +105,7 @@ from ._subjects import Role
 __all__ = [
     "HARNESS_TOOLS", "TOOL_OUTPUT_CHUNK", "AgentInput", "AskUserQuestionInput", "AwaitAgentInput",
     "ExitInput", "InputRefused", "QuestionAnswer", "QuestionOption", "SendUserFileInput", "ToolCancel",
-    "ToolOutput", "WebSearchInput",
+    "ToolOutput", "UploadNotice", "WebSearchInput",
     "SandboxClosed",
     "WorkspaceInfo", "WorkspaceReply", "WorkspaceRequest",
     "RemoteLock", "TransferPlan",
