@@ -652,6 +652,10 @@ async def serve(ctx: ServiceContext) -> None:
                 raise  # the executor is stopping
             result = ToolResult(call_id=call.call_id, is_error=True, content="cancelled",
                                 meta={"cancelled": True})
+        except BaseException:
+            if stream is not None:
+                stream.abort()
+            raise
         finally:
             running_calls.pop(key, None)
         if stream is not None:
