@@ -17,7 +17,7 @@ import pytest_asyncio
 from devsilo.cli._client import GatewayClient
 from devsilo.cli._sessions import local_gateway
 from devsilo.executor._tools import SHARE_MAX, ToolOptions, run_tool
-from devsilo.protocol import Signer, ToolCall, ToolOutput, subjects
+from devsilo.protocol import Ack, Signer, ToolCall, ToolCancel, ToolOutput, ToolResult, subjects
 from devsilo.protocol.client import (
     AnswerQuestion,
     Attach,
@@ -333,6 +333,41 @@ async def test_streamed_output_only_comes_from_the_sessions_executor_for_its_run
     assert "".join(s["data"] for s in streamed) == "early-out\nlate-out\n"
     assert {s["id"] for s in streamed} == {client.result("Bash")[0]["id"]}
     assert {r: dropped(r) - n for r, n in before.items()} == {"not_running": 1, "out_of_order": 1}
+    await client.gw.send(Shutdown(session_id=sid))
+    await client.until_kind("shutdown")
+
+
+async def test_the_executor_stops_a_call_it_is_told_to_cancel_even_one_not_started_yet(
+        stack: Stack, client: Client, workspace: Path) -> None:
+    sid = await client.create(workspace, [{"text": "idle"}], prompt="go")
+    started = await client.until_kind("session_started")
+    await client.until_kind("turn_complete")
+    eid = started.data["executor"]
+    state = StateDir(stack.state_dir)
+    nc = await connect_nats(state, "harness", f"tls://127.0.0.1:{stack.nats_port}")
+    signer = Signer(state.identity("harness"))
+
+    async def request(subject: str, body: Any) -> dict[str, Any]:
+        wire, _ = signer.seal(body, subject, sid=sid)
+        reply = await nc.request(subject, wire, timeout=WAIT)
+        return dict(json.loads(reply.data[64:]))
+
+    try:
+        sleeper = asyncio.create_task(request(subjects.exec_tool(eid, sid), ToolCall(
+            call_id="x1", name="Bash", input={"command": "sleep 30"})))
+        while not sleeper.done():  # cancel until the executor has it running and stops it
+            ack = await request(subjects.exec_cancel(eid, sid), ToolCancel(call_id="x1"))
+            assert ack["type"] == Ack.TYPE
+            await asyncio.wait({sleeper}, timeout=0.2)
+        stopped = ToolResult.model_validate((await sleeper)["body"])
+        assert stopped.is_error and stopped.content in ("cancelled", "cancelled before it started")
+        await request(subjects.exec_cancel(eid, sid), ToolCancel(call_id="x2"))
+        early = await request(subjects.exec_tool(eid, sid), ToolCall(
+            call_id="x2", name="Bash", input={"command": "touch ran-x2"}))
+        assert early["body"]["content"] == "cancelled before it started"
+    finally:
+        await nc.close()
+    assert not (workspace / "ran-x2").exists()
     await client.gw.send(Shutdown(session_id=sid))
     await client.until_kind("shutdown")
 
