@@ -9,7 +9,7 @@ import json
 import pytest
 import structlog
 from devsilo.executor._tool_output import ToolOutputStream
-from devsilo.executor._tools import bounded
+from devsilo.executor._tools import ToolOptions, bounded
 from devsilo.harness._agents import tools_for
 from devsilo.harness._model import ASKING_AGENT, ModelFailure, ModelResponse, ScriptedModel
 from devsilo.harness._questions import QuestionBoard
@@ -19,6 +19,7 @@ from devsilo.protocol import (
     TOOL_OUTPUT_CHUNK,
     AccessReport,
     AskUserQuestionInput,
+    ConfigError,
     InputRefused,
     SessionEvent,
     SessionGrant,
@@ -176,3 +177,9 @@ async def test_an_upload_is_shown_to_every_client_and_told_to_the_model_with_the
     assert asked["role"] == "user" and asked["content"] == (
         f"[phone uploaded in/photo.png (12 bytes, sha256 {digest}) into the workspace.]\nlook at it")
     assert [e.kind for e in sink.events][-3:] == ["assistant_text", "busy", "turn_complete"]
+
+
+@pytest.mark.parametrize("url", ["https://search.example/?q=fixed", "ftp://search.example/{query}", "{query}", 42])
+def test_a_search_url_that_cannot_carry_the_query_stops_the_executor_start(url: object) -> None:
+    with pytest.raises(ConfigError, match="search_url must be an http"):
+        ToolOptions.from_options({"search_url": url})

@@ -12,6 +12,7 @@ from urllib.parse import quote_plus, urlsplit
 from devsilo.protocol import (
     SANDBOX_TOOLS,
     BashInput,
+    ConfigError,
     EditInput,
     GlobInput,
     GrepInput,
@@ -54,8 +55,12 @@ class ToolOptions:
     def from_options(cls, opts: Mapping[str, Any]) -> ToolOptions:
         """Read ``search_url`` and ``share_max_bytes`` from an executor's options."""
         url = opts.get("search_url")
+        if url is not None and (not isinstance(url, str) or "{query}" not in url
+                                or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+            raise ConfigError(f"executor option search_url must be an http(s) URL with {{query}} where the "
+                              f"query goes, not {url!r}")
         share = min(int(opts.get("share_max_bytes") or SHARE_MAX), SHARE_MAX)
-        return cls(search_url=str(url) if url else None, share_max=share)
+        return cls(search_url=url or None, share_max=share)
 
 
 def _error(call: ToolCall, text: str) -> ToolResult:
