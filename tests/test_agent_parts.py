@@ -183,3 +183,12 @@ async def test_an_upload_is_shown_to_every_client_and_told_to_the_model_with_the
 def test_a_search_url_that_cannot_carry_the_query_stops_the_executor_start(url: object) -> None:
     with pytest.raises(ConfigError, match="search_url must be an http"):
         ToolOptions.from_options({"search_url": url})
+
+
+@pytest.mark.parametrize(("spec", "why"), [
+    ({"question": "Q?"}, "give options, or allow_free_text"),
+    ({"question": "Q?", "options": [{"label": "a"}, {"label": "a"}]}, "labels must differ"),
+])
+def test_a_question_nobody_could_answer_is_refused(spec: dict[str, object], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        AskUserQuestionInput.model_validate(spec)

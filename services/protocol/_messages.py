@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ._subjects import EVENTS_SUBJECTS, GRANT, HARNESS_START, INBOX_PREFIX, POOL_ANNOUNCE_ALL
 from ._transfer import RemoteLock, TransferPlan
@@ -604,6 +604,15 @@ class AskUserQuestionInput(ToolInput):
     options: tuple[QuestionOption, ...] = Field(default=(), max_length=32)
     multi_select: bool = False
     allow_free_text: bool = False
+
+    @model_validator(mode="after")
+    def _answerable(self) -> AskUserQuestionInput:
+        labels = [o.label for o in self.options]
+        if len(set(labels)) != len(labels):
+            raise ValueError("option labels must differ from each other")
+        if not labels and not self.allow_free_text:
+            raise ValueError("give options, or allow_free_text, or both")
+        return self
 
 
 class SendUserFileInput(ToolInput):
