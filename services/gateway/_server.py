@@ -430,7 +430,10 @@ class ClientConnection:
             await self.gw.bus.request(subjects.session_input(sid), body, Ack, from_role=Role.HARNESS,
                                       sid=sid, timeout=10.0)
         except RemoteError as exc:
-            await self.send(ErrorFrame(code=exc.code, message=exc.message, request=request))
+            message = exc.message
+            if exc.code in ("timeout", "no_responders"):
+                message = f"no harness is running session {sid} (has it ended?): {exc.message}"
+            await self.send(ErrorFrame(code=exc.code, message=message, request=request))
 
     async def close(self) -> None:
         """Stop following sessions; end this connection's shells."""
