@@ -204,8 +204,8 @@ async def serve(ctx: ServiceContext) -> None:
             runner.answer(inp.question_id, inp.client, inp.text)
         elif inp.kind == "interrupt":
             runner.interrupt()
-        elif inp.kind == "stop":
-            await runner.stop(f"stopped by {inp.client or 'a client'}")
+        elif inp.kind == "stop":  # not awaited: inputs of other sessions must not wait for it
+            runner.request_stop(f"stopped by {inp.client or 'a client'}")
         elif inp.kind == "upload":
             await runner.upload(inp.client, inp.text)
         return Ack()

@@ -235,14 +235,20 @@ class SessionRunner:
             return True
         return False
 
-    async def stop(self, reason: str) -> None:
-        """End the session from outside (a client's stop): the running turn winds down first
-        (commands, subagents and questions cancelled), then ``shutdown``."""
+    def request_stop(self, reason: str) -> None:
+        """Begin ending the session (a client's stop): the running turn winds down (commands,
+        subagents and questions cancelled), then the loop emits ``shutdown``."""
         if self.exit_code is not None or self._stopping is not None:
             return
         self._stopping = reason
         self.interrupt()
         self.inputs.put_nowait("")
+
+    async def stop(self, reason: str) -> None:
+        """End the session and wait until it has (``shutdown`` sent), at most ``STOP_WAIT_S``."""
+        self.request_stop(reason)
+        if self.exit_code is not None:
+            return
         try:
             async with asyncio.timeout(STOP_WAIT_S):
                 await self._finished.wait()
