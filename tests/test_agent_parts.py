@@ -117,8 +117,16 @@ def test_each_agent_kind_is_offered_its_tools_with_specs() -> None:
 
 def test_a_long_result_keeps_its_head_and_tail_and_says_what_was_cut() -> None:
     result = bounded(ToolResult(call_id="c", content="h" * 600 + "t" * 600), most=1000)
-    assert result.content.startswith("h" * 500) and result.content.endswith("t" * 500)
-    assert "[... 200 characters cut ...]" in result.content and result.meta["cut_chars"] == 200
+    assert result.content.startswith("h" * 400) and result.content.endswith("t" * 400)
+    assert f"[... {result.meta['cut_chars']} characters cut ...]" in result.content
+    assert len(json.dumps(result.content).encode()) <= 1000
+    assert bounded(result, most=2000) is result
+
+
+def test_a_result_of_control_characters_is_cut_by_its_encoded_size() -> None:
+    result = bounded(ToolResult(call_id="c", content="\x01" * 10_000), most=6000)
+    assert len(json.dumps(result.content, ensure_ascii=False).encode()) <= 6000
+    assert result.content.startswith("\x01" * 400) and result.meta["cut_chars"] > 9000
 
 
 async def test_output_chunks_are_merged_per_stream_in_order_and_split_at_the_chunk_size() -> None:

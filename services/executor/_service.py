@@ -200,7 +200,7 @@ async def serve(ctx: ServiceContext) -> None:
     store = workspace_store(opts, eid, ctx.log)
     unlocking: set[str] = set()
     uploaded = UploadedWorkspaces(ctx, store, eid)
-    tool_options = ToolOptions.from_options(opts)
+    tool_options = ToolOptions.from_options(opts, bus.verifier.max_bytes)
     running_calls: dict[tuple[str, str], asyncio.Task[ToolResult]] = {}
     cancelled_calls: dict[tuple[str, str], None] = {}
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote_plus, urlsplit
 
 from devsilo.protocol import (
+    DEFAULT_MAX_BYTES,
     SANDBOX_TOOLS,
     BashInput,
     ConfigError,
@@ -35,9 +37,9 @@ SHARE_MAX = 512 * 1024
 """Largest file SendUserFile hands to the harness: it travels base64 in one reply and one event,
 and a NATS message is 1 MiB by default."""
 SEARCH_MAX_BYTES = 256 * 1024
-RESULT_MAX_CHARS = 128 * 1024
-"""Most characters of a result the model is shown: a result and its event are one NATS message
-each (1 MiB by default), and more would mostly fill the model's context. The middle is cut."""
+RESULT_MAX_BYTES = 768 * 1024
+"""Most bytes of a result's content as JSON: a result and its event are one NATS message each
+(1 MiB by default), with room left for the rest of them. The middle is cut."""
 
 EXECUTOR_TOOLS: dict[str, type[Any]] = {**SANDBOX_TOOLS, "SendUserFile": SendUserFileInput}
 """What the executor runs: the sandbox tools, and reading a file for SendUserFile."""
@@ -50,17 +52,20 @@ class ToolOptions:
     search_url: str | None = None
     """WebSearch endpoint with ``{query}`` where the URL-encoded query goes; None: no WebSearch."""
     share_max: int = SHARE_MAX
+    result_max_bytes: int = RESULT_MAX_BYTES
 
     @classmethod
-    def from_options(cls, opts: Mapping[str, Any]) -> ToolOptions:
-        """Read ``search_url`` and ``share_max_bytes`` from an executor's options."""
+    def from_options(cls, opts: Mapping[str, Any], max_message_bytes: int = DEFAULT_MAX_BYTES) -> ToolOptions:
+        """Read ``search_url`` and ``share_max_bytes`` from an executor's options; results and shared
+        files are sized to fit messages of ``max_message_bytes``."""
         url = opts.get("search_url")
         if url is not None and (not isinstance(url, str) or "{query}" not in url
                                 or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
             raise ConfigError(f"executor option search_url must be an http(s) URL with {{query}} where the "
                               f"query goes, not {url!r}")
-        share = min(int(opts.get("share_max_bytes") or SHARE_MAX), SHARE_MAX)
-        return cls(search_url=url or None, share_max=share)
+        room = max_message_bytes * 3 // 4
+        share = min(int(opts.get("share_max_bytes") or SHARE_MAX), SHARE_MAX, room * 3 // 4)
+        return cls(search_url=url or None, share_max=share, result_max_bytes=room)
 
 
 def _error(call: ToolCall, text: str) -> ToolResult:
@@ -73,19 +78,30 @@ async def run_tool(helper: HelperClient, call: ToolCall, options: ToolOptions | 
 
     ``on_output`` gets a Bash command's output as it comes (before the result).
     """
-    result = await _run(helper, call, options or ToolOptions(), on_output)
-    return bounded(result)
+    options = options or ToolOptions()
+    result = await _run(helper, call, options, on_output)
+    return bounded(result, options.result_max_bytes)
 
 
-def bounded(result: ToolResult, most: int = RESULT_MAX_CHARS) -> ToolResult:
-    """``result`` with its content cut to ``most`` characters (head and tail kept, the cut said)."""
+def _json_size(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode())
+
+
+def bounded(result: ToolResult, most: int = RESULT_MAX_BYTES) -> ToolResult:
+    """``result`` with its content cut to at most ``most`` bytes as JSON (head and tail kept, the cut
+    said)."""
     text = result.content
-    if len(text) <= most:
+    size = _json_size(text)
+    if size <= most:
         return result
-    keep = most // 2
-    cut = len(text) - 2 * keep
-    text = f"{text[:keep]}\n[... {cut} characters cut ...]\n{text[-keep:]}"
-    return result.model_copy(update={"content": text, "meta": {**result.meta, "cut_chars": cut}})
+    keep = len(text) * most // size // 2
+    while True:  # escapes make bytes per character uneven: shrink until it fits
+        cut = len(text) - 2 * keep
+        shown = f"{text[:keep]}\n[... {cut} characters cut ...]\n{text[len(text) - keep:]}"
+        if _json_size(shown) <= most:
+            break
+        keep = keep * 9 // 10
+    return result.model_copy(update={"content": shown, "meta": {**result.meta, "cut_chars": cut}})
 
 
 async def _run(helper: HelperClient, call: ToolCall, options: ToolOptions,
