@@ -305,7 +305,7 @@ async def test_streamed_output_only_comes_from_the_sessions_executor_for_its_run
               step("main", "done")]
     sid = await client.create(workspace, script, prompt="go")
     started = await client.until_kind("session_started")
-    await client.until(lambda e: e.kind == "tool_output" and "early-out" in e.data["data"])
+    running = (await client.until(lambda e: e.kind == "tool_output" and "early-out" in e.data["data"])).data["id"]
     def dropped(reason: str) -> float:
         return stack.metric("harness", "silo_tool_output_dropped_total", f'reason="{reason}"')
 
@@ -317,8 +317,8 @@ async def test_streamed_output_only_comes_from_the_sessions_executor_for_its_run
         subject = subjects.session_output(sid)
         forged = [  # the executor's own key, but: a call not running, a seq out of order, another session's sid
             (subject, sid, ToolOutput(call_id="t999", seq=0, stream="stdout", data="FORGED-unknown-call")),
-            (subject, sid, ToolOutput(call_id="t1", seq=7, stream="stdout", data="FORGED-seq")),
-            (subject, "other-session", ToolOutput(call_id="t1", seq=1, stream="stdout", data="FORGED-sid")),
+            (subject, sid, ToolOutput(call_id=running, seq=7, stream="stdout", data="FORGED-seq")),
+            (subject, "other-session", ToolOutput(call_id=running, seq=1, stream="stdout", data="FORGED-sid")),
         ]
         for subj, signed_sid, body in forged:
             wire, _ = signer.seal(body, subj, sid=signed_sid)

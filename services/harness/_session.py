@@ -312,8 +312,11 @@ class SessionRunner:
                           meta={"size": meta["size"], "sha256": meta["sha256"]})
 
     async def _executor_call(self, agent: AgentLoop, call: ToolUse, name: str, args: dict[str, Any]) -> ToolResult:
-        # Calls go out under session-unique ids: models may reuse theirs, and agents run at once.
-        wire_id = f"t{next(self._wire_ids)}"
+        # The executor knows a call by the model's id (the journal and replays do too), unless that
+        # id is unusable or already in flight here (agents run at once; a model may repeat one).
+        wire_id = call.id
+        if wire_id in self._calls or len(wire_id) > 100:
+            wire_id = f"{call.id[:60]}~{next(self._wire_ids)}"
         running = self._calls[wire_id] = RunningCall(agent.id, call.id)
         try:
             result = await self.bus.request(
