@@ -20,6 +20,13 @@ TextSink = Callable[[str], Awaitable[None]]
 """Receives a completion's text deltas as they arrive (a retried attempt streams again)."""
 
 
+async def stream_words(text: str, on_text: TextSink) -> None:
+    """Give ``text`` to ``on_text`` word by word (with the space after each), as the mock streams."""
+    for delta in re.findall(r"\S*\s*", text):
+        if delta:
+            await on_text(delta)
+
+
 class ModelFailure(SiloError):
     """The model could not produce a response; the session ends with exit code 3."""
 
@@ -185,10 +192,8 @@ class ScriptedModel:
         n = self._take()
         step = self._script.responses[n]
         calls = tuple(c.to_use(f"call_{n}_{i}") for i, c in enumerate(step.tool_calls))
-        if on_text is not None and step.text:
-            for delta in re.findall(r"\S*\s*", step.text):
-                if delta:
-                    await on_text(delta)
+        if on_text is not None:
+            await stream_words(step.text, on_text)
         prompt_tokens = sum(len(json.dumps(m)) // 4 for m in messages)
         out_tokens = (len(step.text) + len(json.dumps([c.input for c in step.tool_calls]))) // 4
         return ModelResponse(step.text, calls, Usage(input_tokens=prompt_tokens, output_tokens=out_tokens))
