@@ -193,11 +193,11 @@ async def serve(ctx: ServiceContext) -> None:
         """A client's input (request/reply): Ack or an error, from the harness running the session only."""
         inp = env.expect(SessionInput)
         sid = msg.subject.split(".")[2]
-        if env.header.sid != sid:
-            raise GrantError(f"input signed for session {env.header.sid}, sent to {sid}")
         runner = runners.get(sid)
         if runner is None:
             return None  # another replica runs it (or nobody does): it answers, not us
+        if env.header.sid != sid:
+            raise GrantError(f"input signed for session {env.header.sid}, sent to {sid}")
         if inp.kind == "prompt":
             await runner.prompt(inp.text, inp.client)
         elif inp.kind == "answer":
