@@ -202,6 +202,23 @@ async def test_subagents_nest_at_most_three_deep(client: Client, workspace: Path
     assert client.result("AwaitAgent")[0]["content"] == "a1 done"
 
 
+async def test_a_subagent_that_ends_without_collecting_its_own_subagent_has_it_cancelled(
+        client: Client, workspace: Path) -> None:
+    script = [
+        step("main", "", call("Agent", prompt="delegate"), call("AwaitAgent", agent="a1")),
+        step("a1", "", call("Agent", prompt="slow grandchild")),
+        step("a2", "", call("Bash", command="sleep 30")),
+        step("a1", "a1 is done without waiting"),
+        step("main", "", call("Exit", message="ok")),
+    ]
+    await client.create(workspace, script, headless=True, prompt="go")
+    await client.until_kind("shutdown")
+    completed = [(e.data["id"], e.data["status"]) for e in client.of("agent_completed")]
+    assert completed == [("a2", "cancelled"), ("a1", "done")]
+    assert client.result("AwaitAgent")[0]["content"] == "a1 is done without waiting"
+    assert [e.data["parent"] for e in client.of("agent_spawned")] == ["main", "a1"]
+
+
 async def test_a_ninth_running_subagent_is_refused_and_unawaited_ones_are_cancelled_at_turn_end(
         client: Client, workspace: Path) -> None:
     children = [f"a{i}" for i in range(1, 9)]
