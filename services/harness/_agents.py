@@ -22,6 +22,7 @@ from devsilo.protocol import (
     SendUserFileInput,
     ToolResult,
 )
+from devsilo.protocol._messages import EventKind
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
@@ -60,6 +61,7 @@ class LoopMetrics:
         self.answers = Counter("silo_question_answers_total", "Answers to questions by outcome.", ["outcome"],
                                registry=reg)
 
+
 TOP_LEVEL_TOOLS = [*SANDBOX_TOOLS, "Agent", "AwaitAgent", "AskUserQuestion", "SendUserFile"]
 HEADLESS_TOOLS = [*SANDBOX_TOOLS, "Agent", "AwaitAgent", "Exit"]
 SUBAGENT_TOOLS = [*SANDBOX_TOOLS, "Agent", "AwaitAgent"]
@@ -97,7 +99,7 @@ class AgentLoop:
         self.tools = tools_for(top_level=parent is None, headless=host.headless)
         self.children: dict[str, Child] = {}
 
-    async def emit(self, kind: Any, data: dict[str, Any] | None = None) -> int:
+    async def emit(self, kind: EventKind, data: dict[str, Any] | None = None) -> int:
         """Emit an event labelled with this agent."""
         return await self.host.events.emit(kind, data, agent=self.id)
 
