@@ -225,6 +225,8 @@ async def test_a_ninth_running_subagent_is_refused_and_unawaited_ones_are_cancel
     script = [step("main", "nine", *[call("Agent", prompt=f"job {i}", name=f"c{i}") for i in range(1, 10)])]
     script += [step(a, "", call("Bash", command=f"sleep 30; touch late-{a}")) for a in children]
     script += [step("main", "leaving them running")]
+    count = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c '^sleep 30'"
+    script += [step("main", "", call("Bash", command=count)), step("main", "counted")]
     await client.create(workspace, script, prompt="go")
     await client.until_kind("turn_complete")
     agents = client.result("Agent")
@@ -232,7 +234,10 @@ async def test_a_ninth_running_subagent_is_refused_and_unawaited_ones_are_cancel
     assert "8 subagents already run" in agents[8]["content"]
     completed = {e.data["id"]: e.data["status"] for e in client.of("agent_completed")}
     assert completed == dict.fromkeys(children, "cancelled")
-    assert not any((workspace / f"late-{a}").exists() for a in children)
+    # Their commands are gone from the sandbox too.
+    await client.gw.send(Prompt(session_id=client.sid, text="count sleepers"))
+    await client.until(lambda e: e.kind == "turn_complete" and len(client.of("turn_complete")) == 2)
+    assert client.result("Bash")[-1]["content"].splitlines()[0] == "0"
     await client.gw.send(Shutdown(session_id=client.sid))
     await client.until_kind("shutdown")
 
