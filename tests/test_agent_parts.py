@@ -169,24 +169,6 @@ def runner(script: list[dict[str, object]]) -> tuple[SessionRunner, EventSink]:
                          headless=False, log=structlog.get_logger()), sink
 
 
-async def test_an_upload_is_shown_to_every_client_and_told_to_the_model_with_the_next_prompt() -> None:
-    loop_runner, sink = runner([{"text": "seen it"}])
-    digest = "ab" * 32
-    await loop_runner.upload("phone", json.dumps({"path": "in/photo.png", "size": 12, "sha256": digest}))
-    with pytest.raises(InputRefused) as bad:
-        await loop_runner.upload("phone", json.dumps({"path": "x", "size": -1, "sha256": digest}))
-    assert bad.value.code == "invalid_upload"
-    await loop_runner.prompt("look at it", "phone")
-    await loop_runner._run_turn(await loop_runner.inputs.get())
-    shared = [e.data for e in sink.events if e.kind == "file_shared"]
-    assert shared == [{"path": "in/photo.png", "size": 12, "sha256": digest, "client": "phone",
-                       "direction": "upload"}]
-    asked = loop_runner.messages[0]
-    assert asked["role"] == "user" and asked["content"] == (
-        f"[phone uploaded in/photo.png (12 bytes, sha256 {digest}) into the workspace.]\nlook at it")
-    assert [e.kind for e in sink.events][-3:] == ["assistant_text", "busy", "turn_complete"]
-
-
 @pytest.mark.parametrize("url", ["https://search.example/?q=fixed", "ftp://search.example/{query}", "{query}", 42])
 def test_a_search_url_that_cannot_carry_the_query_stops_the_executor_start(url: object) -> None:
     with pytest.raises(ConfigError, match="search_url must be an http"):
@@ -200,3 +182,16 @@ def test_a_search_url_that_cannot_carry_the_query_stops_the_executor_start(url: 
 def test_a_question_nobody_could_answer_is_refused(spec: dict[str, object], why: str) -> None:
     with pytest.raises(ValueError, match=why):
         AskUserQuestionInput.model_validate(spec)
+
+
+async def test_prompts_are_shown_to_every_client_on_arrival_and_queued_in_order() -> None:
+    loop_runner, sink = runner([{"text": "one"}, {"text": "two"}])
+    await loop_runner.prompt("first", "phone")
+    await loop_runner.prompt("second", "laptop")
+    assert [(e.seq, e.kind, e.data) for e in sink.events] == [
+        (0, "user_prompt", {"text": "first", "client": "phone"}),
+        (1, "user_prompt", {"text": "second", "client": "laptop"})]
+    await loop_runner._run_turn(await loop_runner.inputs.get())
+    assert loop_runner.messages[0] == {"role": "user", "content": "first"}
+    assert loop_runner.inputs.get_nowait() == "second"
+    assert [e.kind for e in sink.events][-3:] == ["assistant_text", "busy", "turn_complete"]

@@ -206,8 +206,6 @@ async def serve(ctx: ServiceContext) -> None:
             runner.interrupt()
         elif inp.kind == "stop":  # not awaited: inputs of other sessions must not wait for it
             runner.request_stop(f"stopped by {inp.client or 'a client'}")
-        elif inp.kind == "upload":
-            await runner.upload(inp.client, inp.text)
         return Ack()
 
     async def on_tool_output(env: Envelope, msg: Msg) -> None:

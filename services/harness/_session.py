@@ -25,12 +25,10 @@ from devsilo.protocol import (
     ToolCancel,
     ToolOutput,
     ToolResult,
-    UploadNotice,
     subjects,
 )
 from devsilo.protocol._messages import AccessReport, EventKind
 from devsilo.runtime import Bus
-from pydantic import ValidationError
 
 from ._agents import AgentLoop, LoopMetrics, answer_text
 from ._model import ModelBackend, ModelFailure, ModelResponse, TextSink, ToolUse
@@ -133,8 +131,6 @@ class SessionRunner:
         self._sandbox_gone: str | None = None
         self._stopping: str | None = None
         self._finished = asyncio.Event()
-        self._uploads: list[str] = []
-        """Notes about uploaded files, for the top-level agent's next prompt."""
         self.leased_at = time.monotonic()
         self.main = AgentLoop(self, "main", name="main", parent=None, messages=[])
         self.tools = self.main.tools
@@ -216,18 +212,6 @@ class SessionRunner:
         self.metrics.answers.labels(outcome="won").inc()
         return won
 
-    async def upload(self, client: str, raw: str) -> None:
-        """A client's upload landed in the workspace: every client sees ``file_shared``, and the model
-        hears of it with its next prompt."""
-        try:
-            notice = UploadNotice.model_validate_json(raw)
-        except ValidationError as exc:
-            raise InputRefused("invalid_upload", f"upload notice is malformed: {exc.errors()[0].get('msg')}") from None
-        await self.events.emit("file_shared", {**notice.model_dump(), "client": client or "a client",
-                                               "direction": "upload"})
-        self._uploads.append(f"[{client or 'A client'} uploaded {notice.path} ({notice.size} bytes, "
-                             f"sha256 {notice.sha256}) into the workspace.]")
-
     def interrupt(self) -> bool:
         """Cancel the running turn (its commands, subagents and questions included); True when one ran."""
         if self._turn is not None and not self._turn.done():
@@ -275,8 +259,7 @@ class SessionRunner:
 
     async def _run_turn(self, text: str) -> None:
         await self.events.emit("busy", {"busy": True})
-        notes, self._uploads = self._uploads, []
-        self.messages.append({"role": "user", "content": "\n".join([*notes, text])})
+        self.messages.append({"role": "user", "content": text})
         await self.main.converse()
         if self.exit_code is None:
             await self.events.emit("busy", {"busy": False})

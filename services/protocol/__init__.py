@@ -52,7 +52,6 @@ from ._messages import (
     SendUserFileInput,
     ToolCancel,
     ToolOutput,
-    UploadNotice,
     WebSearchInput,
     SHELL_ACK_EVERY,
     SHELL_CHUNK,
@@ -105,7 +104,7 @@ from ._subjects import Role
 __all__ = [
     "HARNESS_TOOLS", "TOOL_OUTPUT_CHUNK", "AgentInput", "AskUserQuestionInput", "AwaitAgentInput",
     "ExitInput", "InputRefused", "QuestionAnswer", "QuestionOption", "SendUserFileInput", "ToolCancel",
-    "ToolOutput", "UploadNotice", "WebSearchInput",
+    "ToolOutput", "WebSearchInput",
     "SandboxClosed",
     "WorkspaceInfo", "WorkspaceReply", "WorkspaceRequest",
     "RemoteLock", "TransferPlan",

@@ -118,7 +118,7 @@ class SessionInput(Message):
 
     TYPE = "session_input"
     SUBJECTS = ("silo.session.*.input",)
-    kind: Literal["prompt", "answer", "interrupt", "stop", "upload"]
+    kind: Literal["prompt", "answer", "interrupt", "stop"]
     text: str = Field(default="", max_length=256 * 1024)
     question_id: str | None = None
     client: str = Field(default="", max_length=128)
@@ -638,15 +638,6 @@ HARNESS_TOOLS: dict[str, type[ToolInput]] = {
     "Exit": ExitInput,
 }
 """Tools the harness handles (SendUserFile reads its file through the executor)."""
-
-
-class UploadNotice(BaseModel):
-    """A file a client uploaded has landed in the workspace (JSON in ``SessionInput.text``, kind ``upload``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    path: str = Field(min_length=1, max_length=4096)
-    size: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class QuestionAnswer(BaseModel):
