@@ -30,7 +30,24 @@ def render_event(ev: EventFrame) -> str:
     if k == "user_prompt":
         return f"{who}> {d.get('text', '')}"
     if k == "assistant_text":
-        return f"{who}assistant: {d.get('text', '')}"
+        # Deltas stream ahead of the whole text, which is printed once it is final.
+        return f"{who}assistant: {d.get('text', '')}" if d.get("final", True) else ""
+    if k == "tool_output":
+        return ""  # the result that follows shows the whole output
+    if k == "agent_spawned":
+        return f"{who}⇢ subagent {d.get('id')} ({d.get('name')}): {str(d.get('prompt', ''))[:200]}"
+    if k == "agent_completed":
+        return f"{who}⇠ subagent {d.get('id')} {d.get('status')}"
+    if k == "question_asked":
+        opts = "\n".join(f"    - {o.get('label')}: {o.get('description', '')}" for o in d.get("options", []))
+        return f"{who}? {d.get('question')} [{d.get('id')}]" + (f"\n{opts}" if opts else "")
+    if k == "question_answered":
+        if d.get("cancelled"):
+            return f"{who}  question {d.get('id')} cancelled"
+        picked = ", ".join(d.get("selected") or []) or d.get("text") or ""
+        return f"{who}  {d.get('client')} answered {d.get('id')}: {picked}"
+    if k == "file_shared":
+        return f"{who}file {d.get('path')} ({d.get('size')} bytes) {d.get('caption') or ''}".rstrip()
     if k == "tool_use":
         inp = d.get("input", {})
         arg = inp.get("command") or inp.get("path") or inp.get("message") or json.dumps(inp)[:200]

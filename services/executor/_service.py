@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from devsilo.protocol import (
-    RelayHello,
     SANDBOX_TOOLS,
     AccessReport,
     Ack,
@@ -27,13 +26,11 @@ from devsilo.protocol import (
     ExecutorAnnounce,
     FileUpload,
     GrantError,
-    WorkspaceInfo,
-    WorkspaceReply,
-    WorkspaceRequest,
     LeaseGranted,
     LeaseRequest,
     Message,
     PoolError,
+    RelayHello,
     RemoteLock,
     Role,
     SandboxClosed,
@@ -46,6 +43,12 @@ from devsilo.protocol import (
     ShellOutput,
     SiloError,
     ToolCall,
+    ToolCancel,
+    ToolOutput,
+    ToolResult,
+    WorkspaceInfo,
+    WorkspaceReply,
+    WorkspaceRequest,
     open_grant,
     subjects,
 )
@@ -54,22 +57,25 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge, Histogram
 
 from ._backends import STRENGTH_ORDER, get_backend
+from ._ext4 import ext4_unavailable
 from ._helper_client import ShellHandle
 from ._relay import SessionRelay, relay_line
 from ._risk import check_workspace
 from ._sandbox import Sandbox, prepare_workspace_ownership
 from ._shell_stream import ShellStream
 from ._spec import WORKSPACE, SandboxSpec
-from ._tools import run_tool
+from ._tool_output import ToolOutputStream
+from ._tools import ToolOptions, run_tool
 from ._upload import DEFAULT_UPLOAD_MAX, land_upload
 from ._warm import WarmPools, warm_sizes
-from ._ext4 import ext4_unavailable
 from ._workspace_lock import WorkspaceStore
 from ._workspace_remote import UploadedWorkspaces
 
 RELAY_HELLO_TTL = 60.0
 """Lifetime of a relay connection's signed first line (the egress accepts each once)."""
 DEFAULT_SANDBOX_UID = 64123
+CANCELLED_CALLS_KEPT = 1024
+"""Cancelled call ids remembered, so a cancel that overtakes its call still stops it."""
 DEFAULT_CAPACITY = 16
 DEFAULT_PER_USER = 8
 ANNOUNCE_EVERY_S = 1.0
@@ -196,6 +202,9 @@ async def serve(ctx: ServiceContext) -> None:
     store = workspace_store(opts, eid, ctx.log)
     unlocking: set[str] = set()
     uploaded = UploadedWorkspaces(ctx, store, eid)
+    tool_options = ToolOptions.from_options(opts, bus.verifier.max_bytes)
+    running_calls: dict[tuple[str, str], asyncio.Task[ToolResult]] = {}
+    cancelled_calls: dict[tuple[str, str], None] = {}
 
     def store_records(phases: tuple[str, ...]) -> dict[str, Path]:
         """Workspace path -> where its files are, for the store's records in ``phases``."""
@@ -608,6 +617,54 @@ async def serve(ctx: ServiceContext) -> None:
             shell_closed_why.pop(shid, None)
             ctx.log.info("shell_ended", shell=shid, exit_code=code, message=message)
 
+    def cancel_call(sid: str, call_id: str) -> Ack:
+        """Stop a running call (its command is killed); a call not started yet will not start."""
+        task = running_calls.get((sid, call_id))
+        if task is not None:
+            task.cancel()
+        else:
+            cancelled_calls[(sid, call_id)] = None
+            while len(cancelled_calls) > CANCELLED_CALLS_KEPT:
+                del cancelled_calls[next(iter(cancelled_calls))]
+        return Ack()
+
+    async def run_call(sid: str, session: ExecSession, call: ToolCall) -> ToolResult:
+        """Run a call, streaming a command's output to the harness; a cancelled call's result says so."""
+        key = (sid, call.call_id)
+        if key in running_calls:
+            raise GrantError(f"call {call.call_id} of session {sid} is already running")
+        if key in cancelled_calls:
+            del cancelled_calls[key]
+            return ToolResult(call_id=call.call_id, is_error=True, content="cancelled before it started",
+                              meta={"cancelled": True})
+
+        async def send(out: ToolOutput) -> None:
+            await bus.publish(subjects.session_output(sid), out, sid=sid)
+
+        stream = ToolOutputStream(send, call.call_id, log=ctx.log) if call.name == "Bash" else None
+        task = asyncio.create_task(run_tool(session.sandbox.helper, call, tool_options,
+                                            on_output=stream.feed if stream else None))
+        running_calls[key] = task
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                if stream is not None:
+                    stream.abort()
+                raise  # the executor is stopping
+            result = ToolResult(call_id=call.call_id, is_error=True, content="cancelled",
+                                meta={"cancelled": True})
+        except BaseException:
+            if stream is not None:
+                stream.abort()
+            raise
+        finally:
+            running_calls.pop(key, None)
+        if stream is not None:
+            chunks = await stream.close()
+            result = result.model_copy(update={"meta": {**result.meta, "output_chunks": chunks}})
+        return result
+
     async def on_exec(env: Envelope, msg: Msg) -> Message:
         parts = msg.subject.split(".")  # silo.exec.<eid>.lease | silo.exec.<eid>.<sid>.<op>
         if len(parts) == 4 and parts[3] == "lease":
@@ -627,6 +684,8 @@ async def serve(ctx: ServiceContext) -> None:
             env.expect(CloseSession)
             await close_session(sid, "closed by harness")
             return Ack()
+        if op == "cancel":
+            return cancel_call(sid, env.expect(ToolCancel).call_id)
         session = sessions.get(sid)
         if session is None:
             raise SandboxClosed(f"no sandbox for session {sid} on executor {eid} (closed or never leased)")
@@ -635,7 +694,7 @@ async def serve(ctx: ServiceContext) -> None:
                                      max_bytes=int(opts.get("upload_max_bytes") or DEFAULT_UPLOAD_MAX))
         call = env.expect(ToolCall)
         started = time.perf_counter()
-        result = await run_tool(session.sandbox.helper, call)
+        result = await run_call(sid, session, call)
         if sessions.get(sid) is not session:
             raise SandboxClosed(f"the sandbox of session {sid} was closed on executor {eid} while "
                                 f"{call.name} ran (was its workspace unlocked?)")

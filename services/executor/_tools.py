@@ -2,38 +2,113 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote_plus, urlsplit
 
 from devsilo.protocol import (
+    DEFAULT_MAX_BYTES,
     SANDBOX_TOOLS,
     BashInput,
+    ConfigError,
     EditInput,
     GlobInput,
     GrepInput,
     ReadInput,
     SandboxError,
+    SendUserFileInput,
     ToolCall,
     ToolError,
     ToolResult,
     WebFetchInput,
+    WebSearchInput,
     WriteInput,
 )
 from pydantic import ValidationError
 
-from ._helper_client import HelperClient
+from ._helper_client import HelperClient, OutputCallback
 
 WORKSPACE = "/workspace"
+SHARE_MAX = 512 * 1024
+"""Largest file SendUserFile hands to the harness: it travels base64 in one reply and one event,
+and a NATS message is 1 MiB by default."""
+SEARCH_MAX_BYTES = 256 * 1024
+RESULT_MAX_BYTES = 768 * 1024
+"""Most bytes of a result's content as JSON: a result and its event are one NATS message each
+(1 MiB by default), with room left for the rest of them. The middle is cut."""
+
+EXECUTOR_TOOLS: dict[str, type[Any]] = {**SANDBOX_TOOLS, "SendUserFile": SendUserFileInput}
+"""What the executor runs: the sandbox tools, and reading a file for SendUserFile."""
+
+
+@dataclass(frozen=True)
+class ToolOptions:
+    """Operator settings the tools need (the executor's ``options``)."""
+
+    search_url: str | None = None
+    """WebSearch endpoint with ``{query}`` where the URL-encoded query goes; None: no WebSearch."""
+    share_max: int = SHARE_MAX
+    result_max_bytes: int = RESULT_MAX_BYTES
+
+    @classmethod
+    def from_options(cls, opts: Mapping[str, Any], max_message_bytes: int = DEFAULT_MAX_BYTES) -> ToolOptions:
+        """Read ``search_url`` and ``share_max_bytes`` from an executor's options; results and shared
+        files are sized to fit messages of ``max_message_bytes``."""
+        url = opts.get("search_url")
+        if url is not None and (not isinstance(url, str) or "{query}" not in url
+                                or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+            raise ConfigError(f"executor option search_url must be an http(s) URL with {{query}} where the "
+                              f"query goes, not {url!r}")
+        room = max_message_bytes * 3 // 4
+        share = min(int(opts.get("share_max_bytes") or SHARE_MAX), SHARE_MAX, room * 3 // 4)
+        return cls(search_url=url or None, share_max=share, result_max_bytes=room)
 
 
 def _error(call: ToolCall, text: str) -> ToolResult:
     return ToolResult(call_id=call.call_id, content=text, is_error=True)
 
 
-async def run_tool(helper: HelperClient, call: ToolCall) -> ToolResult:
-    """Run one sandbox tool call; bad input and tool failures become error results."""
-    schema = SANDBOX_TOOLS.get(call.name)
+async def run_tool(helper: HelperClient, call: ToolCall, options: ToolOptions | None = None, *,
+                   on_output: OutputCallback | None = None) -> ToolResult:
+    """Run one sandbox tool call; bad input and tool failures become error results.
+
+    ``on_output`` gets a Bash command's output as it comes (before the result).
+    """
+    options = options or ToolOptions()
+    result = await _run(helper, call, options, on_output)
+    return bounded(result, options.result_max_bytes)
+
+
+def _json_size(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode())
+
+
+def bounded(result: ToolResult, most: int = RESULT_MAX_BYTES) -> ToolResult:
+    """``result`` with its content cut to at most ``most`` bytes as JSON (head and tail kept, the cut
+    said)."""
+    text = result.content
+    size = _json_size(text)
+    if size <= most:
+        return result
+    keep = len(text) * most // size // 2
+    while True:  # escapes make bytes per character uneven: shrink until it fits
+        cut = len(text) - 2 * keep
+        shown = f"{text[:keep]}\n[... {cut} characters cut ...]\n{text[len(text) - keep:]}"
+        if _json_size(shown) <= most:
+            break
+        keep = keep * 9 // 10
+    return result.model_copy(update={"content": shown, "meta": {**result.meta, "cut_chars": cut}})
+
+
+async def _run(helper: HelperClient, call: ToolCall, options: ToolOptions,
+               on_output: OutputCallback | None) -> ToolResult:
+    schema = EXECUTOR_TOOLS.get(call.name)
     if schema is None:
-        return _error(call, f"unknown tool {call.name!r}; sandbox tools: {', '.join(SANDBOX_TOOLS)}")
+        return _error(call, f"unknown tool {call.name!r}; sandbox tools: {', '.join(EXECUTOR_TOOLS)}")
     try:
         args = schema.model_validate(call.input)
     except ValidationError as exc:
@@ -42,7 +117,7 @@ async def run_tool(helper: HelperClient, call: ToolCall) -> ToolResult:
         return _error(call, f"{call.name}: invalid {where}: {err.get('msg')}")
     try:
         if isinstance(args, BashInput):
-            return await _bash(helper, call, args)
+            return await _bash(helper, call, args, on_output)
         if isinstance(args, ReadInput):
             return await _read(helper, call, args)
         if isinstance(args, WriteInput):
@@ -55,13 +130,18 @@ async def run_tool(helper: HelperClient, call: ToolCall) -> ToolResult:
             return await _grep(helper, call, args)
         if isinstance(args, WebFetchInput):
             return await _fetch(helper, call, args)
+        if isinstance(args, WebSearchInput):
+            return await _search(helper, call, args, options)
+        if isinstance(args, SendUserFileInput):
+            return await _share(helper, call, args, options)
     except (SandboxError, ToolError) as exc:
         return _error(call, f"{call.name} failed: {exc}")
     return _error(call, f"tool {call.name} has no executor implementation")
 
 
-async def _bash(helper: HelperClient, call: ToolCall, args: BashInput) -> ToolResult:
-    res = await helper.exec(args.command, timeout_ms=args.timeout_ms, cwd=WORKSPACE)
+async def _bash(helper: HelperClient, call: ToolCall, args: BashInput,
+                on_output: OutputCallback | None) -> ToolResult:
+    res = await helper.exec(args.command, timeout_ms=args.timeout_ms, cwd=WORKSPACE, on_output=on_output)
     parts = []
     if res.stdout:
         parts.append(res.stdout.rstrip("\n"))
@@ -137,3 +217,34 @@ async def _fetch(helper: HelperClient, call: ToolCall, args: WebFetchInput) -> T
         body += f"\n[truncated at {args.max_bytes} bytes]"
     return ToolResult(call_id=call.call_id, content=f"{head}\n\n{body}", is_error=res.status >= 400,
                       meta={"status": res.status, "redirects": len(res.redirects)})
+
+
+async def _search(helper: HelperClient, call: ToolCall, args: WebSearchInput, options: ToolOptions) -> ToolResult:
+    if not options.search_url:
+        return _error(call, "WebSearch is not configured on this executor (its operator sets the "
+                            "`search_url` option); use WebFetch on a known URL instead")
+    url = options.search_url.replace("{query}", quote_plus(args.query))
+    host = urlsplit(url).hostname or "?"
+    res = await helper.fetch(url, max_bytes=SEARCH_MAX_BYTES)
+    body = res.content.decode("utf-8", errors="replace")
+    if res.blocked:
+        return ToolResult(call_id=call.call_id, is_error=True,
+                          content=f"WebSearch uses {host}, which this session may not reach: "
+                                  f"{res.status} {body.strip()} (the search domain must be among the "
+                                  "session's allowed domains)",
+                          meta={"status": res.status, "blocked": res.blocked})
+    if res.truncated:
+        body += f"\n[truncated at {SEARCH_MAX_BYTES} bytes]"
+    return ToolResult(call_id=call.call_id, content=f"search results from {host} (HTTP {res.status})\n\n{body}",
+                      is_error=res.status >= 400, meta={"status": res.status})
+
+
+async def _share(helper: HelperClient, call: ToolCall, args: SendUserFileInput, options: ToolOptions) -> ToolResult:
+    res = await helper.read(args.path, limit=options.share_max + 1)
+    if res.size > options.share_max or len(res.content) > options.share_max:
+        return _error(call, f"SendUserFile: {args.path} is {res.size} bytes; files up to "
+                            f"{options.share_max} bytes can be sent")
+    data = res.content
+    return ToolResult(call_id=call.call_id, content=f"read {len(data)} bytes of {args.path}",
+                      meta={"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                            "data": base64.b64encode(data).decode()})

@@ -12,10 +12,12 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiolimiter import AsyncLimiter
 from devsilo.protocol import (
+    Ack,
     Envelope,
     ExecutorAnnounce,
     GrantError,
     LLMChoice,
+    QuestionAnswer,
     RemoteError,
     Role,
     SessionGrant,
@@ -34,6 +36,7 @@ from devsilo.protocol.client import (
     MAX_CLIENT_FRAME,
     AccessReportFrame,
     AccessReportRequest,
+    AnswerQuestion,
     Attach,
     Authenticate,
     AuthErrorFrame,
@@ -314,6 +317,8 @@ class ClientConnection:
             await self._create(req)
         elif isinstance(req, (Prompt, Interrupt, Shutdown)):
             await self._input(req)
+        elif isinstance(req, AnswerQuestion):
+            await self._answer(req)
         elif isinstance(req, WorkspaceCommand) and req.uploaded:
             await self._uploaded_workspace(req)
         elif isinstance(req, WorkspaceCommand):
@@ -564,7 +569,26 @@ class ClientConnection:
             body = SessionInput(kind="interrupt", client=self.who.client)
         else:
             body = SessionInput(kind="stop", client=self.who.client)
-        await self.gw.bus.publish(subjects.session_input(req.session_id), body, sid=req.session_id)
+        await self._send_input(req.session_id, body, req.type)
+
+    async def _answer(self, req: AnswerQuestion) -> None:
+        assert self.who is not None
+        self._visible(req.session_id)
+        answer = QuestionAnswer(selected=req.selected, text=req.text)
+        await self._send_input(req.session_id, SessionInput(
+            kind="answer", question_id=req.question_id, text=answer.model_dump_json(),
+            client=self.who.client), req.type)
+
+    async def _send_input(self, sid: str, body: SessionInput, request: str) -> None:
+        """Hand input to the session's harness and wait for its verdict; a refusal goes back as ``error``."""
+        try:
+            await self.gw.bus.request(subjects.session_input(sid), body, Ack, from_role=Role.HARNESS,
+                                      sid=sid, timeout=10.0)
+        except RemoteError as exc:
+            message = exc.message
+            if exc.code in ("timeout", "no_responders"):
+                message = f"no harness is running session {sid} (has it ended?): {exc.message}"
+            await self.send(ErrorFrame(code=exc.code, message=message, request=request))
 
     async def close(self) -> None:
         """Stop following sessions; end this connection's shells and uploads; send what is queued."""

@@ -5,14 +5,26 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from devsilo.protocol import SiloError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+ASKING_AGENT: ContextVar[str] = ContextVar("asking_agent", default="main")
+"""The agent whose request is being made (``main``, ``a1``, ...): the agent loop sets it in each
+agent's task. Only the mock model reads it, to pick that agent's scripted responses."""
+
 TextSink = Callable[[str], Awaitable[None]]
 """Receives a completion's text deltas as they arrive (a retried attempt streams again)."""
+
+
+async def stream_words(text: str, on_text: TextSink) -> None:
+    """Give ``text`` to ``on_text`` word by word (with the space after each), as the mock streams."""
+    for delta in re.findall(r"\S*\s*", text):
+        if delta:
+            await on_text(delta)
 
 
 class ModelFailure(SiloError):
@@ -109,10 +121,26 @@ class _ScriptCall(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=64)
     input: dict[str, Any] = Field(default_factory=dict)
+    arguments: str | None = Field(default=None, max_length=256 * 1024)
+    """Raw argument text, as a model sends it (instead of ``input``): text that is not a JSON
+    object becomes the call's ``input_error``, as with the real backends."""
+
+    def to_use(self, call_id: str) -> ToolUse:
+        if self.arguments is None:
+            return ToolUse(id=call_id, name=self.name, input=dict(self.input))
+        try:
+            data = json.loads(self.arguments)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            return ToolUse(id=call_id, name=self.name, input={},
+                           input_error=f"the arguments were not a JSON object: {self.arguments[:200]!r}")
+        return ToolUse(id=call_id, name=self.name, input=data)
 
 
 class _ScriptResponse(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    agent: str | None = Field(default=None, max_length=64)
     text: str = ""
     tool_calls: list[_ScriptCall] = Field(default_factory=list)
 
@@ -129,6 +157,12 @@ class ScriptedModel:
 
         {"responses": [{"text": "...", "tool_calls": [{"name": "Bash",
                         "input": {"command": "ls"}}]}, ...]}
+
+    With subagents, several agents ask at once. A response may name the agent it is for
+    (``"agent": "main"``, ``"a1"``, ...; subagent ids count up in the order they are
+    started); a request (from the agent in :data:`ASKING_AGENT`) gets the first response
+    not yet used that names that agent or names none. Unnamed responses therefore go in
+    the order requests arrive, which is only predictable with one agent at a time.
     """
 
     name = "mock"
@@ -138,31 +172,34 @@ class ScriptedModel:
             self._script = _Script.model_validate(json.loads(script_text))
         except (ValueError, ValidationError) as exc:
             raise ModelFailure(f"mock script is not valid: {str(exc).splitlines()[0]}") from None
-        self._next = 0
+        self._used = [False] * len(self._script.responses)
+
+    def _take(self) -> int:
+        agent = ASKING_AGENT.get()
+        for n, step in enumerate(self._script.responses):
+            if not self._used[n] and step.agent in (None, agent):
+                self._used[n] = True
+                return n
+        left = self._used.count(False)
+        who = "" if agent == "main" else f" for agent {agent}"
+        raise ModelFailure(f"mock script exhausted{who} after {len(self._script.responses)} responses"
+                           + (f" ({left} left for other agents)" if left else ""))
 
     def resume_at(self, step: int) -> None:
-        """Go on from response ``step`` (a session resumed from its journal after ``step`` responses)."""
-        self._next = max(0, step)
+        """Go on after ``step`` responses (a session resumed from its journal): the first ``step``
+        count as used (exact for one agent; with subagents, only if they were used in script order)."""
+        for n in range(min(max(0, step), len(self._used))):
+            self._used[n] = True
 
     async def complete(self, messages: list[dict[str, Any]], tools: list[str], *,
                        on_text: TextSink | None = None) -> ModelResponse:
         """Return the next scripted response (its text streamed word by word to ``on_text``);
         ModelFailure when the script is used up."""
-        if self._next >= len(self._script.responses):
-            raise ModelFailure(
-                f"mock script exhausted after {len(self._script.responses)} responses"
-            )
-        step = self._script.responses[self._next]
-        n = self._next
-        self._next += 1
-        calls = tuple(
-            ToolUse(id=f"call_{n}_{i}", name=c.name, input=dict(c.input))
-            for i, c in enumerate(step.tool_calls)
-        )
-        if on_text is not None and step.text:
-            for delta in re.findall(r"\S*\s*", step.text):
-                if delta:
-                    await on_text(delta)
+        n = self._take()
+        step = self._script.responses[n]
+        calls = tuple(c.to_use(f"call_{n}_{i}") for i, c in enumerate(step.tool_calls))
+        if on_text is not None:
+            await stream_words(step.text, on_text)
         prompt_tokens = sum(len(json.dumps(m)) // 4 for m in messages)
         out_tokens = (len(step.text) + len(json.dumps([c.input for c in step.tool_calls]))) // 4
         return ModelResponse(step.text, calls, Usage(input_tokens=prompt_tokens, output_tokens=out_tokens))

@@ -32,12 +32,13 @@ from devsilo.protocol import (
     SessionGrant,
     SiloError,
     ToolCall,
+    ToolOutput,
     ToolResult,
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._journal import JournalEntry, MemorySink, SessionJournal
-from ._model import ModelFailure, ModelResponse, TextSink, ToolUse, Usage
+from ._model import ModelFailure, ModelResponse, TextSink, ToolUse, Usage, stream_words
 from ._session import SessionRunner
 
 EXIT_MISMATCH = 4
@@ -69,6 +70,8 @@ class ReplayTool(BaseModel):
     is_error: bool = False
     meta: dict[str, Any] = Field(default_factory=dict)
     network: list[dict[str, Any]] = Field(default_factory=list)
+    output: list[dict[str, Any]] = Field(default_factory=list)
+    """Its streamed output as recorded (``stream``, ``data``), given to the loop before the result."""
 
 
 class ReplayScript(BaseModel):
@@ -136,6 +139,10 @@ def script_from_journal(path: Path) -> ReplayScript:
                 dict(e.data.get("meta") or {})
         elif e.kind == "network" and last_tool is not None:
             tools[last_tool].network.append(e.data)
+        elif e.kind == "event" and e.data.get("kind") == "tool_output":
+            out = dict(e.data.get("data") or {})
+            if str(out.get("id")) in tools:
+                tools[str(out["id"])].output.append({"stream": out.get("stream"), "data": out.get("data")})
     return ReplayScript(grant=dict(meta.data.get("grant") or {}), llm=dict(meta.data.get("llm") or {}),
                         headless=bool(meta.data.get("headless", True)),
                         executor=str(meta.data.get("executor", "mock")),
@@ -213,8 +220,8 @@ class ReplayModel:
         calls = tuple(ToolUse(id=str(c["id"]), name=str(c["name"]), input=dict(c.get("input") or {}),
                               input_error=c.get("input_error")) for c in r.get("tool_calls", []))
         text = str(r.get("text", ""))
-        if on_text is not None and text:
-            await on_text(text)
+        if on_text is not None:
+            await stream_words(text, on_text)  # as the mock streamed it when it was recorded
         u = dict(r.get("usage") or {})
         return ModelResponse(text, calls, Usage(**{k: int(v) for k, v in u.items()
                                                    if k in Usage.__dataclass_fields__}))
@@ -240,6 +247,7 @@ class ReplayBus:
         self._ledger = ledger
         self.events: list[Message] = []
         self._sink = journal_sink
+        self.runner: SessionRunner | None = None
 
     async def js_publish(self, subject: str, body: Message, *, sid: str | None, dedupe_id: str) -> None:
         """Keep the event."""
@@ -260,6 +268,10 @@ class ReplayBus:
                            f"the journal has {t.name} {_short(t.input)} (id {t.id})")
         led.tool += 1
         led.network.extend(t.network)
+        for seq, chunk in enumerate(t.output):  # as the executor streamed it
+            if self.runner is not None:
+                await self.runner.tool_output(self.runner.executor_id, ToolOutput(
+                    call_id=body.call_id, seq=seq, stream=chunk["stream"], data=chunk["data"]))
         return ToolResult(call_id=t.id, content=t.content, is_error=t.is_error, meta=t.meta)
 
 
@@ -297,6 +309,7 @@ async def replay(script: ReplayScript) -> ReplayOutcome:
     model = ReplayModel(ledger, str(script.llm.get("model", "mock")))
     runner = SessionRunner(bus, grant, script.executor, access, model,  # type: ignore[arg-type]
                            headless=script.headless, log=_Log(), journal=journal, clock=clock)
+    bus.runner = runner
     await journal.meta(grant=grant.model_dump(mode="json"), llm=script.llm, headless=script.headless,
                        executor=script.executor, access=access.model_dump(mode="json"), harness="replay",
                        tools=runner.tools)

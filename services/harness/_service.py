@@ -28,6 +28,7 @@ from devsilo.protocol import (
     SessionStarted,
     SiloError,
     StartSession,
+    ToolOutput,
     open_grant,
     subjects,
 )
@@ -39,6 +40,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
+from ._agents import LoopMetrics
 from ._backends import DEFAULT_KEY_ENV, ModelSettings, ProviderSettings, make_model, read_api_key
 from ._failover import BEAT_S, TAKEOVER_AFTER_S, UNKNOWN_RESULT, SessionOwners, rebuild
 from ._gate import ModelPolicy
@@ -166,6 +168,7 @@ async def serve(ctx: ServiceContext) -> None:
     metrics = PoolMetrics(ctx)
     local_servers = LocalServers()
     policy = ModelPolicy.from_options(ctx.options, ctx.metrics.registry)
+    loop_metrics = LoopMetrics(ctx.metrics.registry)
     await ensure_streams(ctx)
     scrub = harness_secrets(ctx.options)
     owners = SessionOwners(bus, ctx.service_id, secrets.token_hex(8), ctx.log,
@@ -272,7 +275,8 @@ async def serve(ctx: ServiceContext) -> None:
             llm=start.llm, headless=start.headless, executor_id=lease.executor_id, access=lease.access))
         journal = journal_for(sid)
         runner = SessionRunner(bus, grant, lease.executor_id, lease.access, model,
-                               headless=start.headless, log=ctx.log, policy=policy, journal=journal)
+                               headless=start.headless, log=ctx.log, policy=policy, journal=journal,
+                               metrics=loop_metrics)
 
         async def begin() -> None:
             await journal.meta(
@@ -321,7 +325,8 @@ async def serve(ctx: ServiceContext) -> None:
             await owners.release(sid)
             return
         runner = SessionRunner(bus, grant, own.executor_id, own.access, model, headless=own.headless,
-                               log=ctx.log, policy=policy, journal=journal, next_seq=last.seq + 1 if last else 0)
+                               log=ctx.log, policy=policy, journal=journal, next_seq=last.seq + 1 if last else 0,
+                               metrics=loop_metrics)
         for e in entries:  # what the session spent before counts against its quotas here too
             if e.kind == "event" and e.data.get("kind") == "cost":
                 cost = e.data.get("data") or {}
@@ -342,6 +347,7 @@ async def serve(ctx: ServiceContext) -> None:
                                      state.queued))
 
     async def on_input(env: Envelope, msg: Msg) -> Message | None:
+        """A client's input (request/reply): Ack or an error, from the harness running the session only."""
         inp = env.expect(SessionInput)
         sid = msg.subject.split(".")[2]
         runner = runners.get(sid)
@@ -352,11 +358,13 @@ async def serve(ctx: ServiceContext) -> None:
         if runner.journal is not None:
             await runner.journal.client_input(inp.kind, inp.client, inp.text, inp.question_id)
         if inp.kind == "prompt":
-            runner.inputs.put_nowait(inp.text)
+            await runner.prompt(inp.text, inp.client)
+        elif inp.kind == "answer":
+            runner.answer(inp.question_id, inp.client, inp.text)
         elif inp.kind == "interrupt":
             runner.interrupt()
-        elif inp.kind == "stop":
-            await runner.stop(f"stopped by {inp.client or 'a client'}")
+        elif inp.kind == "stop":  # not awaited: inputs of other sessions must not wait for it
+            runner.request_stop(f"stopped by {inp.client or 'a client'}")
         elif inp.kind == "upload":
             await runner.file_uploaded(inp.text, inp.client)
         return Ack()
@@ -375,11 +383,20 @@ async def serve(ctx: ServiceContext) -> None:
         text, after, offset, done = await reader.page(req.after, req.offset, budget)
         return JournalExportPage(session_id=req.session_id, text=text, after=after, offset=offset, done=done)
 
+    async def on_tool_output(env: Envelope, msg: Msg) -> None:
+        out = env.expect(ToolOutput)
+        sid = msg.subject.split(".")[2]
+        runner = runners.get(sid)
+        if env.header.sid != sid or runner is None:
+            return
+        await runner.tool_output(env.header.sender, out)
+
     await bus.subscribe(subjects.POOL_ANNOUNCE_ALL, on_announce)
     await bus.subscribe(subjects.HARNESS_START, on_start, queue=subjects.HARNESS_QUEUE, concurrent=True)
     await bus.subscribe("silo.session.*.input", on_input)
     await bus.subscribe(subjects.HARNESS_JOURNAL_EXPORT, on_export, queue=subjects.HARNESS_QUEUE,
                         concurrent=True)
+    await bus.subscribe(subjects.SESSION_OUTPUT_ALL, on_tool_output)
     spawn(watch_pool())
     spawn(heartbeat())
     spawn(owners.watch(take_over))

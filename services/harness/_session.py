@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from devsilo.protocol import (
     SANDBOX_TOOLS,
     Ack,
+    AskUserQuestionInput,
     CloseSession,
     GrantError,
+    InputRefused,
     RemoteError,
     Role,
     SandboxClosed,
+    SendUserFileInput,
     SessionEvent,
     SessionGrant,
     SiloError,
     ToolCall,
+    ToolCancel,
+    ToolOutput,
     ToolResult,
     subjects,
 )
@@ -26,29 +33,24 @@ from devsilo.protocol._messages import AccessReport, EventKind
 from devsilo.runtime import Bus
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ._agents import AgentLoop, LoopMetrics, answer_text
 from ._gate import ModelPolicy
 from ._journal import SessionJournal
-from ._model import ModelBackend, ModelFailure, ToolUse
+from ._model import ModelBackend, ModelFailure, ModelResponse, TextSink, ToolUse
+from ._questions import Answer, QuestionBoard
 
 HEADLESS_INSTRUCTION = (
     "You are running headless: nobody will answer questions. When the task is done, "
     "call the Exit tool with a short summary."
 )
-HEADLESS_REMINDER = "You are running headless. Continue the task, then call Exit with a summary."
-MAX_HEADLESS_NUDGES = 3
+STOP_WAIT_S = 5.0
+"""How long a stop waits for the running turn to wind down before the session ends regardless."""
+OUTPUT_DRAIN_S = 5.0
+"""After a call's result, how long its streamed output that is still on the way is waited for."""
 # Exit codes, shared with the CLI (REQUIREMENTS §1).
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_MODEL = 3
-
-
-class UploadNotice(BaseModel):
-    """What the gateway says about a file a client uploaded into the workspace."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    path: str = Field(min_length=1, max_length=4096)
-    size: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class SessionEvents:
@@ -67,10 +69,25 @@ class SessionEvents:
         self._lock = asyncio.Lock()
         self._clock = clock
         self._journal = journal
+        self._silent = False
+
+    def silence(self) -> None:
+        """Publish nothing more (another harness now writes this session's events)."""
+        self._silent = True
 
     async def emit(self, kind: EventKind, data: dict[str, Any] | None = None, agent: str = "main") -> int:
-        """Publish one event; return its seq."""
+        """Publish one event; return its seq.
+
+        A cancelled caller does not cut a publish short (shielded): a publish that landed
+        without its seq being counted would make the next event reuse the seq, and the
+        stream would drop that one as a duplicate.
+        """
+        return await asyncio.shield(self._emit(kind, data, agent))
+
+    async def _emit(self, kind: EventKind, data: dict[str, Any] | None, agent: str) -> int:
         async with self._lock:
+            if self._silent:
+                return self._seq
             seq = self._seq
             event = SessionEvent(
                 session_id=self._sid, seq=seq, kind=kind, agent=agent, ts=self._clock(), data=data or {}
@@ -82,8 +99,27 @@ class SessionEvents:
             return seq
 
 
+class UploadNotice(BaseModel):
+    """What the gateway says about a file a client uploaded into the workspace."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str = Field(min_length=1, max_length=4096)
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class RunningCall:
+    """A sandbox call in flight: whose it is and how much of its streamed output was passed on."""
+
+    agent: str
+    call_id: str
+    seen: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class SessionRunner:
-    """Drives one session: the top-level agent's turns, its tools, and its end."""
+    """Drives one session: the top-level agent's turns, subagents, tools, questions, and its end."""
 
     def __init__(
         self,
@@ -99,8 +135,10 @@ class SessionRunner:
         journal: SessionJournal | None = None,
         next_seq: int = 0,
         clock: Callable[[], float] = time.time,
+        metrics: LoopMetrics | None = None,
     ) -> None:
         self.bus = bus
+        self.metrics = metrics if metrics is not None else LoopMetrics()
         self.grant = grant
         self.sid = grant.session_id
         self.executor_id = executor_id
@@ -111,16 +149,38 @@ class SessionRunner:
         self.events = SessionEvents(bus, self.sid, clock, journal=journal, next_seq=next_seq)
         self.log = log.bind(session=self.sid)
         self.llm = (policy or ModelPolicy.from_options({})).gate(model, grant, self.events.emit, logger=self.log)
-        self.inputs: asyncio.Queue[str] = asyncio.Queue()
         self.notes: list[str] = []
         """Things the model is told with the next prompt (files users uploaded)."""
-        self.messages: list[dict[str, Any]] = []
+        self.inputs: asyncio.Queue[str] = asyncio.Queue()
         self.exit_code: int | None = None
+        self.questions = QuestionBoard()
+        self.running_subagents = 0
+        self.finish_order = itertools.count(1)
+        self._agent_ids = itertools.count(1)
+        self._wire_ids = itertools.count(1)
+        self._calls: dict[str, RunningCall] = {}
         self._turn: asyncio.Task[None] | None = None
         self._executor_lost = False
         self._abandoned = False
+        self._sandbox_gone: str | None = None
+        self._stopping: str | None = None
+        self._finished = asyncio.Event()
         self.leased_at = time.monotonic()
-        self.tools = [*SANDBOX_TOOLS, "Exit"] if headless else list(SANDBOX_TOOLS)
+        self.main = AgentLoop(self, "main", name="main", parent=None, messages=[])
+        self.tools = self.main.tools
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The top-level agent's conversation."""
+        return self.main.messages
+
+    @messages.setter
+    def messages(self, value: list[dict[str, Any]]) -> None:
+        self.main.messages = value
+
+    def next_agent_id(self) -> str:
+        """A new subagent id: a1, a2, ..."""
+        return f"a{next(self._agent_ids)}"
 
     async def run(self, prompt: str | None) -> None:
         """Run until the agent exits, the session is stopped, or the model fails."""
@@ -133,15 +193,17 @@ class SessionRunner:
         if self.headless:
             self.messages.append({"role": "system", "content": HEADLESS_INSTRUCTION})
         if prompt:
-            self.inputs.put_nowait(prompt)
+            await self.prompt(prompt, "")
         await self._loop()
 
     async def resume(self, messages: list[dict[str, Any]], pending: list[ToolUse], in_turn: bool,
                      queued: list[str]) -> None:
         """Go on with a session another harness ran (rebuilt from its journal, see ``_failover``).
 
-        ``in_turn``: the turn was under way; ``pending`` are the tool calls of
-        its last response that had not started, run before the model is asked again.
+        ``in_turn``: the turn was under way; ``pending`` are the tool calls of its last
+        response that had not started, run before the model is asked again. Queued prompts
+        were shown to clients when they arrived. Subagents are not resumed: a turn that had
+        some goes on without them.
         """
         self.messages = messages
         for text in queued:
@@ -155,14 +217,17 @@ class SessionRunner:
             if self._turn is not None:
                 await self._await_turn()
             while self.exit_code is None:
+                if self._stopping is not None:
+                    await self._finish(EXIT_OK, self._stopping)
+                    break
                 if self.inputs.empty():
                     if self.headless:
                         await self._finish(EXIT_RUNTIME, "headless session has no prompt")
                         break
                     await self.events.emit("awaiting_input")
                 text = await self.inputs.get()
-                if self.exit_code is not None:
-                    break
+                if self.exit_code is not None or self._stopping is not None:
+                    continue
                 self._turn = asyncio.create_task(self._run_turn(text))
                 await self._await_turn()
         except ModelFailure as exc:
@@ -181,29 +246,17 @@ class SessionRunner:
         try:
             await self._turn
         except asyncio.CancelledError:
-            if self.exit_code is not None or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise
-            if self._executor_lost:
-                return  # executor_lost() reports and ends the session
+            if self._executor_lost or self.exit_code is not None or self._stopping is not None:
+                return  # executor_lost() or the loop's top ends the session
             await self.events.emit("interrupted", {"reason": "user interrupt"})
+            await self.events.emit("busy", {"busy": False})
 
     def abandon(self) -> None:
         """Another harness owns the session now: end here without events and leave its sandbox be."""
         self._abandoned = True
-
-    def interrupt(self) -> bool:
-        """Cancel the running turn (its tool calls included); True when one was running."""
-        if self._turn is not None and not self._turn.done():
-            self._turn.cancel()
-            return True
-        return False
-
-    async def stop(self, reason: str) -> None:
-        """End the session from outside (a client's stop)."""
-        if self.exit_code is None:
-            self.interrupt()
-            await self._finish(EXIT_OK, reason)
-            self.inputs.put_nowait("")
+        self.events.silence()
 
     async def file_uploaded(self, notice: str, client: str) -> None:
         """A client's file landed in the workspace: show it to every client, tell the model next turn.
@@ -218,6 +271,51 @@ class SessionRunner:
         self.notes.append(f"[{client or 'a user'} uploaded {info.path} into the workspace: {info.size} bytes, "
                           f"sha256 {info.sha256}]")
 
+    async def prompt(self, text: str, client: str) -> None:
+        """A user's prompt: shown to every client at once, then queued for the top-level agent."""
+        data: dict[str, Any] = {"text": text}
+        if client:
+            data["client"] = client
+        await self.events.emit("user_prompt", data)
+        self.inputs.put_nowait(text)
+
+    def answer(self, question_id: str | None, client: str, raw: str) -> Answer:
+        """A client's answer to a question; raises InputRefused unless it is the first valid one."""
+        try:
+            won = self.questions.answer(question_id, client, raw)
+        except InputRefused as exc:
+            self.metrics.answers.labels(outcome=exc.code).inc()
+            raise
+        self.metrics.answers.labels(outcome="won").inc()
+        return won
+
+    def interrupt(self) -> bool:
+        """Cancel the running turn (its commands, subagents and questions included); True when one ran."""
+        if self._turn is not None and not self._turn.done():
+            self._turn.cancel()
+            return True
+        return False
+
+    def request_stop(self, reason: str) -> None:
+        """Begin ending the session (a client's stop): the running turn winds down (commands,
+        subagents and questions cancelled), then the loop emits ``shutdown``."""
+        if self.exit_code is not None or self._stopping is not None:
+            return
+        self._stopping = reason
+        self.interrupt()
+        self.inputs.put_nowait("")
+
+    async def stop(self, reason: str) -> None:
+        """End the session and wait until it has (``shutdown`` sent), at most ``STOP_WAIT_S``."""
+        self.request_stop(reason)
+        if self.exit_code is not None:
+            return
+        try:
+            async with asyncio.timeout(STOP_WAIT_S):
+                await self._finished.wait()
+        except TimeoutError:
+            await self._finish(EXIT_OK, reason)
+
     async def executor_lost(self, reason: str) -> None:
         """The session's executor is gone: end the session with a clear error."""
         if self.exit_code is not None:
@@ -228,98 +326,154 @@ class SessionRunner:
         await self._finish(EXIT_RUNTIME, reason)
         self.inputs.put_nowait("")
 
+    async def tool_done(self, agent: AgentLoop, call: ToolUse, result: ToolResult) -> None:
+        """After a tool's result is out: end the session if its sandbox is gone or main called Exit."""
+        if self._sandbox_gone is not None and self.exit_code is None:
+            await self.events.emit("error", {"message": self._sandbox_gone})
+            await self._finish(EXIT_RUNTIME, self._sandbox_gone)
+        elif call.name == "Exit" and agent.parent is None and not result.is_error:
+            await self._finish(EXIT_OK, str(call.input.get("message") or "done"))
+
     async def _run_turn(self, text: str | None, pending: list[ToolUse] | None = None) -> None:
         if text is not None:
             if self.journal is not None:
                 await self.journal.lifecycle("turn")
-            await self.events.emit("user_prompt", {"text": text})
             await self.events.emit("busy", {"busy": True})
             notes, self.notes = self.notes, []
             self.messages.append({"role": "user", "content": "\n\n".join([*notes, text])})
-        for call in pending or ():
-            result = await self._call_tool(call)
-            self.messages.append({"role": "tool", "tool_call_id": call.id, "content": result.content,
-                                  "is_error": result.is_error})
-            if self.exit_code is not None:
-                return
-        nudges = 0
-        while self.exit_code is None:
-            response = await self.llm.complete(self.messages, self.tools, agent="main")
-            if self.journal is not None:  # after the call: ``messages`` as sent (compaction works in place)
-                await self.journal.llm_request("main", self.model.name, self.messages, self.tools)
-                await self.journal.llm_response("main", response.text, response.tool_calls,
-                                                response.usage.as_dict())
-            if response.text:
-                await self.events.emit("assistant_text", {"text": response.text, "final": True})
-            self.messages.append({
-                "role": "assistant", "content": response.text,
-                "tool_calls": [{"id": c.id, "name": c.name, "input": c.input} for c in response.tool_calls],
-            })
-            if not response.tool_calls:
-                if not self.headless:
-                    break
-                nudges += 1
-                if nudges > MAX_HEADLESS_NUDGES:
-                    raise ModelFailure(f"model stopped {nudges} times without calling Exit")
-                self.messages.append({"role": "user", "content": HEADLESS_REMINDER})
-                continue
-            for call in response.tool_calls:
-                result = await self._call_tool(call)
-                self.messages.append({"role": "tool", "tool_call_id": call.id, "content": result.content,
-                                      "is_error": result.is_error})
-                if self.exit_code is not None:
-                    return
-        await self.events.emit("busy", {"busy": False})
-        await self.events.emit("turn_complete")
+        await self.main.converse(pending or [])
+        if self.exit_code is None:
+            await self.events.emit("busy", {"busy": False})
+            await self.events.emit("turn_complete")
 
-    async def _call_tool(self, call: ToolUse) -> ToolResult:
-        result = await self._run_tool(call)
-        if self.journal is not None:
-            await self.journal.tool_result("main", call.id, call.name, result.content, result.is_error,
-                                           result.meta, self._owner(call))
-        return result
+    async def complete(self, agent: AgentLoop, on_text: TextSink) -> ModelResponse:
+        """One model request of ``agent`` through the session's gate (compaction, quota, cost event)."""
+        response = await self.llm.complete(agent.messages, agent.tools, agent=agent.id, on_text=on_text)
+        if self.journal is not None:  # after the call: ``messages`` as sent (compaction works in place)
+            await self.journal.llm_request(agent.id, self.model.name, agent.messages, agent.tools)
+            await self.journal.llm_response(agent.id, response.text, response.tool_calls,
+                                            response.usage.as_dict())
+        return response
 
-    def _owner(self, call: ToolUse) -> str:
-        return self.executor_id if call.name in SANDBOX_TOOLS else "harness"
-
-    async def _run_tool(self, call: ToolUse) -> ToolResult:
-        if self.journal is not None:
-            await self.journal.tool_call("main", call.id, call.name, call.input, self._owner(call))
-        await self.events.emit("tool_use", {"id": call.id, "name": call.name, "input": call.input})
-        if call.input_error is not None:
-            result = ToolResult(call_id=call.id, is_error=True,
-                                content=f"{call.name}: {call.input_error}; call it again with a JSON object")
-        elif call.name not in self.tools:
-            result = ToolResult(call_id=call.id, is_error=True,
-                                content=f"unknown tool {call.name!r}; available: {', '.join(self.tools)}")
-        elif call.name == "Exit":
-            message = str(call.input.get("message", ""))
-            result = ToolResult(call_id=call.id, content="exiting")
+    async def journal_tool(self, agent: AgentLoop, call: ToolUse, result: ToolResult | None) -> None:
+        """Journal a tool call (``result`` None) or its result."""
+        if self.journal is None:
+            return
+        owner = self.executor_id if call.name in (*SANDBOX_TOOLS, "SendUserFile") else "harness"
+        if result is None:
+            await self.journal.tool_call(agent.id, call.id, call.name, call.input, owner)
         else:
-            try:
-                result = await self.bus.request(
-                    subjects.exec_tool(self.executor_id, self.sid),
-                    ToolCall(call_id=call.id, name=call.name, input=call.input),
-                    ToolResult, from_role=Role.EXECUTOR, sid=self.sid, timeout=660.0,
-                )
-            except RemoteError as exc:
-                result = ToolResult(call_id=call.id, is_error=True, content=f"tool failed: {exc}")
-                if exc.code == SandboxClosed.code:
-                    # No sandbox, no session: end it here (interrupting would cancel this very turn).
-                    self._executor_lost = True
-                    await self.events.emit("tool_result", {"id": call.id, "name": call.name,
-                                                           "content": result.content, "is_error": True,
-                                                           "meta": {}})
-                    await self.events.emit("error", {"message": exc.message})
-                    await self._finish(EXIT_RUNTIME, exc.message)
-                    return result
-        await self.events.emit("tool_result", {
-            "id": call.id, "name": call.name, "content": result.content,
-            "is_error": result.is_error, "meta": result.meta,
+            await self.journal.tool_result(agent.id, call.id, call.name, result.content, result.is_error,
+                                           result.meta, owner)
+
+    # -- tools that leave the harness ------------------------------------------------------
+
+    async def run_in_sandbox(self, agent: AgentLoop, call: ToolUse) -> ToolResult:
+        """Run a sandbox tool on the session's executor; its output streams as ``tool_output``."""
+        result = await self._executor_call(agent, call, call.name, call.input)
+        return result.model_copy(update={"call_id": call.id})
+
+    async def share_file(self, agent: AgentLoop, call: ToolUse, args: SendUserFileInput) -> ToolResult:
+        """Read a workspace file through the executor and hand it to every client (``file_shared``)."""
+        got = await self._executor_call(agent, call, "SendUserFile", args.model_dump())
+        if got.is_error:
+            return got.model_copy(update={"call_id": call.id})
+        meta = got.meta
+        if not (isinstance(meta.get("data"), str) and isinstance(meta.get("size"), int)
+                and isinstance(meta.get("sha256"), str)):
+            return ToolResult(call_id=call.id, is_error=True, content="SendUserFile: the executor's answer was malformed")
+        await agent.emit("file_shared", {
+            "path": args.path, "caption": args.caption, "size": meta["size"], "sha256": meta["sha256"],
+            "data": meta["data"], "direction": "download",
         })
-        if call.name == "Exit":
-            await self._finish(EXIT_OK, message or "done")
+        return ToolResult(call_id=call.id, content=f"sent {args.path} ({meta['size']} bytes) to the user",
+                          meta={"size": meta["size"], "sha256": meta["sha256"]})
+
+    async def _executor_call(self, agent: AgentLoop, call: ToolUse, name: str, args: dict[str, Any]) -> ToolResult:
+        # The executor knows a call by the model's id (the journal and replays do too), unless that
+        # id is unusable or already in flight here (agents run at once; a model may repeat one).
+        wire_id = call.id
+        if wire_id in self._calls or len(wire_id) > 100:
+            wire_id = f"{call.id[:60]}~{next(self._wire_ids)}"
+        running = self._calls[wire_id] = RunningCall(agent.id, call.id)
+        try:
+            result = await self.bus.request(
+                subjects.exec_tool(self.executor_id, self.sid),
+                ToolCall(call_id=wire_id, name=name, input=args),
+                ToolResult, from_role=Role.EXECUTOR, sid=self.sid, timeout=660.0,
+            )
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancel_call(wire_id))
+            raise
+        except RemoteError as exc:
+            if exc.code == SandboxClosed.code:
+                # No sandbox, no session: it ends once this result is out (tool_done), not by
+                # interrupting, which would cancel this very turn.
+                self._executor_lost = True
+                self._sandbox_gone = exc.message
+            return ToolResult(call_id=wire_id, is_error=True, content=f"tool failed: {exc}")
+        except SiloError as exc:  # e.g. a reply that did not verify: the model hears of it, the session goes on
+            self.log.warning("tool_reply_rejected", call=wire_id, error=str(exc))
+            return ToolResult(call_id=wire_id, is_error=True, content=f"tool failed: {exc}")
+        finally:
+            self._calls.pop(wire_id, None)
+        chunks = result.meta.get("output_chunks")
+        if isinstance(chunks, int) and running.seen < chunks:
+            self._calls[wire_id] = running  # output still on its way: let it land before the result
+            try:
+                async with asyncio.timeout(OUTPUT_DRAIN_S):
+                    while running.seen < chunks:
+                        running.changed.clear()
+                        await running.changed.wait()
+            except TimeoutError:
+                self.log.warning("tool_output_missing", call=wire_id, seen=running.seen, sent=chunks)
+            finally:
+                self._calls.pop(wire_id, None)
         return result
+
+    async def _cancel_call(self, wire_id: str) -> None:
+        try:
+            await self.bus.request(subjects.exec_cancel(self.executor_id, self.sid), ToolCancel(call_id=wire_id),
+                                   Ack, from_role=Role.EXECUTOR, sid=self.sid, timeout=10.0)
+        except SiloError as exc:
+            self.log.warning("tool_cancel_failed", call=wire_id, error=str(exc))
+
+    async def tool_output(self, sender: str, out: ToolOutput) -> None:
+        """Streamed output of a running call, from the executor: passed on as ``tool_output``.
+
+        Chunks from another service, for calls not running, or out of order are dropped.
+        """
+        running = self._calls.get(out.call_id)
+        why = ("other_sender" if sender != self.executor_id else "not_running" if running is None
+               else "out_of_order" if out.seq != running.seen else None)
+        if why is not None or running is None:
+            self.metrics.output_dropped.labels(reason=why).inc()
+            self.log.info("tool_output_dropped", reason=why, sender=sender, call=out.call_id, seq=out.seq)
+            return
+        running.seen += 1
+        await self.events.emit("tool_output", {"id": running.call_id, "stream": out.stream, "data": out.data},
+                               agent=running.agent)
+        running.changed.set()
+
+    # -- the session's users ------------------------------------------------------------------
+
+    async def ask(self, agent: AgentLoop, call: ToolUse, args: AskUserQuestionInput) -> ToolResult:
+        """Ask every client; the first valid answer is the result (an interrupt cancels the question)."""
+        question = self.questions.ask(args)
+        try:  # an emit cut short by a cancel was still published (see SessionEvents.emit)
+            await agent.emit("question_asked", {
+                "id": question.id, "question": args.question, "options": [o.model_dump() for o in args.options],
+                "multi_select": args.multi_select, "allow_free_text": args.allow_free_text,
+            })
+            won = await question.future
+        except asyncio.CancelledError:
+            self.questions.cancel(question.id)
+            await agent.emit("question_answered", {"id": question.id, "cancelled": True})
+            raise
+        await agent.emit("question_answered", {"id": question.id, "client": won.client,
+                                               "selected": list(won.selected), "text": won.text})
+        return ToolResult(call_id=call.id, content=answer_text(won.selected, won.text, won.client),
+                          meta={"question": question.id, "client": won.client})
 
     async def _finish(self, code: int, reason: str) -> None:
         if self.exit_code is not None:
@@ -328,6 +482,7 @@ class SessionRunner:
         await self.events.emit("shutdown", {"exit_code": code, "reason": reason})
         if self.journal is not None:
             await self.journal.lifecycle("ended", exit_code=code, reason=reason)
+        self._finished.set()
 
     async def _close_sandbox(self) -> None:
         if self._executor_lost or self._abandoned:

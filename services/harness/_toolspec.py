@@ -5,14 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from devsilo.protocol import SANDBOX_TOOLS
-
-EXIT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"message": {"type": "string", "description": "A short summary of what was done."}},
-    "required": ["message"],
-    "additionalProperties": False,
-}
+from devsilo.protocol import HARNESS_TOOLS, SANDBOX_TOOLS
 
 
 @dataclass(frozen=True)
@@ -25,17 +18,26 @@ class ToolSpec:
 
 
 def tool_spec(name: str) -> ToolSpec:
-    """The spec of the harness tool ``name`` (sandbox tools from their input models)."""
-    if name == "Exit":
-        return ToolSpec("Exit", "End the session (headless runs) with a short summary.", EXIT_SCHEMA)
-    model = SANDBOX_TOOLS.get(name)
+    """The spec of the tool ``name``, from its input model."""
+    model = SANDBOX_TOOLS.get(name) or HARNESS_TOOLS.get(name)
     if model is None:
         raise KeyError(f"no spec for tool {name!r}")
     schema = model.model_json_schema()
-    schema.pop("title", None)
-    for prop in schema.get("properties", {}).values():
-        prop.pop("title", None)
-    return ToolSpec(name, (model.__doc__ or name).strip(), schema)
+    _drop_titles(schema)
+    return ToolSpec(name, " ".join((model.__doc__ or name).split()), schema)
+
+
+def _drop_titles(node: Any) -> None:
+    """Pydantic's generated titles only repeat the names; models need not read them."""
+    if isinstance(node, dict):
+        title = node.get("title")
+        if isinstance(title, str):
+            del node["title"]
+        for value in node.values():
+            _drop_titles(value)
+    elif isinstance(node, list):
+        for value in node:
+            _drop_titles(value)
 
 
 def tool_specs(names: list[str]) -> list[ToolSpec]:

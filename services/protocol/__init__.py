@@ -19,6 +19,7 @@ from ._errors import (
     ConfigError,
     Expired,
     GrantError,
+    InputRefused,
     InvalidBody,
     Malformed,
     MessageRejected,
@@ -39,14 +40,19 @@ from ._errors import (
 )
 from ._grant import open_grant, seal_grant
 from ._messages import (
+    HARNESS_TOOLS,
     MESSAGE_TYPES,
     SANDBOX_TOOLS,
     SHELL_ACK_EVERY,
     SHELL_CHUNK,
     SHELL_SIGNALS,
     SHELL_WINDOW,
+    TOOL_OUTPUT_CHUNK,
     AccessReport,
     Ack,
+    AgentInput,
+    AskUserQuestionInput,
+    AwaitAgentInput,
     BashInput,
     CloseSession,
     EditInput,
@@ -56,6 +62,7 @@ from ._messages import (
     ErrorReply,
     EventKind,
     ExecutorAnnounce,
+    ExitInput,
     FileUpload,
     FileUploaded,
     GlobInput,
@@ -69,8 +76,11 @@ from ._messages import (
     LLMChoice,
     Message,
     NetworkRecord,
+    QuestionAnswer,
+    QuestionOption,
     ReadInput,
     RelayHello,
+    SendUserFileInput,
     SessionEvent,
     SessionGrant,
     SessionInput,
@@ -83,9 +93,12 @@ from ._messages import (
     ShellOutput,
     StartSession,
     ToolCall,
+    ToolCancel,
     ToolInput,
+    ToolOutput,
     ToolResult,
     WebFetchInput,
+    WebSearchInput,
     WorkspaceInfo,
     WorkspaceReply,
     WorkspaceRequest,
@@ -93,11 +106,14 @@ from ._messages import (
     workspace_relative,
 )
 from ._replay import ReplayCache
-from ._transfer import RemoteLock, TransferPlan
 from ._roster import RosterEntry, ServiceIdentity, TrustRoster, key_id
 from ._subjects import Role
+from ._transfer import RemoteLock, TransferPlan
 
 __all__ = [
+    "HARNESS_TOOLS", "TOOL_OUTPUT_CHUNK", "AgentInput", "AskUserQuestionInput", "AwaitAgentInput",
+    "ExitInput", "InputRefused", "QuestionAnswer", "QuestionOption", "SendUserFileInput", "ToolCancel",
+    "ToolOutput", "WebSearchInput",
     "SandboxClosed",
     "WorkspaceInfo", "WorkspaceReply", "WorkspaceRequest",
     "RemoteLock", "TransferPlan",

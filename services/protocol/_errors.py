@@ -16,6 +16,7 @@
     │       └── InvalidBody
     ├── GrantError                  a session grant that is forged, expired or exceeds limits
     ├── RemoteError                 a service answered a request with an error reply
+    ├── InputRefused                the harness refused a client's input (e.g. a closed question)
     ├── PoolError                   no executor could take a session (capacity, limits, backend)
     ├── SandboxError                a sandbox could not be started or died
     │   └── SandboxClosed           a session's sandbox was closed under it
@@ -126,6 +127,14 @@ class RemoteError(SiloError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class InputRefused(SiloError):
+    """The harness refused a client's input; ``code`` says why (e.g. ``question_closed``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class PoolError(SiloError):

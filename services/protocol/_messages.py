@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ._errors import UploadError
 from ._subjects import EVENTS_SUBJECTS, GRANT, HARNESS_START, INBOX_PREFIX, POOL_ANNOUNCE_ALL
@@ -214,6 +214,33 @@ class ToolResult(Message):
     content: str
     is_error: bool = False
     meta: dict[str, Any] = Field(default_factory=dict)
+
+
+TOOL_OUTPUT_CHUNK = 16 * 1024
+"""Most characters of streamed tool output one ``ToolOutput`` carries (chunks are coalesced up to it)."""
+
+
+class ToolOutput(Message):
+    """Output of a running tool call, streamed from the executor to the session's harness.
+
+    ``seq`` counts from 0 per call; the harness drops chunks that are out of order, from
+    another executor, or for a call it is not running.
+    """
+
+    TYPE = "tool_output"
+    SUBJECTS = ("silo.session.*.output",)
+    call_id: str = Field(max_length=128)
+    seq: int = Field(ge=0)
+    stream: Literal["stdout", "stderr"]
+    data: str = Field(max_length=TOOL_OUTPUT_CHUNK)
+
+
+class ToolCancel(Message):
+    """Harness asks the executor to stop a running tool call (its command is killed)."""
+
+    TYPE = "tool_cancel"
+    SUBJECTS = ("silo.exec.*.*.cancel",)
+    call_id: str = Field(max_length=128)
 
 
 class CloseSession(Message):
@@ -583,6 +610,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         LeaseGranted,
         ToolCall,
         ToolResult,
+        ToolOutput,
+        ToolCancel,
         CloseSession,
         EgressSessionOpen,
         EgressSessionClose,
@@ -669,6 +698,13 @@ class WebFetchInput(ToolInput):
     max_bytes: int = Field(default=1024 * 1024, ge=1, le=5 * 1024 * 1024)
 
 
+class WebSearchInput(ToolInput):
+    """Search the web from inside the sandbox through the configured search endpoint (which must
+    be on the session's allow-list); returns the endpoint's answer."""
+
+    query: str = Field(min_length=1, max_length=2048)
+
+
 SANDBOX_TOOLS: dict[str, type[ToolInput]] = {
     "Bash": BashInput,
     "Read": ReadInput,
@@ -677,4 +713,80 @@ SANDBOX_TOOLS: dict[str, type[ToolInput]] = {
     "Glob": GlobInput,
     "Grep": GrepInput,
     "WebFetch": WebFetchInput,
+    "WebSearch": WebSearchInput,
 }
+
+
+# Tools the harness runs itself (Agent, AwaitAgent, Exit) or with the session's clients.
+class AgentInput(ToolInput):
+    """Start a subagent on ``prompt``; returns its id at once. It works concurrently in the same
+    sandbox; collect its final answer with AwaitAgent."""
+
+    prompt: str = Field(min_length=1, max_length=256 * 1024)
+    name: str = Field(default="agent", min_length=1, max_length=64)
+
+
+class AwaitAgentInput(ToolInput):
+    """Wait for the subagent ``agent`` (an id from Agent) or, without one, for the first of your
+    unfinished subagents to finish; returns its final answer."""
+
+    agent: str | None = Field(default=None, max_length=64)
+
+
+class QuestionOption(ToolInput):
+    """One answer a user may pick."""
+
+    label: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=2000)
+
+
+class AskUserQuestionInput(ToolInput):
+    """Ask the user a question and wait for the answer: one of ``options`` (several with
+    ``multi_select``) and, with ``allow_free_text``, text of their own."""
+
+    question: str = Field(min_length=1, max_length=8192)
+    options: tuple[QuestionOption, ...] = Field(default=(), max_length=32)
+    multi_select: bool = False
+    allow_free_text: bool = False
+
+    @model_validator(mode="after")
+    def _answerable(self) -> AskUserQuestionInput:
+        labels = [o.label for o in self.options]
+        if len(set(labels)) != len(labels):
+            raise ValueError("option labels must differ from each other")
+        if not labels and not self.allow_free_text:
+            raise ValueError("give options, or allow_free_text, or both")
+        return self
+
+
+class SendUserFileInput(ToolInput):
+    """Send a file of the workspace to the user (any bytes; size limited)."""
+
+    path: str = Field(min_length=1, max_length=4096)
+    caption: str = Field(default="", max_length=2000)
+
+
+class ExitInput(ToolInput):
+    """End the session (headless runs) with a short summary."""
+
+    # Models are asked for a message; an Exit without one still ends the session.
+    model_config = ConfigDict(json_schema_extra={"required": ["message"]})
+    message: str = Field(default="", max_length=64 * 1024, description="A short summary of what was done.")
+
+
+HARNESS_TOOLS: dict[str, type[ToolInput]] = {
+    "Agent": AgentInput,
+    "AwaitAgent": AwaitAgentInput,
+    "AskUserQuestion": AskUserQuestionInput,
+    "SendUserFile": SendUserFileInput,
+    "Exit": ExitInput,
+}
+"""Tools the harness handles (SendUserFile reads its file through the executor)."""
+
+
+class QuestionAnswer(BaseModel):
+    """A client's answer to a question: the picked labels and/or free text (JSON in ``SessionInput.text``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    selected: tuple[str, ...] = Field(default=(), max_length=32)
+    text: str | None = Field(default=None, max_length=64 * 1024)

@@ -13,6 +13,8 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.exec.<eid>.<sid>.upload    gateway  -> executor  FileUpload (request): a client's file into
                                                           the session's workspace (bytes in the
                                                           workspace object store)
+    silo.exec.<eid>.<sid>.cancel    harness  -> executor  ToolCancel (request): stop a running call
+    silo.session.<sid>.output       executor -> harness   ToolOutput: a running call's output
     silo.egress.<gid>.session       executor -> egress    EgressSessionOpen / EgressSessionClose
     silo.egress.any.session         executor -> egress    same, any egress (queue group)
     silo.journal.<sid>              harness  -> stream    JournalRecord (JetStream JOURNAL)
@@ -119,6 +121,19 @@ def exec_tool(eid: str, sid: str) -> str:
     return f"silo.exec.{check_id(eid, 'executor id')}.{check_id(sid, 'session id')}.tool"
 
 
+def exec_cancel(eid: str, sid: str) -> str:
+    """Subject on which the harness tells an executor to stop one of a session's running tool calls."""
+    return f"silo.exec.{check_id(eid, 'executor id')}.{check_id(sid, 'session id')}.cancel"
+
+
+SESSION_OUTPUT_ALL = "silo.session.*.output"
+
+
+def session_output(sid: str) -> str:
+    """Subject on which an executor streams a session's running tool output to the harness."""
+    return f"silo.session.{check_id(sid, 'session id')}.output"
+
+
 def pool_announce(eid: str) -> str:
     """Subject on which an executor announces itself and its free capacity."""
     return f"silo.pool.announce.{check_id(eid, 'executor id')}"
@@ -207,10 +222,12 @@ PUBLISH: dict[Role, tuple[str, ...]] = {
         "silo.exec.*.lease",
         "silo.exec.*.*.tool",
         "silo.exec.*.*.close",
+        "silo.exec.*.*.cancel",
         HARNESS_JOURNAL,
         SESSION_OWNERS_SUBJECTS,
     ),
-    Role.EXECUTOR: ("silo.egress.*.session", POOL_ANNOUNCE_ALL, SHELL_OUTPUT_ALL, EGRESS_RELAY_ALL),
+    Role.EXECUTOR: ("silo.egress.*.session", POOL_ANNOUNCE_ALL, SHELL_OUTPUT_ALL, EGRESS_RELAY_ALL,
+                    SESSION_OUTPUT_ALL),
     Role.EGRESS: (EGRESS_JOURNAL,),
 }
 
@@ -218,7 +235,8 @@ PUBLISH: dict[Role, tuple[str, ...]] = {
 # in depth; the signature checks above are the application-level guarantee).
 SUBSCRIBE: dict[Role, tuple[str, ...]] = {
     Role.GATEWAY: (EVENTS_SUBJECTS, POOL_ANNOUNCE_ALL, SHELL_OUTPUT_ALL),
-    Role.HARNESS: (HARNESS_START, "silo.session.*.input", POOL_ANNOUNCE_ALL, HARNESS_JOURNAL_EXPORT),
+    Role.HARNESS: (HARNESS_START, "silo.session.*.input", POOL_ANNOUNCE_ALL, HARNESS_JOURNAL_EXPORT,
+                   SESSION_OUTPUT_ALL),
     Role.EXECUTOR: ("silo.exec.>", SHELL_INPUT_ALL),
     Role.EGRESS: ("silo.egress.*.session",),
 }

@@ -188,6 +188,20 @@ class Interrupt(ClientFrame):
     session_id: str = Field(pattern=SESSION_ID_PATTERN)
 
 
+class AnswerQuestion(ClientFrame):
+    """Answer a session's open question: labels of its options and/or free text.
+
+    The first answer wins; a later one gets an ``error`` with code ``question_closed``
+    naming the client that answered first.
+    """
+
+    type: Literal["answer_question"] = "answer_question"
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    question_id: str = Field(pattern=SESSION_ID_PATTERN)
+    selected: tuple[Annotated[str, Field(max_length=200)], ...] = Field(default=(), max_length=32)
+    text: str | None = Field(default=None, max_length=64 * 1024)
+
+
 class Shutdown(ClientFrame):
     """Stop a session: its agent ends and its sandbox closes."""
 
@@ -382,7 +396,8 @@ class JournalExport(ClientFrame):
 
 
 ClientRequest = Annotated[
-    Authenticate | CreateSession | Attach | Prompt | Interrupt | Shutdown | WorkspaceCommand | ListSessions
+    Authenticate | CreateSession | Attach | Prompt | AnswerQuestion | Interrupt | Shutdown | WorkspaceCommand
+    | ListSessions
     | Ping | ShellOpenFrame | ShellInputFrame | ShellResizeFrame | ShellSignalFrame
     | WorkspaceUpload | WorkspaceChunk | WorkspaceUploadCommit | WorkspaceFetchChunk
     | WorkspaceTransferDone | Pair | PairingCodeRequest | ListClients | RevokeClient | JournalExport

@@ -310,6 +310,14 @@ class TestInternet:
             self.hits[site.name] += 1
             return web.Response(body=await request.read())
 
+        async def search(request: web.Request) -> web.Response:
+            # A search API's shape: the query back, and results that depend on it.
+            self.hits[site.name] += 1
+            query = request.query.get("q", "")
+            return web.json_response({"query": query, "results": [
+                {"title": f"{word} explained", "url": f"https://{site.name}/wiki/{word}"}
+                for word in query.split()]})
+
         async def ws(request: web.Request) -> web.WebSocketResponse:
             self.hits[site.name] += 1
             sock = web.WebSocketResponse()
@@ -320,6 +328,7 @@ class TestInternet:
             return sock
 
         app.router.add_get("/hello", hello)
+        app.router.add_get("/search", search)
         app.router.add_get("/headers", headers)
         app.router.add_get("/bytes", some_bytes)
         app.router.add_post("/echo", echo)
