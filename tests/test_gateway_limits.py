@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from devsilo.gateway._limits import Limits, LimitError, check_request
+from devsilo.gateway._limits import LimitError, Limits, check_request
 from devsilo.protocol import ConfigError, GrantError
 from devsilo.testing import Stack
 

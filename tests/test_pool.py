@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from devsilo.runtime._pool import PoolView
 from devsilo.protocol import ExecutorAnnounce
+from devsilo.runtime._pool import PoolView
 from devsilo.testing import Stack
 
 

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from devsilo.executor._risk import check_workspace
 from devsilo.protocol import GrantError
 

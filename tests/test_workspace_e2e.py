@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-
-import pytest
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from devsilo.testing import Stack
 
 

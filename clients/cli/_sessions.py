@@ -150,8 +150,7 @@ def _print_workspace(res: WorkspaceResult, cmd: WorkspaceCommand, out: TextIO, *
                 if w.get("storage") == "ext4":
                     line += ", in an ext4 image mounted only in the executor's namespace"
             out.write(line + "\n")
-            for warning in w.get("warnings") or []:
-                out.write(f"  warning: {warning}\n")
+            out.writelines(f"  warning: {warning}\n" for warning in w.get("warnings") or [])
     if res.op == "unlock" and res.auto_exec_changed and not cmd.accept:
         if not as_json:
             out.write("An auto-exec surface changed: review it before running anything here "
