@@ -381,3 +381,11 @@ def test_a_long_session_is_compacted_and_finishes(cost_stack: Stack, tmp_path: P
     assert [c.get("purpose") for c in costs] == [None, None, "compaction", None]
     assert costs[2]["compaction"]["messages_replaced"] >= 2
     assert events[-1]["data"]["reason"] == "compacted and done"
+    # The conversation the summary replaced is kept whole in the journal.
+    export = silo(cost_stack, "journal", "export", events[0]["session_id"])
+    assert export.returncode == 0, export.stderr
+    records = [json.loads(line) for line in export.stdout.splitlines()]
+    kept = [r["data"] for r in records if r["kind"] == "lifecycle" and r["data"]["what"] == "compacted"]
+    assert len(kept) == 1 and kept[0]["summary"].startswith("Summary: printed two long numbers")
+    originals = json.dumps(kept[0]["original"])
+    assert kept[0]["original_count"] > kept[0]["new_count"] and originals.count("0" * 2399 + "7") == 2

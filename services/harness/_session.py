@@ -149,6 +149,8 @@ class SessionRunner:
         self.events = SessionEvents(bus, self.sid, clock, journal=journal, next_seq=next_seq)
         self.log = log.bind(session=self.sid)
         self.llm = (policy or ModelPolicy.from_options({})).gate(model, grant, self.events.emit, logger=self.log)
+        if journal is not None:
+            self.llm.on_compacted = self._journal_compaction
         self.notes: list[str] = []
         """Things the model is told with the next prompt (files users uploaded)."""
         self.inputs: asyncio.Queue[str] = asyncio.Queue()
@@ -354,6 +356,13 @@ class SessionRunner:
             await self.journal.llm_response(agent.id, response.text, response.tool_calls,
                                             response.usage.as_dict())
         return response
+
+    async def _journal_compaction(self, original: list[dict[str, Any]], replaced_by: list[dict[str, Any]],
+                                  summary: str) -> None:
+        """Keep what a compaction replaced: the whole original conversation and the summary."""
+        assert self.journal is not None
+        await self.journal.lifecycle("compacted", summary=summary, original=original,
+                                     original_count=len(original), new_count=len(replaced_by))
 
     async def journal_tool(self, agent: AgentLoop, call: ToolUse, result: ToolResult | None) -> None:
         """Journal a tool call (``result`` None) or its result."""
