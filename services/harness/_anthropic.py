@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import anthropic
 import httpx2
 
-from ._model import ModelFailure, ModelResponse, TextSink, ToolUse, Usage
+from ._model import ModelFailure, ModelResponse, TextSink, ToolUse, Usage, tool_use_from_json
 from ._retry import RetryableFailure, RetryPolicy, Sleep, parse_retry_after, with_retries
 from ._toolspec import tool_specs
 
@@ -167,12 +166,4 @@ class AnthropicModel:
         ))
 
     def _tool_use(self, block: dict[str, Any]) -> ToolUse:
-        raw = "".join(block["json"]) or "{}"
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            return ToolUse(id=block["id"], name=block["name"], input={},
-                           input_error=f"the arguments were not a JSON object: {raw[:200]!r}")
-        return ToolUse(id=block["id"], name=block["name"], input=data)
+        return tool_use_from_json(block["id"], block["name"], "".join(block["json"]))

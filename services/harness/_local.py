@@ -31,7 +31,8 @@ import httpx2
 import openai
 import structlog
 
-from ._model import ModelFailure, ModelResponse, TextSink, ToolUse, Usage
+from ._model import ModelFailure, ModelResponse, TextSink, ToolUse, Usage, tool_use_from_json
+from ._openai import openai_error_message
 from ._retry import RetryableFailure, RetryPolicy, Sleep, parse_retry_after, with_retries
 from ._toolspec import tool_specs
 
@@ -251,7 +252,7 @@ class LocalChatModel:
         try:
             return await self._stream(request, on_text)
         except openai.APIStatusError as exc:
-            detail = self._redact(f"HTTP {exc.status_code}: {_error_message(exc)}"[:1000])
+            detail = self._redact(f"HTTP {exc.status_code}: {openai_error_message(exc)}"[:1000])
             if exc.status_code == 429 or exc.status_code >= 500:
                 raise RetryableFailure(detail, parse_retry_after(exc.response.headers)) from None
             raise ModelFailure(f"local model {self.model} refused the request: {detail}") from None
@@ -298,26 +299,7 @@ class LocalChatModel:
         return ModelResponse("".join(text), tool_calls, _usage(usage))
 
     def _tool_use(self, index: int, call: dict[str, Any]) -> ToolUse:
-        call_id = call["id"] or f"call_{index}"
-        raw = "".join(call["args"]) or "{}"
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            return ToolUse(id=call_id, name=call["name"], input={},
-                           input_error=f"the arguments were not a JSON object: {raw[:200]!r}")
-        return ToolUse(id=call_id, name=call["name"], input=data)
-
-
-def _error_message(exc: openai.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        message = inner.get("message") if isinstance(inner, dict) else None
-        if isinstance(message, str):
-            return message
-    return exc.message
+        return tool_use_from_json(call["id"] or f"call_{index}", call["name"], "".join(call["args"]))
 
 
 def _usage(u: Any) -> Usage:

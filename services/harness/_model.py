@@ -43,6 +43,19 @@ class ToolUse:
     saying so (and ``input`` is empty), so the model can try again."""
 
 
+def tool_use_from_json(call_id: str, name: str, raw: str) -> ToolUse:
+    """A tool call from a model's argument text: its input, or ``input_error`` when the text
+    is not a JSON object (the model then gets an error result and may try again)."""
+    try:
+        data = json.loads(raw or "{}")
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return ToolUse(id=call_id, name=name, input={},
+                       input_error=f"the arguments were not a JSON object: {raw[:200]!r}")
+    return ToolUse(id=call_id, name=name, input=data)
+
+
 @dataclass(frozen=True)
 class Usage:
     """Tokens one completion used, the same way for every backend.
@@ -128,14 +141,7 @@ class _ScriptCall(BaseModel):
     def to_use(self, call_id: str) -> ToolUse:
         if self.arguments is None:
             return ToolUse(id=call_id, name=self.name, input=dict(self.input))
-        try:
-            data = json.loads(self.arguments)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            return ToolUse(id=call_id, name=self.name, input={},
-                           input_error=f"the arguments were not a JSON object: {self.arguments[:200]!r}")
-        return ToolUse(id=call_id, name=self.name, input=data)
+        return tool_use_from_json(call_id, self.name, self.arguments)
 
 
 class _ScriptResponse(BaseModel):

@@ -8,7 +8,7 @@ from typing import Any
 import httpx2
 import openai
 
-from ._model import ModelFailure, ModelResponse, TextSink, ToolUse, Usage
+from ._model import ModelFailure, ModelResponse, TextSink, ToolUse, Usage, tool_use_from_json
 from ._retry import RetryableFailure, RetryPolicy, Sleep, parse_retry_after, with_retries
 from ._toolspec import tool_specs
 
@@ -100,7 +100,7 @@ class OpenAIResponsesModel:
         try:
             return await self._stream(request, on_text)
         except openai.APIStatusError as exc:
-            detail = self._redact(f"HTTP {exc.status_code}: {_error_message(exc)}"[:1000])
+            detail = self._redact(f"HTTP {exc.status_code}: {openai_error_message(exc)}"[:1000])
             if exc.status_code == 429 or exc.status_code >= 500:
                 raise RetryableFailure(detail, parse_retry_after(exc.response.headers)) from None
             raise ModelFailure(f"OpenAI model {self.model} refused the request: {detail}") from None
@@ -149,18 +149,11 @@ class OpenAIResponsesModel:
         return ModelResponse("".join(text), tool_calls, _usage(usage))
 
     def _tool_use(self, call: dict[str, Any]) -> ToolUse:
-        raw = "".join(call["args"]) or "{}"
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            return ToolUse(id=call["call_id"], name=call["name"], input={},
-                           input_error=f"the arguments were not a JSON object: {raw[:200]!r}")
-        return ToolUse(id=call["call_id"], name=call["name"], input=data)
+        return tool_use_from_json(call["call_id"], call["name"], "".join(call["args"]))
 
 
-def _error_message(exc: openai.APIStatusError) -> str:
+def openai_error_message(exc: openai.APIStatusError) -> str:
+    """The message an OpenAI-style error body carries, else the SDK's own."""
     body = exc.body
     if isinstance(body, dict):
         inner = body.get("error", body)

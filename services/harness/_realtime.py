@@ -20,7 +20,7 @@ from typing import Any
 import openai
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from ._model import ModelFailure, ModelResponse, TextSink, ToolUse, Usage
+from ._model import ModelFailure, ModelResponse, TextSink, ToolUse, Usage, tool_use_from_json
 from ._retry import RetryableFailure, RetryPolicy, Sleep, parse_retry_after, with_retries
 from ._toolspec import tool_specs
 
@@ -189,16 +189,7 @@ class OpenAIRealtimeModel:
         return ModelResponse("".join(text), tool_calls, _usage(response.get("usage")))
 
     def _tool_use(self, call_id: str, call: dict[str, Any]) -> ToolUse:
-        raw = "".join(call["args"]) or "{}"
-        name = str(call.get("name") or "")
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            return ToolUse(id=call_id, name=name, input={},
-                           input_error=f"the arguments were not a JSON object: {raw[:200]!r}")
-        return ToolUse(id=call_id, name=name, input=data)
+        return tool_use_from_json(call_id, str(call.get("name") or ""), "".join(call["args"]))
 
 
 def _item_type(event: dict[str, Any]) -> str | None:
