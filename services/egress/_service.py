@@ -114,6 +114,9 @@ async def serve(ctx: ServiceContext) -> None:
 
     def on_record(record: TrafficRecord) -> None:
         metrics.observe(record)
+        if not record.allowed:  # hosts go to the log (and Loki), never into a metric label
+            ctx.log.info("egress_blocked", session=record.session_id, host=record.host[:255], port=record.port,
+                         reason=record.label or "blocked", status=record.status)
         try:
             records.put_nowait(record)
         except asyncio.QueueFull:

@@ -35,6 +35,8 @@ class ModelMetrics:
                                 registry=registry)
         self.quota_stops = Counter("silo_quota_stops_total", "Sessions a quota stopped, by quota.",
                                    ["quota"], registry=registry)
+        for quota in ("tokens", "usd"):  # zeros on the dashboard, not gaps
+            self.quota_stops.labels(quota=quota)
         self.compactions = Counter("silo_context_compactions_total", "Conversations compacted, by backend.",
                                    ["backend"], registry=registry)
 
