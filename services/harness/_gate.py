@@ -45,8 +45,9 @@ class ModelMetrics:
         for kind, n in usage.as_dict().items():
             if n:
                 self.tokens.labels(backend=backend, kind=kind.removesuffix("_tokens")).inc(n)
+        unpriced = self.unpriced.labels(backend=backend)  # a backend's zero shows once it has run
         if usd is None:
-            self.unpriced.labels(backend=backend).inc()
+            unpriced.inc()
         else:
             self.usd.labels(backend=backend).inc(usd)
 
