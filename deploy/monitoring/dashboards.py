@@ -23,8 +23,9 @@ from grafana_foundation_sdk.builders import prometheus as gprom
 from grafana_foundation_sdk.builders import stat as gstat
 from grafana_foundation_sdk.builders import table as gtable
 from grafana_foundation_sdk.builders import timeseries as gts
+from grafana_foundation_sdk.cog.builder import Builder
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.dashboard import DataSourceRef
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, Panel
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "grafana" / "dashboards"
@@ -222,7 +223,7 @@ def _target(query: Query, ref: str) -> gprom.Dataquery | gloki.Dataquery:
     return gprom.Dataquery().expr(query.expr).legend_format(query.legend or "__auto").ref_id(ref).range()
 
 
-def _panel(spec: PanelSpec) -> gd.Panel:
+def _panel(spec: PanelSpec) -> Builder[Panel]:
     builder: gts.Panel | gstat.Panel | gtable.Panel | glogs.Panel
     if spec.kind == "timeseries":
         builder = gts.Panel()
