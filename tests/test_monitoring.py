@@ -283,6 +283,22 @@ async def test_nats_gauges_follow_a_real_connection_through_a_server_restart(
         await nc.close()
 
 
+@needs_prometheus
+def test_alert_rules_fire_when_they_should_and_stay_quiet_otherwise() -> None:
+    """promtool's unit tests of the rules (alerts_test.yml): each alert fires on its case."""
+    tests = MONITORING / "prometheus" / "alerts_test.yml"
+    result = promtool("test", "rules", str(tests))
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = yaml.safe_load(tests.read_text())["tests"]
+    fired = {t["alertname"] for case in cases for t in case["alert_rule_test"] if t["exp_alerts"]}
+    assert fired == {rule["alert"] for rule in alert_rules()}
+    # the unit tests' input series are real metrics with real labels too
+    declared = declared_series()
+    for case in cases:
+        for series in case["input_series"]:
+            assert check_promql(series["series"], declared) == [], series["series"]
+
+
 # --- monitoring for real ------------------------------------------------------------------------
 
 WWW, OTHER = f"www.{ZONE}", f"other.{ZONE}"
