@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from grafana_foundation_sdk.builders import common as gcommon
 from grafana_foundation_sdk.builders import dashboard as gd
 from grafana_foundation_sdk.builders import logs as glogs
 from grafana_foundation_sdk.builders import loki as gloki
@@ -25,6 +26,7 @@ from grafana_foundation_sdk.builders import table as gtable
 from grafana_foundation_sdk.builders import timeseries as gts
 from grafana_foundation_sdk.cog.builder import Builder
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, Panel
 
 HERE = Path(__file__).resolve().parent
@@ -226,11 +228,16 @@ def _target(query: Query, ref: str) -> gprom.Dataquery | gloki.Dataquery:
 def _panel(spec: PanelSpec) -> Builder[Panel]:
     builder: gts.Panel | gstat.Panel | gtable.Panel | glogs.Panel
     if spec.kind == "timeseries":
-        builder = gts.Panel()
+        builder = (gts.Panel()
+                   .legend(gcommon.VizLegendOptions().show_legend(True).display_mode(common.LegendDisplayMode.LIST)
+                           .placement(common.LegendPlacement.BOTTOM))
+                   .tooltip(gcommon.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI)
+                            .sort(common.SortOrder.DESCENDING)))
     elif spec.kind == "stat":
-        builder = gstat.Panel()
+        builder = (gstat.Panel().graph_mode(common.BigValueGraphMode.AREA)
+                   .reduce_options(gcommon.ReduceDataOptions().calcs(["lastNotNull"]).values(False)))
     elif spec.kind == "table":
-        builder = gtable.Panel()
+        builder = gtable.Panel().show_header(True)
     else:
         builder = glogs.Panel()
     loki = any(x.loki for x in spec.queries)
