@@ -494,7 +494,10 @@ async def test_prometheus_scrapes_a_running_stack_and_every_panel_and_alert_eval
                 if "le" not in s:  # a histogram counts once per label set, not once per bucket
                     per_metric[s["__name__"]] = per_metric.get(s["__name__"], 0) + 1
             assert {n: c for n, c in per_metric.items() if c > 60} == {}
+            # the relabelling gave every series its service and role, and nothing else of the target's
             assert {s["service"] for s in series} == set(stack.metrics_ports)
+            assert all(s["role"] == cfg.role_of(s["service"]).value for s in series)
+            assert not [s for s in series if any(k.startswith(("__silo", "exported_")) for k in s)]
 
             # the Loki panel's LogQL reads these fields of the egress's JSON log lines
             lines = [json.loads(x) for x in (stack.state_dir / "logs" / "egress.log").read_text().splitlines()
