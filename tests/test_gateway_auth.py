@@ -680,10 +680,10 @@ async def test_certificate_and_keys_survive_a_gateway_restart(stack: Stack, g1: 
 
 
 def test_auth_metrics_count_outcomes_by_method(stack: Stack) -> None:
-    text = stack.metrics("gateway2")
-    assert 'silo_auth_total{method="key",outcome="ok"}' in text
-    assert 'silo_auth_total{method="none",outcome="timeout"}' in text
-    assert 'silo_pairing_attempts_total{outcome="expired_code"}' in text
-    assert 'silo_pairing_attempts_total{outcome="locked_out"}' in text
-    assert "silo_client_connections_accepted_total" in text
+    # known outcomes are pre-declared (zeros), so count them rather than look for their names
+    assert stack.metric("gateway2", "silo_auth_total", 'method="key",outcome="ok"') >= 1
+    assert stack.metric("gateway2", "silo_auth_total", 'method="none",outcome="timeout"') >= 1
+    assert stack.metric("gateway2", "silo_pairing_attempts_total", 'outcome="expired_code"') >= 1
+    assert stack.metric("gateway2", "silo_pairing_attempts_total", 'outcome="locked_out"') >= 1
+    assert stack.metric("gateway2", "silo_client_connections_accepted_total") >= 1
     assert stack.metric("gateway2", "silo_auth_total", 'method="token",outcome="ok"') >= 1

@@ -68,6 +68,8 @@ class EgressMetrics:
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.dns = Counter("silo_egress_dns_queries_total", "Sandbox DNS queries by answer.", ["answer"],
                            registry=registry)
+        for answer in ("answered", "not_allowed", "refused", "malformed", "other_type"):  # zeros, not gaps
+            self.dns.labels(answer=answer)
         self.credentials = Counter("silo_egress_credentials_injected_total", "Requests a credential was injected into.",
                                    registry=registry)
         self.records_dropped = Counter("silo_egress_records_dropped_total",
@@ -114,6 +116,9 @@ async def serve(ctx: ServiceContext) -> None:
 
     def on_record(record: TrafficRecord) -> None:
         metrics.observe(record)
+        if not record.allowed:  # hosts go to the log (and Loki), never into a metric label
+            ctx.log.info("egress_blocked", session=record.session_id, host=record.host[:255], port=record.port,
+                         reason=record.label or "blocked", status=record.status)
         try:
             records.put_nowait(record)
         except asyncio.QueueFull:

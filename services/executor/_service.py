@@ -113,6 +113,8 @@ class ExecutorMetrics:
                               ["state"], registry=reg)
         self.lease_refusals = Counter("silo_lease_refusals_total", "Leases refused, by reason.", ["reason"],
                                       registry=reg)
+        for reason in ("host", "backend", "capacity", "user_limit"):  # zeros on the dashboard, not gaps
+            self.lease_refusals.labels(reason=reason)
         self.tool_calls = Counter("silo_tool_calls_total", "Tool calls by tool and outcome.",
                                   ["tool", "outcome"], registry=reg)
         self.tool_seconds = Histogram("silo_tool_seconds", "Tool call latency by tool.", ["tool"],

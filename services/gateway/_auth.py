@@ -82,6 +82,15 @@ class TokenAuthenticator:
         return Principal(user=LOCAL_USER, client=frame.client_name, operator=True)
 
 
+AUTH_OUTCOMES = (
+    ("token", "ok"), ("token", "bad_credentials"), ("key", "ok"), ("key", "unknown_key"),
+    ("key", "bad_signature"), ("none", "bad_frame"), ("none", "bad_version"), ("none", "timeout"),
+    ("none", "unavailable"),
+)
+"""The (method, outcome) pairs of ``silo_auth_total`` that exist from the start."""
+PAIRING_OUTCOMES = ("ok", "bad_key", "wrong_code", "used_code", "expired_code", "locked_out", "global_limit")
+
+
 class AuthMetrics:
     """Authentication outcomes (low-cardinality labels only)."""
 
@@ -96,6 +105,11 @@ class AuthMetrics:
         self.codes = Counter("silo_pairing_codes_issued_total", "Pairing codes issued.", registry=registry)
         self.revocations = Counter("silo_client_keys_revoked_total", "Client keys revoked.",
                                    registry=registry)
+        # Known outcomes are pre-declared so dashboards and alerts see zeros, not gaps.
+        for method, outcome in AUTH_OUTCOMES:
+            self.auth.labels(method=method, outcome=outcome)
+        for outcome in PAIRING_OUTCOMES:
+            self.pairing.labels(outcome=outcome)
 
 
 class HandshakeFailed(Exception):

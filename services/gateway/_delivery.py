@@ -70,6 +70,8 @@ class DeliveryMetrics:
                                 registry=reg)
         self.overloaded = Counter("silo_overloaded_total", "Overloaded answers to clients, by reason.",
                                   ["reason"], registry=reg)
+        for reason in ("clients", "user_clients", "rate"):  # zeros on the dashboard, not gaps
+            self.overloaded.labels(reason=reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,8 @@ class ModelMetrics:
                                 registry=registry)
         self.quota_stops = Counter("silo_quota_stops_total", "Sessions a quota stopped, by quota.",
                                    ["quota"], registry=registry)
+        for quota in ("tokens", "usd"):  # zeros on the dashboard, not gaps
+            self.quota_stops.labels(quota=quota)
         self.compactions = Counter("silo_context_compactions_total", "Conversations compacted, by backend.",
                                    ["backend"], registry=registry)
 
@@ -43,8 +45,9 @@ class ModelMetrics:
         for kind, n in usage.as_dict().items():
             if n:
                 self.tokens.labels(backend=backend, kind=kind.removesuffix("_tokens")).inc(n)
+        unpriced = self.unpriced.labels(backend=backend)  # a backend's zero shows once it has run
         if usd is None:
-            self.unpriced.labels(backend=backend).inc()
+            unpriced.inc()
         else:
             self.usd.labels(backend=backend).inc(usd)
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 
 class ServiceMetrics:
@@ -50,3 +55,28 @@ class ServiceMetrics:
             "role_not_allowed", "wrong_subject", "expired", "replayed", "invalid_body",
         ):
             self.messages_rejected.labels(reason=reason)
+
+    def watch_nats(self, nc: Any) -> None:
+        """Read the NATS connection's state and reconnect count at every scrape.
+
+        ``silo_nats_reconnects_total`` counts the times this client reconnected,
+        to the same node or another one of the cluster: the services' own view of
+        a NATS node going away (nats-server's /varz and /routez are JSON that
+        Prometheus does not scrape).
+        """
+        self.nats_connected.set_function(lambda: 1.0 if nc.is_connected else 0.0)
+        self.registry.register(_NatsReconnects(nc))
+
+
+class _NatsReconnects(Collector):
+    """``silo_nats_reconnects_total`` from nats-py's own count."""
+
+    def __init__(self, nc: Any) -> None:
+        self._nc = nc
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("silo_nats_reconnects", "Reconnections of this service to NATS.",
+                                  value=float(self._nc.stats.get("reconnects", 0)))
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("silo_nats_reconnects", "Reconnections of this service to NATS.", value=0.0)

@@ -63,7 +63,7 @@ async def run_service(
     roster = state.roster()
     metrics = ServiceMetrics(service_id, role.value)
     nc = await connect_nats(state, service_id, nats_url)
-    metrics.nats_connected.set(1)
+    metrics.watch_nats(nc)
     bus = Bus(nc, identity, roster, metrics, log=log, max_bytes=max_message_bytes)
     stopping = asyncio.Event()
     ctx = ServiceContext(service_id, role, state, bus, log, metrics, stopping, options=dict(options or {}))
@@ -71,7 +71,6 @@ async def run_service(
 
     def status() -> dict[str, object]:
         connected = nc.is_connected
-        metrics.nats_connected.set(1 if connected else 0)
         return {"ok": connected and not stopping.is_set(), "service": service_id, "role": role.value,
                 "pid": os.getpid(),
                 "nats_connected": connected, "uptime_s": round(time.time() - started, 1), **ctx.status}
