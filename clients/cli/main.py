@@ -48,6 +48,17 @@ def _quiet_logging(state: StateDir | None = None) -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     """Create (or rotate) keys, roster, certificates, NATS config and token."""
     state = _state(args)
+    if args.export is not None:
+        from devsilo.runtime._export import DEFAULT_INSTALL_DIR, export_bundle
+
+        if not args.output or not args.roles:
+            raise ConfigError("--export HOST needs --roles ROLE[,ROLE] and -o DIR")
+        for line in export_bundle(state, Path(args.output), args.export, args.roles.split(","),
+                                  install_dir=args.install_dir or DEFAULT_INSTALL_DIR):
+            print(line)
+        return EXIT_OK
+    if args.roles or args.output or args.install_dir:
+        raise ConfigError("--roles, -o and --install-dir go with --export HOST")
     for line in state.initialize(rotate=args.rotate):
         print(line)
     print(f"gateway certificate fingerprint: SHA256 {state.gateway_fingerprint()}")
@@ -379,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", parents=[common], help="create keys, roster, certificates, NATS config and token")
     s.add_argument("--rotate", action="store_true", help="replace existing keys and certificates")
+    s.add_argument("--export", metavar="HOST",
+                   help="write the bundle HOST needs for --roles into -o DIR (keys, roster, CA, config)")
+    s.add_argument("--roles", help="with --export: gateway, harness, executor, egress, nats (comma-separated)")
+    s.add_argument("-o", "--output", metavar="DIR", help="with --export: a new or empty directory")
+    s.add_argument("--install-dir", help="with --export: where the bundle will live on HOST "
+                   "(the NATS server config names it; default /var/lib/devsilo)")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("up", parents=[common], help="run everything on this machine (embedded NATS)")

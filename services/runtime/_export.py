@@ -1,0 +1,198 @@
+"""``silo init --export``: the part of a state directory one host needs, and nothing more.
+
+A bundle is itself a state directory (same layout, 0700 directories, 0600
+files) that ``silo service ROLE --state-dir BUNDLE --nats URL`` runs from.
+What goes in, by the roles the host runs:
+
+=================  =============================================================
+every host         ``roster.json`` (public keys only), ``tls/ca.crt`` (the CA's
+                   certificate, never its key), ``bundle.json`` (what this is)
+each service of    ``keys/<id>.sign`` and ``nats/<id>.nk`` of that service; its
+a listed role      entry in ``config.json`` (options included)
+``gateway``        ``tls/gateway.crt`` and ``.key``, ``gateway/token``, and the
+                   operator's ``tls_cert``/``tls_key`` when those are set
+``nats``           a NATS server certificate for HOST signed by the internal
+                   CA (``tls/nats.crt``, ``.key``) and ``nats/server.conf``
+                   (public nkeys and permissions of every service)
+=================  =============================================================
+
+``config.json`` lists only the bundle's services, so an executor host never
+sees the egress's ``credentials`` store or the harness's ``models`` settings.
+Secrets those options name by absolute path (``api_key_file``, a
+credential's ``file``) stay where the operator put them on that host; the
+export lists them so they can be placed there, and never copies them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from devsilo.protocol import ConfigError, Role
+
+from ._state import (
+    DIR_MODE,
+    INTERNAL_CERT_DAYS,
+    StackConfig,
+    StateDir,
+    _builder,
+    _cert_pem,
+    _key_pem,
+    _leaf,
+    _new_key,
+    _read_private,
+    render_nats_config,
+    write_private,
+)
+
+NATS_ROLE = "nats"
+"""The pseudo-role of a host that runs a nats-server node."""
+EXPORT_ROLES = (*(r.value for r in Role), NATS_ROLE)
+DEFAULT_INSTALL_DIR = "/var/lib/devsilo"
+
+
+def parse_roles(text: str) -> list[str]:
+    """``"executor,egress"`` -> the roles, checked; ConfigError naming a bad one."""
+    roles = [r.strip() for r in text.split(",") if r.strip()]
+    if not roles:
+        raise ConfigError("--roles names no role")
+    for r in roles:
+        if r not in EXPORT_ROLES:
+            raise ConfigError(f"unknown role {r!r} in --roles (known: {', '.join(EXPORT_ROLES)})")
+    return sorted(set(roles), key=EXPORT_ROLES.index)
+
+
+def _host_files(role: Role, options: dict[str, Any]) -> list[str]:
+    """Secret files an option names by path on the host (never copied)."""
+    found: list[str] = []
+    if role is Role.EGRESS:
+        for cred in (options.get("credentials") or {}).values():
+            if isinstance(cred, dict) and cred.get("file"):
+                found.append(str(cred["file"]))
+    if role is Role.HARNESS:
+        for provider in (options.get("models") or {}).values():
+            if isinstance(provider, dict) and provider.get("api_key_file"):
+                found.append(str(provider["api_key_file"]))
+    return found
+
+
+class _Writer:
+    """Writes a bundle's files, creating private directories as needed."""
+
+    def __init__(self, out: StateDir) -> None:
+        self.out = out
+        self.files: list[str] = []
+
+    def write(self, path: Path, data: bytes) -> None:
+        rel = path.relative_to(self.out.root)
+        parent = self.out.root
+        for part in rel.parts[:-1]:
+            parent = parent / part
+            if not parent.exists():
+                parent.mkdir(mode=DIR_MODE)
+                os.chmod(parent, DIR_MODE)
+        write_private(path, data)
+        self.files.append(str(rel))
+
+
+def _fresh_dir(root: Path) -> None:
+    if os.path.lexists(root):
+        if root.is_symlink() or not root.is_dir():
+            raise ConfigError(f"{root} exists and is not a directory; choose another -o")
+        if any(root.iterdir()):
+            raise ConfigError(f"{root} is not empty; a bundle goes into a new or empty directory")
+    else:
+        root.mkdir(mode=DIR_MODE, parents=True)
+    os.chmod(root, DIR_MODE)
+
+
+def export_bundle(state: StateDir, out: Path, host: str, roles: Iterable[str], *,
+                  install_dir: str = DEFAULT_INSTALL_DIR) -> list[str]:
+    """Write the bundle for ``host`` running ``roles`` into ``out``; one line per thing done.
+
+    ``install_dir`` is where the bundle will live on ``host``; only the NATS
+    server's config names paths, and it names them there.
+    """
+    roles = parse_roles(",".join(roles))
+    if not host or any(c.isspace() for c in host):
+        raise ConfigError(f"--export needs a host name or address, got {host!r}")
+    state.check_root()
+    cfg = state.config()
+    roster = state.roster()  # validated before it is handed on
+    service_roles = {Role(r) for r in roles if r != NATS_ROLE}
+    services = {sid: c for sid, c in cfg.services.items() if c.role in service_roles}
+    missing = sorted(r.value for r in service_roles if not any(c.role is r for c in services.values()))
+    if missing:
+        raise ConfigError(f"config.json has no service of role {', '.join(missing)}")
+
+    bundle = StateDir(out.expanduser().absolute())
+    _fresh_dir(bundle.root)
+    w = _Writer(bundle)
+    done: list[str] = []
+    sub = StackConfig(services=services, nats=cfg.nats, gateway=cfg.gateway)
+    w.write(bundle.config_path, (sub.model_dump_json(indent=2) + "\n").encode())
+    w.write(bundle.roster_path, roster.to_json().encode())
+    w.write(bundle.ca_cert_path, _read_private(state.ca_cert_path))
+    host_files: list[str] = []
+    for sid, svc in sorted(services.items()):
+        w.write(bundle.signing_key_path(sid), _read_private(state.signing_key_path(sid)))
+        w.write(bundle.nkey_path(sid), _read_private(state.nkey_path(sid)))
+        host_files += _host_files(svc.role, svc.options)
+        if svc.role is Role.GATEWAY:
+            _gateway_files(state, w, svc.options)
+        done.append(f"{sid} ({svc.role.value}): signing key, NATS nkey, config")
+    if Role.GATEWAY in service_roles:
+        w.write(bundle.gateway_cert_path, _read_private(state.gateway_cert_path))
+        w.write(bundle.gateway_key_path, _read_private(state.gateway_key_path))
+        w.write(bundle.token_path, _read_private(state.token_path))
+        done.append("gateway: TLS certificate and key, client token")
+    if NATS_ROLE in roles:
+        _nats_files(state, bundle, w, host, install_dir)
+        done.append(f"nats: server certificate for {host}, nats/server.conf (store in {install_dir})")
+    manifest = {"host": host, "roles": roles, "services": sorted(services), "files": sorted(w.files),
+                "host_files": sorted(set(host_files))}
+    w.write(bundle.root / "bundle.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    done.insert(0, f"wrote the bundle for {host} ({', '.join(roles)}) to {bundle.root}")
+    for path in sorted(set(host_files)):
+        done.append(f"not copied, put it on {host} yourself: {path}")
+    return done
+
+
+def _gateway_files(state: StateDir, w: _Writer, options: dict[str, Any]) -> None:
+    """The operator's own certificate and key, when the gateway's options name them."""
+    for opt in ("tls_cert", "tls_key"):
+        rel = options.get(opt)
+        if not rel:
+            continue
+        src = (state.root / str(rel)).resolve()
+        if not src.is_relative_to(state.root.resolve()):
+            raise ConfigError(f"the gateway's {opt} {rel} is outside the state directory; "
+                              f"name it relative to it to export it")
+        w.write(w.out.root / src.relative_to(state.root.resolve()), _read_private(src))
+
+
+def _nats_files(state: StateDir, bundle: StateDir, w: _Writer, host: str, install_dir: str) -> None:
+    """A server certificate naming ``host`` and the server config with paths under ``install_dir``."""
+    ca, ca_key = state._load_pair(state.ca_cert_path, state.ca_key_path)
+    key = _new_key()
+    names = [host, "localhost", "127.0.0.1", "::1"]
+    cert = _leaf(_builder(f"devsilo nats ({host})", ca.subject, key, INTERNAL_CERT_DAYS), names)
+    cert = cert.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                              critical=False).sign(ca_key, hashes.SHA256())
+    w.write(bundle.nats_key_path, _key_pem(key))
+    w.write(bundle.nats_cert_path, _cert_pem(cert))
+    cfg = state.config()
+    conf = json.loads(render_nats_config(state, host="0.0.0.0", port=cfg.nats.port,
+                                         store_dir=Path(install_dir) / "nats" / "jetstream",
+                                         max_payload=cfg.nats.max_payload, server_name=host)
+                      .split("\n", 1)[1])
+    root = Path(install_dir)
+    conf["tls"].update(cert_file=str(root / "tls" / "nats.crt"), key_file=str(root / "tls" / "nats.key"),
+                       ca_file=str(root / "tls" / "ca.crt"))
+    header = f"# devsilo NATS server for {host}, written by `silo init --export`.\n"
+    w.write(bundle.nats_conf_path, (header + json.dumps(conf, indent=2) + "\n").encode())

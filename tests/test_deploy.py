@@ -1,0 +1,184 @@
+"""Deployment: per-host bundles (`silo init --export`), and a service started from one."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import structlog
+from devsilo.cli.main import main as silo_main
+from devsilo.protocol import ConfigError, ExecutorAnnounce, subjects
+from devsilo.runtime import Bus
+from devsilo.runtime._metrics import ServiceMetrics
+from devsilo.runtime._natsconn import connect_nats
+from devsilo.runtime._state import StackConfig, StateDir
+from devsilo.testing._nats import free_port, init_state, running_nats
+
+CRED_SECRET = "ghp_deploytestsecret_0123456789abcdef"
+MODEL_KEY = "sk-ant-deploytest-modelkey-9876543210"
+ROLES = ("gateway", "harness", "executor", "egress", "nats")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> StateDir:
+    """A full state directory whose egress has a credential store and harness a model key file."""
+    root = tmp_path_factory.mktemp("deploy")
+    state = init_state(root / "state")
+    (root / "gh-token").write_text(CRED_SECRET)
+    (root / "anthropic-key").write_text(MODEL_KEY)
+    cfg = state.config().model_dump(mode="json")
+    cfg["services"]["egress"]["options"] = {"credentials": {"github": {
+        "file": str(root / "gh-token"), "hosts": ["api.github.com"],
+        "header": "Authorization: Bearer {secret}", "users": ["alice"]}}}
+    cfg["services"]["harness"]["options"] = {"models": {"anthropic": {
+        "api_key_file": str(root / "anthropic-key"), "base_url": "https://models.internal.example"}}}
+    state.config_path.write_text(json.dumps(cfg))
+    state.initialize()
+    return state
+
+
+@pytest.fixture(scope="module")
+def bundles(source: StateDir, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("bundles")
+    made = {}
+    for role in ROLES:
+        made[role] = out / role
+        code = silo_main(["--state-dir", str(source.root), "init", "--export", f"host-{role}",
+                          "--roles", role, "-o", str(made[role])])
+        assert code == 0
+    return made
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def secrets_of(source: StateDir) -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]]:
+    """Every secret in the source by the role allowed to hold it: as stored, and in other forms
+    it could be copied in (a raw seed, a PEM body without its armour)."""
+    out: dict[str, list[bytes]] = {r: [] for r in ROLES}
+    raw: dict[str, list[bytes]] = {r: [] for r in ROLES}
+    cfg = source.config()
+    for sid in cfg.service_ids():
+        role = cfg.role_of(sid).value
+        seed_b64 = source.signing_key_path(sid).read_bytes().strip()
+        out[role] += [seed_b64, source.nkey_path(sid).read_bytes().strip()]
+        raw[role].append(base64.b64decode(seed_b64))
+    out["gateway"] += [source.token_path.read_bytes().strip(), source.gateway_key_path.read_bytes()]
+    raw["gateway"].append(b"".join(source.gateway_key_path.read_bytes().splitlines()[1:3]))
+    # the egress's credential store (its config) and the harness's model settings
+    out["egress"] += [b"api.github.com", b"Authorization: Bearer", b"gh-token"]
+    out["harness"] += [b"models.internal.example", b"anthropic-key"]
+    return out, raw
+
+
+def test_each_bundle_holds_exactly_what_its_role_needs(bundles: dict[str, Path]) -> None:
+    common = {"bundle.json", "config.json", "roster.json", "tls/ca.crt"}
+    own = {
+        "gateway": {"keys/gateway.sign", "nats/gateway.nk", "tls/gateway.crt", "tls/gateway.key",
+                    "gateway/token"},
+        "harness": {"keys/harness.sign", "nats/harness.nk"},
+        "executor": {"keys/executor.sign", "nats/executor.nk"},
+        "egress": {"keys/egress.sign", "nats/egress.nk"},
+        "nats": {"tls/nats.crt", "tls/nats.key", "nats/server.conf"},
+    }
+    for role, root in bundles.items():
+        assert set(files_of(root)) == common | own[role], role
+        cfg = StackConfig.model_validate_json((root / "config.json").read_bytes())
+        assert sorted(cfg.services) == ([] if role == "nats" else [role])
+        manifest = json.loads((root / "bundle.json").read_text())
+        assert manifest["host"] == f"host-{role}" and manifest["roles"] == [role]
+        for path in [root, *root.rglob("*")]:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            assert mode == (0o700 if path.is_dir() else 0o600), path
+
+
+def test_no_bundle_holds_another_roles_secrets(source: StateDir, bundles: dict[str, Path]) -> None:
+    secrets, raw = secrets_of(source)
+    everywhere_forbidden = [source.ca_key_path.read_bytes(), source.nats_key_path.read_bytes(),
+                            CRED_SECRET.encode(), MODEL_KEY.encode()]
+    for role, root in bundles.items():
+        blob = b"\0".join(files_of(root).values())
+        forbidden = [s for kind in (secrets, raw) for r, ss in kind.items() if r != role for s in ss]
+        forbidden += everywhere_forbidden
+        leaked = [s[:12] for s in forbidden if s in blob]
+        assert not leaked, f"{role} bundle holds {leaked}"
+        for s in secrets[role]:  # the test can fail: the role's own secrets are found this way
+            assert s in blob, (role, s[:12])
+
+
+def test_the_executor_host_has_host_file_hints_only_where_due(bundles: dict[str, Path]) -> None:
+    hints = {r: json.loads((b / "bundle.json").read_text())["host_files"] for r, b in bundles.items()}
+    assert [Path(p).name for p in hints["egress"]] == ["gh-token"]
+    assert [Path(p).name for p in hints["harness"]] == ["anthropic-key"]
+    assert hints["executor"] == hints["gateway"] == hints["nats"] == []
+
+
+def test_bundles_load_as_state_directories(source: StateDir, bundles: dict[str, Path]) -> None:
+    for role in ("gateway", "harness", "executor", "egress"):
+        b = StateDir(bundles[role])
+        assert b.identity(role).kid == source.identity(role).kid
+        assert b.roster().to_json() == source.roster().to_json()
+        assert b.nats_public_key(role) == source.nats_public_key(role)
+        b.nats_client_tls()
+    gw = StateDir(bundles["gateway"])
+    assert gw.client_token() == source.client_token()
+    assert gw.gateway_fingerprint() == source.gateway_fingerprint()
+    with pytest.raises(ConfigError, match="unknown service id 'egress'"):
+        StateDir(bundles["executor"]).identity("egress")
+    with pytest.raises(ConfigError, match="missing"):
+        StateDir(bundles["executor"]).nats_seed("egress")
+
+
+def test_export_refuses_what_it_cannot_do_safely(source: StateDir, tmp_path: Path) -> None:
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    base = ["--state-dir", str(source.root), "init", "--export", "h"]
+    assert silo_main([*base, "--roles", "executor", "-o", str(tmp_path / "full")]) == 1
+    assert silo_main([*base, "--roles", "executor,wizard", "-o", str(tmp_path / "a")]) == 1
+    assert silo_main([*base, "--roles", "executor"]) == 1
+    assert not (tmp_path / "a").exists()
+    cfg = source.config().model_dump(mode="json")
+    del cfg["services"]["egress"]
+    other = init_state(tmp_path / "noegress")
+    other.config_path.write_text(json.dumps(cfg))
+    assert silo_main(["--state-dir", str(other.root), "init", "--export", "h", "--roles", "egress",
+                      "-o", str(tmp_path / "b")]) == 1
+
+
+async def test_an_executor_runs_from_its_bundle_alone(source: StateDir, bundles: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """`silo service executor --state-dir BUNDLE --nats URL` joins the pool: its signed
+    announcements verify at a harness that holds the full state."""
+    async with running_nats(source, store_dir=tmp_path / "js") as server:
+        nc = await connect_nats(source, "harness", server.url)
+        bus = Bus(nc, source.identity("harness"), source.roster(), ServiceMetrics("harness", "harness"),
+                  log=structlog.get_logger())
+        got: asyncio.Queue[ExecutorAnnounce] = asyncio.Queue()
+
+        async def on_announce(env, msg):  # type: ignore[no-untyped-def]
+            await got.put(env.expect(ExecutorAnnounce))
+
+        await bus.subscribe(subjects.POOL_ANNOUNCE_ALL, on_announce)
+        env = {**os.environ, "DEVSILO_STATE_DIR": "/nonexistent"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "devsilo.cli.main", "service", "executor", "--state-dir",
+            str(bundles["executor"]), "--nats", server.url, "--metrics-port", str(free_port()),
+            "--backends", "bwrap", "--log-level", "warning",
+            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            ann = await asyncio.wait_for(got.get(), 30)
+            assert ann.executor_id == "executor" and not ann.stopping
+            assert "bwrap" in ann.backends
+        finally:
+            proc.terminate()
+            _, err = await asyncio.wait_for(proc.communicate(), 20)
+        await bus.close()
+        await nc.close()
+        assert proc.returncode == 0, err.decode()[-2000:]
