@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import configparser
 import json
 import os
+import shlex
+import shutil
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import structlog
+import yaml  # type: ignore[import-untyped]
+from devsilo.cli.main import build_parser
 from devsilo.cli.main import main as silo_main
 from devsilo.protocol import ConfigError, ExecutorAnnounce, subjects
 from devsilo.runtime import Bus
 from devsilo.runtime._metrics import ServiceMetrics
 from devsilo.runtime._natsconn import connect_nats
+from devsilo.runtime._natsserver import find_nats_server
 from devsilo.runtime._state import StackConfig, StateDir
 from devsilo.testing._nats import free_port, init_state, running_nats
 
@@ -182,3 +189,132 @@ async def test_an_executor_runs_from_its_bundle_alone(source: StateDir, bundles:
         await bus.close()
         await nc.close()
         assert proc.returncode == 0, err.decode()[-2000:]
+
+
+# --------------------------------------------------------------------------- single host
+
+REPO = Path(__file__).resolve().parent.parent
+SINGLE = REPO / "deploy" / "single-host"
+VENV_BIN = "/opt/devsilo/.venv/bin"
+SILO_ROLES = ("gateway", "harness", "executor", "egress")
+
+
+def unit(path: Path) -> configparser.ConfigParser:
+    """A unit file as sections of keys (a repeated key keeps its last value)."""
+    cp = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read_string(path.read_text())
+    return cp
+
+
+def test_units_pass_systemd_analyze_and_run_real_silo_commands(tmp_path: Path) -> None:
+    units = sorted((SINGLE / "systemd").glob("*.service"))
+    assert [u.stem for u in units] == sorted(f"devsilo-{r}" for r in (*SILO_ROLES, "nats"))
+    for u in units:  # verify resolves ExecStart's binary: point it at this checkout's venv
+        text = u.read_text().replace(VENV_BIN, str(Path(sys.executable).parent))
+        (tmp_path / u.name).write_text(text)
+    if shutil.which("systemd-analyze"):
+        done = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                               *sorted(str(p) for p in tmp_path.glob("*.service"))],
+                              check=False, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+        (tmp_path / "broken.service").write_text("[Service]\nExecStart=/bin/true\nProtectClok=yes\n")
+        bad = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "broken.service")],
+                             check=False, capture_output=True, text=True, timeout=60)
+        assert "ProtectClok" in bad.stderr  # the check above would have seen a misspelt option
+    parser = build_parser()
+    for role in SILO_ROLES:
+        cp = unit(SINGLE / "systemd" / f"devsilo-{role}.service")
+        svc = cp["Service"]
+        argv = shlex.split(svc["ExecStart"])
+        assert argv[0] == f"{VENV_BIN}/silo"
+        args = parser.parse_args(argv[1:])  # exits (fails the test) on an unknown option
+        assert (args.command, args.name) == ("service", role)
+        assert args.state_dir == "/etc/" + svc["ConfigurationDirectory"]
+        assert args.nats == "tls://127.0.0.1:4222"
+        assert svc["NoNewPrivileges"] == "yes"
+        assert "devsilo-nats.service" in cp["Unit"]["Requires"]
+        if role == "executor":
+            assert svc["User"] == "root" and svc["ProtectSystem"] == "full"
+        else:
+            assert svc["User"] == f"devsilo-{role}" and svc["CapabilityBoundingSet"] == ""
+            assert (svc["ProtectSystem"], svc["ProtectHome"], svc["PrivateTmp"]) == ("strict", "yes", "yes")
+    nats = unit(SINGLE / "systemd" / "devsilo-nats.service")["Service"]
+    argv = shlex.split(nats["ExecStart"])
+    assert argv[:2] == [f"{VENV_BIN}/nats-server", "-c"]
+    assert argv[2] == f"/etc/{nats['ConfigurationDirectory']}/nats/server.conf"
+
+
+def test_an_exported_nats_config_is_one_nats_server_accepts(source: StateDir, tmp_path: Path) -> None:
+    out = tmp_path / "nats"
+    assert silo_main(["--state-dir", str(source.root), "init", "--export", "localhost", "--roles", "nats",
+                      "--install-dir", str(out), "--nats-store", str(tmp_path / "js"), "-o", str(out)]) == 0
+    conf = json.loads((out / "nats" / "server.conf").read_text().split("\n", 1)[1])
+    assert conf["host"] == "127.0.0.1" and conf["jetstream"]["store_dir"] == str(tmp_path / "js")
+    assert {u["nkey"] for u in conf["authorization"]["users"]} == {
+        source.nats_public_key(s) for s in source.config().service_ids()}
+    test = subprocess.run([find_nats_server(), "-t", "-c", str(out / "nats" / "server.conf")],
+                          check=False, capture_output=True, text=True, timeout=30)
+    assert test.returncode == 0, test.stdout + test.stderr
+    (out / "tls" / "nats.key").unlink()  # the check can fail: a config naming a missing key
+    test = subprocess.run([find_nats_server(), "-t", "-c", str(out / "nats" / "server.conf")],
+                          check=False, capture_output=True, text=True, timeout=30)
+    assert test.returncode != 0
+
+
+def compose(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker-compose", *args], check=False, capture_output=True, text=True, timeout=60, cwd=cwd,
+                          env={**os.environ, "DOCKER_HOST": "unix:///nonexistent.sock"})
+
+
+def test_compose_file_is_valid_and_runs_real_silo_commands(tmp_path: Path) -> None:
+    if not shutil.which("docker-compose"):
+        pytest.skip("docker-compose is not installed (./setup.sh --dev installs it)")
+    done = compose("-f", "docker-compose.yml", "config", cwd=SINGLE)
+    assert done.returncode == 0, done.stderr
+    cfg = yaml.safe_load(done.stdout)
+    assert set(cfg["services"]) == {"nats", *SILO_ROLES}
+    assert cfg["services"]["nats"]["build"]["dockerfile"] == "deploy/single-host/Dockerfile"
+    assert Path(cfg["services"]["nats"]["build"]["context"]) == REPO
+    parser = build_parser()
+    for role in SILO_ROLES:
+        svc = cfg["services"][role]
+        assert svc["image"] == "devsilo:local"
+        args = parser.parse_args(svc["command"][1:])
+        assert (svc["command"][0], args.name, args.state_dir, args.nats) == (
+            "silo", role, "/state", "tls://nats:4222")
+        assert f"{SINGLE}/state/{role}:/state:ro" in svc["volumes"]
+        if role != "executor":
+            assert svc["cap_drop"] == ["ALL"] and svc["read_only"] is True and "user" not in svc
+    assert cfg["services"]["nats"]["command"] == ["nats-server", "-c", "/state/nats/server.conf"]
+    # the check can fail: Debian's docker-compose refuses a top-level name (compose spec only)
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text("name: devsilo\n" + (SINGLE / "docker-compose.yml").read_text())
+    assert compose("-f", str(broken), "config", cwd=tmp_path).returncode != 0
+
+
+BASE_IMAGE = "debian:bookworm-slim"
+
+
+def test_the_image_builds_where_its_base_image_is_present(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Builds only offline-capable: a fresh private dockerd has no images and there is no registry."""
+    if os.geteuid() != 0 or not Path("/usr/sbin/dockerd").exists():
+        pytest.skip("building the image needs root and Debian's dockerd (apt-get install docker.io)")
+    import docker
+    from devsilo.testing._dockerd import Dockerd
+
+    base = (SINGLE / "Dockerfile").read_text()
+    assert f"ARG BASE={BASE_IMAGE}" in base
+    with Dockerd(tmp_path_factory.mktemp("dockerd"), runsc=None) as daemon:
+        client = docker.DockerClient(base_url=daemon.url)
+        try:
+            tags = {t for img in client.images.list() for t in img.tags}
+            if BASE_IMAGE not in tags:
+                pytest.skip(f"the base image {BASE_IMAGE} is not in the local dockerd ({sorted(tags) or 'no images'})"
+                            " and there is no registry to pull it from: the image build cannot run offline")
+            image, _ = client.images.build(path=str(REPO), dockerfile="deploy/single-host/Dockerfile",
+                                           tag="devsilo:test", rm=True)
+            out = client.containers.run(image.id, ["silo", "service", "--help"], remove=True)
+            assert b"executor" in out
+        finally:
+            client.close()

@@ -54,11 +54,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         if not args.output or not args.roles:
             raise ConfigError("--export HOST needs --roles ROLE[,ROLE] and -o DIR")
         for line in export_bundle(state, Path(args.output), args.export, args.roles.split(","),
-                                  install_dir=args.install_dir or DEFAULT_INSTALL_DIR):
+                                  install_dir=args.install_dir or DEFAULT_INSTALL_DIR,
+                                  nats_store=args.nats_store):
             print(line)
         return EXIT_OK
-    if args.roles or args.output or args.install_dir:
-        raise ConfigError("--roles, -o and --install-dir go with --export HOST")
+    if args.roles or args.output or args.install_dir or args.nats_store:
+        raise ConfigError("--roles, -o, --install-dir and --nats-store go with --export HOST")
     for line in state.initialize(rotate=args.rotate):
         print(line)
     print(f"gateway certificate fingerprint: SHA256 {state.gateway_fingerprint()}")
@@ -395,7 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--roles", help="with --export: gateway, harness, executor, egress, nats (comma-separated)")
     s.add_argument("-o", "--output", metavar="DIR", help="with --export: a new or empty directory")
     s.add_argument("--install-dir", help="with --export: where the bundle will live on HOST "
-                   "(the NATS server config names it; default /var/lib/devsilo)")
+                   "(the NATS server config names it; default /etc/devsilo/nats)")
+    s.add_argument("--nats-store", help="with --export --roles nats: the node's JetStream directory "
+                   "(default INSTALL_DIR/nats/jetstream)")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("up", parents=[common], help="run everything on this machine (embedded NATS)")

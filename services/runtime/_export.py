@@ -53,7 +53,8 @@ from ._state import (
 NATS_ROLE = "nats"
 """The pseudo-role of a host that runs a nats-server node."""
 EXPORT_ROLES = (*(r.value for r in Role), NATS_ROLE)
-DEFAULT_INSTALL_DIR = "/var/lib/devsilo"
+DEFAULT_INSTALL_DIR = "/etc/devsilo/nats"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def parse_roles(text: str) -> list[str]:
@@ -112,11 +113,12 @@ def _fresh_dir(root: Path) -> None:
 
 
 def export_bundle(state: StateDir, out: Path, host: str, roles: Iterable[str], *,
-                  install_dir: str = DEFAULT_INSTALL_DIR) -> list[str]:
+                  install_dir: str = DEFAULT_INSTALL_DIR, nats_store: str | None = None) -> list[str]:
     """Write the bundle for ``host`` running ``roles`` into ``out``; one line per thing done.
 
-    ``install_dir`` is where the bundle will live on ``host``; only the NATS
-    server's config names paths, and it names them there.
+    ``install_dir`` is where the bundle will live on ``host`` and ``nats_store``
+    (default ``<install_dir>/nats/jetstream``) where a NATS node keeps its
+    JetStream data; only the NATS server's config names paths.
     """
     roles = parse_roles(",".join(roles))
     if not host or any(c.isspace() for c in host):
@@ -152,8 +154,10 @@ def export_bundle(state: StateDir, out: Path, host: str, roles: Iterable[str], *
         w.write(bundle.token_path, _read_private(state.token_path))
         done.append("gateway: TLS certificate and key, client token")
     if NATS_ROLE in roles:
-        _nats_files(state, bundle, w, host, install_dir)
-        done.append(f"nats: server certificate for {host}, nats/server.conf (store in {install_dir})")
+        store = nats_store or str(Path(install_dir) / "nats" / "jetstream")
+        listen = _nats_files(state, bundle, w, host, install_dir, store)
+        done.append(f"nats: server certificate for {host}, nats/server.conf "
+                    f"(listens on {listen}, JetStream in {store})")
     manifest = {"host": host, "roles": roles, "services": sorted(services), "files": sorted(w.files),
                 "host_files": sorted(set(host_files))}
     w.write(bundle.root / "bundle.json", (json.dumps(manifest, indent=2) + "\n").encode())
@@ -176,8 +180,15 @@ def _gateway_files(state: StateDir, w: _Writer, options: dict[str, Any]) -> None
         w.write(w.out.root / src.relative_to(state.root.resolve()), _read_private(src))
 
 
-def _nats_files(state: StateDir, bundle: StateDir, w: _Writer, host: str, install_dir: str) -> None:
-    """A server certificate naming ``host`` and the server config with paths under ``install_dir``."""
+def nats_listen_host(host: str) -> str:
+    """Where a NATS node for ``host`` listens: loopback for a loopback name, else every address."""
+    return "127.0.0.1" if host in LOOPBACK_NAMES else "0.0.0.0"
+
+
+def _nats_files(state: StateDir, bundle: StateDir, w: _Writer, host: str, install_dir: str,
+                store: str) -> str:
+    """A server certificate naming ``host`` and the server config with paths under ``install_dir``;
+    returns the address it listens on."""
     ca, ca_key = state._load_pair(state.ca_cert_path, state.ca_key_path)
     key = _new_key()
     names = [host, "localhost", "127.0.0.1", "::1"]
@@ -187,8 +198,8 @@ def _nats_files(state: StateDir, bundle: StateDir, w: _Writer, host: str, instal
     w.write(bundle.nats_key_path, _key_pem(key))
     w.write(bundle.nats_cert_path, _cert_pem(cert))
     cfg = state.config()
-    conf = json.loads(render_nats_config(state, host="0.0.0.0", port=cfg.nats.port,
-                                         store_dir=Path(install_dir) / "nats" / "jetstream",
+    listen = nats_listen_host(host)
+    conf = json.loads(render_nats_config(state, host=listen, port=cfg.nats.port, store_dir=Path(store),
                                          max_payload=cfg.nats.max_payload, server_name=host)
                       .split("\n", 1)[1])
     root = Path(install_dir)
@@ -196,3 +207,4 @@ def _nats_files(state: StateDir, bundle: StateDir, w: _Writer, host: str, instal
                        ca_file=str(root / "tls" / "ca.crt"))
     header = f"# devsilo NATS server for {host}, written by `silo init --export`.\n"
     w.write(bundle.nats_conf_path, (header + json.dumps(conf, indent=2) + "\n").encode())
+    return listen
