@@ -13,17 +13,21 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 import yaml  # type: ignore[import-untyped]
 from devsilo.cli.main import build_parser
 from devsilo.cli.main import main as silo_main
-from devsilo.protocol import ConfigError, ExecutorAnnounce, subjects
+from devsilo.harness._failover import SessionOwners
+from devsilo.harness._service import ensure_streams
+from devsilo.protocol import ConfigError, ExecutorAnnounce, Role, subjects
 from devsilo.runtime import Bus
 from devsilo.runtime._metrics import ServiceMetrics
 from devsilo.runtime._natsconn import connect_nats
 from devsilo.runtime._natsserver import find_nats_server
+from devsilo.runtime._service import ServiceContext
 from devsilo.runtime._state import StackConfig, StateDir
 from devsilo.testing._nats import free_port, init_state, running_nats
 
@@ -318,3 +322,93 @@ def test_the_image_builds_where_its_base_image_is_present(tmp_path_factory: pyte
             assert b"executor" in out
         finally:
             client.close()
+
+
+# --------------------------------------------------------------------------- multi host
+
+
+async def _start_node(conf: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        find_nats_server(), "-c", str(conf), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+
+
+async def _retry(what: Any, attempts: int = 200) -> Any:
+    """``await what()`` until it stops raising (a cluster electing leaders); the last error if never."""
+    for attempt in range(attempts):
+        try:
+            return await what()
+        except Exception:  # NATS and JetStream errors while leaders are elected
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
+async def test_a_three_node_cluster_keeps_r3_streams_and_buckets_through_a_node_loss(
+        tmp_path: Path) -> None:
+    """Three nats-server nodes from exported bundles, one cluster over TLS routes; the harness's own
+    stream creation makes R3 streams and buckets; one node stops and publishing and reading go on."""
+    master = init_state(tmp_path / "master")
+    cfg = master.config().model_dump(mode="json")
+    cfg["nats"]["replicas"] = 3
+    master.config_path.write_text(json.dumps(cfg))
+    master.initialize()
+    client_ports = [free_port() for _ in range(3)]
+    cluster_ports = [free_port() for _ in range(3)]
+    confs = []
+    for i in range(3):
+        out = tmp_path / f"n{i}"
+        routes = ",".join(f"127.0.0.1:{p}" for j, p in enumerate(cluster_ports) if j != i)
+        assert silo_main(["--state-dir", str(master.root), "init", "--export", f"n{i}", "--roles", "nats",
+                          "--install-dir", str(out), "-o", str(out), "--nats-listen", "127.0.0.1",
+                          "--nats-port", str(client_ports[i]), "--cluster-port", str(cluster_ports[i]),
+                          "--cluster-routes", routes]) == 0
+        confs.append(out / "nats" / "server.conf")
+    conf0 = json.loads(confs[0].read_text().split("\n", 1)[1])
+    assert conf0["cluster"]["tls"]["verify"] is True
+    assert len(conf0["cluster"]["routes"]) == 2
+    nodes = [await _start_node(c) for c in confs]
+    harness_bundle = tmp_path / "harness"
+    assert silo_main(["--state-dir", str(master.root), "init", "--export", "h", "--roles", "harness",
+                      "-o", str(harness_bundle)]) == 0
+    state = StateDir(harness_bundle)  # the harness runs from its bundle: replicas come with it
+    urls = [f"tls://127.0.0.1:{p}" for p in client_ports]
+    nc = None
+    try:
+        nc = await connect_nats(state, "harness", urls)
+        bus = Bus(nc, state.identity("harness"), state.roster(), ServiceMetrics("harness", "harness"),
+                  log=structlog.get_logger(), replicas=state.config().nats.replicas)
+        ctx = ServiceContext("harness", Role.HARNESS, state, bus, structlog.get_logger(),
+                             bus.metrics, asyncio.Event())
+        await _retry(lambda: ensure_streams(ctx))
+        owners = SessionOwners(bus, "harness", "i-1", structlog.get_logger())
+        await _retry(owners.open)
+        for stream in (subjects.EVENTS_STREAM, subjects.JOURNAL_STREAM, f"KV_{subjects.SESSION_OWNERS}"):
+            info = await bus.js.stream_info(stream)
+            assert info.config.num_replicas == 3, stream
+        subject = subjects.session_events("s1")
+        await bus.js.publish(subject, b"before")
+        await owners.kv.put("k", b"v1")
+        # stop the events stream's leader: the others must elect a new one and keep the data
+        info = await bus.js.stream_info(subjects.EVENTS_STREAM)
+        assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+        victim = next(i for i in range(3) if f"n{i}" == info.cluster.leader)
+        nodes[victim].terminate()
+        await nodes[victim].wait()
+        ack = await _retry(lambda: bus.js.publish(subject, b"after"))
+        assert ack.seq == 2
+        await _retry(lambda: owners.kv.put("k", b"v2"))
+        got = [await _retry(lambda s=s: bus.js.get_msg(subjects.EVENTS_STREAM, s, direct=True)) for s in (1, 2)]
+        assert [m.data for m in got] == [b"before", b"after"]
+        assert (await _retry(lambda: owners.kv.get("k"))).value == b"v2"
+        info = await bus.js.stream_info(subjects.EVENTS_STREAM)
+        assert info.cluster is not None and info.cluster.leader != f"n{victim}"
+        await bus.close()
+    finally:
+        if nc is not None:
+            await nc.close()
+        for proc in nodes:
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()

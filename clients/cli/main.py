@@ -49,13 +49,16 @@ def cmd_init(args: argparse.Namespace) -> int:
     """Create (or rotate) keys, roster, certificates, NATS config and token."""
     state = _state(args)
     if args.export is not None:
-        from devsilo.runtime._export import DEFAULT_INSTALL_DIR, export_bundle
+        from devsilo.runtime._export import DEFAULT_INSTALL_DIR, NatsNode, export_bundle
 
         if not args.output or not args.roles:
             raise ConfigError("--export HOST needs --roles ROLE[,ROLE] and -o DIR")
         for line in export_bundle(state, Path(args.output), args.export, args.roles.split(","),
                                   install_dir=args.install_dir or DEFAULT_INSTALL_DIR,
-                                  nats_store=args.nats_store):
+                                  nats_store=args.nats_store, node=NatsNode(
+                                      listen=args.nats_listen, port=args.nats_port,
+                                      routes=tuple(r for r in (args.cluster_routes or "").split(",") if r),
+                                      cluster_port=args.cluster_port, cluster_name=args.cluster_name)):
             print(line)
         return EXIT_OK
     if args.roles or args.output or args.install_dir or args.nats_store:
@@ -399,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the NATS server config names it; default /etc/devsilo/nats)")
     s.add_argument("--nats-store", help="with --export --roles nats: the node's JetStream directory "
                    "(default INSTALL_DIR/nats/jetstream)")
+    s.add_argument("--nats-listen", help="with --roles nats: client listen address "
+                   "(default 127.0.0.1 for a loopback HOST, else 0.0.0.0)")
+    s.add_argument("--nats-port", type=int, help="with --roles nats: client port (default config.json's)")
+    s.add_argument("--cluster-routes", help="with --roles nats: the OTHER nodes' HOST:PORT cluster "
+                   "addresses, comma-separated (makes a cluster)")
+    s.add_argument("--cluster-port", type=int, default=6222, help="with --roles nats: this node's cluster port")
+    s.add_argument("--cluster-name", default="devsilo", help="with --roles nats: the cluster's name")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("up", parents=[common], help="run everything on this machine (embedded NATS)")

@@ -28,11 +28,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from devsilo.protocol import ConfigError, Role
 
 from ._state import (
@@ -43,9 +46,9 @@ from ._state import (
     _builder,
     _cert_pem,
     _key_pem,
-    _leaf,
     _new_key,
     _read_private,
+    _san,
     render_nats_config,
     write_private,
 )
@@ -112,13 +115,41 @@ def _fresh_dir(root: Path) -> None:
     os.chmod(root, DIR_MODE)
 
 
+@dataclass(frozen=True)
+class NatsNode:
+    """How the NATS node of a ``nats`` bundle listens, and its cluster peers.
+
+    ``routes`` are the *other* nodes' cluster addresses (``host:port``); with
+    none the node runs alone. Routes use TLS with the internal CA both ways:
+    a node accepts a route only from a certificate that CA signed.
+    """
+
+    listen: str | None = None
+    """Client listen address (default: loopback for a loopback HOST, else every address)."""
+    port: int | None = None
+    """Client port (default: config.json's ``nats.port``)."""
+    routes: tuple[str, ...] = ()
+    cluster_port: int = 6222
+    cluster_name: str = "devsilo"
+
+    def __post_init__(self) -> None:
+        for route in self.routes:
+            host, _, port = route.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"cluster route {route!r} is not HOST:PORT")
+        if not 0 < self.cluster_port < 65536:
+            raise ConfigError(f"cluster port {self.cluster_port} is out of range")
+
+
 def export_bundle(state: StateDir, out: Path, host: str, roles: Iterable[str], *,
-                  install_dir: str = DEFAULT_INSTALL_DIR, nats_store: str | None = None) -> list[str]:
+                  install_dir: str = DEFAULT_INSTALL_DIR, nats_store: str | None = None,
+                  node: NatsNode | None = None) -> list[str]:
     """Write the bundle for ``host`` running ``roles`` into ``out``; one line per thing done.
 
     ``install_dir`` is where the bundle will live on ``host`` and ``nats_store``
     (default ``<install_dir>/nats/jetstream``) where a NATS node keeps its
-    JetStream data; only the NATS server's config names paths.
+    JetStream data; only the NATS server's config names paths. ``node`` says
+    how that node listens and which peers it routes to.
     """
     roles = parse_roles(",".join(roles))
     if not host or any(c.isspace() for c in host):
@@ -155,7 +186,7 @@ def export_bundle(state: StateDir, out: Path, host: str, roles: Iterable[str], *
         done.append("gateway: TLS certificate and key, client token")
     if NATS_ROLE in roles:
         store = nats_store or str(Path(install_dir) / "nats" / "jetstream")
-        listen = _nats_files(state, bundle, w, host, install_dir, store)
+        listen = _nats_files(state, bundle, w, host, install_dir, store, node or NatsNode())
         done.append(f"nats: server certificate for {host}, nats/server.conf "
                     f"(listens on {listen}, JetStream in {store})")
     manifest = {"host": host, "roles": roles, "services": sorted(services), "files": sorted(w.files),
@@ -185,26 +216,51 @@ def nats_listen_host(host: str) -> str:
     return "127.0.0.1" if host in LOOPBACK_NAMES else "0.0.0.0"
 
 
-def _nats_files(state: StateDir, bundle: StateDir, w: _Writer, host: str, install_dir: str,
-                store: str) -> str:
-    """A server certificate naming ``host`` and the server config with paths under ``install_dir``;
-    returns the address it listens on."""
+def _node_certificate(state: StateDir, host: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A NATS node's certificate for ``host``: server auth for clients and routes, client auth
+    for the routes it dials."""
     ca, ca_key = state._load_pair(state.ca_cert_path, state.ca_key_path)
     key = _new_key()
     names = [host, "localhost", "127.0.0.1", "::1"]
-    cert = _leaf(_builder(f"devsilo nats ({host})", ca.subject, key, INTERNAL_CERT_DAYS), names)
-    cert = cert.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                              critical=False).sign(ca_key, hashes.SHA256())
+    builder = _builder(f"devsilo nats ({host})", ca.subject, key, INTERNAL_CERT_DAYS)
+    builder = (builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                            key_encipherment=False, data_encipherment=False,
+                                            key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                            encipher_only=False, decipher_only=False), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                     ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+               .add_extension(_san(names), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                              critical=False))
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def _nats_files(state: StateDir, bundle: StateDir, w: _Writer, host: str, install_dir: str,
+                store: str, node: NatsNode) -> str:
+    """A server certificate naming ``host`` and the server config with paths under ``install_dir``;
+    returns the address it listens on."""
+    cert, key = _node_certificate(state, host)
     w.write(bundle.nats_key_path, _key_pem(key))
     w.write(bundle.nats_cert_path, _cert_pem(cert))
     cfg = state.config()
-    listen = nats_listen_host(host)
-    conf = json.loads(render_nats_config(state, host=listen, port=cfg.nats.port, store_dir=Path(store),
+    listen = node.listen or nats_listen_host(host)
+    conf = json.loads(render_nats_config(state, host=listen, port=node.port or cfg.nats.port,
+                                         store_dir=Path(store),
                                          max_payload=cfg.nats.max_payload, server_name=host)
                       .split("\n", 1)[1])
     root = Path(install_dir)
-    conf["tls"].update(cert_file=str(root / "tls" / "nats.crt"), key_file=str(root / "tls" / "nats.key"),
-                       ca_file=str(root / "tls" / "ca.crt"))
+    tls = {"cert_file": str(root / "tls" / "nats.crt"), "key_file": str(root / "tls" / "nats.key"),
+           "ca_file": str(root / "tls" / "ca.crt")}
+    conf["tls"].update(tls)
+    if node.routes:
+        # Routes: TLS both ways with the internal CA (verify: a peer must present a certificate
+        # the CA signed), host names checked against the route URLs.
+        conf["cluster"] = {
+            "name": node.cluster_name, "host": listen, "port": node.cluster_port,
+            "routes": [f"tls://{r}" for r in node.routes],
+            "tls": {**tls, "verify": True, "timeout": 2.0},
+        }
     header = f"# devsilo NATS server for {host}, written by `silo init --export`.\n"
     w.write(bundle.nats_conf_path, (header + json.dumps(conf, indent=2) + "\n").encode())
     return listen
