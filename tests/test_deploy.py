@@ -161,6 +161,24 @@ def test_export_refuses_what_it_cannot_do_safely(source: StateDir, tmp_path: Pat
     other.config_path.write_text(json.dumps(cfg))
     assert silo_main(["--state-dir", str(other.root), "init", "--export", "h", "--roles", "egress",
                       "-o", str(tmp_path / "b")]) == 1
+    assert silo_main([*base, "--roles", "executor", "--ids", "egress", "-o", str(tmp_path / "c")]) == 1
+    assert silo_main([*base, "--roles", "executor", "--ids", "nobody", "-o", str(tmp_path / "d")]) == 1
+
+
+def test_one_executor_of_several_gets_only_its_own_keys(tmp_path: Path) -> None:
+    master = init_state(tmp_path / "m")
+    cfg = master.config().model_dump(mode="json")
+    cfg["services"]["executor-a"] = {"role": "executor", "metrics_port": 9305}
+    master.config_path.write_text(json.dumps(cfg))
+    master.initialize()
+    out = tmp_path / "a"
+    assert silo_main(["--state-dir", str(master.root), "init", "--export", "A", "--roles", "executor",
+                      "--ids", "executor-a", "-o", str(out)]) == 0
+    blob = b"\0".join(files_of(out).values())
+    assert master.signing_key_path("executor-a").read_bytes().strip() in blob
+    assert master.signing_key_path("executor").read_bytes().strip() not in blob
+    assert master.nkey_path("executor").read_bytes().strip() not in blob
+    assert StateDir(out).config().service_ids() == ["executor-a"]
 
 
 async def test_an_executor_runs_from_its_bundle_alone(source: StateDir, bundles: dict[str, Path],
@@ -180,7 +198,9 @@ async def test_an_executor_runs_from_its_bundle_alone(source: StateDir, bundles:
         env = {**os.environ, "DEVSILO_STATE_DIR": "/nonexistent"}
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "devsilo.cli.main", "service", "executor", "--state-dir",
-            str(bundles["executor"]), "--nats", server.url, "--metrics-port", str(free_port()),
+            # a cluster's URLs, one of them down: the executor connects to the other
+            str(bundles["executor"]), "--nats", f"tls://127.0.0.1:{free_port()},{server.url}",
+            "--metrics-port", str(free_port()),
             "--backends", "bwrap", "--log-level", "warning",
             env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         try:

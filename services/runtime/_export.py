@@ -143,13 +143,14 @@ class NatsNode:
 
 def export_bundle(state: StateDir, out: Path, host: str, roles: Iterable[str], *,
                   install_dir: str = DEFAULT_INSTALL_DIR, nats_store: str | None = None,
-                  node: NatsNode | None = None) -> list[str]:
+                  node: NatsNode | None = None, service_ids: Iterable[str] | None = None) -> list[str]:
     """Write the bundle for ``host`` running ``roles`` into ``out``; one line per thing done.
 
     ``install_dir`` is where the bundle will live on ``host`` and ``nats_store``
     (default ``<install_dir>/nats/jetstream``) where a NATS node keeps its
     JetStream data; only the NATS server's config names paths. ``node`` says
-    how that node listens and which peers it routes to.
+    how that node listens and which peers it routes to. ``service_ids``
+    narrows the bundle to those services (e.g. one executor of several).
     """
     roles = parse_roles(",".join(roles))
     if not host or any(c.isspace() for c in host):
@@ -159,6 +160,13 @@ def export_bundle(state: StateDir, out: Path, host: str, roles: Iterable[str], *
     roster = state.roster()  # validated before it is handed on
     service_roles = {Role(r) for r in roles if r != NATS_ROLE}
     services = {sid: c for sid, c in cfg.services.items() if c.role in service_roles}
+    if service_ids is not None:
+        wanted = set(service_ids)
+        for sid in sorted(wanted - set(services)):
+            if sid in cfg.services:
+                raise ConfigError(f"service {sid} holds role {cfg.role_of(sid).value}, not one of --roles")
+            cfg.role_of(sid)  # raises: unknown service id
+        services = {sid: c for sid, c in services.items() if sid in wanted}
     missing = sorted(r.value for r in service_roles if not any(c.role is r for c in services.values()))
     if missing:
         raise ConfigError(f"config.json has no service of role {', '.join(missing)}")

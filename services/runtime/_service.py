@@ -42,7 +42,7 @@ async def run_service(
     role: Role,
     service_id: str,
     state: StateDir,
-    nats_url: str,
+    nats_url: str | list[str],
     body: ServiceBody,
     *,
     metrics_host: str = "127.0.0.1",
