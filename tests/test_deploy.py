@@ -163,6 +163,11 @@ def test_export_refuses_what_it_cannot_do_safely(source: StateDir, tmp_path: Pat
                       "-o", str(tmp_path / "b")]) == 1
     assert silo_main([*base, "--roles", "executor", "--ids", "egress", "-o", str(tmp_path / "c")]) == 1
     assert silo_main([*base, "--roles", "executor", "--ids", "nobody", "-o", str(tmp_path / "d")]) == 1
+    # a file missing half-way: nothing is left behind, not even the temporary directory
+    other.nkey_path("harness").unlink()
+    assert silo_main(["--state-dir", str(other.root), "init", "--export", "h", "--roles", "executor,harness",
+                      "-o", str(tmp_path / "e")]) == 1
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".e", "e"))]
 
 
 def test_one_executor_of_several_gets_only_its_own_keys(tmp_path: Path) -> None:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +38,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from devsilo.protocol import ConfigError, Role
+from devsilo.protocol import ConfigError, Role, TrustRoster
 
 from ._state import (
     DIR_MODE,
     INTERNAL_CERT_DAYS,
+    ServiceConfig,
     StackConfig,
     StateDir,
     _builder,
@@ -105,14 +108,13 @@ class _Writer:
 
 
 def _fresh_dir(root: Path) -> None:
+    """Refuse an ``-o`` that exists and is not an empty directory; make its parent."""
     if os.path.lexists(root):
         if root.is_symlink() or not root.is_dir():
             raise ConfigError(f"{root} exists and is not a directory; choose another -o")
         if any(root.iterdir()):
             raise ConfigError(f"{root} is not empty; a bundle goes into a new or empty directory")
-    else:
-        root.mkdir(mode=DIR_MODE, parents=True)
-    os.chmod(root, DIR_MODE)
+    root.parent.mkdir(parents=True, exist_ok=True)
 
 
 @dataclass(frozen=True)
@@ -171,8 +173,27 @@ def export_bundle(state: StateDir, out: Path, host: str, roles: Iterable[str], *
     if missing:
         raise ConfigError(f"config.json has no service of role {', '.join(missing)}")
 
-    bundle = StateDir(out.expanduser().absolute())
-    _fresh_dir(bundle.root)
+    final = out.expanduser().absolute()
+    _fresh_dir(final)
+    # built beside its final place and renamed into it: a failed export leaves nothing half-written
+    bundle = StateDir(final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp"))
+    bundle.root.mkdir(mode=DIR_MODE)
+    os.chmod(bundle.root, DIR_MODE)  # mkdir's mode is filtered by umask
+    try:
+        done = _write_bundle(state, bundle, cfg, roster, services, service_roles, host, roles,
+                             install_dir, nats_store, node)
+        os.replace(bundle.root, final)
+    except BaseException:
+        shutil.rmtree(bundle.root, ignore_errors=True)
+        raise
+    done.insert(0, f"wrote the bundle for {host} ({', '.join(roles)}) to {final}")
+    return done
+
+
+def _write_bundle(state: StateDir, bundle: StateDir, cfg: StackConfig, roster: TrustRoster,
+                  services: dict[str, ServiceConfig], service_roles: set[Role], host: str,
+                  roles: list[str], install_dir: str, nats_store: str | None,
+                  node: NatsNode | None) -> list[str]:
     w = _Writer(bundle)
     done: list[str] = []
     sub = StackConfig(services=services, nats=cfg.nats, gateway=cfg.gateway)
@@ -200,7 +221,6 @@ def export_bundle(state: StateDir, out: Path, host: str, roles: Iterable[str], *
     manifest = {"host": host, "roles": roles, "services": sorted(services), "files": sorted(w.files),
                 "host_files": sorted(set(host_files))}
     w.write(bundle.root / "bundle.json", (json.dumps(manifest, indent=2) + "\n").encode())
-    done.insert(0, f"wrote the bundle for {host} ({', '.join(roles)}) to {bundle.root}")
     for path in sorted(set(host_files)):
         done.append(f"not copied, put it on {host} yourself: {path}")
     return done
@@ -216,7 +236,9 @@ def _gateway_files(state: StateDir, w: _Writer, options: dict[str, Any]) -> None
         if not src.is_relative_to(state.root.resolve()):
             raise ConfigError(f"the gateway's {opt} {rel} is outside the state directory; "
                               f"name it relative to it to export it")
-        w.write(w.out.root / src.relative_to(state.root.resolve()), _read_private(src))
+        # the certificate chain is public (0644 is fine); the key must be private
+        data = src.read_bytes() if opt == "tls_cert" else _read_private(src)
+        w.write(w.out.root / src.relative_to(state.root.resolve()), data)
 
 
 def nats_listen_host(host: str) -> str:
