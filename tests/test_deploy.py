@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import structlog
 import yaml  # type: ignore[import-untyped]
@@ -34,6 +35,7 @@ from devsilo.testing._nats import free_port, init_state, running_nats
 CRED_SECRET = "ghp_deploytestsecret_0123456789abcdef"
 MODEL_KEY = "sk-ant-deploytest-modelkey-9876543210"
 ROLES = ("gateway", "harness", "executor", "egress", "nats")
+SERVICE_ROLES = ("gateway", "harness", "executor", "egress")
 
 
 @pytest.fixture(scope="module")
@@ -186,13 +188,39 @@ def test_one_executor_of_several_gets_only_its_own_keys(tmp_path: Path) -> None:
     assert StateDir(out).config().service_ids() == ["executor-a"]
 
 
-async def test_an_executor_runs_from_its_bundle_alone(source: StateDir, bundles: dict[str, Path],
+async def _healthy(port: int, proc: asyncio.subprocess.Process, attempts: int = 300) -> dict[str, Any]:
+    """The service's /healthz once it says ok; fails at once if the service exits."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(attempts):
+            if proc.returncode is not None:
+                err = await proc.stderr.read() if proc.stderr else b""
+                raise AssertionError(f"service exited with {proc.returncode}: {err.decode()[-2000:]}")
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    if resp.status == 200:
+                        status: dict[str, Any] = await resp.json()
+                        return status
+            except aiohttp.ClientConnectionError:
+                pass  # not listening yet
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"no healthy service on port {port}")
+
+
+async def _pool_executors(port: int) -> float:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = await resp.text()
+    return next(float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("silo_pool_executors "))
+
+
+async def test_every_service_runs_from_its_own_bundle(source: StateDir, bundles: dict[str, Path],
                                                       tmp_path: Path) -> None:
-    """`silo service executor --state-dir BUNDLE --nats URL` joins the pool: its signed
-    announcements verify at a harness that holds the full state."""
+    """`silo service ROLE --state-dir BUNDLE --nats URL` for all four roles, each from its own bundle
+    only: all come up healthy, the harness counts the executor's (verified) announcements, and a
+    third party holding the full state verifies them too."""
     async with running_nats(source, store_dir=tmp_path / "js") as server:
-        nc = await connect_nats(source, "harness", server.url)
-        bus = Bus(nc, source.identity("harness"), source.roster(), ServiceMetrics("harness", "harness"),
+        nc = await connect_nats(source, "gateway", server.url)
+        bus = Bus(nc, source.identity("gateway"), source.roster(), ServiceMetrics("gateway", "gateway"),
                   log=structlog.get_logger())
         got: asyncio.Queue[ExecutorAnnounce] = asyncio.Queue()
 
@@ -201,23 +229,38 @@ async def test_an_executor_runs_from_its_bundle_alone(source: StateDir, bundles:
 
         await bus.subscribe(subjects.POOL_ANNOUNCE_ALL, on_announce)
         env = {**os.environ, "DEVSILO_STATE_DIR": "/nonexistent"}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "devsilo.cli.main", "service", "executor", "--state-dir",
-            # a cluster's URLs, one of them down: the executor connects to the other
-            str(bundles["executor"]), "--nats", f"tls://127.0.0.1:{free_port()},{server.url}",
-            "--metrics-port", str(free_port()),
-            "--backends", "bwrap", "--log-level", "warning",
-            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        extra = {"gateway": ["--listen", f"127.0.0.1:{free_port()}"], "executor": ["--backends", "bwrap"],
+                 "harness": [], "egress": []}
+        ports = {role: free_port() for role in SERVICE_ROLES}
+        procs: dict[str, asyncio.subprocess.Process] = {}
         try:
+            for role in SERVICE_ROLES:
+                procs[role] = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "devsilo.cli.main", "service", role, "--state-dir",
+                    # a cluster's URLs, one of them down: the service connects to the other
+                    str(bundles[role]), "--nats", f"tls://127.0.0.1:{free_port()},{server.url}",
+                    "--metrics-port", str(ports[role]), "--log-level", "warning", *extra[role],
+                    env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            for role in SERVICE_ROLES:
+                status = await _healthy(ports[role], procs[role])
+                assert status["nats_connected"] and status["role"] == role
             ann = await asyncio.wait_for(got.get(), 30)
-            assert ann.executor_id == "executor" and not ann.stopping
-            assert "bwrap" in ann.backends
+            assert ann.executor_id == "executor" and not ann.stopping and "bwrap" in ann.backends
+            for _ in range(300):
+                if await _pool_executors(ports["harness"]) == 1:
+                    break
+                await asyncio.sleep(0.1)
+            assert await _pool_executors(ports["harness"]) == 1
         finally:
-            proc.terminate()
-            _, err = await asyncio.wait_for(proc.communicate(), 20)
-        await bus.close()
-        await nc.close()
-        assert proc.returncode == 0, err.decode()[-2000:]
+            errors = {}
+            for role, proc in procs.items():
+                if proc.returncode is None:
+                    proc.terminate()
+                _, err = await asyncio.wait_for(proc.communicate(), 30)
+                errors[role] = (proc.returncode, err.decode()[-2000:])
+            await bus.close()
+            await nc.close()
+        assert all(code == 0 for code, _ in errors.values()), errors
 
 
 # --------------------------------------------------------------------------- single host
