@@ -17,6 +17,7 @@ if [ -n "$extras" ]; then
   # the test suite also runs every sandbox backend and builds test networks
   command -v runsc >/dev/null 2>&1 || need+=(runsc)
   command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
+  command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)     # validates deploy/single-host/docker-compose.yml
   command -v ip >/dev/null 2>&1 || need+=(iproute2)
   command -v curl >/dev/null 2>&1 || need+=(curl)
   command -v git >/dev/null 2>&1 || need+=(git)                      # cloned through the egress in tests

@@ -48,6 +48,22 @@ def _quiet_logging(state: StateDir | None = None) -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     """Create (or rotate) keys, roster, certificates, NATS config and token."""
     state = _state(args)
+    if args.export is not None:
+        from devsilo.runtime._export import DEFAULT_INSTALL_DIR, NatsNode, export_bundle
+
+        if not args.output or not args.roles:
+            raise ConfigError("--export HOST needs --roles ROLE[,ROLE] and -o DIR")
+        for line in export_bundle(state, Path(args.output), args.export, args.roles.split(","),
+                                  install_dir=args.install_dir or DEFAULT_INSTALL_DIR,
+                                  nats_store=args.nats_store, node=NatsNode(
+                                      listen=args.nats_listen, port=args.nats_port,
+                                      routes=tuple(r for r in (args.cluster_routes or "").split(",") if r),
+                                      cluster_port=args.cluster_port, cluster_name=args.cluster_name),
+                                  service_ids=args.ids.split(",") if args.ids else None):
+            print(line)
+        return EXIT_OK
+    if args.roles or args.output or args.install_dir or args.nats_store or args.ids:
+        raise ConfigError("--roles, --ids, -o, --install-dir and --nats-store go with --export HOST")
     for line in state.initialize(rotate=args.rotate):
         print(line)
     print(f"gateway certificate fingerprint: SHA256 {state.gateway_fingerprint()}")
@@ -100,7 +116,9 @@ def cmd_service(args: argparse.Namespace) -> int:
         # Still one thread here: the whole executor (and every sandbox) lives in this namespace.
         options["private_mounts_error"] = enter_private_mounts()
         options["private_mounts"] = options["private_mounts_error"] is None
-    nats_url = args.nats or state.config().nats.url
+    # several URLs (a cluster's nodes), comma-separated: the client fails over between them
+    urls = [u.strip() for u in (args.nats or state.config().nats.url).split(",") if u.strip()]
+    nats_url: str | list[str] = urls[0] if len(urls) == 1 else urls
     asyncio.run(run_service(role, args.id or role.value, state, nats_url, body,
                             metrics_port=args.metrics_port, options=options, log_level=args.log_level,
                             max_message_bytes=args.max_message_bytes))
@@ -379,6 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", parents=[common], help="create keys, roster, certificates, NATS config and token")
     s.add_argument("--rotate", action="store_true", help="replace existing keys and certificates")
+    s.add_argument("--export", metavar="HOST",
+                   help="write the bundle HOST needs for --roles into -o DIR (keys, roster, CA, config)")
+    s.add_argument("--roles", help="with --export: gateway, harness, executor, egress, nats (comma-separated)")
+    s.add_argument("-o", "--output", metavar="DIR", help="with --export: a new or empty directory")
+    s.add_argument("--ids", help="with --export: only these service ids of the roles (e.g. one executor)")
+    s.add_argument("--install-dir", help="with --export: where the bundle will live on HOST "
+                   "(the NATS server config names it; default /etc/devsilo/nats)")
+    s.add_argument("--nats-store", help="with --export --roles nats: the node's JetStream directory "
+                   "(default INSTALL_DIR/nats/jetstream)")
+    s.add_argument("--nats-listen", help="with --roles nats: client listen address "
+                   "(default 127.0.0.1 for a loopback HOST, else 0.0.0.0)")
+    s.add_argument("--nats-port", type=int, help="with --roles nats: client port (default config.json's)")
+    s.add_argument("--cluster-routes", help="with --roles nats: the OTHER nodes' HOST:PORT cluster "
+                   "addresses, comma-separated (makes a cluster)")
+    s.add_argument("--cluster-port", type=int, default=6222, help="with --roles nats: this node's cluster port")
+    s.add_argument("--cluster-name", default="devsilo", help="with --roles nats: the cluster's name")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("up", parents=[common], help="run everything on this machine (embedded NATS)")
@@ -393,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("service", parents=[common], help="run one service (multi-machine deployments, systemd)")
     s.add_argument("name", choices=[r.value for r in Role])
     s.add_argument("--id", help="service id (default: the role name)")
-    s.add_argument("--nats", help="NATS URL, e.g. tls://host:4222")
+    s.add_argument("--nats", help="NATS URL, e.g. tls://host:4222; a cluster's nodes comma-separated")
     s.add_argument("--metrics-port", type=int)
     s.add_argument("--listen", help="gateway only: HOST:PORT to listen on")
     s.add_argument("--log-level", default="info")

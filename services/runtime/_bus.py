@@ -39,6 +39,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import PubAck
 
+from ._jetstream import jetstream
 from ._metrics import ServiceMetrics
 
 INBOX_PREFIX = subjects.INBOX_PREFIX
@@ -60,6 +61,7 @@ class Bus:
         clock: Callable[[], float] = time.time,
         max_bytes: int | None = None,
         log: Any = None,
+        replicas: int = 1,
     ) -> None:
         self.nc = nc
         self.identity = identity
@@ -70,7 +72,7 @@ class Bus:
         self.verifier = Verifier(roster, **kwargs)
         self.metrics = metrics
         self.log = log if log is not None else structlog.get_logger().bind(service=identity.service_id)
-        self.js = nc.jetstream()
+        self.js = jetstream(nc, replicas)  # streams it creates get config.json's nats.replicas
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- sending -----------------------------------------------------------------------

@@ -42,7 +42,7 @@ async def run_service(
     role: Role,
     service_id: str,
     state: StateDir,
-    nats_url: str,
+    nats_url: str | list[str],
     body: ServiceBody,
     *,
     metrics_host: str = "127.0.0.1",
@@ -64,7 +64,8 @@ async def run_service(
     metrics = ServiceMetrics(service_id, role.value)
     nc = await connect_nats(state, service_id, nats_url)
     metrics.watch_nats(nc)
-    bus = Bus(nc, identity, roster, metrics, log=log, max_bytes=max_message_bytes)
+    bus = Bus(nc, identity, roster, metrics, log=log, max_bytes=max_message_bytes,
+              replicas=state.config().nats.replicas)
     stopping = asyncio.Event()
     ctx = ServiceContext(service_id, role, state, bus, log, metrics, stopping, options=dict(options or {}))
     started = time.time()

@@ -95,6 +95,8 @@ class NatsSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=4222, ge=0, le=65535)
     max_payload: int = Field(default=DEFAULT_MAX_BYTES, ge=1024, le=64 * 1024 * 1024)
+    replicas: int = Field(default=1, ge=1, le=5)
+    """JetStream replicas of every stream and bucket services create (3 in a three-node cluster)."""
 
     @property
     def url(self) -> str:
