@@ -30,8 +30,14 @@ import pytest
 from devsilo.cli.main import main as silo_main
 from devsilo.runtime._natsserver import find_nats_server
 from devsilo.testing._hosts import HostNetwork
-from devsilo.testing._netns import netns_available
 from devsilo.testing._nats import init_state
+from devsilo.testing._netns import netns_available
+from devsilo.testing._prometheus import (
+    PROMETHEUS,
+    Prometheus,
+    load_monitoring,
+    queries_without_data,
+)
 
 pytestmark = pytest.mark.skipif(netns_available() is not None or os.geteuid() != 0,
                                 reason=f"three hosts need root and network namespaces ({netns_available()})")
@@ -53,6 +59,7 @@ class Cluster:
     node_confs: dict[str, Path]
     nats_urls: dict[str, str]
     procs: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
+    prometheus: Prometheus | None = None
 
     def addr(self, service: str) -> str:
         return self.net.address(PLACES[service])
@@ -79,7 +86,7 @@ class Cluster:
 
     def metrics(self, sid: str) -> str:
         url = f"http://{self.addr(sid)}:{METRICS[sid]}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 -- a test's own address
+        with urllib.request.urlopen(url, timeout=5) as resp:
             return str(resp.read().decode())
 
     def wait_healthy(self, sid: str, timeout: float = 60.0) -> dict[str, Any]:
@@ -90,7 +97,7 @@ class Cluster:
                                      f"{self.log(sid).read_text()[-3000:]}")
             try:
                 url = f"http://{self.addr(sid)}:{METRICS[sid]}/healthz"
-                with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310
+                with urllib.request.urlopen(url, timeout=5) as resp:
                     status: dict[str, Any] = json.loads(resp.read())
                     if status.get("nats_connected"):
                         return status
@@ -165,6 +172,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(net, root, bundles, confs, urls)
     net.start()
     try:
+        if PROMETHEUS is not None:  # in the root namespace, scraping the three hosts over the bridge
+            promconf = load_monitoring("prometheus_config")
+            targets = [promconf.Target(sid, ROLE_OF.get(sid, sid), f"{c.addr(sid)}:{METRICS[sid]}")
+                       for sid in PLACES]
+            (root / "prom").mkdir()
+            c.prometheus = Prometheus(root / "prom", promconf.render(promconf.scrape_config(
+                targets, interval="1s", evaluation="1s", rule_files=[])))
         for host in ("a", "b", "c"):
             c.start_node(host)
         for sid in ("egress", "executor", "executor-a", "harness", "gateway"):
@@ -174,6 +188,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.wait_pool(2)
         yield c
     finally:
+        if c.prometheus is not None:
+            c.prometheus.stop()
         net.stop()
 
 
@@ -285,3 +301,45 @@ def test_a_session_survives_a_nats_node_and_the_pool_survives_an_executor(cluste
     assert third.finish() == 0
     (second.workspace / "go2").touch()
     assert second.finish() == 0
+
+
+def poll(what: str, check: Any, seconds: float = 60.0) -> Any:
+    """``check()`` until it returns something truthy; fails naming ``what`` and the last answer."""
+    deadline = time.monotonic() + seconds
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except OSError as exc:  # Prometheus not listening yet
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: still {last!r} after {seconds:.0f} s")
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus package is not installed (./setup.sh --dev)")
+def test_prometheus_scrapes_the_three_hosts_and_every_dashboard_query_returns_data(cluster: Cluster) -> None:
+    prom = cluster.prometheus
+    assert prom is not None
+    run = Run(cluster, "scraped", [bash("echo scraped"), EXIT])
+    assert run.finish() == 0
+    up = poll("every service on every host scraped", lambda: {
+        s["metric"]["service"]: s["metric"]["instance"] for s in prom.query('up{job="devsilo"} == 1')}
+        if len(prom.query('up{job="devsilo"} == 1')) == len(PLACES) else None)
+    assert up == {sid: f"{cluster.addr(sid)}:{METRICS[sid]}" for sid in PLACES}
+    queries = load_monitoring("dashboards").prometheus_queries()
+    missing: list[str] = []
+
+    def all_have_data() -> bool:
+        missing[:] = queries_without_data(prom, queries)
+        return not missing
+
+    try:
+        poll("every panel query returns data", all_have_data, seconds=45)
+    except AssertionError:
+        pytest.fail("panels without data:\n" + "\n".join(missing))
+    # the sessions on both executors, seen by the harness on B
+    assert float(prom.query("sum(silo_sessions_created_total)")[0]["value"][1]) >= 1
+    leases = prom.query("sum by (service) (silo_sandbox_leases_total)")
+    assert {s["metric"]["service"] for s in leases if float(s["value"][1]) > 0} >= {"executor"}

@@ -51,7 +51,7 @@ class HostNetwork:
         self.bridge = f"dsb{self.tag}"
         in_use = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=False).stdout
         start = int(self.tag[:2], 16)
-        octet = next(o for o in [*range(start, 250), *range(0, start)] if f"10.99.{o}." not in in_use)
+        octet = next(o for o in [*range(start, 250), *range(start)] if f"10.99.{o}." not in in_use)
         self.prefix = f"10.99.{octet}"
         self.root_address = f"{self.prefix}.254"
         for i, name in enumerate(self.names, start=1):
