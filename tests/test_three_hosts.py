@@ -196,7 +196,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 class Run:
     """``silo run --headless --json`` on host A against A's gateway; its events as they come."""
 
-    def __init__(self, c: Cluster, name: str, responses: list[dict[str, Any]]) -> None:
+    def __init__(self, c: Cluster, name: str, responses: list[dict[str, Any]], sandbox: str = "bwrap") -> None:
         self.workspace = c.root / name
         self.workspace.mkdir()
         script = c.root / f"{name}.json"
@@ -204,11 +204,12 @@ class Run:
         self.proc = c.net.popen("a", [
             sys.executable, "-m", "devsilo.cli", "--state-dir", str(c.bundles["gateway"]), "run", "--headless",
             "--json", "--script", str(script), "--workspace", str(self.workspace), "--prompt", "go",
-            "--sandbox", "bwrap", "--gateway", f"wss://{c.addr('gateway')}:{GATEWAY_PORT}/ws"],
+            "--sandbox", sandbox, "--gateway", f"wss://{c.addr('gateway')}:{GATEWAY_PORT}/ws"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.events: list[dict[str, Any]] = []
         self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        if sandbox != "microvm":
+            threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -322,8 +323,15 @@ def poll(what: str, check: Any, seconds: float = 60.0) -> Any:
 def test_prometheus_scrapes_the_three_hosts_and_every_dashboard_query_returns_data(cluster: Cluster) -> None:
     prom = cluster.prometheus
     assert prom is not None
-    run = Run(cluster, "scraped", [bash("echo scraped"), EXIT])
+    # a session whose sandbox on C asks the egress on C for a domain it does not allow
+    run = Run(cluster, "scraped", [bash("curl -sS -o /dev/null -w 'status %{http_code}' --max-time 20 "
+                                        "https://not-allowed.example/; true"), EXIT])
+    assert "CONNECT tunnel failed, response 403" in run.until("tool_result")["data"]["content"]
     assert run.finish() == 0
+    # and one no executor can serve: the harness's start handler answers with an error
+    refused = Run(cluster, "refused", [EXIT], sandbox="microvm")
+    _, err = refused.proc.communicate(timeout=60)
+    assert refused.proc.returncode == 1 and "no executor could run a microvm sandbox" in err, err
     up = poll("every service on every host scraped", lambda: {
         s["metric"]["service"]: s["metric"]["instance"] for s in prom.query('up{job="devsilo"} == 1')}
         if len(prom.query('up{job="devsilo"} == 1')) == len(PLACES) else None)
