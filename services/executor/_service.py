@@ -690,7 +690,8 @@ async def serve(ctx: ServiceContext) -> None:
             return cancel_call(sid, env.expect(ToolCancel).call_id)
         session = sessions.get(sid)
         if session is None:
-            raise SandboxClosed(f"no sandbox for session {sid} on executor {eid} (closed or never leased)")
+            why = "the executor is stopping" if ctx.stopping.is_set() else "closed or never leased"
+            raise SandboxClosed(f"no sandbox for session {sid} on executor {eid} ({why})")
         if op == "upload":
             return await land_upload(bus.js, session.sandbox.helper, session.workspace, env.expect(FileUpload),
                                      max_bytes=int(opts.get("upload_max_bytes") or DEFAULT_UPLOAD_MAX))
