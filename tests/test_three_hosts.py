@@ -265,6 +265,9 @@ def wait_file(name: str) -> str:
 
 
 EXIT = {"tool_calls": [{"name": "Exit", "input": {"message": "done"}}]}
+CURL_REFUSED = "curl -sS -o /dev/null --max-time 20 https://not-allowed.example/; true"
+"""A request the session's egress policy does not allow (no allowed domains): the egress refuses it."""
+REFUSED = "CONNECT tunnel failed, response 403"
 
 
 def test_a_session_survives_a_nats_node_and_the_pool_survives_an_executor(cluster: Cluster) -> None:
@@ -301,9 +304,10 @@ def test_a_session_survives_a_nats_node_and_the_pool_survives_an_executor(cluste
     assert first.events[-1]["data"]["exit_code"] == 1
     seqs = [e["seq"] for e in first.events]
     assert seqs == list(range(len(seqs))), seqs  # nothing lost or repeated across the node loss
-    second = Run(c, "second", [bash("echo on-a"), bash(wait_file("go2")), EXIT])
-    second.until("tool_result", "on-a")
+    second = Run(c, "second", [bash(f"echo on-a; {CURL_REFUSED}"), bash(wait_file("go2")), EXIT])
+    out = second.until("tool_result", "on-a")["data"]["content"]
     assert second.executor == "executor-a"
+    assert REFUSED in out, out  # A's sandbox reached the egress on C, across the bridge
 
     # executor C starts again and rejoins: with A full, a new session can only lease there
     c.start_service("executor")
@@ -337,9 +341,8 @@ def test_prometheus_scrapes_the_three_hosts_and_every_dashboard_query_returns_da
     prom = cluster.prometheus
     assert prom is not None
     # a session whose sandbox on C asks the egress on C for a domain it does not allow
-    run = Run(cluster, "scraped", [bash("curl -sS -o /dev/null -w 'status %{http_code}' --max-time 20 "
-                                        "https://not-allowed.example/; true"), EXIT])
-    assert "CONNECT tunnel failed, response 403" in run.until("tool_result")["data"]["content"]
+    run = Run(cluster, "scraped", [bash(CURL_REFUSED), EXIT])
+    assert REFUSED in run.until("tool_result")["data"]["content"]
     assert run.finish() == 0
     # and one no executor can serve: the harness's start handler answers with an error
     refused = Run(cluster, "refused", [EXIT], sandbox="microvm")
