@@ -20,8 +20,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -32,7 +30,7 @@ import yaml
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
 from devsilo.testing._internet import ZONE, TestInternet
-from devsilo.testing._stack import free_ports
+from devsilo.testing._prometheus import Prometheus, queries_without_data
 from prometheus_client import CollectorRegistry
 
 MONITORING = Path(__file__).resolve().parents[1] / "deploy" / "monitoring"
@@ -331,45 +329,6 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PROMTOOL, *args], check=False, capture_output=True, text=True, timeout=60)
 
 
-class Prometheus:
-    """Debian's prometheus, started by hand on a free port with its own storage."""
-
-    def __init__(self, workdir: Path, config_text: str) -> None:
-        self.dir = workdir
-        self.config = workdir / "prometheus.yml"
-        self.config.write_text(config_text)
-        self.port = free_ports(1)[0]
-        self.log = open(workdir / "prometheus.log", "w")  # noqa: SIM115 — closed in stop()
-        assert PROMETHEUS is not None
-        self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={self.config}", f"--web.listen-address=127.0.0.1:{self.port}",
-             f"--storage.tsdb.path={workdir / 'data'}", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-
-    def api(self, path: str, **params: str) -> Any:
-        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        with urllib.request.urlopen(url, timeout=10) as r:
-            body = json.loads(r.read())
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        data = self.api("query", query=expr)
-        result: list[dict[str, Any]] = data["result"] if data["resultType"] == "vector" else [data["result"]]
-        return result
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
 async def poll(what: str, check: Any, seconds: float = 60.0) -> Any:
     """Call ``check`` until it returns something truthy; fail naming ``what`` after ``seconds``."""
     deadline = time.monotonic() + seconds
@@ -448,7 +407,7 @@ async def test_prometheus_scrapes_a_running_stack_and_every_panel_and_alert_eval
             queries = dashboards.prometheus_queries()
 
             def empty() -> list[str]:
-                return [f"{uid} / {title}: {expr}" for uid, title, expr in queries if not prom.query(expr)]
+                return queries_without_data(prom, queries)
 
             missing: list[str] = []
 

@@ -105,7 +105,8 @@ def cmd_service(args: argparse.Namespace) -> int:
         from devsilo.executor._service import serve as body
     else:
         from devsilo.egress._service import serve as body
-    options: dict[str, Any] = dict(state.config().services[args.id or role.value].options)
+    configured = state.config().services[args.id or role.value]
+    options: dict[str, Any] = dict(configured.options)
     if args.listen:
         host, _, port = args.listen.rpartition(":")
         options.update(host=host.strip("[]") or "127.0.0.1", port=int(port))
@@ -120,7 +121,8 @@ def cmd_service(args: argparse.Namespace) -> int:
     urls = [u.strip() for u in (args.nats or state.config().nats.url).split(",") if u.strip()]
     nats_url: str | list[str] = urls[0] if len(urls) == 1 else urls
     asyncio.run(run_service(role, args.id or role.value, state, nats_url, body,
-                            metrics_port=args.metrics_port, options=options, log_level=args.log_level,
+                            metrics_host=configured.metrics_host, metrics_port=args.metrics_port,
+                            options=options, log_level=args.log_level,
                             max_message_bytes=args.max_message_bytes))
     return EXIT_OK
 

@@ -690,7 +690,8 @@ async def serve(ctx: ServiceContext) -> None:
             return cancel_call(sid, env.expect(ToolCancel).call_id)
         session = sessions.get(sid)
         if session is None:
-            raise SandboxClosed(f"no sandbox for session {sid} on executor {eid} (closed or never leased)")
+            why = "the executor is stopping" if ctx.stopping.is_set() else "closed or never leased"
+            raise SandboxClosed(f"no sandbox for session {sid} on executor {eid} ({why})")
         if op == "upload":
             return await land_upload(bus.js, session.sandbox.helper, session.workspace, env.expect(FileUpload),
                                      max_bytes=int(opts.get("upload_max_bytes") or DEFAULT_UPLOAD_MAX))
@@ -698,8 +699,9 @@ async def serve(ctx: ServiceContext) -> None:
         started = time.perf_counter()
         result = await run_call(sid, session, call)
         if sessions.get(sid) is not session:
+            why = "the executor is stopping" if ctx.stopping.is_set() else "was its workspace unlocked?"
             raise SandboxClosed(f"the sandbox of session {sid} was closed on executor {eid} while "
-                                f"{call.name} ran (was its workspace unlocked?)")
+                                f"{call.name} ran ({why})")
         tool = call.name if call.name in SANDBOX_TOOLS else "other"  # bounded label values
         metrics.tool_seconds.labels(tool=tool).observe(time.perf_counter() - started)
         metrics.tool_calls.labels(tool=tool, outcome="error" if result.is_error else "ok").inc()

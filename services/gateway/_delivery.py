@@ -48,6 +48,9 @@ KEEP_IDLE = 1024
 MARK_EVERY = 64
 """Every this many seqs a feed remembers the event's stream sequence, to start stream reads near it."""
 STREAM_TIMEOUT_S = 10.0
+LIVE_HEARTBEAT_S = 1.0
+"""The live feed's consumer heartbeat: two missed (its NATS node gone) and the feed is recreated
+on another node, from the next event; at the library's 5 s the gap was up to 20 s."""
 
 
 class DeliveryMetrics:
@@ -111,7 +114,7 @@ class SessionFeed:
             async with self._starting:
                 if self._sub is None:
                     self._sub = await self.bus.js.subscribe(
-                        self.subject, ordered_consumer=True, cb=self._on_live,
+                        self.subject, ordered_consumer=True, cb=self._on_live, idle_heartbeat=LIVE_HEARTBEAT_S,
                         config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW))
         except BaseException:
             self.followers -= 1

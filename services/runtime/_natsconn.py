@@ -93,6 +93,8 @@ async def connect_nats(
 
     The first connection is retried (with backoff) for ``initial_timeout``
     seconds (None: forever) so that a service may start before NATS does;
+    a cluster's URLs are tried in the order given (list the node on the
+    service's own machine first), and after a lost connection the next ones;
     wrong credentials or an untrusted certificate fail at once with a
     ConfigError. Every connection event is logged; ``on_error`` additionally
     sees every asynchronous error, e.g. a server-side permission violation.
@@ -143,6 +145,7 @@ async def connect_nats(
             connect_timeout=connect_timeout,  # type: ignore[arg-type]
             reconnect_time_wait=reconnect_base,  # type: ignore[arg-type]
             reconnect_to_server_handler=_backoff(reconnect_base, reconnect_cap),
+            dont_randomize=True,
             **options,
         )
     )
@@ -157,7 +160,7 @@ async def connect_nats(
     if attempt in done:
         attempt.result()
         connected = True
-        bound.info("nats_connected")
+        bound.info("nats_connected", server=str(nc.connected_url.netloc if nc.connected_url else ""))
         return nc
     await _abandon(nc, attempt)
     if fatal.done():
