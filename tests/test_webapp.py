@@ -221,7 +221,7 @@ def test_chat_question_race_and_binary_upload(stack: Stack, pages: tuple[Any, An
     a.press(".session:not([hidden]) .composer textarea", "Enter")
     a.wait_for_selector(".line.prompt .who:has-text('web-a')")
     sha = hashlib.sha256(PAYLOAD).hexdigest()
-    a.wait_for_selector(f".tool-out:has-text('{sha}')")
+    a.wait_for_selector(f".tool-out:has-text('{sha}')", state="attached")  # folded
     a.wait_for_selector(".line.assistant:has-text('all good')")
 
     # the access report and cost, as dialogs
@@ -235,7 +235,8 @@ def test_chat_question_race_and_binary_upload(stack: Stack, pages: tuple[Any, An
     keep_screenshot(shot)
     a.set_viewport_size({"width": 390, "height": 844})
     try:
-        assert a.is_visible("#menu") and not a.is_visible("#side .gateway")
+        a.wait_for_selector("#side .gateway", state="hidden")  # the side list folds away behind ☰
+        assert a.is_visible("#menu")
         assert a.evaluate("document.documentElement.scrollWidth") <= 390
         assert a.is_visible(".session:not([hidden]) .composer textarea")
         shot = tmp_path / "web-phone.png"

@@ -10,6 +10,10 @@ const $ = (sel, root = document) => root.querySelector(sel);
 
 /** A new element: el("div.cls", {attr}, child, "text", ...) (text always as text nodes). */
 function el(spec, attrs = {}, ...children) {
+  if (attrs instanceof Node || typeof attrs === "string") {
+    children.unshift(attrs);
+    attrs = {};
+  }
   const [tag, ...classes] = spec.split(".");
   const node = document.createElement(tag);
   if (classes.length) node.className = classes.join(" ");
