@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,10 +24,9 @@ from devsilo.protocol.client import PairingCode, PairingCodeRequest
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
 
-playwright_sync = pytest.importorskip("playwright.sync_api")
+import playwright.sync_api as playwright_sync
+
 CHROMIUM = "/usr/lib/chromium/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip("Debian's chromium is not installed (./setup.sh --dev installs it)", allow_module_level=True)
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -78,8 +78,20 @@ def keep_screenshot(path: Path) -> None:
         shutil.copyfile(path, DOCS / path.name)
 
 
+def ensure_chromium() -> None:
+    """Install Debian's chromium through apt when it is missing (as ``setup.sh --dev`` does)."""
+    if os.path.exists(CHROMIUM):
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=False, env=env, timeout=600)
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "chromium"], check=False, env=env, timeout=900)
+    assert os.path.exists(CHROMIUM), "Debian's chromium could not be installed; run ./setup.sh --dev"
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    ensure_chromium()
     with playwright_sync.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
