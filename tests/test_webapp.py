@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -195,6 +196,11 @@ def test_chat_question_race_and_binary_upload(stack: Stack, pages: tuple[Any, An
     assert "err-one" in "".join(tool.locator(".tool-out .stderr").all_text_contents())
     assert a.locator(".line.prompt .text").first.text_content() == "hello agent"
 
+    tool.locator("summary").click()  # unfold the output for the screenshot
+    shot = tmp_path / "web-desktop.png"
+    a.screenshot(path=str(shot))
+    keep_screenshot(shot)
+
     # the second browser attaches and sees the same open question
     open_in_second(b, sid)
     b.wait_for_selector(".question")
@@ -229,12 +235,23 @@ def test_chat_question_race_and_binary_upload(stack: Stack, pages: tuple[Any, An
         p.wait_for_selector(".line.file:has-text('uploaded blob.bin')")
     assert b.text_content(".upload-status") == "uploaded blob.bin"
     assert (ws / "blob.bin").read_bytes() == PAYLOAD
+
+    # the gateway dies: both reconnect with backoff, sign a new challenge, resume from the last seq
+    os.kill(stack.live_pid("gateway") or 0, signal.SIGKILL)
+    for p in (a, b):
+        p.wait_for_selector(".gw-status:not(.online)")
+    for p in (a, b):
+        p.wait_for_selector(".gw-status.online")
     a.fill(".session:not([hidden]) .composer textarea", "check the upload")
     a.press(".session:not([hidden]) .composer textarea", "Enter")
     a.wait_for_selector(".line.prompt .who:has-text('web-a')")
     sha = hashlib.sha256(PAYLOAD).hexdigest()
     a.wait_for_selector(f".tool-out:has-text('{sha}')", state="attached")  # folded
     a.wait_for_selector(".line.assistant:has-text('all good')")
+    b.wait_for_selector(".line.assistant:has-text('all good')")
+    for p in (a, b):  # nothing was shown twice after the resume
+        assert p.locator(".line.assistant").count() == len(CHAT_SCRIPT["responses"])
+        assert p.locator(".line.file").count() == 1 and p.locator(".line.prompt").count() == 2
 
     # the access report and cost, as dialogs
     a.click(".session:not([hidden]) .access-btn")
@@ -242,9 +259,6 @@ def test_chat_question_race_and_binary_upload(stack: Stack, pages: tuple[Any, An
     assert "bwrap" in a.text_content("#report-body") or str(ws) in a.text_content("#report-body")
     a.click("#report-dialog [data-close]")
 
-    shot = tmp_path / "web-desktop.png"
-    a.screenshot(path=str(shot))
-    keep_screenshot(shot)
     a.set_viewport_size({"width": 390, "height": 844})
     try:
         a.wait_for_selector("#side .gateway", state="hidden")  # the side list folds away behind ☰
