@@ -7,6 +7,7 @@ it. Set ``DEVSILO_UPDATE_SCREENSHOTS=1`` to copy the screenshots into ``docs/``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from devsilo.cli._client import GatewayClient
 from devsilo.cli._sessions import local_gateway
 from devsilo.protocol.client import PairingCode, PairingCodeRequest
@@ -90,11 +93,21 @@ def ensure_chromium() -> None:
     assert os.path.exists(CHROMIUM), "Debian's chromium could not be installed; run ./setup.sh --dev"
 
 
+def spki_pin(stack: Stack) -> str:
+    """base64 SHA-256 of the gateway certificate's public key, as Chromium's SPKI allow-list takes it."""
+    cert = x509.load_pem_x509_certificate(StateDir(stack.state_dir).gateway_cert_path.read_bytes())
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def browser(stack: Stack) -> Iterator[Any]:
     ensure_chromium()
+    # The browser trusts the stack's self-signed certificate as a user who accepted it would; only a
+    # trusted certificate lets a service worker register (ignore_https_errors alone does not).
     with playwright_sync.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        b = p.chromium.launch(executable_path=CHROMIUM,
+                              args=[*ARGS, f"--ignore-certificate-errors-spki-list={spki_pin(stack)}"])
         try:
             yield b
         finally:
@@ -106,6 +119,9 @@ def paired_page(browser: Any, stack: Stack, name: str) -> Any:
     ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 860})
     ctx.set_default_timeout(TIMEOUT_MS)
     page = ctx.new_page()
+    page.problems = []  # type: ignore[attr-defined]
+    page.on("pageerror", lambda exc: page.problems.append(f"uncaught: {exc}"))  # type: ignore[attr-defined]
+    page.on("console", lambda msg: msg.type == "error" and page.problems.append(msg.text))  # type: ignore[attr-defined]
     page.add_init_script(RECORD_STREAM)
     page.goto(app_url(stack))
     page.wait_for_selector("#pair-dialog[open]")
@@ -121,6 +137,8 @@ def pages(browser: Any, stack: Stack) -> Iterator[tuple[Any, Any]]:
     a = paired_page(browser, stack, "web-a")
     b = paired_page(browser, stack, "web-b")
     yield a, b
+    for p in (a, b):  # no script error, no CSP violation, in any test
+        assert [x for x in p.problems if "WebSocket" not in x] == []
     a.context.close()
     b.context.close()
 
@@ -162,6 +180,19 @@ def test_pairing_keeps_a_non_extractable_key_and_later_signs_the_challenge(
         playwright_sync.expect(p2.locator("#pair-error")).not_to_have_text("pairing…", timeout=TIMEOUT_MS)
         assert "code" in p2.text_content("#pair-error"), p2.text_content("#pair-error")
         assert p2.query_selector(".gateway") is None
+
+        # installable: a manifest with icons, and a service worker that keeps only the app shell
+        manifest = p2.evaluate("fetch('manifest.webmanifest').then((r) => r.json())")
+        assert manifest["display"] == "standalone" and {"192x192", "512x512"} <= {i["sizes"] for i in manifest["icons"]}
+        assert p2.evaluate("navigator.serviceWorker.ready.then((r) => r.active.state)") in ("activating", "activated")
+        cached = p2.evaluate("caches.keys().then((ks) => Promise.all(ks.map((k) => caches.open(k)"
+                             ".then((c) => c.keys())))).then((all) => all.flat().map((r) => r.url))")
+        assert any(u.endswith("/app/app.js") for u in cached) and all("/app/" in u for u in cached)
+        assert not any("/ws" in u for u in cached)
+        other.set_offline(True)
+        p2.reload()  # the shell comes from the cache; no gateway to talk to
+        p2.wait_for_selector("#pair-dialog[open]")
+        assert p2.is_visible("#add-gateway")
     finally:
         other.close()
 
