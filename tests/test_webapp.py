@@ -211,7 +211,10 @@ def test_a_browser_without_ed25519_pairs_with_a_p256_key(browser: Any, stack: St
     try:
         page = ctx.new_page()
         page.add_init_script(NO_ED25519)
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text))
         page.goto(app_url(stack))
+        page.wait_for_selector("#pair-dialog[open]")
         page.fill("#pair-code", pairing_code(stack, "web-p256"))
         page.fill("#pair-name", "web-p256")
         page.click("#pair-submit")

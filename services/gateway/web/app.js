@@ -72,7 +72,6 @@ class SessionView {
       "aria-label": "Prompt" });
     this.input.addEventListener("keydown", (e) => {
       if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); this.sendPrompt(); }
-      if (e.key === "Escape") this.interrupt();
     });
     this.fileInput = el("input", { type: "file", hidden: true, onchange: () => this.uploadPicked() });
     this.uploadEl = el("span.upload-status.muted");
@@ -122,7 +121,7 @@ class SessionView {
         this.line("system", `session started · ${d.sandbox} sandbox on ${d.executor} · model ${d.model}`);
         break;
       case "user_prompt":
-        this.line("prompt", el("span.who", {}, d.client || "session prompt"), el("div.text", {}, d.text || ""));
+        this.line("prompt", el("span.who", {}, String(d.client || "session prompt")), el("div.text", {}, String(d.text ?? "")));
         break;
       case "assistant_text": {
         let s = this.streams.get(ev.agent);
@@ -131,7 +130,7 @@ class SessionView {
           s = { node: this.line(`assistant${sub}`, this.agentLabel(ev.agent), body), body, text: "" };
           this.streams.set(ev.agent, s);
         }
-        s.text = d.final ? d.text : s.text + d.text;
+        s.text = d.final ? String(d.text ?? "") : s.text + String(d.text ?? "");
         s.body.replaceChildren(renderMarkdown(s.text));
         if (d.final) this.streams.delete(ev.agent);
         break;
@@ -151,7 +150,7 @@ class SessionView {
         const t = this.tools.get(d.id);
         if (!t) break;
         t.streamed = true;
-        t.out.append(el(`span.${d.stream === "stderr" ? "stderr" : "stdout"}`, {}, d.data));
+        t.out.append(el(`span.${d.stream === "stderr" ? "stderr" : "stdout"}`, {}, String(d.data ?? "")));
         break;
       }
       case "tool_result": {
@@ -159,7 +158,7 @@ class SessionView {
         if (!t) { this.line(d.is_error ? "error" : "system", `${d.name}: ${d.content}`); break; }
         t.state.replaceChildren(d.is_error ? "✗" : "✓");
         t.details.classList.toggle("failed", !!d.is_error);
-        if (!t.streamed || d.is_error) t.out.append(el(`span.${d.is_error ? "stderr" : "result"}`, {}, d.content));
+        if (!t.streamed || d.is_error) t.out.append(el(`span.${d.is_error ? "stderr" : "result"}`, {}, String(d.content ?? "")));
         break;
       }
       case "agent_spawned":
