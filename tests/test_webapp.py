@@ -28,6 +28,7 @@ from devsilo.cli._sessions import local_gateway
 from devsilo.protocol.client import PairingCode, PairingCodeRequest
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
+from devsilo.testing._stack import free_ports
 
 CHROMIUM = "/usr/lib/chromium/chromium"
 
@@ -58,11 +59,25 @@ new MutationObserver((records) => {
 """
 
 
-def pairing_code(stack: Stack, name: str) -> str:
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`silo up` with a second gateway replica (``gateway2``), for a browser paired with two gateways."""
+    (g2_port,) = free_ports(1)
+    s = Stack(tmp_path_factory.mktemp("webapp") / "state", services={
+        "gateway2": {"role": "gateway", "metrics_port": 0, "options": {"port": g2_port}}})
+    s.start()
+    s.g2_url = f"wss://127.0.0.1:{g2_port}/ws"  # type: ignore[attr-defined]
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def pairing_code(stack: Stack, name: str, url: str | None = None) -> str:
     """A fresh pairing code, asked for with the local token (an operator's client)."""
     async def ask() -> str:
         target = local_gateway(StateDir(stack.state_dir))
-        async with GatewayClient(target.url, target.fingerprint) as client:
+        async with GatewayClient(url or target.url, target.fingerprint) as client:
             await client.connect(target.token)
             await client.send(PairingCodeRequest(client_name=name, operator=True))
             reply = await client.receive()
@@ -387,3 +402,30 @@ def test_unlock_review_lists_auto_exec_surfaces_first_with_diffs(
     a.screenshot(path=str(shot))
     keep_screenshot(shot)
     a.click("#report-dialog [data-close]")
+
+
+def test_a_second_gateway_by_url_with_its_own_key(stack: Stack, pages: tuple[Any, Any]) -> None:
+    a, _ = pages
+    g2 = stack.g2_url  # type: ignore[attr-defined]
+    a.click("#add-gateway")
+    a.fill("#pair-url", g2)
+    a.fill("#pair-code", pairing_code(stack, "web-a2", g2))
+    a.fill("#pair-name", "web-a2")
+    a.click("#pair-submit")
+    second = a.locator(f".gateway[data-gateway='{g2}']")
+    second.locator(".gw-status.online").wait_for()
+    assert a.locator(".gateway .gw-status.online").count() == 2
+    keys = a.evaluate("""() => new Promise((resolve) => {
+        indexedDB.open('devsilo').onsuccess = (e) => {
+          const get = e.target.result.transaction('gateways').objectStore('gateways').getAll();
+          get.onsuccess = () => resolve(get.result.map((g) => [g.url, g.keyId]));
+        };
+      })""")
+    assert len(keys) == 2 and len({k for _, k in keys}) == 2 and g2 in {u for u, _ in keys}
+    # a session opened through the second gateway: its own tab, the same events
+    sid = a.get_attribute(".tab >> nth=0", "data-key").split("|")[1]
+    second.locator(f"li[data-session='{sid}'] .session-link").click()
+    view = a.locator(f".session[data-key='{g2}|{sid}']")
+    view.locator(".line.assistant:has-text('all good')").wait_for()
+    assert view.locator(".line.assistant").count() == len(CHAT_SCRIPT["responses"])
+    assert a.locator(".tab").count() == 3
