@@ -368,6 +368,7 @@ def test_unlock_review_lists_auto_exec_surfaces_first_with_diffs(
     a.click("#ws-form button[data-op=lock]")
     a.wait_for_selector("#top-status:has-text('locked')")
     script = {"responses": [
+        {"text": "waiting", "tool_calls": [{"name": "Bash", "input": {"command": "sleep 120"}}]},
         {"text": "asking", "tool_calls": [{"name": "AskUserQuestion", "input": {
             "question": "Which files?", "options": [{"label": "Alpha.txt"}, {"label": "Makefile"}, {"label": "none"}],
             "multi_select": True, "allow_free_text": True}}]},
@@ -380,6 +381,12 @@ def test_unlock_review_lists_auto_exec_surfaces_first_with_diffs(
     a.fill("#new-form [name=script]", json.dumps(script))
     a.fill("#new-form [name=prompt]", "edit")
     a.click("#new-form button[value=create]")
+    a.wait_for_selector(".session:not([hidden]) details.tool:has-text('sleep 120') .spinner", state="attached")
+    a.click(".session:not([hidden]) .interrupt-btn")  # the long call ends, the turn with it
+    a.wait_for_selector(".session:not([hidden]) .line.system:has-text('interrupted')")
+    a.wait_for_selector(".session:not([hidden]) details.tool.failed:has-text('sleep 120')", state="attached")
+    a.fill(".session:not([hidden]) .composer textarea", "go on")
+    a.click(".session:not([hidden]) .composer .send")
     card = a.locator(".session:not([hidden]) .question")
     card.locator("button.answer").click()  # nothing picked: the card says what it needs
     assert card.locator(".error").text_content() == "pick an option or write an answer"
