@@ -6,6 +6,7 @@ import { b64decode, makeKeyPair, signChallenge } from "./keys.js";
 export const PROTOCOL_VERSION = 1;
 const BACKOFF_MIN_MS = 1000;
 const BACKOFF_MAX_MS = 30000;
+const REPLY_TIMEOUT_MS = 120000; // create_session may wait 90 s for a sandbox
 const REPLIES = {
   list_sessions: ["sessions"],
   create_session: ["session_created"],
@@ -218,7 +219,17 @@ export class GatewayConnection extends EventTarget {
         return;
       }
       if (!this.pending.has(frame.type)) this.pending.set(frame.type, []);
-      this.pending.get(frame.type).push({ replies, resolve, reject });
+      const list = this.pending.get(frame.type);
+      const w = { replies, resolve, reject };
+      w.timer = setTimeout(() => {
+        const i = list.indexOf(w);
+        if (i >= 0) list.splice(i, 1);
+        reject(new Error(`the gateway did not answer ${frame.type}`));
+      }, REPLY_TIMEOUT_MS);
+      const done = (fn) => (v) => { clearTimeout(w.timer); fn(v); };
+      w.resolve = done(resolve);
+      w.reject = done(reject);
+      list.push(w);
     });
   }
 
@@ -237,7 +248,7 @@ export class GatewayConnection extends EventTarget {
       for (const e of frame.events || []) this.onEvent(e);
       return;
     }
-    if (frame.type === "error" && frame.request && this.pending.get(frame.request)?.length) {
+    if ((frame.type === "error" || frame.type === "overloaded") && frame.request && this.pending.get(frame.request)?.length) {
       const w = this.pending.get(frame.request).shift();
       const err = new Error(frame.message);
       err.code = frame.code;
