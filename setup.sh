@@ -24,6 +24,7 @@ if [ -n "$extras" ]; then
   /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)  # pip install, likewise
   command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)          # ext4-image workspaces
   command -v promtool >/dev/null 2>&1 || need+=(prometheus)          # deploy/monitoring checked on a real one
+  [ -x /usr/lib/chromium/chromium ] || need+=(chromium)              # the web app's tests run in a real browser
 fi
 [ -x /usr/bin/python3 ] || need+=(python3)   # the interpreter the in-sandbox helper runs on
 command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)

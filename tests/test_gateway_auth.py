@@ -218,7 +218,8 @@ async def test_https_get_serves_the_landing_page_and_the_web_app_directory(g1: T
         async with http.get(base + "/", ssl=pin) as r:
             assert r.status == 200 and "devsilo gateway" in await r.text()
         async with http.get(base + "/app", ssl=pin) as r:
-            assert r.status == 200 and "comes with issue 8" in await r.text()
+            assert r.status == 200 and '<script type="module" src="app.js">' in await r.text()
+            assert "script-src 'self'" in r.headers["Content-Security-Policy"]
         async with http.get(base + "/app/../../../etc/passwd", ssl=pin) as r:
             assert r.status in (403, 404)
 

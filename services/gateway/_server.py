@@ -119,6 +119,18 @@ OVERLOADED_RETRY_MS = 1000
 KEEP_TALLIES = 1024
 """Sessions whose running cost sums and state a gateway keeps; others are counted again when asked."""
 
+APP_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+        "connect-src 'self' wss:; manifest-src 'self'; worker-src 'self'; font-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'; object-src 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+"""Headers on every /app/ response: the web app runs only its own files and talks only to gateways
+(``wss:`` anywhere: a user may pair with other gateways by URL)."""
+
 LANDING_PAGE = """<!doctype html><meta charset=utf-8><title>devsilo gateway</title>
 <h1>devsilo gateway</h1><p>This is a devsilo gateway. Clients connect to <code>/ws</code>
 over TLS WebSocket. If your browser asked you to accept this certificate, compare its
@@ -169,7 +181,7 @@ class Gateway:
 
     def app(self) -> web.Application:
         """The aiohttp application: landing page, the web app's files under /app/, and /ws."""
-        app = web.Application(client_max_size=MAX_CLIENT_FRAME)
+        app = web.Application(client_max_size=MAX_CLIENT_FRAME, middlewares=[_app_headers])
         app.router.add_get("/", self._landing)
         app.router.add_get("/ws", self._websocket)
         app.router.add_get("/app", self._to_app)
@@ -203,6 +215,15 @@ class Gateway:
             self.metrics.connections.dec()
             await conn.close()
         return ws
+
+
+@web.middleware
+async def _app_headers(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Give the web app's files (under /app/) a strict Content-Security-Policy."""
+    response: web.StreamResponse = await handler(request)
+    if request.path.startswith("/app/"):
+        response.headers.update(APP_HEADERS)
+    return response
 
 
 class ClientConnection:
@@ -573,7 +594,7 @@ class ClientConnection:
 
     async def _answer(self, req: AnswerQuestion) -> None:
         assert self.who is not None
-        self._visible(req.session_id)
+        await self._visible(req.session_id)
         answer = QuestionAnswer(selected=req.selected, text=req.text)
         await self._send_input(req.session_id, SessionInput(
             kind="answer", question_id=req.question_id, text=answer.model_dump_json(),
