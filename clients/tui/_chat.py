@@ -245,7 +245,7 @@ class ChatLog(VerticalScroll):
         return None
 
     def _who_label(self, ev: EventFrame) -> Static:
-        return Static(self._agent_label(ev).strip(), classes=self._css_for(ev, "who"))
+        return Static(Text(self._agent_label(ev).strip()), classes=self._css_for(ev, "who"))
 
     async def _show_line(self, ev: EventFrame, style: str) -> None:
         text = render_event(ev)

@@ -220,9 +220,12 @@ class GatewayLink:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def send(self, frame: ClientFrame) -> None:
-        """Send a frame that needs no answer (GatewayError when not connected)."""
-        if self._client is None or not self.state.connected:
+    async def send(self, frame: ClientFrame, wait: float = 10.0) -> None:
+        """Send a frame, waiting up to ``wait`` seconds for a connection (else GatewayError)."""
+        if self._client is None or not self._up.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._up.wait(), wait)
+        if self._client is None or not self._up.is_set():
             raise GatewayError(f"{self.name} is not connected ({self.state.message})")
         await self._client.send(frame)
 
