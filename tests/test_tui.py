@@ -92,7 +92,9 @@ async def until(pilot: Pilot[Any], cond: Callable[[], Any], what: str, timeout: 
         return await asyncio.wait_for(wait(), timeout)
     except TimeoutError:
         app = pilot.app
-        raise AssertionError(f"never happened: {what}; the TUI said: {getattr(app, 'notes', None)}") from None
+        chat = app.chats.get(app.current or "") if isinstance(app, SiloApp) else None
+        raise AssertionError(f"never happened: {what}; the TUI said: {getattr(app, 'notes', None)}; "
+                             f"events: {[(e.kind, e.data) for e in chat.events][-6:] if chat else None}") from None
 
 
 async def type_line(pilot: Pilot[Any], line: str) -> None:
@@ -207,7 +209,7 @@ async def test_question_picker_single_multi_free_text_and_a_race_lost_to_another
                               multi_select=False, allow_free_text=False)),
         step("main", "", call("AskUserQuestion", question="Which parts?", multi_select=True,
                               options=[{"label": "docs"}, {"label": "tests"}, {"label": "code"}])),
-        step("main", "", call("AskUserQuestion", question="Anything else?", options=[])),
+        step("main", "", call("AskUserQuestion", question="Anything else?", allow_free_text=True)),
         step("main", "", call("AskUserQuestion", question="Race?", options=[{"label": "me"}, {"label": "you"}])),
         step("main", "thanks"),
     ])
@@ -227,7 +229,7 @@ async def test_question_picker_single_multi_free_text_and_a_race_lost_to_another
         screenshot(app, "question")
         radios = p.query_one(RadioSet)
         await pilot.click(list(radios.query("RadioButton"))[1])
-        await pilot.click(p.query_one(Button))
+        p.query_one(Button).press()
         await until(pilot, lambda: picker() is not p and "question_answered" in kinds(chat), "answer 1 taken")
         # Several: a selection list.
         p = await until(pilot, lambda: (q := picker()) and q.data.get("question") == "Which parts?" and q,
@@ -235,7 +237,7 @@ async def test_question_picker_single_multi_free_text_and_a_race_lost_to_another
         sl = p.query_one(SelectionList)
         sl.select("docs")
         sl.select("code")
-        await pilot.click(p.query_one(Button))
+        p.query_one(Button).press()
         # Free text only.
         p = await until(pilot, lambda: (q := picker()) and q.data.get("question") == "Anything else?" and q,
                         "third question")
