@@ -360,6 +360,17 @@ async def test_commands_upload_access_cost_help_interrupt_pair_and_stop(stack: S
         assert "ended" in app.status_text()
 
 
+async def workspace_phase(stack: Stack, ws: Path) -> str:
+    client = await plain_client(stack, "status")
+    try:
+        await client.send(WorkspaceCommand(op="status", path=str(ws)))
+        res = await client.receive()
+    finally:
+        await client.close()
+    assert isinstance(res, WorkspaceResult), res
+    return str(res.workspaces[0]["phase"])
+
+
 # -- unlock review ----------------------------------------------------------------------------------
 
 
@@ -389,12 +400,12 @@ async def test_unlock_asks_first_then_shows_auto_exec_warnings_before_the_diffs(
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "confirmation")
         await pilot.click("#no")
         await until(pilot, lambda: any("unlock cancelled" in n for n in notes(chat)), "cancelled")
-        assert not os.access(ws, os.W_OK) or (ws / "notes.txt").read_text() == "first line\n"
+        assert await workspace_phase(stack, ws) == "locked"
         await type_line(pilot, "/unlock")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "confirmation")
         await pilot.click("#yes")
         review = await until(pilot, lambda: isinstance(app.screen, UnlockReviewScreen) and app.screen, "review")
-        body = str(review.query_one(".review-body", Static).render())
+        body = review.plain
         assert "auto-exec surfaces changed" in body and "Makefile" in body
         assert body.index("Makefile") < body.index("+second line")  # warnings first, then the diffs
         assert "-first line" not in body and "+second line" in body
@@ -406,6 +417,7 @@ async def test_unlock_asks_first_then_shows_auto_exec_warnings_before_the_diffs(
         await pilot.click("#ack")
         await until(pilot, lambda: not isinstance(app.screen, UnlockReviewScreen), "review closed")
         assert (ws / "notes.txt").read_text() == "first line\nsecond line\n"
+        assert await workspace_phase(stack, ws) != "locked"
         await until(pilot, lambda: chat.ended, "the session on it ended")
 
 

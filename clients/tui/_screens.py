@@ -70,6 +70,12 @@ class UnlockReviewScreen(ModalScreen[bool]):
         super().__init__()
         self.path, self.result = path, result
 
+    @property
+    def plain(self) -> str:
+        """The review as plain text, in the order shown."""
+        return "\n".join(p.code if isinstance(p, Syntax) else p.plain if isinstance(p, Text) else str(p)
+                         for p in review_renderables(self.result))
+
     def compose(self) -> ComposeResult:
         auto = bool(self.result.auto_exec_changed)
         with Vertical(classes="dialog wide"):

@@ -202,6 +202,7 @@ class SiloApp(App[None]):
         self.chats: dict[str, ChatLog] = {}
         self.current: str | None = None
         self.notes: list[str] = []
+        self.main: Any = None
         """Every line the TUI itself showed (command output and errors), oldest first."""
 
     # -- layout -----------------------------------------------------------------------------
@@ -222,7 +223,8 @@ class SiloApp(App[None]):
         yield Static("", id="status")
 
     async def on_mount(self) -> None:
-        table = self.query_one("#sessions", DataTable)
+        self.main = self.screen
+        table = self.main.query_one("#sessions", DataTable)
         table.add_columns("gateway", "session", "state", "workspace")
         if self.local is not None:
             self._add_link(LOCAL, self.local.url, self.local.fingerprint, Credentials(token=self.local.token))
@@ -232,7 +234,7 @@ class SiloApp(App[None]):
         except SiloError as exc:
             self.notify(str(exc), severity="error")
         self.set_interval(5.0, self._refresh_quietly)
-        self.query_one("#prompt", Input).focus()
+        self.main.query_one("#prompt", Input).focus()
         self._status()
 
     def _add_link(self, name: str, url: str, fingerprint: str, creds: Credentials) -> GatewayLink:
@@ -273,13 +275,13 @@ class SiloApp(App[None]):
                 parts.append(("idle ", "green"))
             parts.append(("│ ", "dim"))
             parts.append((f"cost ${chat.usd:.4f} · {chat.tokens:,} tokens", "cyan"))
-        self.query_one("#status", Static).update(Text.assemble(*parts))
-        busy = self.query_one("#busy", LoadingIndicator)
+        self.main.query_one("#status", Static).update(Text.assemble(*parts))
+        busy = self.main.query_one("#busy", LoadingIndicator)
         busy.set_class(bool(chat is not None and chat.busy and not chat.ended), "on")
 
     def status_text(self) -> str:
         """The status bar as plain text (tests read it)."""
-        return str(self.query_one("#status", Static).render())
+        return str(self.main.query_one("#status", Static).render())
 
     async def note(self, text: str | Text, style: str = "note") -> None:
         """A line from the TUI in the open chat (or a notification without one)."""
@@ -333,7 +335,7 @@ class SiloApp(App[None]):
         if chat is None:
             chat = ChatLog(key, id=f"chat-{len(self.chats)}")
             self.chats[key] = chat
-            await self.query_one("#chats", ContentSwitcher).mount(chat)
+            await self.main.query_one("#chats", ContentSwitcher).mount(chat)
         return chat
 
     def _refresh_quietly(self) -> None:
@@ -356,7 +358,7 @@ class SiloApp(App[None]):
         self._render_rows()
 
     def _render_rows(self) -> None:
-        table = self.query_one("#sessions", DataTable)
+        table = self.main.query_one("#sessions", DataTable)
         cursor = table.cursor_row
         table.clear()
         styles = {"busy": "bold yellow", "idle": "green", "ended": "dim", "new": "cyan"}
@@ -380,11 +382,11 @@ class SiloApp(App[None]):
         key = session_key(gateway, sid)
         chat = await self._chat(key)
         self.current = key
-        self.query_one("#chats", ContentSwitcher).current = chat.id
+        self.main.query_one("#chats", ContentSwitcher).current = chat.id
         await link.follow(sid, 0)
         self._render_rows()
         self._status()
-        self.query_one("#prompt", Input).focus()
+        self.main.query_one("#prompt", Input).focus()
 
     def _link(self, name: str | None = None) -> GatewayLink:
         if name is None:
