@@ -17,13 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from devsilo.cli._client import GatewayClient
+from devsilo.cli._client import ClientKeyPair, GatewayClient
 from devsilo.cli._sessions import GatewayTarget
+from devsilo.protocol import ConfigError
 from devsilo.protocol.client import (
     AnswerQuestion,
+    Attach,
     CostFrame,
     CostRequest,
+    CreateSession,
     ErrorFrame,
+    EventFrame,
     EventsFrame,
     RequestEvents,
     WorkspaceCommand,
@@ -32,7 +36,8 @@ from devsilo.protocol.client import (
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
 from devsilo.tui._chat import ChatLog, QuestionPicker, ToolCall
-from devsilo.tui._gateways import KnownGateways
+from devsilo.tui._gateways import KnownGateway, KnownGateways, normalize_fingerprint
+from devsilo.tui._link import Credentials, GatewayLink
 from devsilo.tui._screens import ConfirmScreen, UnlockReviewScreen
 from devsilo.tui.app import SiloApp
 from textual.pilot import Pilot
@@ -174,7 +179,7 @@ async def test_chat_streams_markdown_tools_subagents_errors_and_cost(stack: Stac
         assert sub_tools[1].has_class("tool-error") and not sub_tools[1].collapsed
         labels = [str(w.render()) for w in chat.query(".who").results(Static)]
         assert "[a1 counter]" in labels
-        assert [m for m in chat.query(Markdown) if "Counting" in m.source][0].has_class("depth-1")
+        assert next(m for m in chat.query(Markdown) if "Counting" in m.source).has_class("depth-1")
         # Cost in the status bar: the sum of the cost events, as the gateway counts it.
         client = await plain_client(stack, "cost-check")
         try:
@@ -300,7 +305,7 @@ async def test_commands_upload_access_cost_help_interrupt_pair_and_stop(stack: S
         await type_line(pilot, f"/upload {tmp_path / 'blob.bin'}")
         await until(pilot, lambda: "file_shared" in kinds(chat), "file shared")
         assert (ws / "blob.bin").read_bytes() == blob
-        shared = [e for e in chat.events if e.kind == "file_shared"][0].data
+        shared = next(e for e in chat.events if e.kind == "file_shared").data
         assert shared["size"] == len(blob) and shared["direction"] == "upload"
         await until(pilot, lambda: any(f"uploaded blob.bin ({len(blob):,} bytes" in n for n in notes(chat)),
                     "upload confirmed")
@@ -465,3 +470,64 @@ async def test_reconnects_after_a_gateway_restart_and_resumes_without_duplicates
         outputs = "".join(t.text for t in chat.query(ToolCall))
         assert outputs.count("two") == 1 and outputs.count("three") == 1
         assert not isinstance(stored, ErrorFrame)
+
+
+# -- the link's defences, and the known-gateways file ------------------------------------------------
+
+
+async def test_a_gap_in_the_events_is_filled_from_the_stored_ones_each_once(stack: Stack, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    client = await plain_client(stack, "maker")
+    try:
+        await client.send(CreateSession(workspace=str(ws), headless=True, prompt="go", script=json.dumps(
+            {"responses": [step("main", "one", call("Bash", command="echo a")),
+                           step("main", "", call("Exit", message="ok"))]})))
+        sid = (await client.receive()).session_id
+        await client.send(Attach(session_id=sid))
+        stored = []
+        while not stored or stored[-1].kind != "shutdown":
+            frame = await client.receive()
+            if isinstance(frame, EventFrame):
+                stored.append(frame)
+    finally:
+        await client.close()
+    t = target(stack)
+    got: list[EventFrame] = []
+    link = GatewayLink("local", t.url, t.fingerprint, Credentials(token=t.token),
+                       on_event=lambda _, ev: got.append(ev), on_state=lambda _: None)
+    link.start()
+    try:
+        await link.wait_up()
+        link.next_seq[sid] = 0
+        # An event from the middle (as if some were lost) is held back; the gap is fetched, then it.
+        link._deliver(stored[5])
+        link._deliver(stored[2])
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(got) < len(stored):
+            assert asyncio.get_running_loop().time() < deadline, [e.seq for e in got]
+            await asyncio.sleep(0.02)
+        link._deliver(stored[3])  # already had: dropped
+        assert [e.model_dump() for e in got] == [e.model_dump() for e in stored]
+    finally:
+        await link.stop()
+
+
+def test_known_gateways_file_and_keys_are_checked(tmp_path: Path) -> None:
+    known = KnownGateways(tmp_path / "cfg")
+    assert known.load() == []
+    key = ClientKeyPair.generate()
+    gw = KnownGateway(name="box", url="wss://box.example:8443/ws", fingerprint="ab" * 32, key_id="0123456789abcdef")
+    known.add(gw, key)
+    assert known.load() == [gw]
+    assert known.key(gw).public_key() == key.public_key()
+    known.key_path("box").chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        known.key(gw)
+    known.path.write_text('{"gateways": [{"name": "x", "url": "http://plain", "fingerprint": "zz"}]}')
+    with pytest.raises(ConfigError, match="not a valid known-gateways file"):
+        known.load()
+    assert normalize_fingerprint("SHA256 " + ":".join(["AB"] * 32)) == "ab" * 32
+    for bad in ("", "ab" * 31, "xy" * 32):
+        with pytest.raises(ConfigError):
+            normalize_fingerprint(bad)

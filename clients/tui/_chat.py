@@ -222,7 +222,7 @@ class ChatLog(VerticalScroll):
             self.depth[child] = self.depth.get(ev.agent, 0) + 1
             self.names[child] = str(d.get("name") or "")
         if k == "question_asked":
-            await self._show_line(ev, "question")
+            await self._show_line(ev, "asked")
             picker = QuestionPicker(self.key, d)
             self.pickers[picker.question_id] = picker
             await self._put(picker)

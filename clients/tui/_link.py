@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from devsilo.protocol.client import (
     EventFrame,
     EventsFrame,
     ListSessions,
+    RequestEvents,
     Sessions,
 )
 
@@ -96,6 +97,7 @@ class GatewayLink:
     _waiters: list[_Waiter] = field(default_factory=list)
     _up: asyncio.Event = field(default_factory=asyncio.Event)
     _listeners: list[Callable[[Any], None]] = field(default_factory=list)
+    _filling: set[str] = field(default_factory=set)
 
     def start(self) -> None:
         """Begin connecting (in the background)."""
@@ -185,8 +187,13 @@ class GatewayLink:
             if isinstance(frame, EventsFrame):
                 for ev in frame.events:
                     self._deliver(ev)
-                if not self._answer(frame):
-                    continue
+                sid = frame.session_id
+                if sid in self._filling:
+                    if frame.complete:
+                        self._filling.discard(sid)
+                    else:
+                        await client.send(RequestEvents(session_id=sid, from_seq=self.next_seq[sid]))
+                self._answer(frame)
                 continue
             if not self._answer(frame):
                 for fn in list(self._listeners):
@@ -196,10 +203,11 @@ class GatewayLink:
         want = self.next_seq.get(ev.session_id)
         if want is None or ev.seq < want:
             return  # not followed, or a duplicate after a reconnect
-        if ev.seq > want:
+        if ev.seq > want:  # never expected from the gateway: fill the gap from its stored events
             log.warning("event_gap", gateway=self.name, want=want, got=ev.seq)
-            assert self._client is not None
-            asyncio.ensure_future(self._client.send(Attach(session_id=ev.session_id, from_seq=want, batch=100)))
+            if ev.session_id not in self._filling and self._client is not None:
+                self._filling.add(ev.session_id)
+                asyncio.ensure_future(self._client.send(RequestEvents(session_id=ev.session_id, from_seq=want)))
             return
         self.next_seq[ev.session_id] = ev.seq + 1
         self.on_event(self, ev)
@@ -254,5 +262,3 @@ class GatewayLink:
         result: Sessions = await self.request(ListSessions(), Sessions)
         return result
 
-
-Runner = Callable[[], Awaitable[None]]

@@ -90,6 +90,7 @@ Screen { layout: vertical; }
 .file { color: $success; }
 .agent { color: $secondary; text-style: italic; }
 .answered { color: $success; }
+.asked { color: $warning; text-style: bold; margin-top: 1; }
 .access { color: $text-muted; }
 .question { border: round $warning; padding: 0 1; height: auto; margin: 1 0; }
 .question-title { margin-bottom: 1; }
