@@ -38,7 +38,7 @@ from devsilo.testing import Stack
 from devsilo.tui._chat import ChatLog, QuestionPicker, ToolCall
 from devsilo.tui._gateways import KnownGateway, KnownGateways, normalize_fingerprint
 from devsilo.tui._link import Credentials, GatewayLink
-from devsilo.tui._screens import ConfirmScreen, UnlockReviewScreen
+from devsilo.tui._screens import ConfirmScreen, NewSessionScreen, UnlockReviewScreen
 from devsilo.tui.app import SiloApp
 from textual.pilot import Pilot
 from textual.widgets import Button, Input, Markdown, RadioSet, SelectionList, Static
@@ -358,11 +358,40 @@ async def test_commands_upload_access_cost_help_interrupt_pair_and_stop(stack: S
         await until(pilot, lambda: any("does not match the pinned fingerprint" in n for n in notes(chat)),
                     "pinning refused")
         assert "wrong" not in app.links
+        # /gateways names both, with what is pinned.
+        await type_line(pilot, "/gateways")
+        await until(pilot, lambda: any(n.startswith("remote: ") for n in notes(chat)), "gateways listed")
+        assert any(n.startswith(f"local: {target(stack).url} (SHA256 {target(stack).fingerprint})")
+                   for n in notes(chat))
         # /stop
         await type_line(pilot, "/stop")
         await until(pilot, lambda: chat.ended, "stopped")
         assert chat.events[-1].kind == "shutdown" and "stopped by" in chat.events[-1].data["reason"]
         assert "ended" in app.status_text()
+        # Ctrl+N: the new-session dialog (workspace, model, script). (The paired key is not an
+        # operator's, so it may not start sessions on the executor's own files: the local one does.)
+        await pilot.press("ctrl+n")
+        dialog = await until(pilot, lambda: isinstance(app.screen, NewSessionScreen) and app.screen, "dialog")
+        dialog.query_one("#workspace", Input).value = str(ws)
+        dialog.query_one("#script", Input).value = str(script)
+        assert dialog.query_one("#gateway", Input).value == "local"
+        dialog.query_one("#create", Button).press()
+        await until(pilot, lambda: app.current and app.current != f"local/{sid}"
+                    and "session_started" in kinds(current_chat(app)), "session from the dialog")
+        second = current_chat(app)
+        assert second is not chat and second.workspace == str(ws)
+        # /attach goes back to the first one, whose events are all there once.
+        await type_line(pilot, f"/attach {sid} local")
+        await until(pilot, lambda: app.current == f"local/{sid}", "attached")
+        assert [e.seq for e in chat.events] == list(range(len(chat.events)))
+        await type_line(pilot, f"/attach {second.key.split('/', 1)[1]} remote")
+        # ...the same session through the paired gateway: its own chat, the same events.
+        third = await until(pilot, lambda: app.current == "remote/" + second.key.split("/", 1)[1]
+                            and "session_started" in kinds(current_chat(app)) and current_chat(app),
+                            "the second session through the paired gateway")
+        await type_line(pilot, "/stop")
+        await until(pilot, lambda: second.ended and third.ended, "second stopped, seen through both")
+        assert [e.model_dump() for e in third.events] == [e.model_dump() for e in second.events]
 
 
 async def workspace_phase(stack: Stack, ws: Path) -> str:

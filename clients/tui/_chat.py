@@ -228,9 +228,9 @@ class ChatLog(VerticalScroll):
             await self._put(picker)
             return picker
         if k == "question_answered":
-            picker = self.pickers.pop(str(d.get("id")), None)
-            if picker is not None:
-                await picker.remove()
+            answered = self.pickers.pop(str(d.get("id")), None)
+            if answered is not None:
+                await answered.remove()
         if k == "shutdown":
             self.busy, self.ended = False, True
             for p in list(self.pickers.values()):

@@ -241,10 +241,16 @@ class SiloApp(App[None]):
     def _add_link(self, name: str, url: str, fingerprint: str, creds: Credentials) -> GatewayLink:
         def on_state(link: GatewayLink) -> None:
             self.post_message(LinkChanged(link.name, link.state.connected and link.state.connects > 1))
-        link = GatewayLink(name, url, fingerprint, creds,
-                           on_event=lambda lk, ev: self.post_message(EventArrived(lk.name, ev)),
-                           on_state=on_state, backoff_first=self.backoff_first)
-        link.listen(lambda frame: self.post_message(GatewayNotice(name, frame)))
+
+        def on_event(link: GatewayLink, ev: EventFrame) -> None:
+            self.post_message(EventArrived(link.name, ev))
+
+        def on_frame(frame: Any) -> None:
+            self.post_message(GatewayNotice(name, frame))
+
+        link = GatewayLink(name, url, fingerprint, creds, on_event=on_event, on_state=on_state,
+                           backoff_first=self.backoff_first)
+        link.listen(on_frame)
         self.links[name] = link
         link.start()
         return link
@@ -487,12 +493,12 @@ class SiloApp(App[None]):
         model = model or "mock"
         backend = llm or ("mock" if model == "mock" else "anthropic")
         req = CreateSession(workspace=os.path.abspath(os.path.expanduser(workspace)), model=model,
-                            llm=backend,  # type: ignore[arg-type]
+                            llm=backend,
                             script=Path(script).expanduser().read_text() if script else None)
         created: SessionCreated = await link.request(req, SessionCreated, timeout=120)
         await self.open_session(link.name, created.session_id)
         await self.refresh_sessions()
-        return created.session_id
+        return str(created.session_id)
 
     async def cmd_interrupt(self, args: list[str]) -> None:
         """/interrupt"""
@@ -589,12 +595,12 @@ class SiloApp(App[None]):
             raise SiloError("usage: /pair [NAME] or /pair CODE URL FINGERPRINT [NAME]")
         link = self._link()
         name = args[0] if args else "client"
-        code: PairingCode = await link.request(PairingCodeRequest(client_name=name), PairingCode)
+        got: PairingCode = await link.request(PairingCodeRequest(client_name=name), PairingCode)
         await self.note(Text.assemble(
-            ("pairing code ", "bold"), (code.code, "bold reverse green"),
-            f"  for {code.client_name} of user {code.user}, valid {code.valid_s:.0f} s, once\n",
+            ("pairing code ", "bold"), (got.code, "bold reverse green"),
+            f"  for {got.client_name} of user {got.user}, valid {got.valid_s:.0f} s, once\n",
             f"  gateway: {link.url}\n  fingerprint: SHA256 {link.fingerprint}\n",
-            ("  on the new machine: ", "dim"), f"/pair {code.code} {link.url} {link.fingerprint}"))
+            ("  on the new machine: ", "dim"), f"/pair {got.code} {link.url} {link.fingerprint}"))
 
     async def cmd_unlock(self, args: list[str]) -> None:
         """/unlock [PATH]"""
