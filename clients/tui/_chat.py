@@ -97,13 +97,20 @@ class ToolCall(Collapsible):
         self.arg = _tool_arg(data.get("input"))
         self.output = Static("", classes="tool-output")
         self.text = ""
+        self.shown = Text()
+        """The output with stderr in red (its last ``OUTPUT_KEEP`` characters)."""
         super().__init__(self.output, title=f"● {self.name_}: {self.arg}", collapsed=False, classes=classes)
 
     def add_output(self, data: dict[str, Any]) -> None:
         """More output (stdout or stderr) as it streams."""
-        self.text = (self.text + str(data.get("data", "")))[-OUTPUT_KEEP:]
-        style = "red" if data.get("stream") == "stderr" else ""
-        self.output.update(Text(self.text.rstrip("\n"), style=style))
+        chunk = str(data.get("data", ""))
+        self.text = (self.text + chunk)[-OUTPUT_KEEP:]
+        self.shown.append(chunk, style="red" if data.get("stream") == "stderr" else "")
+        if len(self.shown) > OUTPUT_KEEP:
+            self.shown = self.shown[len(self.shown) - OUTPUT_KEEP:]
+        view = self.shown.copy()
+        view.rstrip()
+        self.output.update(view)
 
     async def finish(self, data: dict[str, Any]) -> None:
         """The result: mark the title, show the content, fold the output away when it went well."""
