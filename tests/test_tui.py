@@ -560,3 +560,60 @@ def test_known_gateways_file_and_keys_are_checked(tmp_path: Path) -> None:
     for bad in ("", "ab" * 31, "xy" * 32):
         with pytest.raises(ConfigError):
             normalize_fingerprint(bad)
+
+
+async def test_malformed_frames_from_a_gateway_are_reported_and_skipped(stack: Stack) -> None:
+    """A TLS WebSocket server with the gateway's certificate that sends garbage between good frames."""
+    import ssl
+
+    from aiohttp import web
+    from devsilo.testing import free_ports
+
+    state = StateDir(stack.state_dir)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(state.gateway_cert_path, state.gateway_key_path)
+
+    def event(seq: int) -> str:
+        return json.dumps({"type": "event", "session_id": "s1", "seq": seq, "kind": "tool_output",
+                           "agent": "main", "ts": 1.0, "data": {"n": seq}})
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str(json.dumps({"type": "hello", "gateway": "fake", "auth_methods": ["token"],
+                                      "auth_deadline_s": 5}))
+        await ws.send_str(json.dumps({"type": "challenge", "nonce": "AA" * 22}))
+        await ws.receive()
+        await ws.send_str(json.dumps({"type": "auth_ok", "user": "u"}))
+        await ws.receive()  # the attach
+        for text in [event(0), "not json", json.dumps({"type": "teleport"}),
+                     json.dumps({"type": "event", "seq": "x"}), event(1)]:
+            await ws.send_str(text)
+        await ws.receive()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_ports(1)[0]
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
+    got: list[EventFrame] = []
+    errors: list[str] = []
+    link = GatewayLink("fake", f"wss://127.0.0.1:{port}/ws", state.gateway_fingerprint(),
+                       Credentials(token="t" * 64), on_event=lambda _, ev: got.append(ev),
+                       on_state=lambda _: None)
+    link.listen(lambda f: errors.append(f.message))
+    link.next_seq["s1"] = 0
+    link.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(got) < 2:
+            assert asyncio.get_running_loop().time() < deadline, (got, errors)
+            await asyncio.sleep(0.02)
+        assert [e.data["n"] for e in got] == [0, 1]
+        assert len(errors) == 3 and all("cannot read" in m for m in errors)
+        assert link.state.connected
+    finally:
+        await link.stop()
+        await runner.cleanup()

@@ -180,7 +180,15 @@ class GatewayLink:
 
     async def _read(self, client: GatewayClient) -> None:
         while True:
-            frame = await client.receive()
+            try:
+                frame = await client.receive()
+            except ValueError as exc:  # not JSON, or no frame this client knows: say so, read on
+                log.warning("bad_frame", gateway=self.name, error=str(exc)[:300])
+                bad = ErrorFrame(code="bad_frame", message=f"the gateway sent a frame this TUI cannot read "
+                                 f"({str(exc).splitlines()[0][:200]}); it was skipped")
+                for fn in list(self._listeners):
+                    fn(bad)
+                continue
             if isinstance(frame, EventFrame):
                 self._deliver(frame)
                 continue
