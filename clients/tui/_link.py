@@ -162,6 +162,9 @@ class GatewayLink:
                 await self._read(self._client)
             except (SiloError, OSError) as exc:
                 self._down(f"connection lost: {exc}", delay)
+            except Exception as exc:  # a bug here must not end the link for good: log it, reconnect
+                log.exception("link_failed", gateway=self.name)
+                self._down(f"connection dropped after an error in the TUI: {exc}", delay)
             finally:
                 self._up.clear()
                 await self._client.close()
