@@ -345,6 +345,24 @@ def cmd_clients(args: argparse.Namespace) -> int:
     return asyncio.run(clients_command(target, args.action, args.key_id, sys.stdout, as_json=args.json))
 
 
+def cmd_tui(args: argparse.Namespace) -> int:
+    """The terminal UI: the local stack's gateway (when one runs) and every paired remote gateway."""
+    from devsilo.tui.app import run_tui
+
+    from ._sessions import local_gateway
+
+    state = _state(args)
+    try:
+        local = local_gateway(state, args.gateway)
+    except SiloError as exc:
+        if args.gateway:
+            raise
+        print(f"note: {exc}; showing paired remote gateways only", file=sys.stderr)
+        local = None
+    asyncio.run(run_tui(local))
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Preflight: sandbox backends, namespaces, cgroups, clock, state directory, NATS."""
     import json as _json
@@ -527,6 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gateway", help="gateway URL (default: the local stack's)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_clients)
+
+    s = sub.add_parser("tui", parents=[common], help="the terminal UI: sessions, chat, questions, unlock review")
+    s.add_argument("--gateway", help="local gateway URL (default: the local stack's)")
+    s.set_defaults(func=cmd_tui)
 
     s = sub.add_parser("doctor", parents=[common], help="what works on this host, and why not")
     s.add_argument("--json", action="store_true")

@@ -1,0 +1,1 @@
+"""`silo tui`: the devsilo terminal UI (Textual)."""
