@@ -2,7 +2,7 @@
 
 One `silo up` for the module. Each test runs the app headless, types into it
 as a person would, and checks what it shows against what the gateway says.
-Screenshots go to ``docs/tui-*.svg`` for review.
+Screenshots go to ``docs/tui-*.svg`` for review with ``DEVSILO_UPDATE_SCREENSHOTS=1``.
 """
 
 from __future__ import annotations
@@ -123,9 +123,12 @@ def notes(chat: ChatLog) -> list[str]:
 
 
 def screenshot(app: SiloApp, name: str) -> str:
+    """The screen as SVG; kept in ``docs/`` for review when ``DEVSILO_UPDATE_SCREENSHOTS=1``."""
     svg = app.export_screenshot(title=f"silo tui: {name}")
-    DOCS.mkdir(exist_ok=True)
-    (DOCS / f"tui-{name}.svg").write_text(svg)
+    assert svg.startswith("<svg") and "silo tui" in svg
+    if os.environ.get("DEVSILO_UPDATE_SCREENSHOTS") == "1":
+        DOCS.mkdir(exist_ok=True)
+        (DOCS / f"tui-{name}.svg").write_text(svg)
     return svg
 
 
