@@ -32,8 +32,8 @@ import openai
 import structlog
 
 from ._model import ModelFailure, ModelResponse, TextSink, ToolUse, Usage, tool_use_from_json
-from ._openai import openai_error_message
-from ._retry import RetryableFailure, RetryPolicy, Sleep, parse_retry_after, with_retries
+from ._openai import REQUEST_ERRORS, request_failure
+from ._retry import RetryableFailure, RetryPolicy, Sleep, with_retries
 from ._toolspec import tool_specs
 
 RETRYABLE_STREAM_CODES = {"server_error", "rate_limit_exceeded", "server_is_overloaded", "unavailable"}
@@ -251,13 +251,8 @@ class LocalChatModel:
     async def _attempt(self, request: dict[str, Any], on_text: TextSink | None) -> ModelResponse:
         try:
             return await self._stream(request, on_text)
-        except openai.APIStatusError as exc:
-            detail = self._redact(f"HTTP {exc.status_code}: {openai_error_message(exc)}"[:1000])
-            if exc.status_code == 429 or exc.status_code >= 500:
-                raise RetryableFailure(detail, parse_retry_after(exc.response.headers)) from None
-            raise ModelFailure(f"local model {self.model} refused the request: {detail}") from None
-        except (openai.APIConnectionError, httpx2.TransportError) as exc:
-            raise RetryableFailure(self._redact(f"transport error: {exc!r}"[:1000])) from None
+        except REQUEST_ERRORS as exc:
+            raise request_failure(exc, f"local model {self.model}", self._redact) from None
         except openai.APIError as exc:  # an error object inside the stream
             body = exc.body if isinstance(exc.body, dict) else {}
             code = body.get("code") or body.get("type")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -99,13 +100,8 @@ class OpenAIResponsesModel:
     async def _attempt(self, request: dict[str, Any], on_text: TextSink | None) -> ModelResponse:
         try:
             return await self._stream(request, on_text)
-        except openai.APIStatusError as exc:
-            detail = self._redact(f"HTTP {exc.status_code}: {openai_error_message(exc)}"[:1000])
-            if exc.status_code == 429 or exc.status_code >= 500:
-                raise RetryableFailure(detail, parse_retry_after(exc.response.headers)) from None
-            raise ModelFailure(f"OpenAI model {self.model} refused the request: {detail}") from None
-        except (openai.APIConnectionError, httpx2.TransportError) as exc:
-            raise RetryableFailure(self._redact(f"transport error: {exc!r}"[:1000])) from None
+        except REQUEST_ERRORS as exc:
+            raise request_failure(exc, f"OpenAI model {self.model}", self._redact) from None
 
     def _stream_error(self, code: str | None, message: str) -> Exception:
         detail = self._redact(f"{code or 'error'}: {message}"[:1000])
@@ -150,6 +146,21 @@ class OpenAIResponsesModel:
 
     def _tool_use(self, call: dict[str, Any]) -> ToolUse:
         return tool_use_from_json(call["call_id"], call["name"], "".join(call["args"]))
+
+
+REQUEST_ERRORS = (openai.APIStatusError, openai.APIConnectionError, httpx2.TransportError)
+"""What a request to an OpenAI-style API raises when it fails before or while streaming."""
+
+
+def request_failure(exc: Exception, who: str, redact: Callable[[str], str]) -> Exception:
+    """The failure to raise for one of ``REQUEST_ERRORS``: retryable on transport errors, 429
+    (with its retry-after) and 5xx; otherwise the model refused the request."""
+    if isinstance(exc, openai.APIStatusError):
+        detail = redact(f"HTTP {exc.status_code}: {openai_error_message(exc)}"[:1000])
+        if exc.status_code == 429 or exc.status_code >= 500:
+            return RetryableFailure(detail, parse_retry_after(exc.response.headers))
+        return ModelFailure(f"{who} refused the request: {detail}")
+    return RetryableFailure(redact(f"transport error: {exc!r}"[:1000]))
 
 
 def openai_error_message(exc: openai.APIStatusError) -> str:

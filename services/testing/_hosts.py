@@ -13,6 +13,7 @@ after a half-finished :meth:`HostNetwork.start`). Needs root.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -116,10 +117,8 @@ class HostNetwork:
     def terminate(proc: subprocess.Popen[Any], timeout: float = 20.0) -> int:
         """SIGTERM ``proc``'s process group, SIGKILL it if still there after ``timeout``; its exit code."""
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # already gone
                 os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -130,15 +129,11 @@ class HostNetwork:
     def stop(self) -> None:
         """Stop every process started here, then remove the namespaces, veth pairs and bridge."""
         for proc in reversed(self._procs):
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired, ProcessLookupError):  # the sweep below kills it
                 self.terminate(proc)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                pass
         for proc in self._procs:  # a session's sandboxes die with their executor; catch stragglers
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
             for pipe in (proc.stdin, proc.stdout, proc.stderr):
                 if pipe is not None:
                     pipe.close()
@@ -149,10 +144,8 @@ class HostNetwork:
                 pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
                                       check=False).stdout.split()
                 for pid in pids:
-                    try:
+                    with contextlib.suppress(ProcessLookupError, ValueError):
                         os.kill(int(pid), signal.SIGKILL)
-                    except (ProcessLookupError, ValueError):
-                        pass
                 subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
             else:
                 subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)

@@ -2707,7 +2707,7 @@ class _DnsUdp(_DatagramProtocol):
         pass  # answers are small and few; a full buffer drops them, as UDP may
 
     def resume_writing(self) -> None:
-        pass
+        """Nothing was held back (see ``pause_writing``), so nothing to resume."""
 
     async def _answer(self, query: bytes, addr: tuple[str, int]) -> None:
         answer = await self._upstream.resolve(query)
