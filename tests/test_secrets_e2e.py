@@ -107,7 +107,9 @@ class ModelServer(APIServer):
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
-        if request.headers.get("x-api-key") != self.key:
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        # the SDK sends the key as x-api-key or (newer versions) as a bearer token
+        if self.key not in (request.headers.get("x-api-key"), request.headers.get("authorization", "")[7:]):
             self.refused += 1
             return web.json_response({"type": "error", "error": {
                 "type": "authentication_error", "message": "invalid x-api-key"}}, status=401)
@@ -140,7 +142,7 @@ def main_turn(planted: list[Path]) -> list[list[tuple[str, dict[str, Any]]]]:
         step(2, "Editing.", "Edit", {"path": "notes.txt", "old_string": "line two", "new_string": "line 2"}),
         step(3, "Reading.", "Read", {"path": "notes.txt"}),
         step(4, "Looking.", "Bash", {"command": f"cat uploaded.txt; cat {exfil} 2>&1 | head -c 2000; "
-                                                "env | grep -c -i -e planted -e api_key -e secret"}),
+                                                "env | grep -c -i -e planted -e api_key -e secret || true"}),
         step(5, "Fetching.", "WebFetch", {"url": f"https://{API}/headers"}),
         step(6, "Searching.", "WebSearch", {"query": f"devsilo {MARKER}"}),
         step(7, "Delegating.", "Agent", {"prompt": f"write sub.txt with {MARKER}", "name": "helper"}),
@@ -207,7 +209,11 @@ class RecordingClient(GatewayClient):
                     if e.session_id == sid and match(e):
                         return e
                 await asyncio.sleep(0.05)
-        return await asyncio.wait_for(wait(), timeout)
+        try:
+            return await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            seen = [(e.seq, e.agent, e.kind, str(e.data)[:300]) for e in self.events if e.session_id == sid]
+            raise AssertionError(f"{self.client_name}: no such event; saw {seen}") from None
 
     async def close(self) -> None:
         await super().close()
@@ -336,6 +342,9 @@ async def run_everything(stack: Stack, internet: TestInternet, model: ModelServe
         assert (await alice.pair(code, alice_key)).user == "alice"
         alice.start_reading()
 
+        code_, out = await silo(stack, "workspace", "lock", str(workspace))
+        assert code_ == 0, out
+        outputs.append(Blob("silo workspace lock", out))
         await alice.send(CreateSession(workspace=str(workspace), llm="anthropic", model=MODEL,
                                        allow_domains=(WWW, API), credentials=("api",)))
         sid = (await alice.reply(SessionCreated, timeout=90)).session_id
@@ -358,6 +367,9 @@ async def run_everything(stack: Stack, internet: TestInternet, model: ModelServe
         await alice.send(Shutdown(session_id=sid))
         await op.event(sid, lambda e: e.kind == "shutdown")
         await alice.event(sid, lambda e: e.kind == "shutdown")
+        code_, out = await silo(stack, "workspace", "unlock", str(workspace), "--accept")
+        assert code_ == 0, out
+        outputs.append(Blob("silo workspace unlock", out))
         export = tmp_path / "journal.jsonl"
         code_, out = await silo(stack, "journal", "export", sid, "-o", str(export))
         assert code_ == 0, out
@@ -388,7 +400,7 @@ async def run_everything(stack: Stack, internet: TestInternet, model: ModelServe
     assert {s["direction"] for s in shared} == {"upload", "download"}
     assert any(base64.b64decode(s.get("data", "")) == f"notes {MARKER}\nline 2\n".encode() for s in shared)
     assert model.compactions == 1 and any(e.data.get("purpose") == "compaction" for e in events if e.kind == "cost")
-    assert model.keyed == len(model.requests) >= 14 and model.refused == 0
+    assert model.keyed == len(model.requests) >= 14 and model.refused == 0, model.headers
     assert report.report["backend"] == "bwrap" and cost.cost_events >= 1
     assert (workspace / "sub.txt").read_text() == f"sub-{MARKER}\n"
     assert {"SILO_EVENTS", "SILO_JOURNAL"} <= set(read_by)
