@@ -87,6 +87,7 @@ WWW, API = f"www.{ZONE}", f"api.{ZONE}"
 API_KEY = "sk-ant-planted-" + hashlib.sha256(os.urandom(16)).hexdigest()
 EGRESS_SECRET = "egress-planted-" + hashlib.sha256(os.urandom(16)).hexdigest()
 MARKER = "silo-marker-" + hashlib.sha256(os.urandom(16)).hexdigest()[:24]
+pytestmark = pytest.mark.timeout(600)
 MODEL = "claude-x"  # a "claude-" window of 200k tokens: compaction at 160k
 
 
@@ -322,7 +323,7 @@ async def test_no_planted_secret_is_in_any_journal_log_event_stream_export_or_wo
     assert {"raw", "base64@0"} <= {h.form for h in find([marker], places["client events"])}
     # ... and no secret, in any form, anywhere.
     leaks = [(h.secret, h.where, h.form) for place in places.values() for h in find(planted, place)]
-    assert leaks == []
+    assert leaks == [], "secrets found:\n" + "\n".join(f"{name} in {where} as {form}" for name, where, form in leaks)
 
 
 async def run_everything(stack: Stack, internet: TestInternet, model: ModelServer, workspace: Path,
@@ -394,7 +395,7 @@ async def run_everything(stack: Stack, internet: TestInternet, model: ModelServe
     want = hashlib.sha256(f"Bearer {EGRESS_SECRET}".encode()).hexdigest()
     assert fetched["authorization_sha256"] == want and want in internet.auth_seen
     assert f"{MARKER} explained" in results["WebSearch"]["content"]
-    assert f"sub-{MARKER}" in results["AwaitAgent"]["content"] or "subagent finished" in results["AwaitAgent"]["content"]
+    assert "subagent finished" in results["AwaitAgent"]["content"]
     assert results["AskUserQuestion"]["meta"]["client"] == "op-desk"
     shared = [e.data for e in events if e.kind == "file_shared"]
     assert {s["direction"] for s in shared} == {"upload", "download"}
@@ -415,5 +416,3 @@ async def run_everything(stack: Stack, internet: TestInternet, model: ModelServe
         "cli output": outputs,
     }}
 
-
-pytestmark = pytest.mark.timeout(600)
