@@ -142,7 +142,10 @@ def main_turn(planted: list[Path]) -> list[list[tuple[str, dict[str, Any]]]]:
         step(1, "Writing.", "Write", {"path": "notes.txt", "content": f"notes {MARKER}\nline two\n"}),
         step(2, "Editing.", "Edit", {"path": "notes.txt", "old_string": "line two", "new_string": "line 2"}),
         step(3, "Reading.", "Read", {"path": "notes.txt"}),
+        # an agent after secrets: the planted files, every environment it can see
         step(4, "Looking.", "Bash", {"command": f"cat uploaded.txt; cat {exfil} 2>&1 | head -c 2000; "
+                                                "for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < $f; done "
+                                                "2>/dev/null | head -c 8000; "
                                                 "env | grep -c -i -e planted -e api_key -e secret || true"}),
         step(5, "Fetching.", "WebFetch", {"url": f"https://{API}/headers"}),
         step(6, "Searching.", "WebSearch", {"query": f"devsilo {MARKER}"}),
@@ -390,10 +393,13 @@ async def run_everything(stack: Stack, internet: TestInternet, model: ModelServe
             "SendUserFile"} <= set(results), sorted(results)
     assert not any(r["is_error"] for r in results.values()), results
     bash = results["Bash"]["content"]
-    assert f"uploaded {MARKER}" in bash and "No such file" in bash and bash.split("[exit")[0].strip()[-1] == "0"
+    assert f"uploaded {MARKER}" in bash and "No such file" in bash and "PATH=" in bash and bash.split("[exit")[0].strip()[-1] == "0"
     fetched = json.loads(results["WebFetch"]["content"][results["WebFetch"]["content"].index("{"):])
     want = hashlib.sha256(f"Bearer {EGRESS_SECRET}".encode()).hexdigest()
     assert fetched["authorization_sha256"] == want and want in internet.auth_seen
+    journaled = [json.loads(line) for line in outputs[-1].data.splitlines()]
+    assert {(r["data"]["host"], r["data"]["credential"]) for r in journaled if r["kind"] == "network"} >= {
+        (API, True), (WWW, False)}
     assert f"{MARKER} explained" in results["WebSearch"]["content"]
     assert "subagent finished" in results["AwaitAgent"]["content"]
     assert results["AskUserQuestion"]["meta"]["client"] == "op-desk"
