@@ -319,7 +319,8 @@ async def test_no_planted_secret_is_in_any_journal_log_event_stream_export_or_wo
     places["workspace"] = file_blobs(workspace) + file_blobs(state_dir.parent / "workspaces-executor")
     places["state dir"] = file_blobs(state_dir, skip=held_by_right)
 
-    # The search finds what is there: the marker, in every place it was put ...
+    # The search finds what is there: the session in the logs, the marker in every place it was put ...
+    assert find([text_secret("session id", got["sid"])], places["logs"]), "the logs name no session"
     for place in ("journal stream", "event stream", "client events", "journal export", "workspace"):
         assert find([marker], places[place]), f"the marker is not in the {place}: the search looks nowhere"
     # SendUserFile's event carries the file in base64: the encoded marker is found too
@@ -412,7 +413,7 @@ async def run_everything(stack: Stack, internet: TestInternet, model: ModelServe
     assert (workspace / "sub.txt").read_text() == f"sub-{MARKER}\n"
     assert {"SILO_EVENTS", "SILO_JOURNAL"} <= set(read_by)
 
-    return {"alice_key": alice_key, "places": {
+    return {"alice_key": alice_key, "sid": sid, "places": {
         "journal stream": [b for b in dumped if b.where.startswith("nats SILO_JOURNAL")],
         "event stream": [b for b in dumped if b.where.startswith("nats SILO_EVENTS")],
         "nats": dumped,
