@@ -86,6 +86,9 @@ from test_model_backends import APIServer, anthropic_stream
 WWW, API = f"www.{ZONE}", f"api.{ZONE}"
 API_KEY = "sk-ant-planted-" + hashlib.sha256(os.urandom(16)).hexdigest()
 EGRESS_SECRET = "egress-planted-" + hashlib.sha256(os.urandom(16)).hexdigest()
+TOKEN_SECRET = "token-planted-" + hashlib.sha256(os.urandom(16)).hexdigest()
+SANDBOX_DIRS = "/.devsilo /etc /tmp /run /var /home /root /workspace"  # where the sandbox is searched for keys
+PLACEHOLDER = "DEVSILO_TOKEN_PLACEHOLDER"  # what the sandbox sends; the egress swaps in TOKEN_SECRET
 MARKER = "silo-marker-" + hashlib.sha256(os.urandom(16)).hexdigest()[:24]
 pytestmark = pytest.mark.timeout(600)
 MODEL = "claude-x"  # a "claude-" window of 200k tokens: compaction at 160k
@@ -142,10 +145,15 @@ def main_turn(planted: list[Path]) -> list[list[tuple[str, dict[str, Any]]]]:
         step(1, "Writing.", "Write", {"path": "notes.txt", "content": f"notes {MARKER}\nline two\n"}),
         step(2, "Editing.", "Edit", {"path": "notes.txt", "old_string": "line two", "new_string": "line 2"}),
         step(3, "Reading.", "Read", {"path": "notes.txt"}),
-        # an agent after secrets: the planted files, every environment it can see
+        # an agent after secrets: the planted files, every environment and private key it can see;
+        # then a request carrying the placeholder the egress swaps for the second credential
         step(4, "Looking.", "Bash", {"command": f"cat uploaded.txt; cat {exfil} 2>&1 | head -c 2000; "
                                                 "for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < $f; done "
-                                                "2>/dev/null | head -c 8000; "
+                                                "2>/dev/null | head -c 8000; echo; echo KEYS:; grep -rlI "
+                                                f"'PRIVATE KEY' {SANDBOX_DIRS} 2>/dev/null; echo :KEYS; "
+                                                f"grep -rlI 'BEGIN CERTIFICATE' {SANDBOX_DIRS} 2>/dev/null | grep -x /.devsilo/ca.pem; "
+                                                f"curl -sS --max-time 30 -H 'X-Token: {PLACEHOLDER}' "
+                                                f"https://{API}/headers; echo; "
                                                 "env | grep -c -i -e planted -e api_key -e secret || true"}),
         step(5, "Fetching.", "WebFetch", {"url": f"https://{API}/headers"}),
         step(6, "Searching.", "WebSearch", {"query": f"devsilo {MARKER}"}),
@@ -281,15 +289,17 @@ async def test_no_planted_secret_is_in_any_journal_log_event_stream_export_or_wo
     secrets_dir = tmp_path / "secrets"
     secrets_dir.mkdir(mode=0o700)
     key_file, egress_file = secrets_dir / "anthropic-key", secrets_dir / "egress-secret"
+    token_file = secrets_dir / "token-secret"
     key_file.write_text(API_KEY + "\n")
     egress_file.write_text(EGRESS_SECRET + "\n")
-    for f in (key_file, egress_file):
+    token_file.write_text(TOKEN_SECRET + "\n")
+    for f in (key_file, egress_file, token_file):
         f.chmod(0o600)
     workspace = tmp_path / "ws"
     workspace.mkdir()
     state_dir = tmp_path / "state"
 
-    exfil_targets = [key_file, egress_file, state_dir / "tls" / "ca.key", state_dir / "gateway" / "token"]
+    exfil_targets = [key_file, egress_file, token_file, state_dir / "tls" / "ca.key", state_dir / "gateway" / "token"]
     async with TestInternet() as internet:
         with ModelServer(API_KEY, main_turn(exfil_targets), list(SUB_TURN)) as model:
             stack = Stack(state_dir, services={
@@ -299,8 +309,11 @@ async def test_no_planted_secret_is_in_any_journal_log_event_stream_export_or_wo
                 "executor": {"options": {"search_url": f"https://{WWW}/search?q={{query}}"}},
                 "egress": {"options": {
                     "nameservers": [internet.dns_addr], "ca_bundles": [str(internet.ca_file)],
-                    "credentials": {"api": {"file": str(egress_file), "hosts": [API],
-                                            "header": "Authorization: Bearer {secret}", "users": ["alice"]}}}},
+                    "credentials": {
+                        "api": {"file": str(egress_file), "hosts": [API],
+                                "header": "Authorization: Bearer {secret}", "users": ["alice"]},
+                        "token": {"file": str(token_file), "hosts": [API], "placeholder": PLACEHOLDER,
+                                  "users": ["alice"]}}}},
             })
             planted, held_by_right = state_secrets(state_dir)
             await asyncio.to_thread(stack.start)
@@ -312,6 +325,7 @@ async def test_no_planted_secret_is_in_any_journal_log_event_stream_export_or_wo
     alice_key: ClientKeyPair = got["alice_key"]
     assert isinstance(alice_key.private_key, Ed25519PrivateKey)
     planted = [text_secret("Anthropic API key", API_KEY), text_secret("egress credential", EGRESS_SECRET),
+               text_secret("egress placeholder credential", TOKEN_SECRET),
                key_secret("paired client's Ed25519 key", alice_key.private_key), *planted]
     marker = text_secret("marker", MARKER)
     places = got["places"]
@@ -351,7 +365,7 @@ async def run_everything(stack: Stack, internet: TestInternet, model: ModelServe
         assert code_ == 0, out
         outputs.append(Blob("silo workspace lock", out))
         await alice.send(CreateSession(workspace=str(workspace), llm="anthropic", model=MODEL,
-                                       allow_domains=(WWW, API), credentials=("api",)))
+                                       allow_domains=(WWW, API), credentials=("api", "token")))
         sid = (await alice.reply(SessionCreated, timeout=90)).session_id
         await op.send(Attach(session_id=sid))
         await alice.send(Attach(session_id=sid))
@@ -394,7 +408,15 @@ async def run_everything(stack: Stack, internet: TestInternet, model: ModelServe
             "SendUserFile"} <= set(results), sorted(results)
     assert not any(r["is_error"] for r in results.values()), results
     bash = results["Bash"]["content"]
-    assert f"uploaded {MARKER}" in bash and "No such file" in bash and "PATH=" in bash and bash.split("[exit")[0].strip()[-1] == "0"
+    assert f"uploaded {MARKER}" in bash and "No such file" in bash and "PATH=" in bash
+    # no private key inside the sandbox, where the search did reach the egress CA's certificate
+    assert bash.split("KEYS:\n", 1)[1].split(":KEYS", 1)[0] == "", bash
+    after = bash.split(":KEYS\n", 1)[1].splitlines()
+    assert "/.devsilo/ca.pem" in after, bash
+    at = next(i for i, line in enumerate(after) if line.startswith("{"))
+    swapped = json.loads(after[at])
+    assert swapped["x_token_sha256"] == hashlib.sha256(TOKEN_SECRET.encode()).hexdigest()
+    assert after[at + 1] == "0", bash  # no variable in the sandbox's environment names a secret
     fetched = json.loads(results["WebFetch"]["content"][results["WebFetch"]["content"].index("{"):])
     want = hashlib.sha256(f"Bearer {EGRESS_SECRET}".encode()).hexdigest()
     assert fetched["authorization_sha256"] == want and want in internet.auth_seen
