@@ -37,6 +37,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ class ModelServer(APIServer):
     a summary for compaction requests, and 401 for any request without the planted key."""
 
     def __init__(self, key: str, main: list[list[tuple[str, dict[str, Any]]]],
-                 sub: list[list[tuple[str, dict[str, Any]]]]) -> None:
+                 sub: list[list[tuple[str, dict[str, Any]]] | Refusal]) -> None:
         super().__init__("/v1/messages")
         self.key = key
         self.main, self.sub = main, sub
@@ -122,11 +123,14 @@ class ModelServer(APIServer):
             self.compactions += 1
             events = anthropic_stream(f"Summary: notes.txt written with {MARKER}; all tools used.")
         else:
-            queue = self.sub if "You are subagent" in json.dumps(body.get("system")) else self.main
+            queue: list[Any] = self.sub if "You are subagent" in json.dumps(body.get("system")) else self.main
             if not queue:
                 return web.json_response({"type": "error", "error": {
                     "type": "api_error", "message": "script exhausted"}}, status=500)
             events = queue.pop(0)
+            if isinstance(events, Refusal):
+                return web.json_response({"type": "error", "error": {
+                    "type": "invalid_request_error", "message": events.message}}, status=400)
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
         for name, data in events:
@@ -167,8 +171,17 @@ def main_turn(planted: list[Path]) -> list[list[tuple[str, dict[str, Any]]]]:
     ]
 
 
-SUB_TURN = [step(1, "Subagent writing.", "Bash", {"command": f"echo sub-{MARKER} > sub.txt; cat sub.txt"}),
-            anthropic_stream("subagent finished")]
+@dataclass(frozen=True)
+class Refusal:
+    """An HTTP 400 from the API instead of a completion."""
+
+    message: str
+
+
+# The subagent's second request is refused by a provider that echoes the key it was sent.
+SUB_TURN: list[list[tuple[str, dict[str, Any]]] | Refusal] = [
+    step(1, "Subagent writing.", "Bash", {"command": f"echo sub-{MARKER} > sub.txt; cat sub.txt"}),
+    Refusal(f"this request is too strange for the key {API_KEY}")]
 
 
 # -- clients that keep every frame they receive -------------------------------------------------
@@ -406,7 +419,10 @@ async def run_everything(stack: Stack, internet: TestInternet, model: ModelServe
     results = {e.data["name"]: e.data for e in events if e.kind == "tool_result" and e.agent == "main"}
     assert {"Write", "Edit", "Read", "Bash", "WebFetch", "WebSearch", "Agent", "AwaitAgent", "AskUserQuestion",
             "SendUserFile"} <= set(results), sorted(results)
-    assert not any(r["is_error"] for r in results.values()), results
+    assert [n for n, r in results.items() if r["is_error"]] == ["AwaitAgent"], results
+    # the subagent's model failed; the provider's echo of the key reached the harness, which redacted it
+    assert results["AwaitAgent"]["content"].endswith("for the key [api key]"), results["AwaitAgent"]
+    assert [e.data["status"] for e in events if e.kind == "agent_completed"] == ["failed"]
     bash = results["Bash"]["content"]
     assert f"uploaded {MARKER}" in bash and "No such file" in bash and "PATH=" in bash
     # no private key inside the sandbox, where the search did reach the egress CA's certificate
@@ -424,7 +440,6 @@ async def run_everything(stack: Stack, internet: TestInternet, model: ModelServe
     assert {(r["data"]["host"], r["data"]["credential"]) for r in journaled if r["kind"] == "network"} >= {
         (API, True), (WWW, False)}
     assert f"{MARKER} explained" in results["WebSearch"]["content"]
-    assert "subagent finished" in results["AwaitAgent"]["content"]
     assert results["AskUserQuestion"]["meta"]["client"] == "op-desk"
     shared = [e.data for e in events if e.kind == "file_shared"]
     assert {s["direction"] for s in shared} == {"upload", "download"}
