@@ -92,6 +92,7 @@ SANDBOX_DIRS = "/.devsilo /etc /tmp /run /var /home /root /workspace"  # where t
 PLACEHOLDER = "DEVSILO_TOKEN_PLACEHOLDER"  # what the sandbox sends; the egress swaps in TOKEN_SECRET
 MARKER = "silo-marker-" + hashlib.sha256(os.urandom(16)).hexdigest()[:24]
 pytestmark = pytest.mark.timeout(600)
+PART = 24  # a run of this many characters of a planted credential is a leak too
 MODEL = "claude-x"  # a "claude-" window of 200k tokens: compaction at 160k
 
 
@@ -181,7 +182,8 @@ class Refusal:
 # The subagent's second request is refused by a provider that echoes the key it was sent.
 SUB_TURN: list[list[tuple[str, dict[str, Any]]] | Refusal] = [
     step(1, "Subagent writing.", "Bash", {"command": f"echo sub-{MARKER} > sub.txt; cat sub.txt"}),
-    Refusal(f"this request is too strange for the key {API_KEY}")]
+    # long enough that a cut to 1000 characters falls inside the key
+    Refusal(f"{'x' * 920} for the key {API_KEY}")]
 
 
 # -- clients that keep every frame they receive -------------------------------------------------
@@ -337,8 +339,9 @@ async def test_no_planted_secret_is_in_any_journal_log_event_stream_export_or_wo
 
     alice_key: ClientKeyPair = got["alice_key"]
     assert isinstance(alice_key.private_key, Ed25519PrivateKey)
-    planted = [text_secret("Anthropic API key", API_KEY), text_secret("egress credential", EGRESS_SECRET),
-               text_secret("egress placeholder credential", TOKEN_SECRET),
+    planted = [text_secret("Anthropic API key", API_KEY, part=PART),
+               text_secret("egress credential", EGRESS_SECRET, part=PART),
+               text_secret("egress placeholder credential", TOKEN_SECRET, part=PART),
                key_secret("paired client's Ed25519 key", alice_key.private_key), *planted]
     marker = text_secret("marker", MARKER)
     places = got["places"]

@@ -114,12 +114,12 @@ class AnthropicModel:
         try:
             return await self._stream(request, on_text)
         except anthropic.APIStatusError as exc:
-            detail = self._redact(f"HTTP {exc.status_code}: {exc.api_message or exc.message}"[:1000])
+            detail = self._redact(f"HTTP {exc.status_code}: {exc.api_message or exc.message}")[:1000]
             if exc.status_code == 429 or exc.status_code >= 500 or exc.type in RETRYABLE_STREAM_ERRORS:
                 raise RetryableFailure(detail, parse_retry_after(exc.response.headers)) from None
             raise ModelFailure(f"Anthropic model {self.model} refused the request: {detail}") from None
         except (anthropic.APIConnectionError, httpx2.TransportError) as exc:
-            raise RetryableFailure(self._redact(f"transport error: {exc!r}"[:1000])) from None
+            raise RetryableFailure(self._redact(f"transport error: {exc!r}")[:1000]) from None
 
     async def _stream(self, request: dict[str, Any], on_text: TextSink | None) -> ModelResponse:
         text: list[str] = []

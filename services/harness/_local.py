@@ -256,7 +256,7 @@ class LocalChatModel:
         except openai.APIError as exc:  # an error object inside the stream
             body = exc.body if isinstance(exc.body, dict) else {}
             code = body.get("code") or body.get("type")
-            detail = self._redact(f"{code or 'error'}: {exc.message}"[:1000])
+            detail = self._redact(f"{code or 'error'}: {exc.message}")[:1000]
             if code in RETRYABLE_STREAM_CODES:
                 raise RetryableFailure(detail) from None
             raise ModelFailure(f"local model {self.model} failed: {detail}") from None

@@ -104,7 +104,7 @@ class OpenAIResponsesModel:
             raise request_failure(exc, f"OpenAI model {self.model}", self._redact) from None
 
     def _stream_error(self, code: str | None, message: str) -> Exception:
-        detail = self._redact(f"{code or 'error'}: {message}"[:1000])
+        detail = self._redact(f"{code or 'error'}: {message}")[:1000]
         if code in RETRYABLE_STREAM_CODES:
             return RetryableFailure(detail)
         return ModelFailure(f"OpenAI model {self.model} failed: {detail}")
@@ -156,11 +156,11 @@ def request_failure(exc: Exception, who: str, redact: Callable[[str], str]) -> E
     """The failure to raise for one of ``REQUEST_ERRORS``: retryable on transport errors, 429
     (with its retry-after) and 5xx; otherwise the model refused the request."""
     if isinstance(exc, openai.APIStatusError):
-        detail = redact(f"HTTP {exc.status_code}: {openai_error_message(exc)}"[:1000])
+        detail = redact(f"HTTP {exc.status_code}: {openai_error_message(exc)}")[:1000]
         if exc.status_code == 429 or exc.status_code >= 500:
             return RetryableFailure(detail, parse_retry_after(exc.response.headers))
         return ModelFailure(f"{who} refused the request: {detail}")
-    return RetryableFailure(redact(f"transport error: {exc!r}"[:1000]))
+    return RetryableFailure(redact(f"transport error: {exc!r}")[:1000])
 
 
 def openai_error_message(exc: openai.APIStatusError) -> str:

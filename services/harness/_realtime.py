@@ -117,17 +117,17 @@ class OpenAIRealtimeModel:
         except InvalidStatus as exc:
             status = exc.response.status_code
             body = exc.response.body.decode("utf-8", "replace") if exc.response.body else ""
-            detail = self._redact(f"HTTP {status}: {_error_text(body)}"[:1000])
+            detail = self._redact(f"HTTP {status}: {_error_text(body)}")[:1000]
             if status == 429 or status >= 500:
                 raise RetryableFailure(detail, parse_retry_after(exc.response.headers)) from None
             raise ModelFailure(f"OpenAI Realtime model {self.model} refused the connection: {detail}") from None
         except TimeoutError:  # before OSError, of which it is a subclass
             raise RetryableFailure(f"no response.done within {self.timeout_s:.0f}s") from None
         except (ConnectionClosed, WebSocketException, OSError) as exc:
-            raise RetryableFailure(self._redact(f"transport error: {exc!r}"[:1000])) from None
+            raise RetryableFailure(self._redact(f"transport error: {exc!r}")[:1000]) from None
 
     def _failure(self, code: str | None, message: str) -> Exception:
-        detail = self._redact(f"{code or 'error'}: {message}"[:1000])
+        detail = self._redact(f"{code or 'error'}: {message}")[:1000]
         if code in RETRYABLE_CODES:
             return RetryableFailure(detail)
         return ModelFailure(f"OpenAI Realtime model {self.model} failed: {detail}")

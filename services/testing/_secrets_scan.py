@@ -126,9 +126,12 @@ def secret(name: str, forms: Iterable[tuple[str, bytes]]) -> Secret:
     return Secret(name, tuple((form, needle) for needle, form in seen.items()))
 
 
-def text_secret(name: str, value: str) -> Secret:
-    """A text secret (an API key, a token)."""
-    return secret(name, text_needles(value))
+def text_secret(name: str, value: str, *, part: int | None = None) -> Secret:
+    """A text secret (an API key, a token); with ``part``, each run of that many of its characters
+    is searched too (raw), so that a cut-off copy is found."""
+    parts = [] if part is None else [(f"part@{i}", value[i:i + part].encode())
+                                     for i in range(len(value) - part + 1)]
+    return secret(name, [*text_needles(value), *parts])
 
 
 def key_secret(name: str, key: PrivateKey) -> Secret:
