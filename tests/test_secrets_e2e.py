@@ -2,15 +2,18 @@
 
 Planted: the Anthropic API key (the harness reads it from a file and sends it
 to a local server speaking the Messages API, which answers only requests that
-carry it), an egress credential (injected into requests to a host of the test
+carry it), two egress credentials (one injected as a header, one swapped for
+a placeholder the sandbox sends, both into requests to a host of the test
 internet, which records a hash of what it got), the client private key of a
 paired client (Ed25519, it signs the gateway's challenge), and every secret
 of the state directory: the internal CA's private key and the other TLS keys,
 the services' signing and NATS seeds, the local client token.
 
 One session then uses Write, Edit, Read, Bash (which also tries to read the
-planted files), WebFetch through the egress to the credentialed host,
-WebSearch, a subagent, a question another client answers, a file upload,
+planted files, every process environment and any private key file it can
+see), WebFetch through the egress to the credentialed host, WebSearch, a
+subagent (whose second model request the provider refuses with an error that
+echoes the key), a question another client answers, a file upload,
 SendUserFile and a compaction; a client asks for the access report and the
 cost, `silo shell` runs a command in the session's sandbox, and `silo
 journal export` exports the journal.
@@ -414,6 +417,7 @@ async def run_everything(stack: Stack, internet: TestInternet, model: ModelServe
     finally:
         await alice.close()
         await op.close()
+    assert alice.replies.empty() and op.replies.empty(), "a request got an answer nobody expected (an error?)"
 
     # Every feature ran, and the planted credentials were used where they belong.
     events = [e for e in alice.events if e.session_id == sid]
