@@ -290,6 +290,8 @@ def test_the_scanner_finds_each_encoding_wherever_it_sits() -> None:
         forms[f"b64url-{pad}"] = base64.urlsafe_b64encode(b"?" * pad + value.encode() + b"\xff\xfe")
     hits = {h.where for h in find([s], [Blob(k, v) for k, v in forms.items()])}
     assert hits == set(forms) - {"url"}
+    cut = [Blob("cut", b"error: ... " + value[:30].encode())]  # a copy cut short
+    assert find([s], cut) == [] and find([text_secret("demo", value, part=24)], cut)
     key = Ed25519PrivateKey.generate()
     from cryptography.hazmat.primitives import serialization as ser
     pem = key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
