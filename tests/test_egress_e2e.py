@@ -114,6 +114,8 @@ async def test_from_inside_a_bwrap_sandbox_the_egress_lets_through_only_what_it_
             "--credential", "api")
         assert code == 0, err + out
         events = [json.loads(line) for line in out.splitlines()]
+        access = next(e["data"] for e in events if e["kind"] == "access_report")
+        assert access["credential_domains"] == [API], access  # the user is told where credentials go
         results = [e["data"]["content"] for e in events if e["kind"] == "tool_result" and e["data"]["name"] == "Bash"]
         got = {name: text.rsplit("[exit code", 1)[0] for name, text in zip(checks, results, strict=True)}
         assert got["curl"].strip() == f"hello from {WWW}", got["curl"]

@@ -99,6 +99,10 @@ class CredentialStore:
         """Which of the granted names this user may really use (for the session-open reply)."""
         return tuple(n for n in granted if n in self._by_name and user in self._by_name[n].users)
 
+    def hosts(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The exact hosts the named credentials are injected into, sorted, once each."""
+        return tuple(sorted({h for n in names if n in self._by_name for h in self._by_name[n].hosts}))
+
 
 def _parse(name: str, entry: Any) -> Credential:
     if not _NAME.match(name):

@@ -188,7 +188,8 @@ async def serve(ctx: ServiceContext) -> None:
                      credentials=len(usable))
         return EgressSessionReady(session_id=grant.session_id, egress_id=ctx.service_id,
                                   allowed_domains=policy.allowed_domains, proxy_addr=advertise,
-                                  ca_cert=ca_pem.decode("ascii"), credentials=usable)
+                                  ca_cert=ca_pem.decode("ascii"), credentials=usable,
+                                  credential_hosts=proxy.credentials.hosts(usable))
 
     writer = asyncio.create_task(journal(), name="egress-journal")
     try:

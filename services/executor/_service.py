@@ -443,6 +443,7 @@ async def serve(ctx: ServiceContext) -> None:
             backend=backend, workspace=f"{workspace} (at {WORKSPACE} inside)",
             readable_paths=("/usr (read-only system files)", *(f"{p} (read-only)" for p in allow_read)),
             allowed_domains=grant.allow_domains,
+            credential_domains=ready.credential_hosts if ready is not None else (),
             limits={"sandbox_uid": uid, "memory_bytes": lim.memory_bytes, "cpus": lim.cpus, "pids": lim.pids},
             warnings=tuple(warnings),
         )

@@ -280,6 +280,8 @@ class EgressSessionReady(Message):
     ca_cert: str | None = Field(default=None, max_length=16 * 1024,
                                 description="the session CA's certificate (PEM; never a key) for the sandbox")
     credentials: tuple[str, ...] = Field(default=(), description="granted credentials this user may really use")
+    credential_hosts: tuple[str, ...] = Field(
+        default=(), description="the exact hosts those credentials are injected into (for the access report)")
 
 
 class RelayHello(Message):
