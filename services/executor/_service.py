@@ -9,6 +9,7 @@ import os
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,10 @@ RELAY_HELLO_TTL = 60.0
 DEFAULT_SANDBOX_UID = 64123
 CANCELLED_CALLS_KEPT = 1024
 """Cancelled call ids remembered, so a cancel that overtakes its call still stops it."""
+FINISHED_CALLS_KEPT = 256
+FINISHED_CALLS_KEEP_S = 120.0
+"""Finished calls' results kept this long (and at most this many) for a harness that asks again
+after losing its NATS connection (the reply it missed is not stored anywhere else)."""
 DEFAULT_CAPACITY = 16
 DEFAULT_PER_USER = 8
 ANNOUNCE_EVERY_S = 1.0
@@ -207,6 +212,9 @@ async def serve(ctx: ServiceContext) -> None:
     tool_options = ToolOptions.from_options(opts, bus.verifier.max_bytes)
     running_calls: dict[tuple[str, str], asyncio.Task[ToolResult]] = {}
     cancelled_calls: dict[tuple[str, str], None] = {}
+    call_outcomes: dict[tuple[str, str], asyncio.Future[ToolResult]] = {}
+    """Each running call's final result, for a harness that asks for it again."""
+    finished_calls: OrderedDict[tuple[str, str], tuple[float, ToolResult]] = OrderedDict()
 
     def store_records(phases: tuple[str, ...]) -> dict[str, Path]:
         """Workspace path -> where its files are, for the store's records in ``phases``."""
@@ -452,6 +460,8 @@ async def serve(ctx: ServiceContext) -> None:
         s = sessions.pop(sid, None)
         if s is None:
             return
+        for key in [k for k in finished_calls if k[0] == sid]:
+            del finished_calls[key]
         if s.grant.purpose == "shell":
             shell_closed_why[sid] = reason
         await s.sandbox.close()
@@ -630,11 +640,48 @@ async def serve(ctx: ServiceContext) -> None:
                 del cancelled_calls[next(iter(cancelled_calls))]
         return Ack()
 
+    def keep_outcome(key: tuple[str, str], result: ToolResult) -> None:
+        """Remember a finished call's result for a while, for a harness that asks again."""
+        now = time.monotonic()
+        finished_calls[key] = (now, result)
+        finished_calls.move_to_end(key)
+        while finished_calls and (len(finished_calls) > FINISHED_CALLS_KEPT
+                                  or now - next(iter(finished_calls.values()))[0] > FINISHED_CALLS_KEEP_S):
+            finished_calls.popitem(last=False)
+
+    async def answer_again(sid: str, session: ExecSession, call: ToolCall) -> tuple[ToolResult, bool]:
+        """A call asked again after the harness lost NATS: the result of the run we have; run it
+        only when it never arrived. (result, whether it ran now)."""
+        key = (sid, call.call_id)
+        outcome = call_outcomes.get(key)
+        if outcome is not None:  # still running: its result, when it comes
+            return await asyncio.shield(outcome), False
+        if key in finished_calls:
+            return finished_calls[key][1], False
+        return await run_call(sid, session, call), True
+
     async def run_call(sid: str, session: ExecSession, call: ToolCall) -> ToolResult:
         """Run a call, streaming a command's output to the harness; a cancelled call's result says so."""
         key = (sid, call.call_id)
-        if key in running_calls:
+        if key in running_calls or key in call_outcomes:
             raise GrantError(f"call {call.call_id} of session {sid} is already running")
+        outcome: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
+        call_outcomes[key] = outcome
+        try:
+            result = await run_call_now(sid, session, call)
+        except BaseException as exc:
+            outcome.set_exception(SandboxClosed(f"call {call.call_id} of session {sid} did not finish: "
+                                                f"{exc or type(exc).__name__}"))
+            outcome.exception()  # a joiner may never come; nothing is left unretrieved
+            raise
+        finally:
+            call_outcomes.pop(key, None)
+        outcome.set_result(result)
+        keep_outcome(key, result)
+        return result
+
+    async def run_call_now(sid: str, session: ExecSession, call: ToolCall) -> ToolResult:
+        key = (sid, call.call_id)
         if key in cancelled_calls:
             del cancelled_calls[key]
             return ToolResult(call_id=call.call_id, is_error=True, content="cancelled before it started",
@@ -697,11 +744,16 @@ async def serve(ctx: ServiceContext) -> None:
                                      max_bytes=int(opts.get("upload_max_bytes") or DEFAULT_UPLOAD_MAX))
         call = env.expect(ToolCall)
         started = time.perf_counter()
-        result = await run_call(sid, session, call)
+        if call.again:
+            result, ran = await answer_again(sid, session, call)
+        else:
+            result, ran = await run_call(sid, session, call), True
         if sessions.get(sid) is not session:
             why = "the executor is stopping" if ctx.stopping.is_set() else "was its workspace unlocked?"
             raise SandboxClosed(f"the sandbox of session {sid} was closed on executor {eid} while "
                                 f"{call.name} ran ({why})")
+        if not ran:
+            return result
         tool = call.name if call.name in SANDBOX_TOOLS else "other"  # bounded label values
         metrics.tool_seconds.labels(tool=tool).observe(time.perf_counter() - started)
         metrics.tool_calls.labels(tool=tool, outcome="error" if result.is_error else "ok").inc()

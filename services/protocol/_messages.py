@@ -203,6 +203,9 @@ class ToolCall(Message):
     call_id: str = Field(max_length=128)
     name: str = Field(max_length=64)
     input: dict[str, Any]
+    again: bool = False
+    """Asked again after a lost NATS connection: answer with the call's result if it ran or runs
+    (never run it twice); run it only if it never arrived."""
 
 
 class ToolResult(Message):

@@ -1,0 +1,138 @@
+"""Chaos for a running stack: kill -9 one part, wait until the supervisor has it back.
+
+A :class:`ChaosSchedule` kills, in turn, the gateway, the harness, an
+executor, the egress and the embedded NATS server of a :class:`Stack`
+(``silo up``), each with SIGKILL, and waits until the supervisor has
+restarted it and it is healthy again (for NATS: every service connected to
+it again) before going on. It records what it did (:class:`Kill`) so that a
+test or ``bench/load.py --chaos`` can say what the load lived through. Use
+it as the load driver's ``during=`` hook, or on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from ._stack import Stack
+
+TARGETS = ("gateway", "harness", "executor", "egress", "nats")
+"""What the default schedule kills, in this order (ids of a default `silo init`, plus the NATS server)."""
+RESTART_TIMEOUT_S = 60.0
+
+
+class ChaosError(AssertionError):
+    """A part killed on purpose did not come back."""
+
+
+@dataclass
+class Kill:
+    """One SIGKILL: what, which pid, when, and when its replacement was healthy."""
+
+    target: str
+    pid: int
+    at: float
+    new_pid: int = 0
+    back_at: float = 0.0
+
+    @property
+    def down_s(self) -> float:
+        """Seconds from the kill until the replacement was healthy."""
+        return self.back_at - self.at
+
+
+def live_pid(stack: Stack, target: str) -> int | None:
+    """The pid running ``target`` now (a service id, or ``nats``), None while it is down."""
+    if target == "nats":
+        try:
+            pid = stack.nats_pid()
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return pid if _alive(pid) else None
+    return stack.live_pid(target)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def services_of(stack: Stack) -> list[str]:
+    """Every service id of the stack."""
+    return list(stack.metrics_ports)
+
+
+def all_connected(stack: Stack) -> bool:
+    """Whether every service answers /healthz ok (which includes being connected to NATS)."""
+    return all(stack.healthy(s) for s in services_of(stack))
+
+
+async def kill(stack: Stack, target: str) -> Kill:
+    """SIGKILL ``target`` (a service id, or ``nats``) now."""
+    pid = await asyncio.to_thread(live_pid, stack, target)
+    if pid is None:
+        raise ChaosError(f"{target} is not running, nothing to kill")
+    os.kill(pid, signal.SIGKILL)
+    return Kill(target, pid, time.time())
+
+
+async def wait_back(stack: Stack, k: Kill, timeout: float = RESTART_TIMEOUT_S) -> Kill:
+    """Wait until the supervisor restarted ``k.target`` and the whole stack is healthy again."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = await asyncio.to_thread(live_pid, stack, k.target)
+        if pid is not None and pid != k.pid and await asyncio.to_thread(all_connected, stack):
+            k.new_pid, k.back_at = pid, time.time()
+            return k
+        await asyncio.sleep(0.1)
+    raise ChaosError(f"{k.target} (pid {k.pid}) was not back within {timeout:.0f}s:\n{stack.output()[-3000:]}")
+
+
+Trigger = Callable[[str], Awaitable[None]]
+"""Awaited before each kill with the target's name: when to strike (e.g. once a tool call runs)."""
+
+
+@dataclass
+class ChaosSchedule:
+    """Kill each target in turn, waiting for each to come back before the next.
+
+    ``before`` decides when each kill happens (default: ``pause_s`` after the
+    previous one came back); ``after`` runs once the target is back (e.g. to
+    check what the kill did). ``kills`` records every kill, in order.
+    """
+
+    stack: Stack
+    targets: Sequence[str] = TARGETS
+    pause_s: float = 2.0
+    before: Trigger | None = None
+    after: Callable[[Kill], Awaitable[None]] | None = None
+    kills: list[Kill] = field(default_factory=list)
+
+    async def run(self) -> list[Kill]:
+        """Run the whole schedule; the kills done."""
+        for target in self.targets:
+            if self.before is not None:
+                await self.before(target)
+            else:
+                await asyncio.sleep(self.pause_s)
+            k = await kill(self.stack, target)
+            self.kills.append(k)
+            await wait_back(self.stack, k)
+            if self.after is not None:
+                await self.after(k)
+        return self.kills
+
+    async def __call__(self, *_: object) -> list[Kill]:
+        """The schedule as a ``during=`` hook (any arguments are ignored)."""
+        return await self.run()
+
+    def summary(self) -> str:
+        """One line per kill: what, and how long until it was back."""
+        return "\n".join(f"{k.target:<10} pid {k.pid} -> {k.new_pid}, back in {k.down_s:.1f}s" for k in self.kills)

@@ -1,0 +1,166 @@
+"""Chaos: kill -9 the gateway, the harness, an executor, the egress and NATS under load.
+
+One `silo up` stack for the module (real NATS, TLS WebSocket, bwrap
+sandboxes, mock models, a test internet for the egress). Each targeted test
+kills one part with SIGKILL in the middle of a tool call while three
+reconnecting clients follow the session, lets the supervisor restart it, and
+checks what a user would see: every client's event list gapless and the
+same; the session resumed or ended with a clear error, as the design says
+for that part; workspaces intact against the journal's completed writes;
+the network never reached without the egress's check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from devsilo.cli._client import GatewayClient, GatewayError
+from devsilo.protocol.client import Attach, CreateSession, ErrorFrame, EventFrame, SessionCreated
+from devsilo.runtime._state import StateDir
+from devsilo.testing import Stack
+from devsilo.testing._chaos import kill, live_pid, wait_back
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("chaos") / "state",
+              services={"harness": {"options": {"takeover_after_s": 2.0}}})
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+async def connect(stack: Stack, name: str) -> GatewayClient:
+    state = StateDir(stack.state_dir)
+    client = GatewayClient(f"wss://127.0.0.1:{stack.gateway_port}/ws", state.gateway_fingerprint(),
+                           client_name=name)
+    try:
+        await client.connect(state.client_token())
+    except BaseException:
+        await client.close()
+        raise
+    return client
+
+
+async def create(stack: Stack, ws: Path, script: dict[str, Any]) -> str:
+    """Start a headless session through the gateway; its id."""
+    client = await connect(stack, "creator")
+    try:
+        await client.send(CreateSession(workspace=str(ws), script=json.dumps(script), headless=True,
+                                        prompt="go"))
+        async with asyncio.timeout(90):
+            while True:
+                frame = await client.receive()
+                if isinstance(frame, SessionCreated):
+                    return frame.session_id
+                if isinstance(frame, ErrorFrame):
+                    raise AssertionError(  # noqa: TRY004 - a test failure, not a type check
+f"gateway error: {frame.code}: {frame.message}")
+    finally:
+        await client.close()
+
+
+async def follow(stack: Stack, name: str, sid: str, events: list[EventFrame], cuts: list[str],
+                 timeout: float = 120.0) -> None:
+    """Follow ``sid`` to its shutdown, reconnecting and resuming from the last seq when cut off."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            client = await connect(stack, name)
+        except (GatewayError, OSError):
+            await asyncio.sleep(0.2)
+            continue
+        try:
+            await client.send(Attach(session_id=sid, from_seq=len(events)))
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                while True:
+                    frame = await client.receive()
+                    if isinstance(frame, EventFrame) and frame.session_id == sid:
+                        events.append(frame)
+                        if frame.kind == "shutdown":
+                            return
+        except GatewayError:
+            cuts.append(name)
+        finally:
+            await client.close()
+    raise AssertionError(f"{name} never saw session {sid} end; it got {[e.kind for e in events]}")
+
+
+class Followers:
+    """Three clients following one session through whatever happens."""
+
+    def __init__(self, stack: Stack, sid: str) -> None:
+        self.sid = sid
+        self.lists: dict[str, list[EventFrame]] = {f"c{i}": [] for i in range(3)}
+        self.cuts: list[str] = []
+        self.tasks = [asyncio.create_task(follow(stack, n, sid, got, self.cuts)) for n, got in self.lists.items()]
+
+    async def until(self, seen: Any, timeout: float = 60.0) -> None:
+        """Wait until every client has an event for which ``seen(event)`` holds."""
+        async with asyncio.timeout(timeout):
+            while not all(any(seen(e) for e in got) for got in self.lists.values()):
+                await asyncio.sleep(0.02)
+
+    async def finish(self, timeout: float = 150.0) -> list[EventFrame]:
+        """Wait for every client to see the end; the one list they all hold."""
+        await asyncio.wait_for(asyncio.gather(*self.tasks), timeout)
+        lists = list(self.lists.values())
+        for got in lists:
+            assert [e.seq for e in got] == list(range(len(got))), [e.seq for e in got]
+            assert [e.model_dump() for e in got] == [e.model_dump() for e in lists[0]]
+        return lists[0]
+
+
+def bash(command: str) -> dict[str, Any]:
+    return {"name": "Bash", "input": {"command": command}}
+
+
+def results(events: list[EventFrame]) -> list[dict[str, Any]]:
+    return [e.data for e in events if e.kind == "tool_result"]
+
+
+def running(command: str) -> Any:
+    return lambda e: e.kind == "tool_use" and e.data.get("input", {}).get("command") == command
+
+
+# -- NATS ---------------------------------------------------------------------------------------
+
+NATS_SCRIPT = {"responses": [
+    {"text": "one", "tool_calls": [{"name": "Write", "input": {"path": "a.txt", "content": "alpha\n"}}]},
+    {"text": "two", "tool_calls": [bash("echo ran >> runs.txt; sleep 0.3; echo slept")]},
+    {"text": "three", "tool_calls": [{"name": "Write", "input": {"path": "b.txt", "content": "beta\n"}}]},
+    {"text": "four", "tool_calls": [bash("cat a.txt b.txt")]},
+    {"text": "done", "tool_calls": [{"name": "Exit", "input": {"message": "carried on"}}]},
+]}
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_nats_killed_mid_tool_call_is_restarted_and_the_session_carries_on(
+        stack: Stack, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    sid = await create(stack, ws, NATS_SCRIPT)
+    followers = Followers(stack, sid)
+    await followers.until(running("echo ran >> runs.txt; sleep 0.3; echo slept"))
+    k = await kill(stack, "nats")
+    await wait_back(stack, k)
+    events = await followers.finish()
+    assert k.new_pid != k.pid and live_pid(stack, "nats") == k.new_pid
+    assert events[-1].kind == "shutdown" and events[-1].data["exit_code"] == 0, events[-1].data
+    assert events[-1].data["reason"] == "carried on"
+    got = results(events)
+    assert [r["is_error"] for r in got] == [False] * 5, got
+    assert got[1]["content"].startswith("slept")  # the call NATS died under was answered
+    assert got[3]["content"].startswith("alpha\nbeta\n")
+    assert (ws / "a.txt").read_text() == "alpha\n"
+    # The harness asked for the result again after reconnecting, and the command ran once.
+    assert stack.metric("harness", "silo_tool_calls_asked_again_total") >= 1
+    assert (ws / "runs.txt").read_text() == "ran\n"
