@@ -13,7 +13,10 @@ the network never reached without the egress's check.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +27,7 @@ from devsilo.cli._client import GatewayClient, GatewayError
 from devsilo.protocol.client import Attach, CreateSession, ErrorFrame, EventFrame, SessionCreated
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
-from devsilo.testing._chaos import kill, live_pid, wait_back
+from devsilo.testing._chaos import completed_writes, digest_tree, export_journal, kill, live_pid, wait_back
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +167,56 @@ async def test_nats_killed_mid_tool_call_is_restarted_and_the_session_carries_on
     # The harness asked for the result again after reconnecting, and the command ran once.
     assert stack.metric("harness", "silo_tool_calls_asked_again_total") >= 1
     assert (ws / "runs.txt").read_text() == "ran\n"
+
+
+# -- an executor --------------------------------------------------------------------------------
+
+def silo(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "devsilo.cli", "--state-dir", str(stack.state_dir), *args],
+                          check=False, capture_output=True, text=True, timeout=120)
+
+
+EXECUTOR_SCRIPT = {"responses": [
+    {"text": "one", "tool_calls": [{"name": "Write", "input": {"path": "notes/one.txt", "content": "first\n"}}]},
+    {"text": "two", "tool_calls": [{"name": "Write", "input": {"path": "src/main.py", "content": "print(2)\n"}},
+                                   {"name": "Write", "input": {"path": "keep.txt", "content": "changed\n"}}]},
+    {"text": "three", "tool_calls": [bash("echo started > started.txt; sleep 60")]},
+    {"text": "never", "tool_calls": [{"name": "Write", "input": {"path": "never.txt", "content": "no\n"}}]},
+    {"text": "done", "tool_calls": [{"name": "Exit", "input": {"message": "should not get here"}}]},
+]}
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_executor_killed_mid_call_ends_its_session_with_an_error_and_the_locked_workspace_is_intact(
+        stack: Stack, tmp_path: Path) -> None:
+    ws = tmp_path / "locked-ws"
+    ws.mkdir()
+    (ws / "keep.txt").write_text("original\n")
+    (ws / "untouched.bin").write_bytes(bytes(range(256)) * 8)
+    before = digest_tree(ws)
+    r = await asyncio.to_thread(silo, stack, "workspace", "lock", str(ws))
+    assert r.returncode == 0, r.stderr
+    sid = await create(stack, ws, EXECUTOR_SCRIPT)
+    followers = Followers(stack, sid)
+    await followers.until(running("echo started > started.txt; sleep 60"))
+    k = await kill(stack, "executor")
+    events = await followers.finish()  # well before the call's own 660 s timeout
+    errors = [e.data["message"] for e in events if e.kind == "error"]
+    assert len(errors) == 1 and "executor executor" in errors[0] and "cannot continue" in errors[0], errors
+    assert events[-1].kind == "shutdown" and events[-1].data["exit_code"] == 1
+    assert not any(e.kind == "tool_use" and e.data["input"].get("path") == "never.txt" for e in events)
+    await wait_back(stack, k)
+    # Still locked after the executor came back: the directory holds only the marker.
+    status = await asyncio.to_thread(silo, stack, "workspace", "status", str(ws))
+    assert status.returncode == 0 and "locked" in status.stdout, status.stdout + status.stderr
+    assert sorted(p.name for p in ws.iterdir()) == [".devsilo-locked"]
+    # Every write the journal holds as done is in the workspace byte for byte, nothing else changed.
+    writes = await asyncio.to_thread(completed_writes, await asyncio.to_thread(
+        export_journal, stack, sid, tmp_path / "journal.jsonl"))
+    assert sorted(writes) == ["keep.txt", "notes/one.txt", "src/main.py"]
+    unlock = await asyncio.to_thread(silo, stack, "workspace", "unlock", str(ws), "--accept")
+    assert unlock.returncode == 0, unlock.stdout + unlock.stderr
+    after = digest_tree(ws)
+    expected = {**before, "started.txt": hashlib.sha256(b"started\n").hexdigest(),
+                **{p: hashlib.sha256(c.encode()).hexdigest() for p, c in writes.items()}}
+    assert after == expected

@@ -12,11 +12,17 @@ it as the load driver's ``during=`` hook, or on its own.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from ._stack import Stack
 
@@ -136,3 +142,43 @@ class ChaosSchedule:
     def summary(self) -> str:
         """One line per kill: what, and how long until it was back."""
         return "\n".join(f"{k.target:<10} pid {k.pid} -> {k.new_pid}, back in {k.down_s:.1f}s" for k in self.kills)
+
+
+# -- what the journal says was written ------------------------------------------------------
+
+
+def export_journal(stack: Stack, session_id: str, out: Path) -> list[dict[str, Any]]:
+    """``silo journal export`` of a session: its records (network records left out)."""
+    r = subprocess.run([sys.executable, "-m", "devsilo.cli", "--state-dir", str(stack.state_dir), "journal",
+                        "export", session_id, "-o", str(out)], check=False, capture_output=True, text=True,
+                       timeout=120)
+    if r.returncode != 0:
+        raise ChaosError(f"journal export of {session_id} failed: {r.stderr}")
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    return [x for x in records if x["kind"] != "network"]
+
+
+def completed_writes(records: list[dict[str, Any]]) -> dict[str, str]:
+    """Workspace path -> content of every ``Write`` whose result the journal holds as a success.
+
+    A write whose call was journaled without a result (its executor died under it) may or may
+    not have landed, so it is not in the answer; the last completed write of a path wins.
+    """
+    calls: dict[str, dict[str, Any]] = {}
+    done: dict[str, str] = {}
+    for x in records:
+        d = x["data"]
+        if x["kind"] != "tool_exec" or d.get("name") != "Write":
+            continue
+        if d.get("phase") == "call":
+            calls[str(d["id"])] = d["input"]
+        elif d.get("phase") == "result" and not d.get("is_error") and str(d["id"]) in calls:
+            args = calls[str(d["id"])]
+            done[str(args["path"])] = str(args["content"])
+    return done
+
+
+def digest_tree(root: Path) -> dict[str, str]:
+    """SHA-256 of every regular file below ``root``, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
