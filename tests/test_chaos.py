@@ -24,10 +24,21 @@ from typing import Any
 
 import pytest
 from devsilo.cli._client import GatewayClient, GatewayError
+from devsilo.harness._failover import UNKNOWN_RESULT
 from devsilo.protocol.client import Attach, CreateSession, ErrorFrame, EventFrame, SessionCreated
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
-from devsilo.testing._chaos import completed_writes, digest_tree, export_journal, kill, live_pid, wait_back
+from devsilo.testing._chaos import (
+    TARGETS,
+    ChaosSchedule,
+    completed_writes,
+    digest_tree,
+    export_journal,
+    kill,
+    live_pid,
+    wait_back,
+)
+from devsilo.testing._load import LoadRun
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +231,47 @@ async def test_executor_killed_mid_call_ends_its_session_with_an_error_and_the_l
     expected = {**before, "started.txt": hashlib.sha256(b"started\n").hexdigest(),
                 **{p: hashlib.sha256(c.encode()).hexdigest() for p, c in writes.items()}}
     assert after == expected
+
+
+# -- all five in turn, under load ---------------------------------------------------------------
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_kill_9_each_part_in_turn_under_load_every_client_stays_gapless(
+        stack: Stack, tmp_path: Path) -> None:
+    """Gateway, harness, executor, egress, NATS: each killed while sessions run tool calls."""
+    run = LoadRun(stack, workdir=tmp_path / "load", users=2, sessions=4, clients_per_session=3,
+                  duration=5.0, rounds=40, allow_tool_errors=True)
+    live_at_harness_kill: set[str] = set()
+
+    async def before(target: str) -> None:
+        await run.warmed_up.wait()
+        await asyncio.sleep(1.5)  # a few more tool calls in flight
+        if target == "harness":
+            live_at_harness_kill.update(s.session_id for s in run.live_sessions())
+
+    schedule = ChaosSchedule(stack, before=before)
+
+    async def chaos(run: LoadRun) -> None:
+        for target in TARGETS:
+            schedule.targets = (target,)
+            if target == "executor":
+                async with run.expecting_errors(executor_id="executor"):
+                    await schedule.run()
+            else:
+                await schedule.run()
+
+    report = await run.run(during=chaos)
+    print(schedule.summary())
+    print(report.format())
+    assert [k.target for k in schedule.kills] == list(TARGETS)
+    assert report.ok, "\n".join(report.problems())
+    # Sessions on the killed executor ended with an error; the others resumed through the rest.
+    failed = [s for s in run.sessions if s.expect_error and s.track.errors]
+    assert failed, "no session was running on the executor when it was killed"
+    assert all(s.track.exit_code == 1 for s in failed)
+    # The only tool errors allowed: a call the killed harness had in flight ("result is unknown").
+    for s in run.sessions:
+        if not s.expect_error:
+            assert all(UNKNOWN_RESULT in e for e in s.track.tool_errors), s.track.tool_errors
+            assert not s.track.tool_errors or s.session_id in live_at_harness_kill
+    assert stack.metric("harness", "silo_session_takeovers_total") >= 1
