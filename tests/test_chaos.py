@@ -18,11 +18,12 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from devsilo.cli._client import GatewayClient, GatewayError
 from devsilo.harness._failover import UNKNOWN_RESULT
 from devsilo.protocol.client import Attach, CreateSession, ErrorFrame, EventFrame, SessionCreated
@@ -38,13 +39,25 @@ from devsilo.testing._chaos import (
     live_pid,
     wait_back,
 )
+from devsilo.testing._internet import ZONE, TestInternet
 from devsilo.testing._load import LoadRun
 
 
+WWW = f"www.{ZONE}"
+OTHER = f"other.{ZONE}"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def internet() -> AsyncIterator[TestInternet]:
+    async with TestInternet() as inet:
+        yield inet
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("chaos") / "state",
-              services={"harness": {"options": {"takeover_after_s": 2.0}}})
+def stack(tmp_path_factory: pytest.TempPathFactory, internet: TestInternet) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("chaos") / "state", services={
+        "harness": {"options": {"takeover_after_s": 2.0}},
+        "egress": {"options": {"nameservers": [internet.dns_addr], "ca_bundles": [str(internet.ca_file)]}}})
     s.start()
     try:
         yield s
@@ -64,12 +77,12 @@ async def connect(stack: Stack, name: str) -> GatewayClient:
     return client
 
 
-async def create(stack: Stack, ws: Path, script: dict[str, Any]) -> str:
+async def create(stack: Stack, ws: Path, script: dict[str, Any], allow_domains: tuple[str, ...] = ()) -> str:
     """Start a headless session through the gateway; its id."""
     client = await connect(stack, "creator")
     try:
         await client.send(CreateSession(workspace=str(ws), script=json.dumps(script), headless=True,
-                                        prompt="go"))
+                                        prompt="go", allow_domains=allow_domains))
         async with asyncio.timeout(90):
             while True:
                 frame = await client.receive()
@@ -275,3 +288,62 @@ async def test_kill_9_each_part_in_turn_under_load_every_client_stays_gapless(
             assert all(UNKNOWN_RESULT in e for e in s.track.tool_errors), s.track.tool_errors
             assert not s.track.tool_errors or s.session_id in live_at_harness_kill
     assert stack.metric("harness", "silo_session_takeovers_total") >= 1
+
+
+# -- the egress ---------------------------------------------------------------------------------
+
+def curl_codes(n: int) -> str:
+    """``n`` requests to WWW a quarter second apart, printing each HTTP status (000: no answer)."""
+    return (f"for i in $(seq {n}); do curl -s -o /dev/null -w '%{{http_code}} ' --max-time 3 https://{WWW}/hello;"
+            " sleep 0.25; done; echo")
+
+
+def blocked_probe(host: str) -> str:
+    return f"curl -sS -v --max-time 10 https://{host}/hello 2>&1 | grep -i '^< x-devsilo-blocked'"
+
+
+def direct_probe(internet: TestInternet) -> str:
+    addr = internet.sites["www"].address
+    return (f"python3 -c \"import socket; socket.create_connection(('{addr}', 443), timeout=3)\" 2>&1 "
+            "| tail -1")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_egress_killed_nothing_gets_out_unchecked_and_it_serves_new_sessions_after_restart(
+        stack: Stack, internet: TestInternet, tmp_path: Path) -> None:
+    ws = tmp_path / "net-ws"
+    ws.mkdir()
+    loop_cmd = curl_codes(24)
+    sid = await create(stack, ws, {"responses": [
+        {"text": "ok?", "tool_calls": [bash(f"curl -sS --max-time 10 https://{WWW}/hello")]},
+        {"text": "loop", "tool_calls": [bash(loop_cmd)]},
+        {"text": "direct", "tool_calls": [bash(direct_probe(internet))]},
+        {"text": "done", "tool_calls": [{"name": "Exit", "input": {"message": "probed"}}]},
+    ]}, allow_domains=(WWW,))
+    followers = Followers(stack, sid)
+    await followers.until(running(loop_cmd))
+    hits_before = internet.hits[WWW]
+    k = await kill(stack, "egress")
+    await wait_back(stack, k)
+    events = await followers.finish()
+    out = [r["content"] for r in results(events)]
+    assert out[0].startswith(f"hello from {WWW}")
+    codes = out[1].split("[exit code")[0].split()
+    assert len(codes) == 24 and set(codes) <= {"200", "502", "000"}, codes
+    assert codes[-1] != "200"  # the session's egress is gone: its requests fail, closed
+    assert "Network is unreachable" in out[2]  # and the sandbox has no other way out
+    # Every request that reached the host was one the sandbox saw answered through the egress.
+    assert internet.hits[WWW] - hits_before == codes.count("200")
+    # A session started after the restart goes through the new egress, under its policy.
+    ws2 = tmp_path / "net-ws2"
+    ws2.mkdir()
+    sid2 = await create(stack, ws2, {"responses": [
+        {"text": "ok?", "tool_calls": [bash(f"curl -sS --max-time 10 https://{WWW}/hello")]},
+        {"text": "denied?", "tool_calls": [bash(blocked_probe(OTHER))]},
+        {"text": "done", "tool_calls": [{"name": "Exit", "input": {"message": "probed"}}]},
+    ]}, allow_domains=(WWW,))
+    after = await Followers(stack, sid2).finish()
+    out2 = [r["content"] for r in results(after)]
+    assert out2[0].startswith(f"hello from {WWW}"), out2[0]
+    assert f"domain not allowed: {OTHER}" in out2[1], out2[1]
+    assert OTHER not in {name for name, _ in internet.queries}
