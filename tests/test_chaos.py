@@ -42,7 +42,6 @@ from devsilo.testing._chaos import (
 from devsilo.testing._internet import ZONE, TestInternet
 from devsilo.testing._load import LoadRun
 
-
 WWW = f"www.{ZONE}"
 OTHER = f"other.{ZONE}"
 
