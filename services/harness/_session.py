@@ -226,7 +226,7 @@ class SessionRunner:
                 if self._stopping is not None:
                     await self._finish(EXIT_OK, self._stopping)
                     break
-                if self.inputs.empty():
+                if self.inputs.empty() and not self._executor_lost:  # else executor_lost() ends it
                     if self.headless:
                         await self._finish(EXIT_RUNTIME, "headless session has no prompt")
                         break
@@ -327,7 +327,12 @@ class SessionRunner:
         if self.exit_code is not None:
             return
         self._executor_lost = True
-        self.interrupt()
+        turn = self._turn
+        if self.interrupt() and turn is not None:
+            # the cancelled turn emits its calls' results first: shutdown stays the last event
+            await asyncio.wait({turn}, timeout=STOP_WAIT_S)
+            if self.exit_code is not None:
+                return
         await self.events.emit("error", {"message": reason})
         await self._finish(EXIT_RUNTIME, reason)
         self.inputs.put_nowait("")
