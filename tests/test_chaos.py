@@ -26,7 +26,9 @@ import pytest
 import pytest_asyncio
 from devsilo.cli._client import GatewayClient, GatewayError
 from devsilo.harness._failover import UNKNOWN_RESULT
+from devsilo.protocol import ExecutorAnnounce
 from devsilo.protocol.client import Attach, CreateSession, ErrorFrame, EventFrame, SessionCreated
+from devsilo.runtime._pool import PoolView
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
 from devsilo.testing._chaos import (
@@ -346,3 +348,16 @@ async def test_egress_killed_nothing_gets_out_unchecked_and_it_serves_new_sessio
     assert out2[0].startswith(f"hello from {WWW}"), out2[0]
     assert f"domain not allowed: {OTHER}" in out2[1], out2[1]
     assert OTHER not in {name for name, _ in internet.queries}
+
+
+def test_executors_are_not_counted_dead_for_the_silence_of_our_own_nats_outage() -> None:
+    now = [100.0]
+    pool = PoolView(clock=lambda: now[0])
+    pool.update(ExecutorAnnounce(executor_id="e1", instance="i1", host="h", backends=("bwrap",), capacity=4,
+                                 free=4))
+    now[0] += 2.5  # our connection was away: no announcement reached us
+    pool.grace(3.0)  # back: every executor gets time to be heard again
+    now[0] += 3.0
+    assert pool.expire() == [] and pool.alive("e1")
+    now[0] += 3.5  # still silent well after we came back: gone
+    assert pool.expire() == ["e1"]

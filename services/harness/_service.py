@@ -51,6 +51,9 @@ from ._session import HEADLESS_INSTRUCTION, SessionRunner
 
 ANNOUNCE_GRACE_S = 2.5
 """Executors announce every second; a session leased this recently may not be listed yet."""
+RECONNECT_GRACE_S = 3.0
+"""After the harness's NATS connection comes back, how long executors get to be heard again
+(they reconnect too, each on its own backoff) before silence counts against them."""
 LEASE_WAIT_S = 15.0
 """How long a session start waits for an executor with room."""
 PER_USER_SANDBOXES = 8
@@ -226,8 +229,14 @@ async def serve(ctx: ServiceContext) -> None:
                     "(was its workspace unlocked?); the session cannot continue"))
 
     async def watch_pool() -> None:
+        reconnects = bus.reconnects
         while True:
             await asyncio.sleep(0.5)
+            if not bus.nc.is_connected:
+                continue  # we hear nobody now; that is no executor's fault
+            if bus.reconnects != reconnects:  # announcements were lost with our connection
+                reconnects = bus.reconnects
+                pool.grace(RECONNECT_GRACE_S)
             for eid in pool.expire():
                 ctx.log.warning("executor_silent", executor=eid)
                 executor_gone(eid, "stopped responding")
