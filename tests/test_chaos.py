@@ -33,7 +33,7 @@ from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
 from devsilo.testing._chaos import (
     TARGETS,
-    ChaosSchedule,
+    LoadChaos,
     completed_writes,
     digest_tree,
     export_journal,
@@ -255,29 +255,11 @@ async def test_kill_9_each_part_in_turn_under_load_every_client_stays_gapless(
     """Gateway, harness, executor, egress, NATS: each killed while sessions run tool calls."""
     run = LoadRun(stack, workdir=tmp_path / "load", users=2, sessions=4, clients_per_session=3,
                   duration=5.0, rounds=40, allow_tool_errors=True)
-    live_at_harness_kill: set[str] = set()
-
-    async def before(target: str) -> None:
-        await run.warmed_up.wait()
-        await asyncio.sleep(1.5)  # a few more tool calls in flight
-        if target == "harness":
-            live_at_harness_kill.update(s.session_id for s in run.live_sessions())
-
-    schedule = ChaosSchedule(stack, before=before)
-
-    async def chaos(run: LoadRun) -> None:
-        for target in TARGETS:
-            schedule.targets = (target,)
-            if target == "executor":
-                async with run.expecting_errors(executor_id="executor"):
-                    await schedule.run()
-            else:
-                await schedule.run()
-
+    chaos = LoadChaos(stack)
     report = await run.run(during=chaos)
-    print(schedule.summary())
+    print(chaos.summary())
     print(report.format())
-    assert [k.target for k in schedule.kills] == list(TARGETS)
+    assert [k.target for k in chaos.kills] == list(TARGETS)
     assert report.ok, "\n".join(report.problems())
     # Sessions on the killed executor ended with an error; the others resumed through the rest.
     failed = [s for s in run.sessions if s.expect_error and s.track.errors]
@@ -287,7 +269,7 @@ async def test_kill_9_each_part_in_turn_under_load_every_client_stays_gapless(
     for s in run.sessions:
         if not s.expect_error:
             assert all(UNKNOWN_RESULT in e for e in s.track.tool_errors), s.track.tool_errors
-            assert not s.track.tool_errors or s.session_id in live_at_harness_kill
+            assert not s.track.tool_errors or s.session_id in chaos.live_at["harness"]
     assert stack.metric("harness", "silo_session_takeovers_total") >= 1
 
 

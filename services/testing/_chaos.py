@@ -22,9 +22,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._stack import Stack
+
+if TYPE_CHECKING:
+    from ._load import LoadRun
 
 TARGETS = ("gateway", "harness", "executor", "egress", "nats")
 """What the default schedule kills, in this order (ids of a default `silo init`, plus the NATS server)."""
@@ -142,6 +145,49 @@ class ChaosSchedule:
     def summary(self) -> str:
         """One line per kill: what, and how long until it was back."""
         return "\n".join(f"{k.target:<10} pid {k.pid} -> {k.new_pid}, back in {k.down_s:.1f}s" for k in self.kills)
+
+
+@dataclass
+class LoadChaos:
+    """Kill each of ``targets`` in turn beside a load run: ``await run.run(during=LoadChaos(stack))``.
+
+    Waits for the run's warm-up, then before each kill lets the load go on for ``pause_s``;
+    sessions on a killed executor are marked as allowed to end with an error (they must);
+    ``live_at[target]`` holds the sessions that were running when ``target`` was killed.
+    """
+
+    stack: Stack
+    targets: Sequence[str] = TARGETS
+    pause_s: float = 1.5
+    live_at: dict[str, set[str]] = field(default_factory=dict)
+    schedule: ChaosSchedule | None = None
+
+    async def __call__(self, run: LoadRun) -> None:
+        """Run the schedule beside ``run``."""
+
+        async def before(target: str) -> None:
+            await run.warmed_up.wait()
+            await asyncio.sleep(self.pause_s)
+            self.live_at[target] = {s.session_id for s in run.live_sessions()}
+
+        self.schedule = ChaosSchedule(self.stack, before=before)
+        for target in self.targets:
+            self.schedule.targets = (target,)
+            health = await asyncio.to_thread(self.stack.health, target) if target != "nats" else None
+            if (health or {}).get("role") == "executor":
+                async with run.expecting_errors(executor_id=target):
+                    await self.schedule.run()
+            else:
+                await self.schedule.run()
+
+    @property
+    def kills(self) -> list[Kill]:
+        """The kills done so far."""
+        return self.schedule.kills if self.schedule is not None else []
+
+    def summary(self) -> str:
+        """One line per kill."""
+        return self.schedule.summary() if self.schedule is not None else "no kills"
 
 
 # -- what the journal says was written ------------------------------------------------------
