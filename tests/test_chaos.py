@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from devsilo.cli._client import GatewayClient, GatewayError
+from devsilo.executor._workspace_lock import RemoteWorkspaces, WorkspaceStore
 from devsilo.harness._failover import UNKNOWN_RESULT
 from devsilo.protocol import ExecutorAnnounce
 from devsilo.protocol.client import Attach, CreateSession, ErrorFrame, EventFrame, SessionCreated
@@ -34,11 +35,12 @@ from devsilo.testing import Stack
 from devsilo.testing._chaos import (
     TARGETS,
     LoadChaos,
-    completed_writes,
     digest_tree,
+    expected_files,
     export_journal,
     kill,
     live_pid,
+    read_as_executor,
     wait_back,
 )
 from devsilo.testing._internet import ZONE, TestInternet
@@ -236,7 +238,7 @@ async def test_executor_killed_mid_call_ends_its_session_with_an_error_and_the_l
     assert status.returncode == 0 and "locked" in status.stdout, status.stdout + status.stderr
     assert sorted(p.name for p in ws.iterdir()) == [".devsilo-locked"]
     # Every write the journal holds as done is in the workspace byte for byte, nothing else changed.
-    writes = await asyncio.to_thread(completed_writes, await asyncio.to_thread(
+    writes = await asyncio.to_thread(expected_files, await asyncio.to_thread(
         export_journal, stack, sid, tmp_path / "journal.jsonl"))
     assert sorted(writes) == ["keep.txt", "notes/one.txt", "src/main.py"]
     unlock = await asyncio.to_thread(silo, stack, "workspace", "unlock", str(ws), "--accept")
@@ -271,6 +273,20 @@ async def test_kill_9_each_part_in_turn_under_load_every_client_stays_gapless(
             assert all(UNKNOWN_RESULT in e for e in s.track.tool_errors), s.track.tool_errors
             assert not s.track.tool_errors or s.session_id in chaos.live_at["harness"]
     assert stack.metric("harness", "silo_session_takeovers_total") >= 1
+    # Their uploaded workspaces stay locked on the restarted executor, every file the journal
+    # holds as written (Write, then Edit, completed) there byte for byte.
+    remote = RemoteWorkspaces(WorkspaceStore(stack.state_dir.parent / "workspaces-executor"), max_bytes=1)
+    pid = live_pid(stack, "executor")
+    assert pid is not None
+    for s in failed:
+        host = f"{s.user}-host"
+        assert (remote.state(host, str(s.workspace)) or {}).get("phase") == "locked", s.session_id
+        files = remote.store_dir(host, str(s.workspace)) / "files"
+        expected = await asyncio.to_thread(expected_files, await asyncio.to_thread(
+            export_journal, stack, s.session_id, tmp_path / f"{s.session_id}.jsonl"))
+        assert expected, f"no completed write in {s.session_id}'s journal"
+        for rel, content in expected.items():
+            assert await asyncio.to_thread(read_as_executor, pid, files / rel) == content.encode(), rel
 
 
 # -- the egress ---------------------------------------------------------------------------------

@@ -204,24 +204,46 @@ def export_journal(stack: Stack, session_id: str, out: Path) -> list[dict[str, A
     return [x for x in records if x["kind"] != "network"]
 
 
-def completed_writes(records: list[dict[str, Any]]) -> dict[str, str]:
-    """Workspace path -> content of every ``Write`` whose result the journal holds as a success.
+def expected_files(records: list[dict[str, Any]]) -> dict[str, str]:
+    """Workspace path -> content the journal says it must have: its completed ``Write`` and
+    ``Edit`` calls applied in order.
 
-    A write whose call was journaled without a result (its executor died under it) may or may
-    not have landed, so it is not in the answer; the last completed write of a path wins.
+    A path with a call journaled without a result (its executor died under it: it may or may
+    not have landed) is left out, and so is a path a command could have changed in ways the
+    journal does not spell out (only files written by these two tools are in the answer).
     """
-    calls: dict[str, dict[str, Any]] = {}
-    done: dict[str, str] = {}
+    calls: dict[str, tuple[str, dict[str, Any]]] = {}
+    files: dict[str, str] = {}
+    unsure: set[str] = set()
     for x in records:
         d = x["data"]
-        if x["kind"] != "tool_exec" or d.get("name") != "Write":
+        if x["kind"] != "tool_exec" or d.get("name") not in ("Write", "Edit"):
             continue
         if d.get("phase") == "call":
-            calls[str(d["id"])] = d["input"]
-        elif d.get("phase") == "result" and not d.get("is_error") and str(d["id"]) in calls:
-            args = calls[str(d["id"])]
-            done[str(args["path"])] = str(args["content"])
-    return done
+            calls[str(d["id"])] = (str(d["name"]), d["input"])
+            continue
+        name, args = calls.pop(str(d["id"]), ("", {}))
+        path = str(args.get("path", ""))
+        if not name or d.get("is_error"):
+            continue
+        if name == "Write":
+            files[path] = str(args["content"])
+        elif path in files:
+            old, new = str(args["old_string"]), str(args["new_string"])
+            files[path] = files[path].replace(old, new) if args.get("replace_all") else files[path].replace(old, new, 1)
+        else:
+            unsure.add(path)  # edited before any write the journal saw: content unknown
+    unsure.update(str(args.get("path", "")) for _, args in calls.values())
+    return {p: c for p, c in files.items() if p not in unsure}
+
+
+def read_as_executor(executor_pid: int, path: Path) -> bytes:
+    """A file as the executor sees it (its workspace images are mounted in its own mount namespace)."""
+    r = subprocess.run(["nsenter", "-t", str(executor_pid), "-m", "--", "cat", str(path)], check=False,
+                       capture_output=True, timeout=30)
+    if r.returncode != 0:
+        raise ChaosError(f"cannot read {path} in executor {executor_pid}'s mounts: {r.stderr.decode()[-500:]}")
+    return r.stdout
 
 
 def digest_tree(root: Path) -> dict[str, str]:
