@@ -297,6 +297,10 @@ def curl_codes(n: int) -> str:
             " sleep 0.25; done; echo")
 
 
+PLAIN_AGAIN = (f"for i in $(seq 60); do curl -sf --max-time 3 http://{WWW}/hello && break; sleep 0.5; done")
+"""Plain HTTP to WWW, tried until it works (the egress may still be restarting)."""
+
+
 def blocked_probe(host: str) -> str:
     return f"curl -sS -v --max-time 10 https://{host}/hello 2>&1 | grep -i '^< x-devsilo-blocked'"
 
@@ -308,7 +312,7 @@ def direct_probe(internet: TestInternet) -> str:
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_egress_killed_nothing_gets_out_unchecked_and_it_serves_new_sessions_after_restart(
+async def test_egress_killed_nothing_gets_out_unchecked_and_after_restart_old_and_new_sessions_go_through_it(
         stack: Stack, internet: TestInternet, tmp_path: Path) -> None:
     ws = tmp_path / "net-ws"
     ws.mkdir()
@@ -317,6 +321,9 @@ async def test_egress_killed_nothing_gets_out_unchecked_and_it_serves_new_sessio
         {"text": "ok?", "tool_calls": [bash(f"curl -sS --max-time 10 https://{WWW}/hello")]},
         {"text": "loop", "tool_calls": [bash(loop_cmd)]},
         {"text": "direct", "tool_calls": [bash(direct_probe(internet))]},
+        {"text": "plain", "tool_calls": [bash(PLAIN_AGAIN)]},
+        {"text": "tls", "tool_calls": [bash(f"curl -sS --max-time 10 https://{WWW}/hello 2>&1; echo rc=$?")]},
+        {"text": "denied", "tool_calls": [bash(blocked_probe(OTHER))]},
         {"text": "done", "tool_calls": [{"name": "Exit", "input": {"message": "probed"}}]},
     ]}, allow_domains=(WWW,))
     followers = Followers(stack, sid)
@@ -331,8 +338,14 @@ async def test_egress_killed_nothing_gets_out_unchecked_and_it_serves_new_sessio
     assert len(codes) == 24 and set(codes) <= {"200", "502", "000"}, codes
     assert codes[-1] != "200"  # the session's egress is gone: its requests fail, closed
     assert "Network is unreachable" in out[2]  # and the sandbox has no other way out
+    # The session itself was opened again with the restarted egress: plain HTTP goes through
+    # it, HTTPS fails the sandbox's check of the new egress's session CA (its old key died with
+    # the old egress), and the policy still holds.
+    assert f"hello from {WWW}" in out[3], out[3]
+    assert "certificate" in out[4] and "hello from" not in out[4], out[4]
+    assert f"domain not allowed: {OTHER}" in out[5], out[5]
     # Every request that reached the host was one the sandbox saw answered through the egress.
-    assert internet.hits[WWW] - hits_before == codes.count("200")
+    assert internet.hits[WWW] - hits_before == codes.count("200") + 1
     # A session started after the restart goes through the new egress, under its policy.
     ws2 = tmp_path / "net-ws2"
     ws2.mkdir()

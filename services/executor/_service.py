@@ -20,6 +20,7 @@ from devsilo.protocol import (
     AccessReport,
     Ack,
     CloseSession,
+    EgressAnnounce,
     EgressSessionClose,
     EgressSessionOpen,
     EgressSessionReady,
@@ -96,6 +97,8 @@ class ExecSession:
     relay: SessionRelay
     workspace: Path
     egress_id: str | None
+    grant_text: str = ""
+    """The sealed grant, to open the session again with a restarted egress."""
 
 
 class ExecutorMetrics:
@@ -443,7 +446,7 @@ async def serve(ctx: ServiceContext) -> None:
         metrics.start_seconds.labels(backend=backend).observe(time.perf_counter() - started)
         metrics.sandboxes.labels(backend=backend, state="running").inc()
         warnings.extend(getattr(sandbox, "warnings", []))
-        sessions[sid] = ExecSession(grant, backend, sandbox, relay, workspace, egress_id)
+        sessions[sid] = ExecSession(grant, backend, sandbox, relay, workspace, egress_id, req.grant)
         ctx.status["sandboxes"] = len(sessions)
         ctx.log.info("sandbox_started", backend=backend, kind=kind, workspace=str(workspace), egress=egress_id)
         lim = spec.limits
@@ -759,6 +762,44 @@ async def serve(ctx: ServiceContext) -> None:
         metrics.tool_calls.labels(tool=tool, outcome="error" if result.is_error else "ok").inc()
         return result
 
+    egress_instances: dict[str, str] = {}
+    reopening: set[asyncio.Task[None]] = set()
+
+    async def reopen_egress(sid: str, gone: str) -> None:
+        """Open a session again with an egress after ``gone`` restarted; its relay goes there.
+
+        The sandbox keeps the session CA it started with, whose key died with the old egress:
+        HTTPS through the new one fails certificate checks (closed, never unchecked); plain
+        HTTP and DNS work again under the same policy.
+        """
+        s = sessions.get(sid)
+        if s is None or s.egress_id != gone:
+            return
+        ready, warning = await open_egress(s.grant_text, s.grant)
+        if ready is None or not ready.proxy_addr:
+            ctx.log.warning("egress_reopen_failed", session=sid, egress=gone, error=warning)
+            return
+        s.relay.egress_addr = parse_addr(ready.proxy_addr)
+        s.relay.hello = relay_hello(ready.egress_id, sid)
+        s.egress_id = ready.egress_id
+        ctx.log.info("egress_session_reopened", session=sid, previous=gone, egress=ready.egress_id)
+
+    async def on_egress_announce(env: Envelope, msg: Msg) -> None:
+        ann = env.expect(EgressAnnounce)
+        if ann.egress_id != env.header.sender or msg.subject != subjects.egress_announce(ann.egress_id):
+            raise GrantError(f"{env.header.sender} announced itself as egress {ann.egress_id}")
+        before = egress_instances.get(ann.egress_id)
+        egress_instances[ann.egress_id] = ann.instance
+        if before is None or before == ann.instance:
+            return
+        ctx.log.warning("egress_restarted", egress=ann.egress_id)
+        for sid, s in list(sessions.items()):
+            if s.egress_id == ann.egress_id:
+                task = asyncio.create_task(reopen_egress(sid, ann.egress_id))
+                reopening.add(task)
+                task.add_done_callback(reopening.discard)
+
+    await bus.subscribe(subjects.EGRESS_ANNOUNCE_ALL, on_egress_announce)
     await bus.subscribe(subjects.exec_listen(eid), on_exec, concurrent=True)
     announcer = asyncio.create_task(announce_loop())
     ctx.status["sandboxes"] = 0
@@ -766,7 +807,9 @@ async def serve(ctx: ServiceContext) -> None:
         await ctx.stopping.wait()
     finally:
         announcer.cancel()
-        await asyncio.gather(announcer, return_exceptions=True)
+        for task in list(reopening):
+            task.cancel()
+        await asyncio.gather(announcer, *reopening, return_exceptions=True)
         await asyncio.gather(*(close_session(sid, "executor stopping") for sid in list(sessions)),
                              return_exceptions=True)
         if shell_tasks:  # each tells its gateway why its shell ended

@@ -270,6 +270,17 @@ class EgressSessionClose(Message):
     session_id: str
 
 
+class EgressAnnounce(Message):
+    """An egress's heartbeat (every second). ``instance`` changes on every start: an executor
+    that sees a new one re-opens its sessions there, since the policies and session CAs of the
+    earlier instance died with it (memory only)."""
+
+    TYPE = "egress_announce"
+    SUBJECTS = ("silo.egress.*.announce",)
+    egress_id: str = Field(pattern=SESSION_ID_PATTERN)
+    instance: str = Field(max_length=64)
+
+
 class EgressSessionReady(Message):
     """Egress reply: the session's policy is in force."""
 
@@ -619,6 +630,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         EgressSessionOpen,
         EgressSessionClose,
         EgressSessionReady,
+        EgressAnnounce,
         NetworkRecord,
         JournalRecord,
         JournalExportRequest,
