@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,8 +29,12 @@ import pytest_asyncio
 from devsilo.cli._client import GatewayClient, GatewayError
 from devsilo.executor._workspace_lock import RemoteWorkspaces, WorkspaceStore
 from devsilo.harness._failover import UNKNOWN_RESULT
-from devsilo.protocol import ExecutorAnnounce
+from devsilo.protocol import ExecutorAnnounce, SessionEvent, subjects
 from devsilo.protocol.client import Attach, CreateSession, ErrorFrame, EventFrame, SessionCreated
+from devsilo.runtime import Bus
+from devsilo.runtime._metrics import ServiceMetrics
+from devsilo.runtime._natsconn import connect_nats
+from devsilo.runtime._natsserver import NatsServer
 from devsilo.runtime._pool import PoolView
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
@@ -45,6 +51,7 @@ from devsilo.testing._chaos import (
 )
 from devsilo.testing._internet import ZONE, TestInternet
 from devsilo.testing._load import LoadRun
+from nats.js.api import StorageType, StreamConfig
 
 WWW = f"www.{ZONE}"
 OTHER = f"other.{ZONE}"
@@ -372,3 +379,36 @@ def test_executors_are_not_counted_dead_for_the_silence_of_our_own_nats_outage()
     assert pool.expire() == [] and pool.alive("e1")
     now[0] += 3.5  # still silent well after we came back: gone
     assert pool.expire() == ["e1"]
+
+
+async def test_a_jetstream_publish_across_a_nats_kill_and_restart_lands_exactly_once(
+        state_dir: StateDir, nats_server: NatsServer) -> None:
+    buses: list[Bus] = []
+
+    def reconnected() -> None:
+        for b in buses:
+            b.reconnected()
+
+    nc = await connect_nats(state_dir, "harness", nats_server.url, on_reconnected=reconnected)
+    try:
+        bus = Bus(nc, state_dir.identity("harness"), state_dir.roster(), ServiceMetrics("harness", "harness"))
+        buses.append(bus)
+        await bus.js.add_stream(StreamConfig(name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_SUBJECTS],
+                                             storage=StorageType.FILE, duplicate_window=120.0))
+        event = SessionEvent(session_id="s1", seq=0, kind="busy", ts=1.0, data={"busy": True})
+        os.killpg(nats_server.pid or 0, signal.SIGKILL)
+        await nats_server.wait()
+        # Each attempt's acknowledgement waits 1 s; the server is away for longer than that.
+        publish = asyncio.create_task(bus.js_publish(subjects.session_events("s1"), event, sid="s1",
+                                                     dedupe_id="s1:0", timeout=1.0))
+        await asyncio.sleep(2.5)
+        assert not publish.done()
+        await nats_server.restart()  # same port, same JetStream store
+        await asyncio.wait_for(publish, 30)
+        await bus.wait_reconnected(0)
+        assert bus.reconnects == 1
+        assert bus.metrics.js_retries._value.get() >= 1
+        info = await bus.js.stream_info(subjects.EVENTS_STREAM)
+        assert info.state.messages == 1  # every attempt that landed was the same, kept once
+    finally:
+        await nc.close()
