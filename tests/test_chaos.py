@@ -13,6 +13,7 @@ the network never reached without the egress's check.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from devsilo.harness._failover import UNKNOWN_RESULT
 from devsilo.protocol import ExecutorAnnounce, SessionEvent, subjects
 from devsilo.protocol.client import Attach, CreateSession, ErrorFrame, EventFrame, SessionCreated
 from devsilo.runtime import Bus
+from devsilo.runtime._kvwatch import follow_kv
 from devsilo.runtime._metrics import ServiceMetrics
 from devsilo.runtime._natsconn import connect_nats
 from devsilo.runtime._natsserver import NatsServer
@@ -51,7 +53,8 @@ from devsilo.testing._chaos import (
 )
 from devsilo.testing._internet import ZONE, TestInternet
 from devsilo.testing._load import LoadRun
-from nats.js.api import StorageType, StreamConfig
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
 WWW = f"www.{ZONE}"
 OTHER = f"other.{ZONE}"
@@ -410,5 +413,57 @@ async def test_a_jetstream_publish_across_a_nats_kill_and_restart_lands_exactly_
         assert bus.metrics.js_retries._value.get() >= 1
         info = await bus.js.stream_info(subjects.EVENTS_STREAM)
         assert info.state.messages == 1  # every attempt that landed was the same, kept once
+    finally:
+        await nc.close()
+
+
+async def test_a_kv_bucket_is_followed_across_a_nats_kill_and_restart(
+        state_dir: StateDir, nats_server: NatsServer) -> None:
+    """A bare nats-py watch hears nothing after a server restart; follow_kv watches again."""
+    buses: list[Bus] = []
+
+    def reconnected() -> None:
+        for b in buses:
+            b.reconnected()
+
+    nc = await connect_nats(state_dir, "harness", nats_server.url, on_reconnected=reconnected)
+    try:
+        bus = Bus(nc, state_dir.identity("harness"), state_dir.roster(), ServiceMetrics("harness", "harness"))
+        buses.append(bus)
+        kv = await bus.js.create_key_value(KeyValueConfig(bucket=subjects.SESSION_OWNERS, history=1,
+                                                          storage=StorageType.FILE))
+        seen: list[tuple[str, str]] = []
+        current: list[set[str]] = []
+
+        async def on_entry(entry: Any) -> None:
+            seen.append((entry.key, entry.operation or "PUT"))
+
+        bare = await kv.watchall()
+        following = asyncio.create_task(follow_kv(kv, bus, on_entry, on_current=current.append, poll_s=0.2))
+        await kv.put("a", b"1")
+        await kv.put("gone", b"1")
+        async with asyncio.timeout(10):
+            while ("gone", "PUT") not in seen:
+                await asyncio.sleep(0.05)
+        os.killpg(nats_server.pid or 0, signal.SIGKILL)
+        await nats_server.wait()
+        await nats_server.restart()
+        await bus.wait_reconnected(0)
+        await kv.delete("gone")
+        await kv.put("b", b"2")
+        async with asyncio.timeout(20):
+            while ("b", "PUT") not in seen:
+                await asyncio.sleep(0.05)
+        assert ("gone", "DEL") in seen
+        assert len(current) >= 2 and "a" in current[1]  # watched again: the current values again
+        bare_keys = []
+        with contextlib.suppress(NatsTimeoutError):
+            while True:
+                entry = await bare.updates(timeout=1.0)
+                if entry is not None:
+                    bare_keys.append(entry.key)
+        assert "b" not in bare_keys  # what follow_kv is for: the bare watch went deaf
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
     finally:
         await nc.close()
