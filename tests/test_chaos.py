@@ -29,7 +29,8 @@ import pytest
 import pytest_asyncio
 from devsilo.cli._client import GatewayClient, GatewayError
 from devsilo.executor._workspace_lock import RemoteWorkspaces, WorkspaceStore
-from devsilo.harness._failover import UNKNOWN_RESULT
+from devsilo.harness._failover import UNKNOWN_RESULT, unshown_results
+from devsilo.harness._journal import JournalEntry
 from devsilo.protocol import ExecutorAnnounce, SessionEvent, subjects
 from devsilo.protocol.client import Attach, CreateSession, ErrorFrame, EventFrame, SessionCreated
 from devsilo.runtime import Bus
@@ -467,3 +468,16 @@ async def test_a_kv_bucket_is_followed_across_a_nats_kill_and_restart(
         await asyncio.gather(following, return_exceptions=True)
     finally:
         await nc.close()
+
+
+def test_a_result_journaled_as_its_harness_died_is_shown_by_the_harness_that_resumes() -> None:
+    def result(call_id: str) -> JournalEntry:
+        return JournalEntry("tool_exec", {"phase": "result", "id": call_id, "name": "Bash", "content": "ok",
+                                          "is_error": False, "meta": {}}, agent="main")
+
+    def shown(call_id: str, seq: int) -> JournalEntry:
+        return JournalEntry("event", {"seq": seq, "kind": "tool_result", "ts": 1.0, "data": {"id": call_id}})
+
+    entries = [result("c1"), shown("c1", 5), result("c2"),  # killed between journaling c2 and its event
+               JournalEntry("tool_exec", {"phase": "result", "id": "c3"}, incomplete=True)]
+    assert [e.data["id"] for e in unshown_results(entries)] == ["c2"]

@@ -275,3 +275,15 @@ def rebuild(entries: list[JournalEntry]) -> Rebuilt:
         out.messages.append({"role": "user", "content": prompts[turns - 1]})
     out.queued = prompts[turns:]
     return out
+
+
+def unshown_results(entries: list[JournalEntry]) -> list[JournalEntry]:
+    """Tool results in the journal whose ``tool_result`` event never reached the stream.
+
+    A harness journals a result, then emits its event; killed in between, it leaves a result
+    no client saw. The harness that resumes the session emits those events.
+    """
+    shown = {str((e.data.get("data") or {}).get("id")) for e in entries
+             if e.kind == "event" and e.data.get("kind") == "tool_result"}
+    return [e for e in entries if e.kind == "tool_exec" and not e.incomplete
+            and e.data.get("phase") == "result" and str(e.data.get("id")) not in shown]

@@ -42,7 +42,14 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ._agents import LoopMetrics
 from ._backends import DEFAULT_KEY_ENV, ModelSettings, ProviderSettings, make_model, read_api_key
-from ._failover import BEAT_S, TAKEOVER_AFTER_S, UNKNOWN_RESULT, SessionOwners, rebuild
+from ._failover import (
+    BEAT_S,
+    TAKEOVER_AFTER_S,
+    UNKNOWN_RESULT,
+    SessionOwners,
+    rebuild,
+    unshown_results,
+)
 from ._gate import ModelPolicy
 from ._journal import JournalEntry, JournalReader, SessionJournal, StreamSink, script_digest
 from ._local import LocalServers
@@ -343,6 +350,11 @@ async def serve(ctx: ServiceContext) -> None:
                                         Usage(**{k: int(cost.get(k) or 0) for k in TOKEN_FIELDS}))
         await journal.lifecycle("resumed", harness=ctx.service_id, responses=state.responses,
                                 pending_calls=len(state.pending), unknown_results=len(state.unknown))
+        for e in unshown_results(entries):  # journaled just before its harness died, never shown
+            d = e.data
+            await runner.events.emit("tool_result", {
+                "id": d.get("id"), "name": d.get("name"), "content": d.get("content", ""),
+                "is_error": bool(d.get("is_error")), "meta": d.get("meta") or {}}, agent=e.agent or "main")
         for call in state.unknown:
             await journal.tool_result("main", call.id, call.name, UNKNOWN_RESULT, True, {}, "harness")
             await runner.events.emit("tool_result", {"id": call.id, "name": call.name,
