@@ -29,7 +29,7 @@ import pytest
 import pytest_asyncio
 from devsilo.cli._client import GatewayClient, GatewayError
 from devsilo.executor._workspace_lock import RemoteWorkspaces, WorkspaceStore
-from devsilo.harness._failover import UNKNOWN_RESULT, unshown_results
+from devsilo.harness._failover import UNKNOWN_RESULT, shown_uses, unshown_results
 from devsilo.harness._journal import JournalEntry
 from devsilo.protocol import ExecutorAnnounce, SessionEvent, subjects
 from devsilo.protocol.client import Attach, CreateSession, ErrorFrame, EventFrame, SessionCreated
@@ -481,3 +481,5 @@ def test_a_result_journaled_as_its_harness_died_is_shown_by_the_harness_that_res
     entries = [result("c1"), shown("c1", 5), result("c2"),  # killed between journaling c2 and its event
                JournalEntry("tool_exec", {"phase": "result", "id": "c3"}, incomplete=True)]
     assert [e.data["id"] for e in unshown_results(entries)] == ["c2"]
+    uses = [JournalEntry("event", {"seq": 4, "kind": "tool_use", "ts": 1.0, "data": {"id": "c1"}})]
+    assert shown_uses(uses + entries) == {"c1"}  # c2's use would be emitted before its unknown result

@@ -287,3 +287,9 @@ def unshown_results(entries: list[JournalEntry]) -> list[JournalEntry]:
              if e.kind == "event" and e.data.get("kind") == "tool_result"}
     return [e for e in entries if e.kind == "tool_exec" and not e.incomplete
             and e.data.get("phase") == "result" and str(e.data.get("id")) not in shown]
+
+
+def shown_uses(entries: list[JournalEntry]) -> set[str]:
+    """Ids of the calls whose ``tool_use`` event reached the stream (a call is journaled first)."""
+    return {str((e.data.get("data") or {}).get("id")) for e in entries
+            if e.kind == "event" and e.data.get("kind") == "tool_use"}

@@ -355,7 +355,10 @@ async def serve(ctx: ServiceContext) -> None:
             await runner.events.emit("tool_result", {
                 "id": d.get("id"), "name": d.get("name"), "content": d.get("content", ""),
                 "is_error": bool(d.get("is_error")), "meta": d.get("meta") or {}}, agent=e.agent or "main")
+        used = shown_uses(entries)
         for call in state.unknown:
+            if call.id not in used:  # journaled as called, killed before its tool_use event
+                await runner.events.emit("tool_use", {"id": call.id, "name": call.name, "input": call.input})
             await journal.tool_result("main", call.id, call.name, UNKNOWN_RESULT, True, {}, "harness")
             await runner.events.emit("tool_result", {"id": call.id, "name": call.name,
                                                      "content": UNKNOWN_RESULT, "is_error": True, "meta": {}})
