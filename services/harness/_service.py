@@ -48,6 +48,7 @@ from ._failover import (
     UNKNOWN_RESULT,
     SessionOwners,
     rebuild,
+    shown_uses,
     unshown_results,
 )
 from ._gate import ModelPolicy
