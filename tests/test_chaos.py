@@ -93,7 +93,13 @@ async def connect(stack: Stack, name: str) -> GatewayClient:
 
 async def create(stack: Stack, ws: Path, script: dict[str, Any], allow_domains: tuple[str, ...] = ()) -> str:
     """Start a headless session through the gateway; its id."""
-    client = await connect(stack, "creator")
+    async with asyncio.timeout(30):  # the gateway may be (re)starting: its listener comes last
+        while True:
+            try:
+                client = await connect(stack, "creator")
+                break
+            except GatewayError:
+                await asyncio.sleep(0.2)
     try:
         await client.send(CreateSession(workspace=str(ws), script=json.dumps(script), headless=True,
                                         prompt="go", allow_domains=allow_domains))
@@ -214,11 +220,12 @@ def silo(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
                           check=False, capture_output=True, text=True, timeout=120)
 
 
+STARTED = "echo started > started.txt && echo started; sleep 60"
 EXECUTOR_SCRIPT = {"responses": [
     {"text": "one", "tool_calls": [{"name": "Write", "input": {"path": "notes/one.txt", "content": "first\n"}}]},
     {"text": "two", "tool_calls": [{"name": "Write", "input": {"path": "src/main.py", "content": "print(2)\n"}},
                                    {"name": "Write", "input": {"path": "keep.txt", "content": "changed\n"}}]},
-    {"text": "three", "tool_calls": [bash("echo started > started.txt; sleep 60")]},
+    {"text": "three", "tool_calls": [bash(STARTED)]},
     {"text": "never", "tool_calls": [{"name": "Write", "input": {"path": "never.txt", "content": "no\n"}}]},
     {"text": "done", "tool_calls": [{"name": "Exit", "input": {"message": "should not get here"}}]},
 ]}
@@ -236,7 +243,8 @@ async def test_executor_killed_mid_call_ends_its_session_with_an_error_and_the_l
     assert r.returncode == 0, r.stderr
     sid = await create(stack, ws, EXECUTOR_SCRIPT)
     followers = Followers(stack, sid)
-    await followers.until(running("echo started > started.txt; sleep 60"))
+    # The command has run its first part (its output arrived): then its executor dies.
+    await followers.until(lambda e: e.kind == "tool_output" and "started" in e.data.get("data", ""))
     k = await kill(stack, "executor")
     events = await followers.finish()  # well before the call's own 660 s timeout
     errors = [e.data["message"] for e in events if e.kind == "error"]
