@@ -208,8 +208,8 @@ def expected_files(records: list[dict[str, Any]]) -> dict[str, str]:
     """Workspace path -> content the journal says it must have: its completed ``Write`` and
     ``Edit`` calls applied in order.
 
-    A path with a call journaled without a result (its executor died under it: it may or may
-    not have landed) is left out, and so is a path a command could have changed in ways the
+    A path with a call journaled without a result, or with an error result (its executor died
+    under it and the call was ended as interrupted: it may or may not have landed) is left out, and so is a path a command could have changed in ways the
     journal does not spell out (only files written by these two tools are in the answer).
     """
     calls: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -224,7 +224,10 @@ def expected_files(records: list[dict[str, Any]]) -> dict[str, str]:
             continue
         name, args = calls.pop(str(d["id"]), ("", {}))
         path = str(args.get("path", ""))
-        if not name or d.get("is_error"):
+        if not name:
+            continue
+        if d.get("is_error"):  # e.g. "interrupted" as its executor died: it may have landed or not
+            unsure.add(path)
             continue
         if name == "Write":
             files[path] = str(args["content"])
