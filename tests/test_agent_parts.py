@@ -23,6 +23,7 @@ from devsilo.protocol import (
     InputRefused,
     SessionEvent,
     SessionGrant,
+    SiloError,
     ToolOutput,
     ToolResult,
 )
@@ -195,3 +196,29 @@ async def test_prompts_are_shown_to_every_client_on_arrival_and_queued_in_order(
     assert loop_runner.messages[0] == {"role": "user", "content": "first"}
     assert loop_runner.inputs.get_nowait() == "second"
     assert [e.kind for e in sink.events][-3:] == ["assistant_text", "busy", "turn_complete"]
+
+
+class LostExecutorSink(EventSink):
+    """A bus whose executor took a tool call and then died: the call never returns, a cancel finds nobody."""
+
+    async def request(self, subject: str, body: object, reply: type, **_: object) -> object:
+        if subject.endswith(".tool"):
+            await asyncio.Event().wait()
+        raise SiloError(f"no_responders: no executor is listening on {subject}")
+
+
+async def test_a_lost_executor_ends_the_session_after_the_running_calls_result() -> None:
+    sink = LostExecutorSink()
+    grant = SessionGrant(grant_id="g1", session_id="s1", user="u", workspace="/w", issued_at=0.0, expires_at=1.0)
+    model = ScriptedModel(json.dumps({"responses": [{"tool_calls": [{"name": "Bash", "input": {"command": "ls"}}]}]}))
+    session = SessionRunner(sink, grant, "e1", AccessReport(backend="mock", workspace="/w"), model,  # type: ignore[arg-type]
+                            headless=False, log=structlog.get_logger())
+    running = asyncio.create_task(session.run("go"))
+    while not any(e.kind == "tool_use" for e in sink.events):
+        await asyncio.sleep(0.01)
+    await session.executor_lost("executor e1 stopped responding; the session cannot continue")
+    await asyncio.wait_for(running, 10)
+    kinds = [e.kind for e in sink.events]
+    # clients stop reading at shutdown: the interrupted call's result must come before it
+    assert kinds[-3:] == ["tool_result", "error", "shutdown"], kinds
+    assert sink.events[-3].data["content"] == "interrupted" and sink.events[-1].data["exit_code"] == 1

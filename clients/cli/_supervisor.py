@@ -3,7 +3,8 @@
 Services start in dependency order (egress, executor, harness, gateway) and
 each must answer ``/healthz`` before the next starts. A service that dies is
 restarted with exponential backoff (1 s doubling to 30 s, reset after a
-minute of good health). On SIGINT or SIGTERM everything stops in the reverse
+minute of good health); so is the embedded NATS server (0.5 s doubling), on
+its port with its JetStream store, while the services reconnect to it. On SIGINT or SIGTERM everything stops in the reverse
 order and nothing is left behind: children also get SIGTERM from the kernel if
 the supervisor itself dies (PR_SET_PDEATHSIG).
 """
@@ -32,6 +33,8 @@ START_ORDER = (Role.EGRESS, Role.EXECUTOR, Role.HARNESS, Role.GATEWAY)
 STOP_GRACE_S = 10.0
 HEALTH_TIMEOUT_S = 30.0
 PR_SET_PDEATHSIG = 1
+NATS_FIRST_BACKOFF_S = 0.5
+"""The embedded NATS server is restarted sooner than a service: every service waits for it."""
 
 
 def _die_with_parent() -> None:
@@ -93,6 +96,9 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.stack_file = state.root / "run" / "stack.json"
+        self.nats_started_at = 0.0
+        self.nats_backoff = NATS_FIRST_BACKOFF_S
+        self.nats_restarts = 0
 
     @property
     def nats_url(self) -> str:
@@ -131,6 +137,7 @@ class Supervisor:
         if self.external_nats is None:
             self.nats = NatsServer(self.state, host="127.0.0.1", port=self.ports.nats)
             await self.nats.start()
+            self.nats_started_at = time.monotonic()
             self.say(f"nats-server started on {self.nats.url}")
         cfg = self.state.config()
         (self.state.root / "logs").mkdir(mode=0o700, exist_ok=True)
@@ -178,14 +185,18 @@ class Supervisor:
         raise ConfigError(f"{sp.service_id} did not become healthy in {HEALTH_TIMEOUT_S:.0f}s; see {sp.log_path}")
 
     async def _watch(self) -> None:
-        """Restart services that die, until asked to stop."""
+        """Restart services (and the embedded NATS server) that die, until asked to stop."""
         while not self.stopping.is_set():
             waits = {asyncio.ensure_future(sp.proc.wait()): sp for sp in self.services if sp.proc}
+            nats_wait = asyncio.ensure_future(self.nats.wait()) if self.nats is not None else None
             stop = asyncio.ensure_future(self.stopping.wait())
-            done, pending = await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
+            watched = [stop, *waits] + ([nats_wait] if nats_wait is not None else [])
+            done, pending = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             for f in pending:
                 f.cancel()
             if self.stopping.is_set():
+                return
+            if nats_wait is not None and nats_wait in done and not await self._restart_nats(nats_wait.result()):
                 return
             for f in done:
                 sp = waits.get(f)
@@ -202,6 +213,34 @@ class Supervisor:
                 sp.backoff = min(sp.backoff * 2, 30.0)
                 sp.restarts += 1
                 await self._spawn(sp)
+            self._write_stack_file()
+
+    async def _restart_nats(self, code: int) -> bool:
+        """Start the embedded NATS server again on its port with its JetStream store; False when stopping.
+
+        The services keep running and reconnect by themselves (``connect_nats`` retries forever);
+        what they had in flight fails or is retried as each of them arranges.
+        """
+        assert self.nats is not None
+        nats = self.nats
+        if time.monotonic() - self.nats_started_at > 60:
+            self.nats_backoff = NATS_FIRST_BACKOFF_S
+        while True:
+            self.say(f"nats-server exited with {code}; restarting in {self.nats_backoff:.1f}s "
+                     f"(restart {self.nats_restarts + 1})")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=self.nats_backoff)
+                return False
+            self.nats_backoff = min(self.nats_backoff * 2, 30.0)
+            self.nats_restarts += 1
+            try:
+                await nats.restart()
+            except ConfigError as exc:  # e.g. its port taken meanwhile: try again after the backoff
+                self.say(f"nats-server did not start again: {exc}")
+                continue
+            self.nats_started_at = time.monotonic()
+            self.say(f"nats-server restarted on {nats.url} (pid {nats.pid})")
+            return True
 
     async def _stop_all(self) -> None:
         for sp in reversed(self.services):
@@ -219,6 +258,7 @@ class Supervisor:
         data = {
             "pid": os.getpid(), "gateway_url": self.gateway_url, "nats_url": self.nats_url,
             "fingerprint": self.state.gateway_fingerprint(),
+            "nats_pid": self.nats.pid if self.nats is not None else None,
             "services": {sp.service_id: {"pid": sp.proc.pid if sp.proc else None,
                                          "metrics": f"http://127.0.0.1:{sp.metrics_port}/metrics"}
                          for sp in self.services},

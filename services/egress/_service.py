@@ -1,6 +1,8 @@
 """The egress service: session policies from verified grants, and the proxy that applies them.
 
-On ``EgressSessionOpen`` (from an executor) the egress re-verifies the
+Every second it announces itself with an instance id that is new at each
+start, so that executors re-open their sessions with a restarted egress (the
+policies and session CAs die with the process). On ``EgressSessionOpen`` (from an executor) the egress re-verifies the
 gateway's grant, installs the session's policy, creates the session's CA
 (:mod:`._ca`, key in memory only) and answers with where its proxy listens
 and the CA's certificate, which the executor hands to the sandbox. Relay
@@ -22,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
 from devsilo.executor._relay import RelayPreamble
 from devsilo.protocol import (
+    EgressAnnounce,
     EgressSessionClose,
     EgressSessionOpen,
     EgressSessionReady,
@@ -50,6 +54,7 @@ from ._secrets import CredentialStore
 from ._upstream import Upstream, client_context
 
 RECORD_QUEUE = 10_000
+ANNOUNCE_EVERY_S = 1.0
 RELAY_HELLO_TTL = 60.0
 """How long an executor's signed relay line is good for (and then never again: replay cache)."""
 
@@ -191,7 +196,20 @@ async def serve(ctx: ServiceContext) -> None:
                                   ca_cert=ca_pem.decode("ascii"), credentials=usable,
                                   credential_hosts=proxy.credentials.hosts(usable))
 
+    instance = secrets.token_hex(8)
+
+    async def announce() -> None:
+        """Tell executors which instance serves: a new one holds none of the earlier one's sessions."""
+        body = EgressAnnounce(egress_id=ctx.service_id, instance=instance)
+        while True:
+            try:
+                await bus.publish(subjects.egress_announce(ctx.service_id), body)
+            except Exception as exc:  # noqa: BLE001 — NATS away: the next beat tries again
+                ctx.log.warning("egress_announce_failed", error=str(exc))
+            await asyncio.sleep(ANNOUNCE_EVERY_S)
+
     writer = asyncio.create_task(journal(), name="egress-journal")
+    announcer = asyncio.create_task(announce(), name="egress-announce")
     try:
         await bus.subscribe(subjects.egress_session(ctx.service_id), on_session)
         await bus.subscribe(subjects.egress_session(subjects.EGRESS_ANY), on_session, queue=subjects.EGRESS_QUEUE)
@@ -200,6 +218,9 @@ async def serve(ctx: ServiceContext) -> None:
         server.close()
         proxy.close()
         writer.cancel()
+        announcer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await writer
+        with contextlib.suppress(asyncio.CancelledError):
+            await announcer
         await server.wait_closed()

@@ -9,6 +9,7 @@ import os
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from devsilo.protocol import (
     AccessReport,
     Ack,
     CloseSession,
+    EgressAnnounce,
     EgressSessionClose,
     EgressSessionOpen,
     EgressSessionReady,
@@ -76,6 +78,10 @@ RELAY_HELLO_TTL = 60.0
 DEFAULT_SANDBOX_UID = 64123
 CANCELLED_CALLS_KEPT = 1024
 """Cancelled call ids remembered, so a cancel that overtakes its call still stops it."""
+FINISHED_CALLS_KEPT = 256
+FINISHED_CALLS_KEEP_S = 120.0
+"""Finished calls' results kept this long (and at most this many) for a harness that asks again
+after losing its NATS connection (the reply it missed is not stored anywhere else)."""
 DEFAULT_CAPACITY = 16
 DEFAULT_PER_USER = 8
 ANNOUNCE_EVERY_S = 1.0
@@ -91,6 +97,8 @@ class ExecSession:
     relay: SessionRelay
     workspace: Path
     egress_id: str | None
+    grant_text: str = ""
+    """The sealed grant, to open the session again with a restarted egress."""
 
 
 class ExecutorMetrics:
@@ -207,6 +215,9 @@ async def serve(ctx: ServiceContext) -> None:
     tool_options = ToolOptions.from_options(opts, bus.verifier.max_bytes)
     running_calls: dict[tuple[str, str], asyncio.Task[ToolResult]] = {}
     cancelled_calls: dict[tuple[str, str], None] = {}
+    call_outcomes: dict[tuple[str, str], asyncio.Future[ToolResult]] = {}
+    """Each running call's final result, for a harness that asks for it again."""
+    finished_calls: OrderedDict[tuple[str, str], tuple[float, ToolResult]] = OrderedDict()
 
     def store_records(phases: tuple[str, ...]) -> dict[str, Path]:
         """Workspace path -> where its files are, for the store's records in ``phases``."""
@@ -435,7 +446,7 @@ async def serve(ctx: ServiceContext) -> None:
         metrics.start_seconds.labels(backend=backend).observe(time.perf_counter() - started)
         metrics.sandboxes.labels(backend=backend, state="running").inc()
         warnings.extend(getattr(sandbox, "warnings", []))
-        sessions[sid] = ExecSession(grant, backend, sandbox, relay, workspace, egress_id)
+        sessions[sid] = ExecSession(grant, backend, sandbox, relay, workspace, egress_id, req.grant)
         ctx.status["sandboxes"] = len(sessions)
         ctx.log.info("sandbox_started", backend=backend, kind=kind, workspace=str(workspace), egress=egress_id)
         lim = spec.limits
@@ -453,6 +464,8 @@ async def serve(ctx: ServiceContext) -> None:
         s = sessions.pop(sid, None)
         if s is None:
             return
+        for key in [k for k in finished_calls if k[0] == sid]:
+            del finished_calls[key]
         if s.grant.purpose == "shell":
             shell_closed_why[sid] = reason
         await s.sandbox.close()
@@ -631,11 +644,48 @@ async def serve(ctx: ServiceContext) -> None:
                 del cancelled_calls[next(iter(cancelled_calls))]
         return Ack()
 
+    def keep_outcome(key: tuple[str, str], result: ToolResult) -> None:
+        """Remember a finished call's result for a while, for a harness that asks again."""
+        now = time.monotonic()
+        finished_calls[key] = (now, result)
+        finished_calls.move_to_end(key)
+        while finished_calls and (len(finished_calls) > FINISHED_CALLS_KEPT
+                                  or now - next(iter(finished_calls.values()))[0] > FINISHED_CALLS_KEEP_S):
+            finished_calls.popitem(last=False)
+
+    async def answer_again(sid: str, session: ExecSession, call: ToolCall) -> tuple[ToolResult, bool]:
+        """A call asked again after the harness lost NATS: the result of the run we have; run it
+        only when it never arrived. (result, whether it ran now)."""
+        key = (sid, call.call_id)
+        outcome = call_outcomes.get(key)
+        if outcome is not None:  # still running: its result, when it comes
+            return await asyncio.shield(outcome), False
+        if key in finished_calls:
+            return finished_calls[key][1], False
+        return await run_call(sid, session, call), True
+
     async def run_call(sid: str, session: ExecSession, call: ToolCall) -> ToolResult:
         """Run a call, streaming a command's output to the harness; a cancelled call's result says so."""
         key = (sid, call.call_id)
-        if key in running_calls:
+        if key in running_calls or key in call_outcomes:
             raise GrantError(f"call {call.call_id} of session {sid} is already running")
+        outcome: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
+        call_outcomes[key] = outcome
+        try:
+            result = await run_call_now(sid, session, call)
+        except BaseException as exc:
+            outcome.set_exception(SandboxClosed(f"call {call.call_id} of session {sid} did not finish: "
+                                                f"{exc or type(exc).__name__}"))
+            outcome.exception()  # a joiner may never come; nothing is left unretrieved
+            raise
+        finally:
+            call_outcomes.pop(key, None)
+        outcome.set_result(result)
+        keep_outcome(key, result)
+        return result
+
+    async def run_call_now(sid: str, session: ExecSession, call: ToolCall) -> ToolResult:
+        key = (sid, call.call_id)
         if key in cancelled_calls:
             del cancelled_calls[key]
             return ToolResult(call_id=call.call_id, is_error=True, content="cancelled before it started",
@@ -698,16 +748,59 @@ async def serve(ctx: ServiceContext) -> None:
                                      max_bytes=int(opts.get("upload_max_bytes") or DEFAULT_UPLOAD_MAX))
         call = env.expect(ToolCall)
         started = time.perf_counter()
-        result = await run_call(sid, session, call)
+        if call.again:
+            result, ran = await answer_again(sid, session, call)
+        else:
+            result, ran = await run_call(sid, session, call), True
         if sessions.get(sid) is not session:
             why = "the executor is stopping" if ctx.stopping.is_set() else "was its workspace unlocked?"
             raise SandboxClosed(f"the sandbox of session {sid} was closed on executor {eid} while "
                                 f"{call.name} ran ({why})")
+        if not ran:
+            return result
         tool = call.name if call.name in SANDBOX_TOOLS else "other"  # bounded label values
         metrics.tool_seconds.labels(tool=tool).observe(time.perf_counter() - started)
         metrics.tool_calls.labels(tool=tool, outcome="error" if result.is_error else "ok").inc()
         return result
 
+    egress_instances: dict[str, str] = {}
+    reopening: set[asyncio.Task[None]] = set()
+
+    async def reopen_egress(sid: str, gone: str) -> None:
+        """Open a session again with an egress after ``gone`` restarted; its relay goes there.
+
+        The sandbox keeps the session CA it started with, whose key died with the old egress:
+        HTTPS through the new one fails certificate checks (closed, never unchecked); plain
+        HTTP and DNS work again under the same policy.
+        """
+        s = sessions.get(sid)
+        if s is None or s.egress_id != gone:
+            return
+        ready, warning = await open_egress(s.grant_text, s.grant)
+        if ready is None or not ready.proxy_addr:
+            ctx.log.warning("egress_reopen_failed", session=sid, egress=gone, error=warning)
+            return
+        s.relay.egress_addr = parse_addr(ready.proxy_addr)
+        s.relay.hello = relay_hello(ready.egress_id, sid)
+        s.egress_id = ready.egress_id
+        ctx.log.info("egress_session_reopened", session=sid, previous=gone, egress=ready.egress_id)
+
+    async def on_egress_announce(env: Envelope, msg: Msg) -> None:
+        ann = env.expect(EgressAnnounce)
+        if ann.egress_id != env.header.sender or msg.subject != subjects.egress_announce(ann.egress_id):
+            raise GrantError(f"{env.header.sender} announced itself as egress {ann.egress_id}")
+        before = egress_instances.get(ann.egress_id)
+        egress_instances[ann.egress_id] = ann.instance
+        if before is None or before == ann.instance:
+            return
+        ctx.log.warning("egress_restarted", egress=ann.egress_id)
+        for sid, s in list(sessions.items()):
+            if s.egress_id == ann.egress_id:
+                task = asyncio.create_task(reopen_egress(sid, ann.egress_id))
+                reopening.add(task)
+                task.add_done_callback(reopening.discard)
+
+    await bus.subscribe(subjects.EGRESS_ANNOUNCE_ALL, on_egress_announce)
     await bus.subscribe(subjects.exec_listen(eid), on_exec, concurrent=True)
     announcer = asyncio.create_task(announce_loop())
     ctx.status["sandboxes"] = 0
@@ -715,7 +808,9 @@ async def serve(ctx: ServiceContext) -> None:
         await ctx.stopping.wait()
     finally:
         announcer.cancel()
-        await asyncio.gather(announcer, return_exceptions=True)
+        for task in list(reopening):
+            task.cancel()
+        await asyncio.gather(announcer, *reopening, return_exceptions=True)
         await asyncio.gather(*(close_session(sid, "executor stopping") for sid in list(sessions)),
                              return_exceptions=True)
         if shell_tasks:  # each tells its gateway why its shell ended

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from devsilo.protocol import AuthError, subjects
 from devsilo.protocol.client import ClientKeySummary, KeyType
+from devsilo.runtime import Bus
+from devsilo.runtime._kvwatch import follow_kv
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
@@ -167,8 +169,20 @@ class ClientKeyStore:
         await self.kv.delete(key_id)
         return True
 
-    async def watch_revocations(self, on_revoked: Callable[[str], Awaitable[None]], log: Any) -> None:
-        """Call ``on_revoked(key_id)`` for every key deleted, until cancelled; a broken watch is restarted."""
+    async def watch_revocations(self, on_revoked: Callable[[str], Awaitable[None]], log: Any,
+                                bus: Bus | None = None) -> None:
+        """Call ``on_revoked(key_id)`` for every key deleted, until cancelled; a broken watch is restarted.
+
+        With ``bus``, the watch is also made again after every NATS reconnect (a watch made
+        before a server restart hears nothing after it); deletions are delivered again then.
+        """
+        if bus is not None:
+            async def on_entry(entry: KeyValue.Entry) -> None:
+                if entry.operation in (KV_DEL, KV_PURGE):
+                    await on_revoked(entry.key)
+
+            await follow_kv(self.kv, bus, on_entry, log=log)
+            return
         while True:
             try:
                 watcher = await self.kv.watchall()

@@ -651,7 +651,7 @@ async def serve(ctx: ServiceContext) -> None:
     sessions = SessionDirectory(ctx.bus.js, await open_sessions_bucket(ctx.bus.js), ctx.log)
     gw = Gateway(ctx, metrics, auth, sessions, web_root)
     # Revocations on any replica close this replica's connections of that key.
-    revocations = asyncio.create_task(keys.watch_revocations(auth.revoked, ctx.log))
+    revocations = asyncio.create_task(keys.watch_revocations(auth.revoked, ctx.log, ctx.bus))
 
     async def on_announce(env: Envelope, msg: Msg) -> None:
         ann = env.expect(ExecutorAnnounce)

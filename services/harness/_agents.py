@@ -58,6 +58,10 @@ class LoopMetrics:
                                  registry=reg)
         self.output_dropped = Counter("silo_tool_output_dropped_total",
                                       "Streamed tool output chunks dropped, by why.", ["reason"], registry=reg)
+        self.calls_asked_again = Counter(
+            "silo_tool_calls_asked_again_total",
+            "Sandbox calls asked again after a lost NATS connection (their reply may have been lost).",
+            registry=reg)
         self.answers = Counter("silo_question_answers_total", "Answers to questions by outcome.", ["outcome"],
                                registry=reg)
 

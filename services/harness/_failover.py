@@ -23,6 +23,7 @@ from typing import Any
 
 from devsilo.protocol import MessageRejected, Role, SessionOwnership, subjects
 from devsilo.runtime import Bus
+from devsilo.runtime._kvwatch import follow_kv
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -135,23 +136,32 @@ class SessionOwners:
                 self._owned[sid] = (nxt, new_rev)
 
     async def watch(self, takeover: Takeover) -> None:
-        """Follow the bucket and take over sessions whose owner went silent (runs until cancelled)."""
-        watcher = await self.kv.watchall()
+        """Follow the bucket and take over sessions whose owner went silent (runs until cancelled).
+
+        The watch is made again after every NATS reconnect (:func:`follow_kv`); an entry seen
+        again at the same revision keeps the time it last changed.
+        """
         checker = asyncio.create_task(self._check_loop(takeover))
+
+        async def on_entry(entry: KeyValue.Entry) -> None:
+            key = entry.key
+            if entry.operation in ("DEL", "PURGE") or entry.value is None:
+                self._seen.pop(key, None)
+                return
+            revision = int(entry.revision or 0)
+            seen = self._seen.get(key)
+            if seen is None or seen.revision != revision:
+                self._seen[key] = _Seen(revision, time.monotonic(), self._open(key, entry.value))
+
+        def on_current(keys: set[str]) -> None:
+            for gone in set(self._seen) - keys:  # deleted while we could not hear it
+                del self._seen[gone]
+
         try:
-            async for entry in watcher:
-                if entry is None:
-                    continue  # end of the initial values
-                key = entry.key
-                if entry.operation in ("DEL", "PURGE") or entry.value is None:
-                    self._seen.pop(key, None)
-                    continue
-                self._seen[key] = _Seen(int(entry.revision or 0), time.monotonic(),
-                                        self._open(key, entry.value))
+            await follow_kv(self.kv, self._bus, on_entry, on_current=on_current, log=self._log)
         finally:
             checker.cancel()
             await asyncio.gather(checker, return_exceptions=True)
-            await watcher.stop()
 
     async def _check_loop(self, takeover: Takeover) -> None:
         while True:
@@ -265,3 +275,21 @@ def rebuild(entries: list[JournalEntry]) -> Rebuilt:
         out.messages.append({"role": "user", "content": prompts[turns - 1]})
     out.queued = prompts[turns:]
     return out
+
+
+def unshown_results(entries: list[JournalEntry]) -> list[JournalEntry]:
+    """Tool results in the journal whose ``tool_result`` event never reached the stream.
+
+    A harness journals a result, then emits its event; killed in between, it leaves a result
+    no client saw. The harness that resumes the session emits those events.
+    """
+    shown = {str((e.data.get("data") or {}).get("id")) for e in entries
+             if e.kind == "event" and e.data.get("kind") == "tool_result"}
+    return [e for e in entries if e.kind == "tool_exec" and not e.incomplete
+            and e.data.get("phase") == "result" and str(e.data.get("id")) not in shown]
+
+
+def shown_uses(entries: list[JournalEntry]) -> set[str]:
+    """Ids of the calls whose ``tool_use`` event reached the stream (a call is journaled first)."""
+    return {str((e.data.get("data") or {}).get("id")) for e in entries
+            if e.kind == "event" and e.data.get("kind") == "tool_use"}

@@ -42,7 +42,15 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ._agents import LoopMetrics
 from ._backends import DEFAULT_KEY_ENV, ModelSettings, ProviderSettings, make_model, read_api_key
-from ._failover import BEAT_S, TAKEOVER_AFTER_S, UNKNOWN_RESULT, SessionOwners, rebuild
+from ._failover import (
+    BEAT_S,
+    TAKEOVER_AFTER_S,
+    UNKNOWN_RESULT,
+    SessionOwners,
+    rebuild,
+    shown_uses,
+    unshown_results,
+)
 from ._gate import ModelPolicy
 from ._journal import JournalEntry, JournalReader, SessionJournal, StreamSink, script_digest
 from ._local import LocalServers
@@ -51,6 +59,9 @@ from ._session import HEADLESS_INSTRUCTION, SessionRunner
 
 ANNOUNCE_GRACE_S = 2.5
 """Executors announce every second; a session leased this recently may not be listed yet."""
+RECONNECT_GRACE_S = 3.0
+"""After the harness's NATS connection comes back, how long executors get to be heard again
+(they reconnect too, each on its own backoff) before silence counts against them."""
 LEASE_WAIT_S = 15.0
 """How long a session start waits for an executor with room."""
 PER_USER_SANDBOXES = 8
@@ -226,8 +237,14 @@ async def serve(ctx: ServiceContext) -> None:
                     "(was its workspace unlocked?); the session cannot continue"))
 
     async def watch_pool() -> None:
+        reconnects = bus.reconnects
         while True:
             await asyncio.sleep(0.5)
+            if not bus.nc.is_connected:
+                continue  # we hear nobody now; that is no executor's fault
+            if bus.reconnects != reconnects:  # announcements were lost with our connection
+                reconnects = bus.reconnects
+                pool.grace(RECONNECT_GRACE_S)
             for eid in pool.expire():
                 ctx.log.warning("executor_silent", executor=eid)
                 executor_gone(eid, "stopped responding")
@@ -334,7 +351,15 @@ async def serve(ctx: ServiceContext) -> None:
                                         Usage(**{k: int(cost.get(k) or 0) for k in TOKEN_FIELDS}))
         await journal.lifecycle("resumed", harness=ctx.service_id, responses=state.responses,
                                 pending_calls=len(state.pending), unknown_results=len(state.unknown))
+        for e in unshown_results(entries):  # journaled just before its harness died, never shown
+            d = e.data
+            await runner.events.emit("tool_result", {
+                "id": d.get("id"), "name": d.get("name"), "content": d.get("content", ""),
+                "is_error": bool(d.get("is_error")), "meta": d.get("meta") or {}}, agent=e.agent or "main")
+        used = shown_uses(entries)
         for call in state.unknown:
+            if call.id not in used:  # journaled as called, killed before its tool_use event
+                await runner.events.emit("tool_use", {"id": call.id, "name": call.name, "input": call.input})
             await journal.tool_result("main", call.id, call.name, UNKNOWN_RESULT, True, {}, "harness")
             await runner.events.emit("tool_result", {"id": call.id, "name": call.name,
                                                      "content": UNKNOWN_RESULT, "is_error": True, "meta": {}})

@@ -45,6 +45,10 @@ HEADLESS_INSTRUCTION = (
 )
 STOP_WAIT_S = 5.0
 """How long a stop waits for the running turn to wind down before the session ends regardless."""
+TOOL_TIMEOUT_S = 660.0
+"""How long a sandbox call may take, asked again or not, before the model hears it timed out."""
+NO_RESPONDERS_GRACE_S = 10.0
+"""How long a call nobody received is sent again (NATS or the executor reconnecting)."""
 OUTPUT_DRAIN_S = 5.0
 """After a call's result, how long its streamed output that is still on the way is waited for."""
 # Exit codes, shared with the CLI (REQUIREMENTS §1).
@@ -222,7 +226,7 @@ class SessionRunner:
                 if self._stopping is not None:
                     await self._finish(EXIT_OK, self._stopping)
                     break
-                if self.inputs.empty():
+                if self.inputs.empty() and not self._executor_lost:  # else executor_lost() ends it
                     if self.headless:
                         await self._finish(EXIT_RUNTIME, "headless session has no prompt")
                         break
@@ -323,7 +327,12 @@ class SessionRunner:
         if self.exit_code is not None:
             return
         self._executor_lost = True
-        self.interrupt()
+        turn = self._turn
+        if self.interrupt() and turn is not None:
+            # the cancelled turn emits its calls' results first: shutdown stays the last event
+            await asyncio.wait({turn}, timeout=STOP_WAIT_S)
+            if self.exit_code is not None:
+                return
         await self.events.emit("error", {"message": reason})
         await self._finish(EXIT_RUNTIME, reason)
         self.inputs.put_nowait("")
@@ -405,12 +414,9 @@ class SessionRunner:
         if wire_id in self._calls or len(wire_id) > 100:
             wire_id = f"{call.id[:60]}~{next(self._wire_ids)}"
         running = self._calls[wire_id] = RunningCall(agent.id, call.id)
+        asked_again = False
         try:
-            result = await self.bus.request(
-                subjects.exec_tool(self.executor_id, self.sid),
-                ToolCall(call_id=wire_id, name=name, input=args),
-                ToolResult, from_role=Role.EXECUTOR, sid=self.sid, timeout=660.0,
-            )
+            result, asked_again = await self._ask_executor(ToolCall(call_id=wire_id, name=name, input=args))
         except asyncio.CancelledError:
             await asyncio.shield(self._cancel_call(wire_id))
             raise
@@ -427,7 +433,8 @@ class SessionRunner:
         finally:
             self._calls.pop(wire_id, None)
         chunks = result.meta.get("output_chunks")
-        if isinstance(chunks, int) and running.seen < chunks:
+        # Asked again: chunks sent while NATS was away are lost for good, the result has the output.
+        if isinstance(chunks, int) and running.seen < chunks and not asked_again:
             self._calls[wire_id] = running  # output still on its way: let it land before the result
             try:
                 async with asyncio.timeout(OUTPUT_DRAIN_S):
@@ -439,6 +446,53 @@ class SessionRunner:
             finally:
                 self._calls.pop(wire_id, None)
         return result
+
+    async def _ask_executor(self, call: ToolCall) -> tuple[ToolResult, bool]:
+        """Send a call to the executor and wait for its result; (result, whether it was asked again).
+
+        A reply the executor sent while this harness had no NATS connection is gone (core NATS
+        keeps nothing), so after every reconnect the call is asked again with ``again`` set: the
+        executor answers with the result of the run it has (running or finished), never runs it
+        twice. A call nobody received (no responders while NATS and the executor come back) is
+        sent again for a few seconds; a dead executor ends the session from the pool's view.
+        """
+        subject = subjects.exec_tool(self.executor_id, self.sid)
+        if not hasattr(self.bus, "wait_reconnected"):  # a transport with no connection to lose (replay)
+            result = await self.bus.request(subject, call, ToolResult, from_role=Role.EXECUTOR, sid=self.sid,
+                                            timeout=TOOL_TIMEOUT_S)
+            return result, False
+        deadline = time.monotonic() + TOOL_TIMEOUT_S
+        unanswered_since: float | None = None
+        asked_again = False
+        while True:
+            generation = self.bus.reconnects
+            ask = asyncio.ensure_future(self.bus.request(
+                subject, call, ToolResult, from_role=Role.EXECUTOR, sid=self.sid,
+                timeout=max(1.0, deadline - time.monotonic())))
+            back = asyncio.ensure_future(self.bus.wait_reconnected(generation))
+            try:
+                await asyncio.wait({ask, back}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in (ask, back):
+                    if not waiting.done():
+                        waiting.cancel()
+                await asyncio.gather(back, return_exceptions=True)
+            if ask.done() and not ask.cancelled():
+                try:
+                    return ask.result(), asked_again
+                except RemoteError as exc:
+                    if exc.code != "no_responders":
+                        raise
+                    unanswered_since = unanswered_since or time.monotonic()
+                    if time.monotonic() - unanswered_since > NO_RESPONDERS_GRACE_S:
+                        raise
+                    await asyncio.sleep(0.25)
+            else:
+                await asyncio.gather(ask, return_exceptions=True)
+            self.metrics.calls_asked_again.inc()
+            self.log.info("tool_call_asked_again", call=call.call_id, reconnects=self.bus.reconnects)
+            call = call.model_copy(update={"again": True})
+            asked_again = True
 
     async def _cancel_call(self, wire_id: str) -> None:
         try:

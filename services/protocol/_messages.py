@@ -203,6 +203,9 @@ class ToolCall(Message):
     call_id: str = Field(max_length=128)
     name: str = Field(max_length=64)
     input: dict[str, Any]
+    again: bool = False
+    """Asked again after a lost NATS connection: answer with the call's result if it ran or runs
+    (never run it twice); run it only if it never arrived."""
 
 
 class ToolResult(Message):
@@ -265,6 +268,17 @@ class EgressSessionClose(Message):
     TYPE = "egress_session_close"
     SUBJECTS = ("silo.egress.*.session",)
     session_id: str
+
+
+class EgressAnnounce(Message):
+    """An egress's heartbeat (every second). ``instance`` changes on every start: an executor
+    that sees a new one re-opens its sessions there, since the policies and session CAs of the
+    earlier instance died with it (memory only)."""
+
+    TYPE = "egress_announce"
+    SUBJECTS = ("silo.egress.*.announce",)
+    egress_id: str = Field(pattern=SESSION_ID_PATTERN)
+    instance: str = Field(max_length=64)
 
 
 class EgressSessionReady(Message):
@@ -618,6 +632,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         EgressSessionOpen,
         EgressSessionClose,
         EgressSessionReady,
+        EgressAnnounce,
         NetworkRecord,
         JournalRecord,
         JournalExportRequest,

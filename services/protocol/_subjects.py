@@ -17,6 +17,8 @@ Scheme (``<sid>`` session id, ``<eid>`` executor id, ``<gid>`` egress id)::
     silo.session.<sid>.output       executor -> harness   ToolOutput: a running call's output
     silo.egress.<gid>.session       executor -> egress    EgressSessionOpen / EgressSessionClose
     silo.egress.any.session         executor -> egress    same, any egress (queue group)
+    silo.egress.<gid>.announce      egress   -> executor  EgressAnnounce (every second): a new instance
+                                                          means its sessions must be opened again
     silo.journal.<sid>              harness  -> stream    JournalRecord (JetStream JOURNAL)
     silo.journal.<sid>.network      egress   -> stream    NetworkRecord (JetStream JOURNAL)
     silo.harness.journal            gateway  -> harness   JournalExportRequest (request, queue group):
@@ -164,6 +166,14 @@ def exec_listen(eid: str) -> str:
     return f"silo.exec.{check_id(eid, 'executor id')}.>"
 
 
+EGRESS_ANNOUNCE_ALL = "silo.egress.*.announce"
+
+
+def egress_announce(gid: str) -> str:
+    """Subject on which an egress announces itself (and its instance) every second."""
+    return f"silo.egress.{check_id(gid, 'egress id')}.announce"
+
+
 def egress_session(gid: str) -> str:
     """Subject on which an executor registers a session with an egress."""
     return f"silo.egress.{check_id(gid, 'egress id')}.session"
@@ -228,7 +238,7 @@ PUBLISH: dict[Role, tuple[str, ...]] = {
     ),
     Role.EXECUTOR: ("silo.egress.*.session", POOL_ANNOUNCE_ALL, SHELL_OUTPUT_ALL, EGRESS_RELAY_ALL,
                     SESSION_OUTPUT_ALL),
-    Role.EGRESS: (EGRESS_JOURNAL,),
+    Role.EGRESS: (EGRESS_JOURNAL, EGRESS_ANNOUNCE_ALL),
 }
 
 # What each role subscribes to: used for the NATS server's permissions (defence
@@ -237,7 +247,7 @@ SUBSCRIBE: dict[Role, tuple[str, ...]] = {
     Role.GATEWAY: (EVENTS_SUBJECTS, POOL_ANNOUNCE_ALL, SHELL_OUTPUT_ALL),
     Role.HARNESS: (HARNESS_START, "silo.session.*.input", POOL_ANNOUNCE_ALL, HARNESS_JOURNAL_EXPORT,
                    SESSION_OUTPUT_ALL),
-    Role.EXECUTOR: ("silo.exec.>", SHELL_INPUT_ALL),
+    Role.EXECUTOR: ("silo.exec.>", SHELL_INPUT_ALL, EGRESS_ANNOUNCE_ALL),
     Role.EGRESS: ("silo.egress.*.session",),
 }
 

@@ -35,7 +35,7 @@ from devsilo.protocol import (
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import NoRespondersError
+from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import PubAck
 
@@ -43,6 +43,8 @@ from ._jetstream import jetstream
 from ._metrics import ServiceMetrics
 
 INBOX_PREFIX = subjects.INBOX_PREFIX
+JS_RETRY_S = 60.0
+"""How long a JetStream publish is retried without an acknowledgement before it fails."""
 
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Envelope, Msg], Awaitable[Message | None]]
@@ -74,6 +76,22 @@ class Bus:
         self.log = log if log is not None else structlog.get_logger().bind(service=identity.service_id)
         self.js = jetstream(nc, replicas)  # streams it creates get config.json's nats.replicas
         self._tasks: set[asyncio.Task[None]] = set()
+        self.reconnects = 0
+        """How many times the connection to NATS was lost and made again (see ``reconnected``)."""
+        self._reconnected: asyncio.Event = asyncio.Event()
+
+    # -- the connection ------------------------------------------------------------------
+
+    def reconnected(self) -> None:
+        """The connection came back (``connect_nats``'s hook): replies sent meanwhile are lost."""
+        self.reconnects += 1
+        event, self._reconnected = self._reconnected, asyncio.Event()
+        event.set()
+
+    async def wait_reconnected(self, after: int) -> None:
+        """Return once ``reconnects`` exceeds ``after`` (at once if it already does)."""
+        while self.reconnects <= after:
+            await self._reconnected.wait()
 
     # -- sending -----------------------------------------------------------------------
 
@@ -85,11 +103,31 @@ class Bus:
         return mid
 
     async def js_publish(
-        self, subject: str, body: Message, *, sid: str | None, dedupe_id: str, timeout: float = 10.0
+        self, subject: str, body: Message, *, sid: str | None, dedupe_id: str, timeout: float = 10.0,
+        retry_s: float = JS_RETRY_S,
     ) -> PubAck:
-        """Seal and publish into a JetStream stream; ``dedupe_id`` makes retries idempotent."""
+        """Seal and publish into a JetStream stream; ``dedupe_id`` makes retries idempotent.
+
+        An attempt that gets no acknowledgement (NATS restarting, a lost connection, a stream
+        leader moving) is repeated, same bytes and dedupe id, until ``retry_s`` has passed; the
+        stream keeps one copy whichever attempts landed.
+        """
         wire, _ = self.signer.seal(body, subject, sid=sid, ttl=3600.0)
-        ack = await self.js.publish(subject, wire, timeout=timeout, headers={"Nats-Msg-Id": dedupe_id})
+        headers = {"Nats-Msg-Id": dedupe_id}
+        deadline = time.monotonic() + retry_s
+        attempt = 0
+        while True:
+            try:
+                ack = await self.js.publish(subject, wire, timeout=timeout, headers=headers)
+                break
+            except (NatsTimeout, NoRespondersError, ConnectionClosedError, OutboundBufferLimitError) as exc:
+                attempt += 1
+                if time.monotonic() >= deadline:
+                    raise
+                self.metrics.js_retries.inc()
+                self.log.info("js_publish_retry", subject=subject, attempt=attempt,
+                              error=type(exc).__name__)
+                await asyncio.sleep(min(0.1 * 2 ** min(attempt, 4), 1.0))
         self.metrics.messages_sent.labels(type=body.TYPE).inc()
         return ack
 

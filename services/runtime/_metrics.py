@@ -46,6 +46,11 @@ class ServiceMetrics:
             "silo_handler_errors_total", "Handlers that answered with an error, by type and code.",
             ["type", "code"], registry=self.registry,
         )
+        self.js_retries = Counter(
+            "silo_jetstream_publish_retries_total",
+            "JetStream publishes repeated after no acknowledgement (e.g. NATS restarting).",
+            registry=self.registry,
+        )
         self.nats_connected = Gauge(
             "silo_nats_connected", "1 while the NATS connection is up.", registry=self.registry,
         )

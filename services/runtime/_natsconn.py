@@ -88,6 +88,7 @@ async def connect_nats(
     reconnect_base: float = 0.25,
     reconnect_cap: float = 10.0,
     on_error: ErrorHook | None = None,
+    on_reconnected: Callable[[], None] | None = None,
 ) -> Client:
     """Connect as ``service_id`` over TLS with its nkey; once connected, reconnect forever.
 
@@ -97,7 +98,9 @@ async def connect_nats(
     service's own machine first), and after a lost connection the next ones;
     wrong credentials or an untrusted certificate fail at once with a
     ConfigError. Every connection event is logged; ``on_error`` additionally
-    sees every asynchronous error, e.g. a server-side permission violation.
+    sees every asynchronous error, e.g. a server-side permission violation;
+    ``on_reconnected`` is called each time the connection is made again
+    (subscriptions are back; replies sent to us meanwhile are lost).
     """
     subjects.check_id(service_id, "service id")
     options = connect_options(source, service_id, name=name)
@@ -127,6 +130,8 @@ async def connect_nats(
         bound.info(
             "nats_reconnected", server=str(nc.connected_url.netloc if nc.connected_url else "")
         )
+        if on_reconnected is not None:
+            on_reconnected()
 
     async def closed_cb() -> None:
         bound.info("nats_closed")

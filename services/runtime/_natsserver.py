@@ -148,6 +148,25 @@ class NatsServer:
             return None
         return self._proc.pid
 
+    async def wait(self) -> int:
+        """Wait until the server process exits (of itself or killed); its exit status."""
+        proc = self._proc
+        if proc is None:
+            raise ConfigError("this NATS server is not started")
+        return await proc.wait()
+
+    async def restart(self) -> None:
+        """Start the server again after it died: same port, same JetStream store, same config."""
+        if self._proc is not None and self._proc.returncode is None:
+            raise ConfigError("this NATS server is still running")
+        if self._stderr_task is not None:
+            await self._drain_stderr()
+            self._stderr_task.cancel()
+            await asyncio.wait({self._stderr_task})
+            self._stderr_task = None
+        self._proc = None
+        await self.start()
+
     def stderr_tail(self) -> str:
         """The server's last lines of output, for error messages."""
         return "\n".join(self._stderr)

@@ -46,6 +46,13 @@ class PoolView:
         self._entries[ann.executor_id] = ExecutorEntry(ann, self._clock())
         return lost
 
+    def grace(self, seconds: float) -> None:
+        """Count every executor as heard from ``seconds`` from now: our own NATS connection was
+        away, so their silence meanwhile says nothing about them."""
+        until = self._clock() + seconds
+        for e in self._entries.values():
+            e.seen_at = max(e.seen_at, until)
+
     def expire(self) -> list[str]:
         """Drop executors that fell silent; return their ids."""
         now = self._clock()

@@ -62,10 +62,17 @@ async def run_service(
         raise ConfigError(f"service {service_id} holds role {identity.role.value}, not {role.value}")
     roster = state.roster()
     metrics = ServiceMetrics(service_id, role.value)
-    nc = await connect_nats(state, service_id, nats_url)
+    buses: list[Bus] = []
+
+    def reconnected() -> None:  # the bus is made after the connection it listens to
+        for b in buses:
+            b.reconnected()
+
+    nc = await connect_nats(state, service_id, nats_url, on_reconnected=reconnected)
     metrics.watch_nats(nc)
     bus = Bus(nc, identity, roster, metrics, log=log, max_bytes=max_message_bytes,
               replicas=state.config().nats.replicas)
+    buses.append(bus)
     stopping = asyncio.Event()
     ctx = ServiceContext(service_id, role, state, bus, log, metrics, stopping, options=dict(options or {}))
     started = time.time()

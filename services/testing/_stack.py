@@ -134,6 +134,15 @@ class Stack:
         """The pid the supervisor started first for ``service_id``."""
         return int(self.stack["services"][service_id]["pid"])
 
+    def running(self) -> dict[str, Any]:
+        """The stack file as the supervisor last wrote it (pids change as it restarts things)."""
+        data: dict[str, Any] = json.loads((self.state_dir / "run" / "stack.json").read_text())
+        return data
+
+    def nats_pid(self) -> int:
+        """The pid of the embedded nats-server running now."""
+        return int(self.running()["nats_pid"])
+
     def health(self, service_id: str) -> dict[str, Any] | None:
         """The service's /healthz answer, or None when it does not answer 200."""
         try:
