@@ -140,6 +140,11 @@ class _Half:
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
+                if isinstance(event, (h11.Request, h11.InformationalResponse, h11.Response)) and \
+                        _head_size(event) > HEAD_MAX:
+                    # h11 limits only a head still incomplete; one that arrived whole in a read is as big.
+                    raise h11.RemoteProtocolError(f"message head larger than {HEAD_MAX} bytes",
+                                                  error_status_hint=431)
                 return event  # type: ignore[return-value]
             data = await asyncio.wait_for(self.reader.read(CHUNK), IDLE_TIMEOUT)
             self.conn.receive_data(data)
@@ -152,6 +157,12 @@ class _Half:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _head_size(event: h11.Request | h11.InformationalResponse | h11.Response) -> int:
+    """About the size of an HTTP/1.1 message head: its start line and headers as sent."""
+    start = len(event.method) + len(event.target) if isinstance(event, h11.Request) else len(event.reason) + 4
+    return start + 12 + sum(len(name) + len(value) + 4 for name, value in event.headers) + 2
 
 
 @dataclass
