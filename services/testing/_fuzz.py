@@ -55,7 +55,11 @@ class FuzzTarget:
 
     name: ClassVar[str] = ""
     instrument: ClassVar[tuple[str, ...]] = ("devsilo",)
-    """Module prefixes atheris instruments for coverage (imported inside its instrumenting hook)."""
+    """Top-level packages atheris instruments for coverage (what is imported inside its hook)."""
+    modules: ClassVar[tuple[str, ...]] = ()
+    """The modules the target exercises, imported under the hook so that their code is instrumented."""
+    plain: ClassVar[tuple[str, ...]] = ()
+    """Modules imported before, uninstrumented (dependencies whose coverage does not guide this target)."""
 
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -169,6 +173,8 @@ class EnvelopeTarget(FuzzTarget):
     """
 
     name = "envelope"
+    modules = ("devsilo.protocol",)
+    plain = ("nacl.signing", "pydantic")
     SUBJECT = "silo.session.s1.input"
 
     def start(self) -> None:
@@ -247,6 +253,8 @@ class ClientFramesTarget(FuzzTarget):
     """
 
     name = "client_frames"
+    modules = ("devsilo.protocol",)
+    plain = ("pydantic",)
 
     def seeds(self) -> list[bytes]:
         return [b'{"type":"ping"}', b'{"type":"list_sessions"}',
@@ -279,6 +287,8 @@ class HelperJsonTarget(FuzzTarget):
     """The helper's request-line parser (C scanner fast path) against ``json.loads``: same answer, same error."""
 
     name = "helper_json"
+    modules = ("devsilo.executor.helper.helper",)
+    plain = ()
 
     def seeds(self) -> list[bytes]:
         return [b'{"id": 1, "op": "exec", "command": "ls"}', b'{"id":2,"x":[1.5e3,NaN,"\\ud800"]}',
@@ -332,6 +342,8 @@ class HelperAnswersTarget(FuzzTarget):
     """
 
     name = "helper_answers"
+    modules = ("devsilo.executor._helper_client",)
+    plain = ("devsilo.protocol",)
 
     def seeds(self) -> list[bytes]:
         out = []
@@ -450,6 +462,8 @@ class HelperRequestsTarget(FuzzTarget):
     """
 
     name = "helper_requests"
+    modules = ("devsilo.executor._helper_client",)
+    plain = ("devsilo.protocol",)
     OPS = ("read", "write", "edit", "list", "glob", "grep", "cancel", "hello", "shell_resize",
            "shell_signal", "shell_input", "nonsense")
 
@@ -556,6 +570,8 @@ class EgressHttpTarget(FuzzTarget):
     """
 
     name = "egress_http"
+    modules = ("h11", "devsilo.egress._proxy")
+    plain = ("devsilo.protocol", "devsilo.executor._relay", "dns.message", "dns.asyncresolver", "aiohttp")
     instrument = ("devsilo", "h11")
 
     def seeds(self) -> list[bytes]:
@@ -790,7 +806,9 @@ class DnsTarget(FuzzTarget):
     """
 
     name = "dns"
-    instrument = ("devsilo", "dns")
+    modules = ("devsilo.executor._relay", "devsilo.egress._proxy")
+    plain = ("devsilo.protocol", "dns.message", "dns.asyncresolver", "aiohttp", "h11")
+    instrument = ("devsilo",)
 
     def seeds(self) -> list[bytes]:
         q = dns_query(ALLOWED)
@@ -914,6 +932,8 @@ class WorkspacePathsTarget(FuzzTarget):
     """
 
     name = "workspace_paths"
+    modules = ("devsilo.protocol", "devsilo.executor._upload")
+    plain = ("nats",)
 
     def start(self) -> None:
         super().start()
@@ -1002,19 +1022,32 @@ class _Recorder:
                     f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
 
 
-def import_exercised() -> None:
-    """Import every module the targets exercise (the bootstrap does this under atheris's instrumentation)."""
-    import h11  # noqa: F401
+def import_exercised(cls: type[FuzzTarget]) -> None:
+    """Import what target ``cls`` exercises: ``plain`` as it is, then ``modules`` instrumented by atheris.
+
+    Only modules imported inside atheris's hook are instrumented, and a module already imported is not
+    imported again: importing the big dependencies first keeps the instrumenting (slow) to what counts.
+    """
+    import importlib
+
+    import atheris
+
+    for module in cls.plain:
+        importlib.import_module(module)
+    with atheris.instrument_imports(include=list(cls.instrument)):
+        for module in cls.modules:
+            importlib.import_module(module)
 
 
 _BOOTSTRAP = """
-import sys, atheris
-with atheris.instrument_imports(include=sys.argv[1].split(",")):
-    import devsilo.testing._fuzz as fuzz
-    fuzz.import_exercised()
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("devsilo_fuzz", sys.argv[1])
+fuzz = importlib.util.module_from_spec(spec)
+sys.modules["devsilo_fuzz"] = fuzz
+spec.loader.exec_module(fuzz)
 sys.exit(fuzz.main(sys.argv[2:]))
 """
-"""Instrumenting needs the modules imported inside its hook, before anything else imports them."""
+"""This file loaded by its path: importing ``devsilo.testing`` would first load the whole stack runner."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1027,13 +1060,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=4096)
     args = parser.parse_args(argv)
     cls = TARGETS[args.target]
+    import_exercised(cls)
     import atheris
 
     target = cls()
     target.start()
     args.corpus.mkdir(parents=True, exist_ok=True)
-    for seed in target.seeds():
-        (args.corpus / f"seed-{hashlib.sha1(seed).hexdigest()}").write_bytes(seed)
+    seeds = {hashlib.sha1(seed).hexdigest(): seed for seed in target.seeds()}
+    for digest, seed in seeds.items():
+        (args.corpus / f"seed-{digest}").write_bytes(seed)
     recorder = _Recorder(target, args.crashes)
     started = time.monotonic()
     stats = args.crashes / f"{args.target}.stats.json"
@@ -1043,7 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.monotonic() - started
         stats.write_text(json.dumps({
             "target": args.target, "executions": recorder.execs, "seconds": round(elapsed, 3),
-            "crashes": len(recorder.found), "corpus": sum(1 for _ in args.corpus.iterdir()),
+            "crashes": len(recorder.found), "corpus": sum(1 for _ in args.corpus.iterdir()), "seeds": len(seeds),
         }))
 
     stop_at = started + args.seconds
@@ -1079,7 +1114,7 @@ def run_target(name: str, seconds: float, workdir: Path, *, timeout: float | Non
 
     corpus, crashes = workdir / "corpus" / name, workdir / "crashes" / name
     proc = subprocess.run(
-        [sys.executable, "-c", _BOOTSTRAP, ",".join(TARGETS[name].instrument), "--target", name,
+        [sys.executable, "-c", _BOOTSTRAP, __file__, "--target", name,
          "--seconds", str(seconds), "--corpus", str(corpus), "--crashes", str(crashes)],
         capture_output=True, text=True, timeout=timeout or seconds + 120, check=False)
     stats_file = crashes / f"{name}.stats.json"
