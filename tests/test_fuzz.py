@@ -53,6 +53,13 @@ FUZZ = settings(deadline=HANG_S * 1000 * 2, suppress_health_check=[HealthCheck.t
                                                                   HealthCheck.data_too_large,
                                                                   HealthCheck.function_scoped_fixture])
 """Hypothesis's deadline is the hang check in-process; each target also bounds every input itself."""
+SCALE = float(os.environ.get("SILO_FUZZ_SCALE", "1"))
+"""``bench/fuzz.py`` runs these tests with many more examples (``SILO_FUZZ_SCALE``)."""
+
+
+def examples(n: int) -> int:
+    """The CI's example count ``n``, scaled for a long run."""
+    return max(1, int(n * SCALE))
 
 json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.integers(10**300, 10**310)
                 | st.floats() | st.text(max_size=30))
@@ -81,7 +88,7 @@ def envelope() -> Iterator[EnvelopeTarget]:
 HEADER_KEYS = ("v", "type", "sender", "role", "kid", "mid", "sid", "subject", "iat", "exp", "reply_to", "body")
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=examples(150))
 @given(changes=st.dictionaries(st.sampled_from(HEADER_KEYS) | st.text(max_size=6), json_values, max_size=4),
        drop=st.lists(st.sampled_from(HEADER_KEYS), max_size=2),
        body=st.dictionaries(st.sampled_from(("kind", "text", "answer", "extra")), json_values, max_size=3))
@@ -96,7 +103,7 @@ def test_signed_envelopes_with_hostile_fields_are_opened_or_rejected_clearly(
     envelope.one(b"\1" + json.dumps(doc).encode())
 
 
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=examples(100))
 @given(data=st.binary(max_size=300) | st.builds(lambda i, x: bytes([2]) + i.to_bytes(2, "big") + bytes([x]),
                                                    st.integers(0, 65535), st.integers(1, 255)))
 def test_raw_and_bit_flipped_envelopes_are_rejected_clearly(envelope: EnvelopeTarget, data: bytes) -> None:
@@ -125,7 +132,7 @@ def frames() -> Iterator[ClientFramesTarget]:
     yield from _started(ClientFramesTarget)
 
 
-@settings(FUZZ, max_examples=250)
+@settings(FUZZ, max_examples=examples(250))
 @given(frame=_frames_of(REQUEST_MODELS) | _frames_of(GATEWAY_MODELS))
 def test_every_client_and_gateway_frame_type_parses_or_gets_a_clear_error(
         frames: ClientFramesTarget, frame: bytes) -> None:
@@ -152,7 +159,7 @@ entry_like = st.fixed_dictionaries({}, optional={k: json_values for k in
                                                 "text")})
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=examples(150))
 @given(op=st.integers(0, 10), mode=st.integers(0, 3),
        fields=st.dictionaries(st.sampled_from(TEMPLATE_KEYS), json_values | st.lists(entry_like, max_size=3),
                               max_size=4))
@@ -170,7 +177,7 @@ PARAM_KEYS = ("path", "content", "encoding", "append", "old", "new", "replace_al
               "glob", "case_insensitive", "max_results", "target", "rows", "cols", "signal", "data", "eof")
 
 
-@settings(FUZZ, max_examples=80, deadline=None)
+@settings(FUZZ, max_examples=examples(80), deadline=None)
 @given(op=st.integers(0, len(HelperRequestsTarget.OPS) - 1),
        params=st.dictionaries(st.sampled_from(PARAM_KEYS), json_values | st.sampled_from(
            ["../../etc/passwd", "/etc/shadow", "link/x", "f.txt", "a\0b", "\ud800", "x" * 5000, "**/*", "(a+)+$"]),
@@ -197,7 +204,7 @@ def paths() -> Iterator[WorkspacePathsTarget]:
     yield from _started(WorkspacePathsTarget)
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=examples(300))
 @given(path=hostile_paths)
 def test_upload_paths_are_refused_clearly_or_stay_inside_the_workspace(paths: WorkspacePathsTarget, path: str) -> None:
     paths.one(path.encode("utf-8", "surrogatepass"))
@@ -227,7 +234,7 @@ TOOL_INPUTS = st.sampled_from(["Write", "Read", "Edit", "Glob"]).flatmap(lambda 
     }[name]), hostile_paths.filter(lambda p: 0 < len(p) <= 4096), st.text(max_size=20)))
 
 
-@settings(FUZZ, max_examples=60, deadline=None)
+@settings(FUZZ, max_examples=examples(60), deadline=None)
 @given(tool=TOOL_INPUTS)
 def test_tool_paths_get_clear_errors_and_never_reach_outside_the_workspace(
         sandboxed_helper: HelperRequestsTarget, tool: tuple[str, dict[str, Any]]) -> None:
@@ -243,7 +250,7 @@ def test_tool_paths_get_clear_errors_and_never_reach_outside_the_workspace(
     assert not sandboxed_helper.sandbox.helper.closed
 
 
-@settings(FUZZ, max_examples=60, deadline=None)
+@settings(FUZZ, max_examples=examples(60), deadline=None)
 @given(path=hostile_paths)
 def test_an_upload_lands_inside_the_workspace_or_is_refused(sandboxed_helper: HelperRequestsTarget,
                                                             path: str) -> None:
@@ -312,7 +319,7 @@ def _http(egress_port: int) -> st.SearchStrategy[bytes]:
     return st.builds(build, methods, targets, versions, headers, bodies, line_ends, st.booleans())
 
 
-@settings(FUZZ, max_examples=70)
+@settings(FUZZ, max_examples=examples(70))
 @given(data=st.data())
 def test_malformed_http_into_the_egress_gets_a_clear_refusal_or_a_close(egress: EgressHttpTarget,
                                                                         data: st.DataObject) -> None:
@@ -359,7 +366,7 @@ dns_messages = st.builds(_dns_message, dns_names, st.sampled_from(["A", "AAAA", 
     max_size=80)
 
 
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=examples(100))
 @given(where=st.sampled_from([b"\0", b"\1"]), messages=st.lists(dns_messages, min_size=1, max_size=4),
        tail=st.sampled_from([b"", b"\0", b"\x00\x20abc", b"\xff\xff"]))
 def test_odd_dns_gets_an_error_code_or_is_dropped_and_the_resolver_goes_on(
