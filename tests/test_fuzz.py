@@ -24,9 +24,11 @@ from collections.abc import Iterator
 from typing import Any, get_args
 
 import pytest
+import structlog
 from devsilo.executor._helper_client import HelperClient, HelperRequestError
 from devsilo.executor._tools import run_tool
 from devsilo.executor._upload import check_landing
+from devsilo.gateway._uploads import MAX_OPEN_UPLOADS, ConnectionUploads
 from devsilo.protocol import SandboxError, ToolCall, UploadError, workspace_relative
 from devsilo.protocol import client as client_protocol
 from devsilo.testing._fuzz import (
@@ -45,6 +47,7 @@ from devsilo.testing._fuzz import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 # A failing example may be large; Hypothesis warns about printing it, which would hide the failure.
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
@@ -208,6 +211,49 @@ def paths() -> Iterator[WorkspacePathsTarget]:
 @given(path=hostile_paths)
 def test_upload_paths_are_refused_clearly_or_stay_inside_the_workspace(paths: WorkspacePathsTarget, path: str) -> None:
     paths.one(path.encode("utf-8", "surrogatepass"))
+
+
+UPLOAD_IDS = st.sampled_from(["u1", "u2", "u3", "u4", "u5", "u6"])
+upload_steps = st.lists(st.one_of(
+    st.builds(lambda uid, path, size: ("begin", {"type": "upload_file", "session_id": "s1", "upload_id": uid,
+                                                 "path": path, "size": size, "sha256": "0" * 64}),
+              UPLOAD_IDS, hostile_paths, st.integers(0, 2**40) | st.integers(0, 8)),
+    st.builds(lambda uid, offset, data: ("chunk", {"type": "upload_chunk", "upload_id": uid, "offset": offset,
+                                                   "data": data}),
+              UPLOAD_IDS, st.integers(0, 2**40) | st.integers(0, 8),
+              st.sampled_from(["", "YWJj", "YQ==", "!!!", "YWJj\n", "Y", "=" * 8, "AAAA" * 3]) | st.text(max_size=12)),
+), max_size=12)
+
+
+@settings(FUZZ, max_examples=examples(150))
+@given(steps=upload_steps)
+def test_the_gateways_upload_frames_get_clear_errors_and_keep_nothing_open(
+        helper_answers: HelperAnswersTarget, steps: list[tuple[str, dict[str, Any]]]) -> None:
+    # The gateway's side of uploads (services/gateway/_uploads.py) on hostile frames as a client sends
+    # them: every step is answered (ready, progress) or refused with an upload error code and message.
+    # The announced hash never matches, so a finished upload stops at the hash check, before landing.
+    uploads = ConnectionUploads(None, "fuzz", structlog.get_logger())  # type: ignore[arg-type]
+    try:
+        for kind, frame in steps:
+            try:
+                req = client_protocol.CLIENT_REQUEST.validate_python(frame)
+            except ValidationError:
+                continue  # the gateway answers it with a bad_request error (tested in-process above)
+            try:
+                if kind == "begin":
+                    answer: Any = uploads.begin(req, record=None)  # type: ignore[arg-type]
+                    assert answer.upload_id == req.upload_id and workspace_relative(req.path) == req.path
+                else:
+                    answer = helper_answers.run(uploads.chunk(req))  # (any target's event loop will do)
+                    assert 0 < answer.received <= 8
+            except UploadError as exc:
+                assert exc.code in {"upload_bad_path", "upload_too_large", "upload_bad_chunk", "upload_unknown",
+                                    "upload_hash_mismatch"} and str(exc), exc
+            assert len(uploads._open) <= MAX_OPEN_UPLOADS
+    finally:
+        spools = [up.spool for up in uploads._open.values()]
+        uploads.close()
+        assert all(spool.closed for spool in spools) and not uploads._open
 
 
 def _outside_snapshot(target: HelperRequestsTarget) -> set[str]:
