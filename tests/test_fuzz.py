@@ -40,6 +40,7 @@ from devsilo.testing._fuzz import (
     EnvelopeTarget,
     FuzzTarget,
     HelperAnswersTarget,
+    HelperLinesTarget,
     HelperRequestsTarget,
     WorkspacePathsTarget,
     check_inside,
@@ -188,6 +189,30 @@ PARAM_KEYS = ("path", "content", "encoding", "append", "old", "new", "replace_al
 def test_the_sandboxed_helper_refuses_hostile_requests_with_a_code(
         sandboxed_helper: HelperRequestsTarget, op: int, params: dict[str, Any]) -> None:
     sandboxed_helper.one(bytes([op]) + json.dumps(params).encode())
+
+
+@pytest.fixture(scope="module")
+def helper_lines() -> Iterator[HelperLinesTarget]:
+    yield from _started(HelperLinesTarget)
+
+
+request_lines = (
+    st.builds(lambda d: json.dumps(d).encode(), st.dictionaries(st.sampled_from(("id", "op", "target", "x")),
+                                                                 json_values | st.sampled_from(["hello", "cancel"])))
+    | st.builds(lambda n: b"[" * n + b"]" * n, st.integers(1, 100_000))
+    | st.builds(lambda n: b'{"id": ' + str(n).encode() + b', "op": "hello"}', st.integers(-(2**64), 2**64))
+    | st.sampled_from([b'{"id": 1, "id": 2, "op": "hello"}', b'{"id": 1, "op": "hello"', b'\xef\xbb\xbf{"id": 1}',
+                       b'{"id": 1, "op": "\\ud800"}', b'{"id": NaN}', b'{"id": 1e3, "op": "hello"}', b"\x00{}",
+                       b'{"id": true, "op": "hello"}'])
+    | st.binary(max_size=200)
+)
+
+
+@settings(FUZZ, max_examples=examples(100))
+@given(line=request_lines)
+def test_the_helper_core_answers_every_hostile_line_with_a_code(helper_lines: HelperLinesTarget, line: bytes) -> None:
+    helper_lines.one(line)
+    helper_lines.healthy()
 
 
 # -- workspace paths ------------------------------------------------------------------------------

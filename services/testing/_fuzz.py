@@ -535,6 +535,99 @@ class HelperRequestsTarget(FuzzTarget):
         self.run(check())
 
 
+class HelperLinesTarget(FuzzTarget):
+    """Raw request lines into the helper's core (its own process, on a socket pair), as the executor's
+    end of the wire would carry them.
+
+    Lines that would run something (exec, file ops, shutdown) are never sent as they are: their op is
+    made ``hello`` first, decided by the helper's own parser, so that no fuzzed line acts outside a
+    sandbox. Invariant: every non-blank line gets exactly one answer line, ``ok: false`` with a
+    ``bad_request`` / ``unknown_op`` code and a message (or hello's and cancel's answers), and the
+    helper goes on.
+    """
+
+    name = "helper_lines"
+    modules = ("devsilo.executor.helper.helper",)
+    SAFE_OPS = ("hello", "cancel")
+
+    def seeds(self) -> list[bytes]:
+        return [b'{"id":1,"op":"hello"}', b'{"id":2,"op":"cancel","target":1}', b'{"id":3,"op":"nope"}',
+                b"not json", b"[1,2]", b'{"id":"x"}', b'{"id":9007199254740993,"op":"hello"}', b'{"id":1.5}',
+                b'{"id": 4, "op": "hello", "x": NaN}', b"{\xff}"]
+
+    def start(self) -> None:
+        super().start()
+        import subprocess
+
+        from devsilo.executor.helper import helper
+
+        ws = self.tmp / "ws"
+        ws.mkdir()
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen([sys.executable, "-I", "-S", helper.__file__, "--fd", str(theirs.fileno()),
+                                      "--workspace", str(ws)], pass_fds=(theirs.fileno(),))
+        theirs.close()
+        ours.settimeout(HANG_S)
+        self.sock = ours
+        self.buf = b""
+
+    def stop(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(10)
+        finally:
+            if self.proc.returncode is None:
+                self.proc.kill()
+                self.proc.wait()
+        super().stop()
+
+    def _line(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                raise FuzzFailure(f"no answer within {HANG_S:g} s (helper exit: {self.proc.poll()})") from None
+            if not data:
+                raise FuzzFailure(f"the helper closed the connection (exit {self.proc.wait(5)})")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def one(self, data: bytes) -> None:
+        from devsilo.executor.helper.helper import _loads
+
+        line = data.replace(b"\n", b" ")
+        try:
+            req = _loads(line)
+        except Exception:  # noqa: BLE001 -- sent as it is: the helper must say it is not JSON
+            req = None
+        if isinstance(req, dict) and type(req.get("id")) is int and req.get("op") not in self.SAFE_OPS and \
+                req.get("op") in ("exec", "shutdown", *_HELPER_OPS, "shell_input", "shell_resize", "shell_signal"):
+            req["op"] = "hello"
+            line = json.dumps(req).encode()
+        if not line.strip():
+            return  # a blank line (ASCII whitespace only) gets no answer
+        self.sock.sendall(line + b"\n")
+        answer = self._line()
+        if answer.get("ok") is True:
+            if not isinstance(req, dict) or req.get("op") not in self.SAFE_OPS or answer.get("id") != req.get("id"):
+                raise FuzzFailure(f"{line[:200]!r} was answered ok: {answer!r}"[:600])
+            return
+        error = answer.get("error")
+        if answer.get("ok") is not False or not isinstance(error, dict) or not error.get("message") or \
+                error.get("code") not in ("bad_request", "unknown_op"):
+            raise FuzzFailure(f"{line[:200]!r} got {answer!r}"[:600])
+        if self.proc.poll() is not None:
+            raise FuzzFailure(f"the helper exited ({self.proc.returncode}) after {line[:200]!r}")
+
+    def healthy(self) -> None:
+        self.sock.sendall(b'{"id": 424242, "op": "hello"}\n')
+        answer = self._line()
+        if answer.get("id") != 424242 or answer.get("ok") is not True:
+            raise FuzzFailure(f"hello after fuzzing got {answer!r}")
+
+
 # -- HTTP into the egress proxy --------------------------------------------------------------
 
 
@@ -992,6 +1085,7 @@ def check_inside(workspace: Path, root: str, rel: str) -> None:
 
 TARGETS: dict[str, type[FuzzTarget]] = {t.name: t for t in (
     Baseline, EnvelopeTarget, ClientFramesTarget, HelperJsonTarget, HelperAnswersTarget, HelperRequestsTarget,
+    HelperLinesTarget,
     EgressHttpTarget, DnsTarget, WorkspacePathsTarget)}
 """Every target by name."""
 
