@@ -1,10 +1,10 @@
 """The long fuzzing run: every atheris harness for minutes, then the Hypothesis tests with many examples.
 
-The harnesses are those of :mod:`devsilo.testing._fuzz` (the CI runs each
-for a second or two in ``tests/test_fuzz_atheris.py``): the signed envelope
+The harnesses are those of :mod:`devsilo.testing._fuzz` (the CI runs them
+all together for seconds in ``tests/test_fuzz_atheris.py``): the signed envelope
 parser, client and gateway frames, the helper protocol both ways (a hostile
 helper answering the executor; requests into a helper in a bubblewrap
-sandbox), raw HTTP into a listening egress proxy, DNS streams into the relay
+sandbox; raw request lines into the helper's core), raw HTTP into a listening egress proxy, DNS streams into the relay
 and the egress, and workspace paths. Each runs in its own subprocess with
 its code instrumented for coverage; an input that breaks an invariant is
 saved and fuzzing goes on.
@@ -41,14 +41,14 @@ REPO = HERE.parent
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=1.0, help="atheris time per target (default 1)")
-    parser.add_argument("--target", action="append", choices=sorted(set(TARGETS) - {"baseline"}),
+    parser.add_argument("--target", action="append", choices=sorted(set(TARGETS) - {"baseline", "all"}),
                         help="fuzz only this target (repeatable; default all)")
     parser.add_argument("--examples-scale", type=float, default=20.0,
                         help="multiply the Hypothesis tests' max_examples by this (0: skip them)")
     parser.add_argument("--workdir", type=Path, default=HERE / ".fuzz",
                         help="where corpora and crashes are kept across runs (default bench/.fuzz)")
     args = parser.parse_args()
-    names = args.target or sorted(set(TARGETS) - {"baseline"})
+    names = args.target or sorted(set(TARGETS) - {"baseline", "all"})
     seconds = args.minutes * 60
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
           f"python {platform.python_version()}")

@@ -1,48 +1,41 @@
-"""The coverage-guided harnesses (atheris), a short run of each in CI.
+"""The coverage-guided harnesses (atheris), a short run in CI.
 
-Every target of :mod:`devsilo.testing._fuzz` runs under atheris for a couple
-of seconds in its own subprocess (two at a time), with its code instrumented
-for coverage: the harnesses are exercised for real, each must find new
-coverage beyond its seeds, break no invariant, and still serve a good input
-at the end. ``bench/fuzz.py`` runs the same harnesses for minutes.
+Every target of :mod:`devsilo.testing._fuzz` is fuzzed under atheris, with
+its code instrumented for coverage, in one subprocess (the ``all`` target:
+the first byte of an input picks the target, so the start-up is paid once):
+the harnesses are exercised for real, none may break its invariant, each
+must still serve a good input at the end, and coverage must guide the run
+(the corpus grows past the seeds). ``bench/fuzz.py`` runs each harness on
+its own for minutes.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from devsilo.testing._fuzz import TARGETS, run_target
+from devsilo.testing._fuzz import AllTargets, run_target
 
-SECONDS = 1.5
-CHECKED = sorted(name for name in TARGETS if name != "baseline")
+SECONDS = 8.0
+PARTS = sorted(t.name for t in AllTargets.PARTS)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any] | BaseException]:
-    """Every target's figures (or why it could not run), fuzzed two at a time."""
-    work = tmp_path_factory.mktemp("atheris")
-
-    def one(name: str) -> dict[str, Any] | BaseException:
-        try:
-            return run_target(name, SECONDS, work)
-        except Exception as exc:  # noqa: BLE001 -- reported by that target's test
-            return exc
-
-    with ThreadPoolExecutor(2) as pool:
-        return dict(zip(CHECKED, pool.map(one, CHECKED), strict=True))
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The figures of one atheris run over every target."""
+    return run_target("all", SECONDS, tmp_path_factory.mktemp("atheris"))
 
 
-@pytest.mark.parametrize("name", CHECKED)
-def test_atheris_finds_no_crash_and_the_target_still_serves(runs: dict[str, Any], name: str) -> None:
-    figures = runs[name]
-    if isinstance(figures, BaseException):
-        raise figures
-    crashes = [Path(p).with_name(Path(p).name + ".txt").read_text()[:1500] for p in figures["crash_files"]]
-    assert figures["crashes"] == 0 and not crashes, f"{name}: {figures['crashes']} crashes:\n" + "\n".join(crashes)
-    assert not figures["unhealthy"], f"{name} no longer serves a good input: {figures['unhealthy']}"
-    assert figures["executions"] > 0
-    # Coverage feedback works: the corpus grew past the seeds the target started from.
-    assert figures["corpus"] > figures["seeds"], figures
+@pytest.mark.parametrize("name", PARTS)
+def test_atheris_finds_no_crash_in(run: dict[str, Any], name: str) -> None:
+    crashes = [text for text in (Path(p + ".txt").read_text() for p in run["crash_files"])
+               if text.startswith(f"FuzzFailure: [{name}]")]
+    assert not crashes, f"{name}: {len(crashes)} crashes:\n" + "\n".join(c[:1500] for c in crashes)
+    assert f"[{name}]" not in run["unhealthy"], f"{name} no longer serves a good input: {run['unhealthy']}"
+    assert run["per_target"][name] > 0, run["per_target"]
+
+
+def test_the_run_is_clean_and_coverage_guides_it(run: dict[str, Any]) -> None:
+    assert run["crashes"] == 0 and not run["unhealthy"], run
+    assert run["corpus"] > run["seeds"], run

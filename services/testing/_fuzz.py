@@ -1083,11 +1083,74 @@ def check_inside(workspace: Path, root: str, rel: str) -> None:
         raise FuzzFailure(f"accepted {rel!r}, which resolves to {real}, outside {root}")
 
 
+class AllTargets(FuzzTarget):
+    """Every target in one process, the first byte of an input choosing which (for a short CI run:
+    one start-up instead of one per target). ``counts`` says how many inputs each target got."""
+
+    name = "all"
+    PARTS: ClassVar[tuple[type[FuzzTarget], ...]] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts = [cls() for cls in self.PARTS]
+        self.counts = {cls.name: 0 for cls in self.PARTS}
+
+    def start(self) -> None:
+        super().start()
+        for part in self.parts:
+            part.start()
+
+    def stop(self) -> None:
+        for part in self.parts:
+            with contextlib.suppress(Exception):
+                part.stop()
+        super().stop()
+
+    def seeds(self) -> list[bytes]:
+        return [bytes([i]) + seed for i, part in enumerate(self.parts) for seed in part.seeds()]
+
+    def one(self, data: bytes) -> None:
+        if not data:
+            return
+        part = self.parts[data[0] % len(self.parts)]
+        self.counts[part.name] += 1
+        try:
+            part.one(data[1:])
+        except FuzzFailure as exc:
+            raise FuzzFailure(f"[{part.name}] {exc}") from None
+        except Exception as exc:
+            raise FuzzFailure(f"[{part.name}] {type(exc).__name__}: {exc}") from exc
+
+    def healthy(self) -> None:
+        for part in self.parts:
+            try:
+                part.healthy()
+            except Exception as exc:  # noqa: BLE001 -- said with the target's name
+                raise FuzzFailure(f"[{part.name}] {exc}") from None
+
+
 TARGETS: dict[str, type[FuzzTarget]] = {t.name: t for t in (
     Baseline, EnvelopeTarget, ClientFramesTarget, HelperJsonTarget, HelperAnswersTarget, HelperRequestsTarget,
-    HelperLinesTarget,
-    EgressHttpTarget, DnsTarget, WorkspacePathsTarget)}
+    HelperLinesTarget, EgressHttpTarget, DnsTarget, WorkspacePathsTarget)}
 """Every target by name."""
+
+
+def _combine() -> None:
+    parts = tuple(t for name, t in TARGETS.items() if name != "baseline")
+    modules = tuple(dict.fromkeys(m for t in parts for m in t.modules))
+
+    def overlaps(a: str, b: str) -> bool:
+        return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+    AllTargets.PARTS = parts
+    AllTargets.modules = modules
+    AllTargets.plain = tuple(dict.fromkeys(p for t in parts for p in t.plain
+                                           if not any(overlaps(p, m) for m in modules)))
+    AllTargets.instrument = tuple(dict.fromkeys(i for t in parts for i in t.instrument))
+    TARGETS[AllTargets.name] = AllTargets
+
+
+_combine()
 
 
 # -- the atheris runner (a subprocess per target) ------------------------------------------
@@ -1173,6 +1236,7 @@ def main(argv: list[str] | None = None) -> int:
         stats.write_text(json.dumps({
             "target": args.target, "executions": recorder.execs, "seconds": round(elapsed, 3),
             "crashes": len(recorder.found), "corpus": sum(1 for _ in args.corpus.iterdir()), "seeds": len(seeds),
+            "per_target": getattr(target, "counts", None),
         }))
 
     stop_at = started + args.seconds
