@@ -284,7 +284,7 @@ def test_the_gateways_upload_frames_get_clear_errors_and_keep_nothing_open(
 def _outside_snapshot(target: HelperRequestsTarget) -> set[str]:
     """Every path under the target's temp dir, except the workspace and the sandbox's own scratch."""
     root = target.tmp
-    seen = set()
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root):
         rel = os.path.relpath(dirpath, root)
         if rel.split(os.sep)[0] in ("ws", "scratch"):
@@ -395,6 +395,7 @@ def _http(egress_port: int) -> st.SearchStrategy[bytes]:
 def test_malformed_http_into_the_egress_gets_a_clear_refusal_or_a_close(egress: EgressHttpTarget,
                                                                         data: st.DataObject) -> None:
     egress.one(data.draw(_http(egress.web_port) | st.binary(max_size=300)))
+    egress.healthy()  # and a good request right after is served
 
 
 def test_the_egress_refuses_an_oversized_head_and_still_serves(egress: EgressHttpTarget) -> None:
@@ -444,6 +445,7 @@ def test_odd_dns_gets_an_error_code_or_is_dropped_and_the_resolver_goes_on(
         resolver: DnsTarget, where: bytes, messages: list[bytes], tail: bytes) -> None:
     stream = b"".join(struct.pack(">H", len(m)) + m for m in messages) + tail
     resolver.one(where + stream)
+    resolver.healthy()
 
 
 def test_a_dns_response_sent_as_a_query_is_dropped_and_the_stream_goes_on(resolver: DnsTarget) -> None:

@@ -10,15 +10,19 @@ refusal that says why, a DNS error code) or a closed connection — never
 another exception, never a hang, never a connection or a file where there
 should be none — and the service answers a good input afterwards.
 
-Hypothesis tests call ``one`` with inputs they build; atheris (coverage
-guided) calls it with mutated bytes in a subprocess::
+Hypothesis tests (``tests/test_fuzz.py``) call ``one`` with inputs they
+build; atheris (coverage guided) calls it with mutated bytes in a subprocess,
+started by :func:`run_target` (``tests/test_fuzz_atheris.py``,
+``bench/fuzz.py``), which loads this file by its path and imports each
+target's ``modules`` under atheris's instrumentation. It returns the run's
+figures (executions, crashes, corpus size). An input that breaks an
+invariant is saved in the crash directory (named by its SHA-1, with the
+traceback beside it) and fuzzing goes on, so that a long run counts every
+distinct crash instead of stopping at the first.
 
-    python -m devsilo.testing._fuzz --target egress_http --seconds 5 --corpus DIR --crashes DIR
-
-which prints one JSON line of figures (executions, exec/s, crashes, corpus size).
-An input that breaks an invariant is saved under ``--crashes`` (named by its
-SHA-1, with the traceback beside it) and fuzzing goes on, so that a long run
-counts every distinct crash instead of stopping at the first.
+Coverage comes from Python code only: where a target's work is done in C or
+Rust (``json``, pydantic-core) or in another process (the helper inside its
+sandbox), atheris is guided by the Python around it.
 """
 
 from __future__ import annotations
@@ -950,10 +954,10 @@ class DnsTarget(FuzzTarget):
             raise FuzzFailure(f"{len(answers)} answers to {len(queries)} queries")
         by_id = {q[:2]: q for q in queries if len(q) >= 12}
         for a in answers:
-            q = by_id.get(a[:2])
-            if q is None:
+            asked = by_id.get(a[:2])
+            if asked is None:
                 raise FuzzFailure(f"an answer {a[:40]!r} with no query of its id")
-            check_dns_answer(q, a, rcodes)
+            check_dns_answer(asked, a, rcodes)
         others = [h for h in self.egress.upstream.asked if h != ALLOWED]
         if others:
             raise FuzzFailure(f"the egress resolved {others} (not allowed)")
