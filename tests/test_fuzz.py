@@ -92,7 +92,7 @@ def envelope() -> Iterator[EnvelopeTarget]:
 HEADER_KEYS = ("v", "type", "sender", "role", "kid", "mid", "sid", "subject", "iat", "exp", "reply_to", "body")
 
 
-@settings(FUZZ, max_examples=examples(150))
+@settings(FUZZ, max_examples=examples(100))
 @given(changes=st.dictionaries(st.sampled_from(HEADER_KEYS) | st.text(max_size=6), json_values, max_size=4),
        drop=st.lists(st.sampled_from(HEADER_KEYS), max_size=2),
        body=st.dictionaries(st.sampled_from(("kind", "text", "answer", "extra")), json_values, max_size=3))
@@ -136,7 +136,7 @@ def frames() -> Iterator[ClientFramesTarget]:
     yield from _started(ClientFramesTarget)
 
 
-@settings(FUZZ, max_examples=examples(250))
+@settings(FUZZ, max_examples=examples(150))
 @given(frame=_frames_of(REQUEST_MODELS) | _frames_of(GATEWAY_MODELS))
 def test_every_client_and_gateway_frame_type_parses_or_gets_a_clear_error(
         frames: ClientFramesTarget, frame: bytes) -> None:
@@ -163,7 +163,7 @@ entry_like = st.fixed_dictionaries({}, optional={k: json_values for k in
                                                 "text")})
 
 
-@settings(FUZZ, max_examples=examples(150))
+@settings(FUZZ, max_examples=examples(100))
 @given(op=st.integers(0, 10), mode=st.integers(0, 3),
        fields=st.dictionaries(st.sampled_from(TEMPLATE_KEYS), json_values | st.lists(entry_like, max_size=3),
                               max_size=4))
@@ -394,8 +394,22 @@ def _http(egress_port: int) -> st.SearchStrategy[bytes]:
 @given(data=st.data())
 def test_malformed_http_into_the_egress_gets_a_clear_refusal_or_a_close(egress: EgressHttpTarget,
                                                                         data: st.DataObject) -> None:
-    egress.one(data.draw(_http(egress.web_port) | st.binary(max_size=300)))
+    preambles = st.sampled_from([b"SILO-SESSION other\nTCP\n", b"SILO-SESSION fuzz\nDNS\n", b"SILO-SESSION fuzz\n",
+                                 b"SILO-RELAY " + b"A" * 40 + b"\nTCP\n", b"SILO-SESSION " + b"f" * 70 + b"\nTCP\n",
+                                 b"SILO-SESSION fu\0zz\nTCP\n"])
+    own_preamble = st.builds(lambda pre, rest: pre + rest, preambles, _http(egress.web_port))
+    egress.one(data.draw(_http(egress.web_port) | own_preamble | st.binary(max_size=300)))
     egress.healthy()  # and a good request right after is served
+
+
+def test_a_relay_line_for_another_session_or_forged_gets_nothing_through(egress: EgressHttpTarget) -> None:
+    good = f"GET http://{ALLOWED}:{egress.web_port}/hello HTTP/1.1\r\nHost: {ALLOWED}:{egress.web_port}\r\n\r\n"
+    egress.upstream.asked.clear()
+    other = egress.run(egress.exchange(good.encode(), preamble=b"SILO-SESSION other\nTCP\n"))
+    assert other.startswith(b"HTTP/1.1 403 ") and b"X-Devsilo-Blocked: no policy for this session" in other, other
+    forged = egress.run(egress.exchange(good.encode(), preamble=b"SILO-RELAY " + b"A" * 40 + b"\nTCP\n"))
+    assert forged == b""  # a signed line where nothing checks signatures: closed unanswered
+    assert egress.proxy.refused_preambles >= 1 and egress.upstream.asked == []
 
 
 def test_the_egress_refuses_an_oversized_head_and_still_serves(egress: EgressHttpTarget) -> None:

@@ -684,6 +684,9 @@ class EgressHttpTarget(FuzzTarget):
             b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
             f"GET http://{ALLOWED}:{p}/ HTTP/1.1\r\nHost: evil.example\r\n\r\n".encode(),
             b"GET http://[::1]:80/ HTTP/1.1\r\nHost: [::1]\r\n\r\n",
+            f"SILO-SESSION other\nTCP\nGET http://{ALLOWED}:{p}/ HTTP/1.1\r\nHost: {ALLOWED}:{p}\r\n\r\n".encode(),
+            b"SILO-RELAY AAAAAAAAAAAAAAAAAAAAAAAA\nTCP\nGET / HTTP/1.1\r\n\r\n",
+            b"SILO-SESSION fuzz\nXYZ\n",
         ]
 
     async def _astart(self) -> None:
@@ -749,8 +752,10 @@ class EgressHttpTarget(FuzzTarget):
 
     async def _one(self, data: bytes) -> None:
         self.upstream.asked.clear()
+        # An input starting "SILO" brings its own relay preamble (forged, malformed, another session's).
+        preamble = b"" if data.startswith(b"SILO") else b"SILO-SESSION fuzz\nTCP\n"
         try:
-            out = await self.exchange(data)
+            out = await self.exchange(data, preamble=preamble)
         except TimeoutError:
             raise FuzzFailure("the proxy neither answered nor closed the connection") from None
         check_proxy_answer(out)
