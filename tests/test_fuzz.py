@@ -270,7 +270,7 @@ def test_the_gateways_upload_frames_get_clear_errors_and_keep_nothing_open(
                     assert answer.upload_id == req.upload_id and workspace_relative(req.path) == req.path
                 else:
                     answer = helper_answers.run(uploads.chunk(req))  # (any target's event loop will do)
-                    assert 0 < answer.received <= 8
+                    assert 0 <= answer.received <= 8  # (an empty chunk is a no-op)
             except UploadError as exc:
                 assert exc.code in {"upload_bad_path", "upload_too_large", "upload_bad_chunk", "upload_unknown",
                                     "upload_hash_mismatch"} and str(exc), exc
