@@ -133,7 +133,8 @@ class FuzzTarget:
             result = self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
         except TimeoutError:
             raise FuzzFailure(f"hang: no outcome within {timeout:g} s") from None
-        errors, self._loop_errors = self._loop_errors, []
+        finally:
+            errors, self._loop_errors = self._loop_errors, []  # this input's, whatever else it raised
         if errors:
             raise FuzzFailure("unhandled exception in the event loop: " + "; ".join(errors)[:2000])
         return result
