@@ -28,9 +28,11 @@ import structlog
 from devsilo.executor._helper_client import HelperClient, HelperRequestError
 from devsilo.executor._tools import run_tool
 from devsilo.executor._upload import check_landing
+from devsilo.executor.helper import helper as helper_module
 from devsilo.gateway._uploads import MAX_OPEN_UPLOADS, ConnectionUploads
 from devsilo.protocol import SandboxError, ToolCall, UploadError, workspace_relative
 from devsilo.protocol import client as client_protocol
+from devsilo.testing import _fuzz as fuzz_module
 from devsilo.testing._fuzz import (
     ALLOWED,
     HANG_S,
@@ -452,8 +454,8 @@ dns_messages = st.builds(_dns_message, dns_names, st.sampled_from(["A", "AAAA", 
     max_size=80)
 
 
-@settings(FUZZ, max_examples=examples(100))
-@given(where=st.sampled_from([b"\0", b"\1"]), messages=st.lists(dns_messages, min_size=1, max_size=4),
+@settings(FUZZ, max_examples=examples(60))
+@given(where=st.sampled_from([b"\0", b"\1", b"\2"]), messages=st.lists(dns_messages, min_size=1, max_size=4),
        tail=st.sampled_from([b"", b"\0", b"\x00\x20abc", b"\xff\xff"]))
 def test_odd_dns_gets_an_error_code_or_is_dropped_and_the_resolver_goes_on(
         resolver: DnsTarget, where: bytes, messages: list[bytes], tail: bytes) -> None:
@@ -472,6 +474,10 @@ def test_a_dns_response_sent_as_a_query_is_dropped_and_the_stream_goes_on(resolv
     answers = resolver.run(resolver.via_egress(stream))
     assert [a[:2] for a in answers] == [b"\0\x08"] and answers[0][3] & 0xF == 0, answers
     resolver.healthy()
+
+
+def test_the_harness_waits_as_long_as_the_sandbox_resolver() -> None:
+    assert fuzz_module.DNS_TIMEOUT_S == helper_module.DNS_TIMEOUT_S
 
 
 def test_a_hostile_helper_mtime_past_any_float_is_a_protocol_violation(helper_answers: HelperAnswersTarget) -> None:

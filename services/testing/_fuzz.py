@@ -197,8 +197,11 @@ class EnvelopeTarget(FuzzTarget):
         self.gateway = ServiceIdentity("gateway", Role.GATEWAY, SigningKey.generate())
         harness = ServiceIdentity("harness", Role.HARNESS, SigningKey.generate())
         self.roster = TrustRoster([self.gateway.roster_entry(), harness.roster_entry()])
-        self.verifier_of = lambda: Verifier(self.roster)
-        self.good, _ = Signer(self.gateway).seal(SessionInput(kind="prompt", text="hello"), self.SUBJECT, sid="s1")
+        sealed_at = time.time()
+        # "Now" stays the moment the good envelope was sealed: a long run checks freshness as at its start.
+        self.verifier_of = lambda: Verifier(self.roster, clock=lambda: sealed_at + 1)
+        self.good, _ = Signer(self.gateway, clock=lambda: sealed_at).seal(
+            SessionInput(kind="prompt", text="hello"), self.SUBJECT, sid="s1")
 
     def seeds(self) -> list[bytes]:
         payload = self.good[64:]
@@ -871,6 +874,8 @@ class _LocalDns(asyncio.DatagramProtocol):
 
 
 DNS_NOERROR, DNS_SERVFAIL, DNS_NXDOMAIN, DNS_REFUSED = 0, 2, 3, 5
+DNS_TIMEOUT_S = 5.0
+"""The sandbox resolver's own wait for an answer from the egress (the helper's ``DNS_TIMEOUT_S``)."""
 
 
 def dns_query(name: str, qtype: str = "A", qid: int = 0x1234) -> bytes:
@@ -897,15 +902,22 @@ def _split_frames(data: bytes) -> list[bytes]:
 
 
 class DnsTarget(FuzzTarget):
-    """Length-prefixed DNS messages into the executor's relay (no egress: REFUSED) and into the egress.
+    """DNS messages into the sandbox's resolver, the executor's relay, and the egress.
 
-    Input: one byte choosing where (relay or egress), then the framed stream.
+    Input: one byte choosing where, then length-prefixed messages:
+
+    * ``0``: the stream on a sandbox's DNS connection to a relay that has no
+      egress (every query REFUSED);
+    * ``1``: the stream on a relay's DNS connection to the egress;
+    * ``2``: each message as a UDP datagram to the in-sandbox resolver (the
+      helper's :class:`Network`, run here), whose queries go through a relay
+      to the egress, as in a sandbox.
+
     Invariant: each answer carries the query's id, QR set, and an error code
     from REFUSED / SERVFAIL / FORMERR / NXDOMAIN (or NOERROR for an allowed
-    name); garbage gets no answer; the listener never asks upstream for a name
-    off the allow-list, never raises into its loop, and answers a good query
-    afterwards. The helper's own UDP fitting (``_fit_udp``) is checked on the
-    same bytes.
+    name), within the UDP size the query allows; garbage gets no answer; the
+    listeners never ask upstream for a name off the allow-list, never raise
+    into their loop, and answer a good query afterwards.
     """
 
     name = "dns"
@@ -917,25 +929,35 @@ class DnsTarget(FuzzTarget):
         q = dns_query(ALLOWED)
         return [b"\0" + _frames([q]), b"\1" + _frames([q, dns_query("evil.example", "AAAA")]),
                 b"\1" + _frames([dns_query(ALLOWED, "TXT")]), b"\0" + _frames([b"\x12\x34" + b"\0" * 10]),
-                b"\1" + _frames([b"\xff" * 11]), b"\0\x00\x05abc"]
+                b"\1" + _frames([b"\xff" * 11]), b"\0\x00\x05abc", b"\2" + _frames([q]),
+                b"\2" + _frames([dns_query("evil.example", "A", 7), dns_query(ALLOWED, "AAAA", 8)])]
 
     async def _astart(self) -> None:
         from devsilo.executor._relay import SessionRelay
+        from devsilo.executor.helper.helper import Network
 
         self.egress = EgressHttpTarget()
         self.egress.tmp = self.tmp
         await self.egress._astart()
-        as_root = os.geteuid() == 0
-        self.relay = SessionRelay("fuzz", self.tmp / "relay.sock", None, uid=64123 if as_root else os.getuid(),
-                                  first_line_timeout=HANG_S)
+        uid = 64123 if os.geteuid() == 0 else os.getuid()
+        self.relay = SessionRelay("fuzz", self.tmp / "relay.sock", None, uid=uid, first_line_timeout=HANG_S)
         await self.relay.start()
+        self.chain = SessionRelay("fuzz", self.tmp / "chain.sock", ("127.0.0.1", self.egress.port), uid=uid,
+                                  first_line_timeout=HANG_S)
+        await self.chain.start()
+        self.network = Network(relay_path=str(self.tmp / "chain.sock"))
+        await self.network.start(proxy_port=_free_port(), dns_ports=(_free_port(),))
+        if not self.network.dns_ports:
+            raise RuntimeError(f"the sandbox resolver did not start: {self.network.errors}")
 
     async def _astop(self) -> None:
+        self.network.close()
+        await self.chain.close()
         await self.relay.close()
         await self.egress._astop()
 
     def one(self, data: bytes) -> None:
-        self.run(self._one(data), timeout=HANG_S + 3)
+        self.run(self._one(data), timeout=DNS_TIMEOUT_S + HANG_S + 3)
 
     async def _one(self, data: bytes) -> None:
         from devsilo.executor.helper.helper import _fit_udp, dns_error_reply
@@ -953,6 +975,13 @@ class DnsTarget(FuzzTarget):
         if where == b"\0":
             answers = await self.via_relay(stream)
             rcodes = {DNS_REFUSED}
+        elif where == b"\2":
+            answers = await self.via_resolver(queries)
+            rcodes = {DNS_NOERROR, DNS_NXDOMAIN, DNS_REFUSED, DNS_SERVFAIL, 1}
+            for a in answers:
+                limits = [1232 if q[10:12] != b"\0\0" else 512 for q in queries if q[:2] == a[:2]]
+                if limits and len(a) > max(limits):
+                    raise FuzzFailure(f"a UDP answer of {len(a)} bytes, over the {max(limits)} its query allows")
         else:
             answers = await self.via_egress(stream)
             rcodes = {DNS_NOERROR, DNS_NXDOMAIN, DNS_REFUSED, DNS_SERVFAIL, 1}
@@ -973,6 +1002,39 @@ class DnsTarget(FuzzTarget):
         reader, writer = await asyncio.open_unix_connection(str(self.relay.socket_path))
         return await _converse(reader, writer, b"DNS\n" + stream)
 
+    async def via_resolver(self, queries: list[bytes]) -> list[bytes]:
+        """Each query as a datagram to the sandbox's resolver; the answers that came before the answer to a
+        good query sent last (UDP: an answer may be lost or late; the good one must come)."""
+        loop = asyncio.get_running_loop()
+        taken = {q[:2] for q in queries}
+        probe_id = next(i for i in range(1, 65536) if i.to_bytes(2, "big") not in taken)
+        probe = dns_query(ALLOWED, "A", probe_id)
+        # A socket of its own: answers to an earlier input's queries (SERVFAIL after the resolver's own
+        # timeout) go to that input's socket, not here.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.connect(("127.0.0.1", self.network.dns_ports[0]))
+            udp.setblocking(False)
+            for q in queries:
+                with contextlib.suppress(OSError):  # e.g. a datagram too large
+                    await loop.sock_sendall(udp, q)
+            answers: list[bytes] = []
+            # As a client does, the good query is sent again until answered: a flood of queries the
+            # egress never answers (garbage) holds the resolver's slots until its own timeout, and
+            # meanwhile it drops new datagrams.
+            for _ in range(int((DNS_TIMEOUT_S + HANG_S) / 0.5)):
+                await loop.sock_sendall(udp, probe)
+                try:
+                    async with asyncio.timeout(0.5):
+                        while True:
+                            answer = await loop.sock_recv(udp, 65535)
+                            if answer[:2] == probe[:2]:
+                                check_dns_answer(probe, answer, {DNS_NOERROR})
+                                return answers
+                            answers.append(answer)
+                except TimeoutError:
+                    continue
+            raise FuzzFailure("the sandbox resolver stopped answering a good query")
+
     async def via_egress(self, stream: bytes) -> list[bytes]:
         """``stream`` on a relay's DNS connection to the egress; the answers."""
         reader, writer = await asyncio.open_connection("127.0.0.1", self.egress.port)
@@ -987,6 +1049,7 @@ class DnsTarget(FuzzTarget):
                 raise FuzzFailure(f"the relay no longer refuses: {refused!r}")
             if len(answered) != 1 or answered[0][3] & 0xF != DNS_NOERROR or b"\x7f\0\0\1" not in answered[0]:
                 raise FuzzFailure(f"the egress no longer answers: {answered!r}")
+            await self.via_resolver([])  # the sandbox's resolver answers its good query
         self.run(check())
 
 
@@ -1011,6 +1074,14 @@ async def _converse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+def _free_port() -> int:
+    # This file also runs loaded by its path, outside the devsilo.testing package (see _BOOTSTRAP).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def check_dns_answer(query: bytes, answer: bytes, rcodes: set[int]) -> None:
