@@ -138,7 +138,7 @@ def frames() -> Iterator[ClientFramesTarget]:
     yield from _started(ClientFramesTarget)
 
 
-@settings(FUZZ, max_examples=examples(150))
+@settings(FUZZ, max_examples=examples(100))
 @given(frame=_frames_of(REQUEST_MODELS) | _frames_of(GATEWAY_MODELS))
 def test_every_client_and_gateway_frame_type_parses_or_gets_a_clear_error(
         frames: ClientFramesTarget, frame: bytes) -> None:
@@ -252,7 +252,7 @@ upload_steps = st.lists(st.one_of(
 ), max_size=12)
 
 
-@settings(FUZZ, max_examples=examples(150))
+@settings(FUZZ, max_examples=examples(100))
 @given(steps=upload_steps)
 def test_the_gateways_upload_frames_get_clear_errors_and_keep_nothing_open(
         helper_answers: HelperAnswersTarget, steps: list[tuple[str, dict[str, Any]]]) -> None:
@@ -392,7 +392,7 @@ def _http(egress_port: int) -> st.SearchStrategy[bytes]:
     return st.builds(build, methods, targets, versions, headers, bodies, line_ends, st.booleans())
 
 
-@settings(FUZZ, max_examples=examples(70))
+@settings(FUZZ, max_examples=examples(50))
 @given(data=st.data())
 def test_malformed_http_into_the_egress_gets_a_clear_refusal_or_a_close(egress: EgressHttpTarget,
                                                                         data: st.DataObject) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from devsilo.testing._fuzz import AllTargets, run_target
 
-SECONDS = 6.0
+SECONDS = 5.0
 PARTS = sorted(t.name for t in AllTargets.PARTS)
 
 
