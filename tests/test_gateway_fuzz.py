@@ -3,27 +3,45 @@
 Malformed JSON, wrong types, huge fields, binary frames, unknown types and
 deep nesting, before and after authentication: the gateway never crashes,
 answers every frame (``error``, or ``auth_error`` before authentication),
-and a normal request works afterwards.
+and a normal request works afterwards. Valid frames about transfers, shells,
+sessions, uploads and keys the client does not have reach the handlers and
+get a clear error too. (``tests/test_fuzz.py`` parses every frame type in
+process; ``tests/test_fuzz_atheris.py`` fuzzes the parsing coverage-guided.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import threading
 from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import aiohttp
 import pytest
 from devsilo.cli._client import GatewayClient
+from devsilo.protocol._messages import ShellSignalName
 from devsilo.protocol.client import (
     CLIENT_REQUEST,
     GATEWAY_FRAME,
+    Attach,
+    CostRequest,
+    JournalExport,
     ListSessions,
     Ping,
     Pong,
+    RevokeClient,
     Sessions,
+    ShellInputFrame,
+    ShellResizeFrame,
+    ShellSignalFrame,
+    UploadChunk,
+    UploadFile,
+    WorkspaceChunk,
+    WorkspaceFetchChunk,
+    WorkspaceTransferDone,
+    WorkspaceUploadCommit,
 )
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
@@ -217,6 +235,40 @@ def test_unauthenticated_gateway_answers_every_generated_frame_with_auth_error(s
     auth_errors = [a for a in answers if a["type"] == "auth_error"]
     assert len(auth_errors) == 1 and auth_errors[0]["message"], answers
     assert all(a["type"] in ("auth_error", "error") for a in answers), answers
+
+
+ids = st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z")
+sha256s = st.from_regex(r"\A[0-9a-f]{64}\Z")
+b64_or_not = st.binary(max_size=48).map(lambda b: base64.b64encode(b).decode()) | st.text(max_size=16)
+offsets = st.integers(0, 2**63) | st.integers(0, 4)
+# Valid frames, hostile values: past parsing, into the handlers (transfers, shells, journal, uploads, keys),
+# for transfers, shells, sessions and keys this client does not have. None starts real work.
+valid_hostile = st.one_of(
+    st.builds(WorkspaceChunk, transfer_id=ids, index=offsets, sha256=sha256s, data=b64_or_not),
+    st.builds(WorkspaceUploadCommit, transfer_id=ids),
+    st.builds(WorkspaceFetchChunk, transfer_id=ids, index=offsets),
+    st.builds(WorkspaceTransferDone, transfer_id=ids),
+    st.builds(ShellInputFrame, shell_id=ids, data=b64_or_not, eof=st.booleans()),
+    st.builds(ShellResizeFrame, shell_id=ids, rows=st.integers(1, 1000), cols=st.integers(1, 1000)),
+    st.builds(ShellSignalFrame, shell_id=ids, signal=st.sampled_from(get_args(ShellSignalName))),
+    st.builds(JournalExport, session_id=ids, after=offsets, offset=offsets),
+    st.builds(RevokeClient, key_id=st.from_regex(r"\A[0-9a-f]{16,64}\Z")),
+    st.builds(UploadFile, session_id=ids, upload_id=ids, size=offsets, sha256=sha256s,
+              path=st.sampled_from(["../x", "/etc/passwd", "a\0b", "ok.txt", "é/" * 200 + "f"])),
+    st.builds(UploadChunk, upload_id=ids, offset=offsets, data=b64_or_not),
+    st.builds(Attach, session_id=ids), st.builds(CostRequest, session_id=ids),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(frame=valid_hostile)
+def test_valid_frames_about_what_the_client_does_not_have_get_a_clear_error(
+        stack: Stack, loop: LoopThread, authed: RawClient, frame: Any) -> None:
+    loop.run(authed.send(frame.model_dump_json()))
+    answer = loop.run(authed.answer())
+    assert answer["type"] == "error" and answer["code"] != "internal" and answer["message"], (frame, answer)
+    assert answer.get("request") == frame.type, answer
 
 
 def test_gateway_still_serves_after_the_fuzzing(stack: Stack, loop: LoopThread, authed: RawClient) -> None:

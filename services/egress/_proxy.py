@@ -49,7 +49,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import dns.exception
 import dns.flags
@@ -140,6 +140,11 @@ class _Half:
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
+                if isinstance(event, (h11.Request, h11.InformationalResponse, h11.Response)) and \
+                        _head_size(event) > HEAD_MAX:
+                    # h11 limits only a head still incomplete; one that arrived whole in a read is as big.
+                    raise h11.RemoteProtocolError(f"message head larger than {HEAD_MAX} bytes",
+                                                  error_status_hint=431)
                 return event  # type: ignore[return-value]
             data = await asyncio.wait_for(self.reader.read(CHUNK), IDLE_TIMEOUT)
             self.conn.receive_data(data)
@@ -152,6 +157,12 @@ class _Half:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _head_size(event: h11.Request | h11.InformationalResponse | h11.Response) -> int:
+    """About the size of an HTTP/1.1 message head: its start line and headers as sent."""
+    start = len(event.method) + len(event.target) if isinstance(event, h11.Request) else len(event.reason) + 4
+    return start + 12 + sum(len(name) + len(value) + 4 for name, value in event.headers) + 2
 
 
 @dataclass
@@ -326,7 +337,7 @@ class EgressProxy:
             host_raw, port = _split_authority(request.target.decode("ascii", "replace"), None)
             tls = True
         else:
-            url = urlsplit(request.target.decode("ascii", "replace"))
+            url = _urlsplit(request.target.decode("ascii", "replace"))
             if url.scheme != "http" or not url.hostname:
                 raise Blocked("only CONNECT and absolute http:// URLs can go through this proxy",
                               "bad_request", 400)
@@ -393,7 +404,7 @@ class EgressProxy:
         """Check one request against its route; the target and headers to send upstream."""
         target = request.target
         if not target.startswith(b"/"):
-            url = urlsplit(target.decode("ascii", "replace"))
+            url = _urlsplit(target.decode("ascii", "replace"))
             if url.scheme not in ("http", "https") or not url.netloc:
                 raise Blocked("request target must be a path or an absolute URL", "bad_request", 400)
             if _normalise(_split_authority(url.netloc, route.port)[0]) != route.host:
@@ -566,10 +577,10 @@ class EgressProxy:
     async def _answer_dns(self, session_id: str, policy: SessionPolicy | None, wire: bytes) -> bytes | None:
         try:
             query = dns.message.from_wire(wire)
+            response = dns.message.make_response(query)  # FormError for a message that is not a query
         except dns.exception.DNSException:
             self._on_dns("malformed")
             return None
-        response = dns.message.make_response(query)
         response.flags |= dns.flags.RA
         if policy is None or len(query.question) != 1 or query.opcode() != 0:
             response.set_rcode(dns.rcode.REFUSED)
@@ -618,11 +629,19 @@ def _target_of(request: h11.Request) -> tuple[str, int]:
         if request.method == b"CONNECT":
             host, port = _split_authority(text, None)
         else:
-            url = urlsplit(text)
+            url = _urlsplit(text)
             host, port = _split_authority(url.netloc, 80)
         return _normalise(host), port
     except Blocked:
         return text[:255], 0
+
+
+def _urlsplit(text: str) -> SplitResult:
+    """``urlsplit``, refusing what it cannot split (an unbalanced ``[`` or ``]``) as a bad request."""
+    try:
+        return urlsplit(text)
+    except ValueError as exc:
+        raise Blocked(f"bad request target {text[:80]!r}: {exc}", "bad_request", 400) from None
 
 
 def _split_authority(text: str, default_port: int | None) -> tuple[str, int]:
@@ -652,5 +671,8 @@ def _path(target: bytes) -> str:
     """A request target for the record: the path only, never the query."""
     text = target.decode("ascii", "replace")
     if not text.startswith("/"):
-        text = urlsplit(text).path or "/"
+        try:
+            text = urlsplit(text).path or "/"
+        except ValueError:
+            return ""  # not a URL; refused as such (and its parts never recorded)
     return text.split("?", 1)[0][:RECORD_PATH_MAX]

@@ -537,12 +537,16 @@ class HelperClient:
         r = await self._call("list", {"path": path, "limit": limit})
         entries = []
         for item in self._items(r, "entries", dict, limit):
+            try:
+                mtime = float(self._field(item, "mtime", (int, float)))
+            except OverflowError:  # an integer past any float: no file was changed then
+                raise self._fatal("list answer has an entry with an mtime out of range") from None
             entry = DirEntry(
                 name=self._field(item, "name", str),
                 type=self._field(item, "type", str),
                 size=self._field(item, "size", int),
                 mode=self._field(item, "mode", int),
-                mtime=float(self._field(item, "mtime", (int, float))),
+                mtime=mtime,
                 target=None if item.get("target") is None else self._field(item, "target", str),
             )
             if entry.type not in _ENTRY_TYPES:
