@@ -31,10 +31,16 @@ session's other clients, every ``tool_use`` answered by a ``tool_result``, no
 stall (no event for more than ``stall_s`` seconds while the session was busy,
 including a session still busy when the run gave up on it), and the session
 ended with ``shutdown`` and no ``error`` unless it was marked as expected to
-fail.
+fail. Across the sessions that ran one after another on a workspace, each turn's ``Bash``
+must have seen the workspace log one line longer (:func:`verify_workspace`): no command ran
+twice or was lost, and no write was lost between sessions. ``allow_tool_errors=True`` lifts
+the failed-tool and workspace checks (a harness killed mid-call reports a call's result as
+unknown, and a resumed session may run a command again).
 
 API, for benchmarks and chaos schedules::
 
+    stack = Stack(state_dir, services=stack_services(20))   # executor capacity for 20 sessions
+    stack.start()
     run = LoadRun(stack, users=5, sessions=20, clients_per_session=3, duration=60.0,
                   workdir=tmp_path / "load")
     async def chaos(run: LoadRun) -> None:
@@ -78,7 +84,9 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import random
+import re
 import time
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -108,12 +116,19 @@ from ._stack import Stack
 
 DIGEST_BYTES = 8
 """Bytes of each event's digest a client keeps (BLAKE2b): enough to tell two event lists apart."""
+LINES = re.compile(r"^lines=(\d+)$", re.MULTILINE)
 RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)
 """Seconds between reconnect attempts (the last repeats)."""
 
 
 class LoadError(SiloError):
     """The load run could not be set up or driven (not a finding about the stack)."""
+
+
+def stack_services(sessions: int) -> dict[str, dict[str, Any]]:
+    """What a Stack needs for ``sessions`` concurrent load sessions (``Stack(dir, services=...)``):
+    executor capacity for them, with room for sandboxes still closing as slots turn over."""
+    return {"executor": {"options": {"capacity": sessions + max(8, sessions // 2)}}}
 
 
 # -- the model's script ------------------------------------------------------------------------------------
@@ -123,14 +138,15 @@ def round_script(rounds: int, payload: int = 2048) -> dict[str, Any]:
     """The mock model's script for ``rounds`` turns; each turn: Bash, Write, Edit, then a text answer.
 
     Every command and edit is real work in the sandboxed workspace: the log grows by a line a
-    turn and is hashed, a ``payload``-byte file is written, then edited in place.
+    turn and is hashed (the command prints ``lines=N``, N its lines now), a ``payload``-byte
+    file is written, then edited in place.
     """
     responses: list[dict[str, Any]] = []
     filler = ("0123456789abcdef" * (payload // 16 + 1))[:payload]
     for i in range(rounds):
         responses.append({"text": f"round {i}: working", "tool_calls": [
             {"name": "Bash", "input": {"command": f"printf 'round {i}\\n' >> log.txt && sha256sum log.txt "
-                                                   f"&& wc -l < log.txt && ls notes | wc -l"}},
+                                                   f"&& echo lines=$(wc -l < log.txt) && ls notes | wc -l"}},
             {"name": "Write", "input": {"path": f"notes/n{i % 8}.txt",
                                         "content": f"round {i}\nvalue=old\n{filler}\n"}},
             {"name": "Edit", "input": {"path": f"notes/n{i % 8}.txt", "old_string": "value=old",
@@ -201,6 +217,8 @@ class SessionTrack:
     longest_busy_gap: float = 0.0
     exit_code: int | None = None
     ended: bool = False
+    log_lines: list[int] = field(default_factory=list)
+    """The workspace log's line count each turn's Bash printed (``lines=N``)."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def offer(self, event: dict[str, Any]) -> None:
@@ -230,6 +248,8 @@ class SessionTrack:
                 self.latencies.append(ts - started)
             if data.get("is_error"):
                 self.tool_errors.append(f"{data.get('name')}: {str(data.get('content'))[:200]}")
+            elif data.get("name") == "Bash":
+                self.log_lines += [int(n) for n in LINES.findall(str(data.get("content")))]
         elif kind == "error":
             self.errors.append(str(data.get("message")))
         elif kind == "shutdown":
@@ -289,12 +309,29 @@ def verify_session(logs: Sequence[ClientLog], track: SessionTrack, *, stall_s: f
     return problems
 
 
+def verify_workspace(counts: Sequence[Sequence[int]]) -> list[str | None]:
+    """Whether the sessions that ran one after another on one workspace saw its log grow by one
+    line a turn (``counts``: each session's ``lines=N`` in order); per session, what is wrong.
+
+    A count out of step means a command ran twice or not at all, or the workspace lost a write
+    between sessions.
+    """
+    out: list[str | None] = []
+    expected = 1
+    for values in counts:
+        want = list(range(expected, expected + len(values)))
+        out.append(None if list(values) == want else
+                   f"workspace log had {list(values)[:8]} lines where {want[:8]} were expected")
+        expected = values[-1] + 1 if values else expected
+    return out
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q`` quantile (0..1) of ``values`` by nearest rank; NaN when empty."""
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 # -- resources ---------------------------------------------------------------------------------------------
@@ -326,13 +363,19 @@ class ServiceUsage:
 
 
 class ResourceSampler:
-    """Samples CPU seconds and RSS of every service of a stack, and of its nats-server."""
+    """Samples CPU seconds and RSS of every service of a stack, its nats-server, the sandboxes and
+    this driver.
+
+    ``sandboxes`` is every process below the executor: RSS of those alive, CPU of those alive plus
+    what the executor's reaped children used. ``driver`` is this process (it shares the machine).
+    """
 
     def __init__(self, stack: Stack, every_s: float) -> None:
         self.stack = stack
         self.every_s = every_s
-        self.usage: dict[str, ServiceUsage] = {n: ServiceUsage(n) for n in [*stack.metrics_ports, "nats"]}
-        self._procs: dict[str, psutil.Process] = {}
+        names = [*stack.metrics_ports, "nats", "sandboxes", "driver"]
+        self.usage: dict[str, ServiceUsage] = {n: ServiceUsage(n) for n in names}
+        self._procs: dict[str, psutil.Process] = {"driver": psutil.Process()}
         self._cpu_done: dict[str, float] = {n: 0.0 for n in self.usage}
         """CPU seconds of processes of each service that are gone."""
         self._cpu_last: dict[str, float] = {n: 0.0 for n in self.usage}
@@ -361,10 +404,25 @@ class ResourceSampler:
             return None
         return self._procs[name]
 
+    @staticmethod
+    def _below(proc: psutil.Process) -> tuple[float, int]:
+        """CPU seconds and RSS of everything below ``proc`` (its reaped children's CPU included)."""
+        own = proc.cpu_times()
+        cpu, rss = own.children_user + own.children_system, 0
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied), \
+                    child.oneshot():
+                t = child.cpu_times()
+                cpu += t.user + t.system
+                rss += child.memory_info().rss
+        return cpu, rss
+
     def sample(self) -> None:
         """Read every service's CPU and RSS now."""
         now = time.monotonic() - self.started
-        for name, use in self.usage.items():
+        for name in self.usage:
+            if name == "sandboxes":
+                continue
             try:
                 proc = self._process(name)
                 if proc is None:
@@ -372,13 +430,23 @@ class ResourceSampler:
                 with proc.oneshot():
                     cpu = proc.cpu_times()
                     rss = proc.memory_info().rss
+                self._cpu_last[name] = cpu.user + cpu.system
+                if name == "executor":
+                    self._record("sandboxes", now, *self._below(proc))
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 continue
-            self._cpu_last[name] = cpu.user + cpu.system
-            use.cpu_s = self._cpu_done[name] + self._cpu_last[name]
-            use.rss_end = rss
-            use.rss_max = max(use.rss_max, rss)
-            use.samples.append((now, rss))
+            self._record(name, now, self._cpu_last[name], rss)
+
+    def _record(self, name: str, now: float, cpu: float, rss: int) -> None:
+        use = self.usage[name]
+        if name == "sandboxes":  # one executor's children: a restart starts the count again
+            if cpu + 1e-9 < self._cpu_last[name]:
+                self._cpu_done[name] += self._cpu_last[name]
+            self._cpu_last[name] = cpu
+        use.cpu_s = self._cpu_done[name] + self._cpu_last[name]
+        use.rss_end = rss
+        use.rss_max = max(use.rss_max, rss)
+        use.samples.append((now, rss))
 
     def mark_warm(self) -> None:
         """The RSS now is each service's warm-up baseline."""
@@ -930,11 +998,20 @@ class LoadRun:
     def _report(self, load_s: float, warm_s: float) -> LoadReport:
         results = []
         latencies: list[float] = []
+        on_workspace: dict[Path, list[LoadSession]] = {}
+        for s in self.sessions:
+            on_workspace.setdefault(s.workspace, []).append(s)
+        workspace_problems: dict[str, str | None] = {}
+        for group in on_workspace.values():
+            found = verify_workspace([s.track.log_lines for s in group])
+            workspace_problems.update({s.session_id: p for s, p in zip(group, found, strict=True)})
         for s in self.sessions:
             problems = verify_session(s.logs, s.track, stall_s=self.stall_s, expect_error=s.expect_error is not None,
                                       allow_tool_errors=self.allow_tool_errors)
             if s.stalled_live:
                 problems.append(s.stalled_live)
+            if workspace_problems.get(s.session_id) and not self.allow_tool_errors:
+                problems.append(str(workspace_problems[s.session_id]))
             latencies += s.track.latencies
             results.append(SessionResult(
                 session_id=s.session_id, slot=s.slot, user=s.user, workspace=s.workspace,
