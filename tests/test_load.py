@@ -202,7 +202,7 @@ def test_the_script_makes_every_turn_run_bash_write_and_edit() -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One stack with executor room for the load's sessions."""
-    s = Stack(tmp_path_factory.mktemp("load") / "state", services=stack_services(SESSIONS))
+    s = Stack(tmp_path_factory.mktemp("load") / "state", services=stack_services(SESSIONS, USERS))
     s.start()
     try:
         yield s

@@ -23,7 +23,10 @@ only through its gateway, as real clients do:
   ends (a gateway killed, a slow client dropped) reconnects and attaches
   again from the seq after the last one it holds.
 * **resources**: every ``sample_s`` the CPU seconds and RSS of each service's
-  live process (re-found after a restart) and of nats-server.
+  live process (re-found after a restart), of nats-server, of the sandboxes
+  (every process below the executor) and of this driver. RSS is reported at
+  the end of warm-up, at the end of the load (sessions still running) and
+  after every session was stopped.
 
 At the end each client's record is checked (:func:`verify_session`): seqs
 0..n-1 with no gap and no duplicate, the same events (by digest) as the
@@ -39,7 +42,7 @@ unknown, and a resumed session may run a command again).
 
 API, for benchmarks and chaos schedules::
 
-    stack = Stack(state_dir, services=stack_services(20))   # executor capacity for 20 sessions
+    stack = Stack(state_dir, services=stack_services(20, 5))  # executor room for 20 sessions of 5 users
     stack.start()
     run = LoadRun(stack, users=5, sessions=20, clients_per_session=3, duration=60.0,
                   workdir=tmp_path / "load")
@@ -125,10 +128,13 @@ class LoadError(SiloError):
     """The load run could not be set up or driven (not a finding about the stack)."""
 
 
-def stack_services(sessions: int) -> dict[str, dict[str, Any]]:
-    """What a Stack needs for ``sessions`` concurrent load sessions (``Stack(dir, services=...)``):
-    executor capacity for them, with room for sandboxes still closing as slots turn over."""
-    return {"executor": {"options": {"capacity": sessions + max(8, sessions // 2)}}}
+def stack_services(sessions: int, users: int = 5) -> dict[str, dict[str, Any]]:
+    """What a Stack needs for ``sessions`` concurrent load sessions of ``users`` users
+    (``Stack(dir, services=...)``): executor capacity, in all and per user, with room for
+    sandboxes still closing as slots turn over."""
+    per_user = math.ceil(sessions / users)
+    return {"executor": {"options": {"capacity": sessions + max(8, sessions // 2),
+                                     "per_user": per_user + max(4, per_user // 2)}}}
 
 
 # -- the model's script ------------------------------------------------------------------------------------
@@ -346,6 +352,10 @@ class ServiceUsage:
     rss_warm: int = 0
     """RSS (bytes) at the end of warm-up."""
     rss_end: int = 0
+    """RSS (bytes) when the load's duration was over, sessions still running."""
+    rss_after: int = 0
+    """RSS (bytes) after every session had been stopped."""
+    rss_now: int = 0
     rss_max: int = 0
     restarts: int = 0
     samples: list[tuple[float, int]] = field(default_factory=list)
@@ -444,14 +454,19 @@ class ResourceSampler:
                 self._cpu_done[name] += self._cpu_last[name]
             self._cpu_last[name] = cpu
         use.cpu_s = self._cpu_done[name] + self._cpu_last[name]
-        use.rss_end = rss
+        use.rss_now = rss
         use.rss_max = max(use.rss_max, rss)
         use.samples.append((now, rss))
 
     def mark_warm(self) -> None:
         """The RSS now is each service's warm-up baseline."""
         for use in self.usage.values():
-            use.rss_warm = use.rss_end
+            use.rss_warm = use.rss_now
+
+    def mark_end(self) -> None:
+        """The RSS now is each service's RSS at the end of the load."""
+        for use in self.usage.values():
+            use.rss_end = use.rss_now
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sample every ``every_s`` until ``stop``."""
@@ -460,6 +475,8 @@ class ResourceSampler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.every_s)
         await asyncio.to_thread(self.sample)
+        for use in self.usage.values():
+            use.rss_after = use.rss_now
 
 
 # -- connections -------------------------------------------------------------------------------------------
@@ -653,13 +670,13 @@ class LoadReport:
             f"({self.tool_calls_per_s:.1f}/s), client reconnects {self.reconnects}"),
             f"tool latency p50 {self.latency_p50 * 1000:.1f} ms, p99 {self.latency_p99 * 1000:.1f} ms",
             (f"{'service':<10} {'CPU s':>8} {'CPU %':>6} {'RSS warm':>9} {'RSS end':>8} {'RSS max':>8} "
-            f"{'growth':>13} {'restarts':>8}"),
+            f"{'growth':>13} {'stopped':>8} {'restarts':>8}"),
         ]
         for u in self.services.values():
             lines.append(
                 f"{u.name:<10} {u.cpu_s:>8.1f} {100 * u.cpu_s / max(self.duration_s, 1e-9):>5.0f}% "
                 f"{u.rss_warm / 2**20:>7.1f}Mi {u.rss_end / 2**20:>6.1f}Mi {u.rss_max / 2**20:>6.1f}Mi "
-                f"{u.growth_mib:>+6.1f}Mi {u.growth_pct:>+4.0f}% {u.restarts:>8}")
+                f"{u.growth_mib:>+6.1f}Mi {u.growth_pct:>+4.0f}% {u.rss_after / 2**20:>6.1f}Mi {u.restarts:>8}")
         if self.retries:
             lines.append(f"slots that had to retry starting a session: {len(self.retries)}, first: "
                          f"{self.retries[0]}")
@@ -771,6 +788,8 @@ class LoadRun:
             await asyncio.gather(timed(), extra())
             self._stop_load.set()
             load_s = time.monotonic() - started
+            await asyncio.to_thread(self.sampler.sample)
+            self.sampler.mark_end()
             await asyncio.gather(*slots)
             if not self.warmed_up.is_set():
                 self._setup_problems.append("not every slot completed a turn: no warm-up point")
