@@ -9,10 +9,25 @@ the load test cannot pass by checking nothing.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import os
+import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from devsilo.cli._client import ClientKeyPair, GatewayClient, GatewayError
+from devsilo.cli._workspace_transfer import RemoteWorkspace
+from devsilo.protocol.client import (
+    CreateSession,
+    PairingCode,
+    PairingCodeRequest,
+    SessionCreated,
+    Shutdown,
+)
+from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
 from devsilo.testing._load import (
     ClientLog,
@@ -248,3 +263,57 @@ def test_the_report_names_every_figure(report: LoadReport) -> None:
     for needle in ("concurrent sessions 20", "tool calls", "/s)", "p50", "p99", "gateway", "harness",
                    "executor", "egress", "nats", "sandboxes", "checks:", "OK"):
         assert needle in text, text
+
+
+# -- found under load with faults --------------------------------------------------------------------------
+
+
+async def create_on_a_restarted_gateway(stack: Stack, tmp_path: Path) -> object:
+    """A user's session on an uploaded workspace, asked of a gateway that has heard no executor yet."""
+    state = StateDir(stack.state_dir)
+    url, fp = f"wss://127.0.0.1:{stack.gateway_port}/ws", state.gateway_fingerprint()
+    async with GatewayClient(url, fp, client_name="op") as op:
+        await op.connect(state.client_token())
+        await op.send(PairingCodeRequest(user="late", client_name="late-laptop"))
+        code = await asyncio.wait_for(op.receive(), 30)
+    assert isinstance(code, PairingCode), code
+    key = ClientKeyPair.generate()
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "a.txt").write_text("a\n")
+    async with GatewayClient(url, fp, client_name="late-laptop") as c:
+        paired = await c.pair(code.code, key)
+        assert await RemoteWorkspace(c, tmp_path / "transfers", ws, "late-host", io.StringIO()).lock(None) == 0
+    executor, gateway = stack.live_pid("executor"), stack.live_pid("gateway")
+    assert executor is not None and gateway is not None
+    os.kill(executor, signal.SIGSTOP)  # no announcement reaches the new gateway until SIGCONT
+    try:
+        os.kill(gateway, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            client = GatewayClient(url, fp, client_name="late-laptop")
+            try:
+                await client.connect_key(paired.key_id, key)
+                break
+            except (GatewayError, OSError):
+                await client.close()
+                assert time.monotonic() < deadline, "the gateway did not come back"
+                await asyncio.sleep(0.1)
+        await client.send(CreateSession(workspace=str(ws), workspace_host="late-host",
+                                        script=json.dumps({"responses": [{"text": "hi"}]})))
+        await asyncio.sleep(0.5)  # the request is in while the gateway knows no executor
+    finally:
+        os.kill(executor, signal.SIGCONT)
+    try:
+        reply = await asyncio.wait_for(client.receive(), 90)
+        if isinstance(reply, SessionCreated):
+            await client.send(Shutdown(session_id=reply.session_id))
+        return reply
+    finally:
+        await client.close()
+
+
+def test_a_restarted_gateway_waits_for_the_executors_before_refusing_an_uploaded_workspace(
+        stack: Stack, tmp_path: Path) -> None:
+    reply = asyncio.run(create_on_a_restarted_gateway(stack, tmp_path))
+    assert isinstance(reply, SessionCreated), reply  # not "only an operator works on the executors' own files"

@@ -766,9 +766,11 @@ class LoadRun:
         sampler = asyncio.create_task(self.sampler.run(stop_sampling))
         started = time.monotonic()
         warm_at: list[float] = []
+        tasks: list[asyncio.Task[None]] = []
         try:
             slots = [asyncio.create_task(self._slot(i)) for i in range(self.n_slots)]
-            watchdog = asyncio.create_task(self._watch_stalls())
+            tasks += slots
+            tasks.append(asyncio.create_task(self._watch_stalls()))
 
             async def warm() -> None:
                 await self.warmed_up.wait()
@@ -776,16 +778,13 @@ class LoadRun:
                 await asyncio.to_thread(self.sampler.sample)
                 self.sampler.mark_warm()
 
-            warming = asyncio.create_task(warm())
-
-            async def timed() -> None:
-                await asyncio.sleep(self.duration)
+            tasks.append(asyncio.create_task(warm()))
 
             async def extra() -> None:
                 if during is not None:
                     await during(self)
 
-            await asyncio.gather(timed(), extra())
+            await asyncio.gather(asyncio.sleep(self.duration), extra())
             self._stop_load.set()
             load_s = time.monotonic() - started
             await asyncio.to_thread(self.sampler.sample)
@@ -793,14 +792,13 @@ class LoadRun:
             await asyncio.gather(*slots)
             if not self.warmed_up.is_set():
                 self._setup_problems.append("not every slot completed a turn: no warm-up point")
-                warming.cancel()
                 self.sampler.mark_warm()
-            watchdog.cancel()
-        finally:
+        finally:  # on success only the watchdog and followers of sessions that never ended remain
             self._stop_load.set()
-            for t in list(self._followers):
+            leftover = [*tasks, *self._followers]
+            for t in leftover:
                 t.cancel()
-            await asyncio.gather(*self._followers, return_exceptions=True)
+            await asyncio.gather(*leftover, return_exceptions=True)
             stop_sampling.set()
             await sampler
         return self._report(load_s, warm_at[0] if warm_at else load_s)
