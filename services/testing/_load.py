@@ -72,7 +72,17 @@ API, for benchmarks and chaos schedules::
   (:class:`SessionResult` per session), ``tool_calls``, ``tool_calls_per_s``,
   ``latency_p50``/``latency_p99`` (seconds, tool_use event → tool_result
   event, both harness timestamps), ``services`` (:class:`ServiceUsage` per
-  service: CPU seconds, RSS at warm-up and at the end, growth), ``reconnects``.
+  service: CPU seconds, RSS at warm-up, at the end and after, growth),
+  ``reconnects`` (clients' reconnects), ``retries`` (a slot's upload or
+  session start that failed and was tried again, and every frame the gateway
+  refused on a slot's control link, with why: expected while services are
+  being killed, not counted by ``ok``; assert on it otherwise).
+* Knobs: ``rounds`` (turns per session), ``think_s`` (pause between turns),
+  ``stall_s`` (30; raise it for faults that pause events longer, e.g. a NATS
+  restart), ``settle_s`` (how long sessions may take to end after the
+  duration), ``allow_tool_errors``, ``batch`` (the clients' attach batch).
+* The stack needs executor room for the sessions: ``stack_services(sessions,
+  users)`` gives the ``Stack(services=...)`` entries.
 
 The driver runs in the caller's event loop (one process); it decodes frames
 with ``json`` only and keeps ~12 bytes per received event, so a 10-minute run
@@ -504,6 +514,7 @@ class Link:
         self.client_name = client_name
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._drain: asyncio.Task[None] | None = None
 
     async def open(self, timeout: float = 30.0) -> None:
         """Connect and sign the gateway's challenge with the user's key."""
@@ -553,8 +564,23 @@ class Link:
             raise GatewayError("the gateway sent a frame that is not a JSON object")
         return frame
 
+    def drain(self, refused: Callable[[dict[str, Any]], None]) -> None:
+        """Read every frame from now on in the background (a link that only sends must still read,
+        or its heartbeat fails); ``error`` and ``overloaded`` frames go to ``refused``."""
+        async def read() -> None:
+            with contextlib.suppress(GatewayError):
+                while True:
+                    frame = await self.receive()
+                    if frame.get("type") in ("error", "overloaded"):
+                        refused(frame)
+        self._drain = asyncio.create_task(read())
+
     async def close(self) -> None:
         """Close the connection."""
+        if self._drain is not None:
+            self._drain.cancel()
+            await asyncio.gather(self._drain, return_exceptions=True)
+            self._drain = None
         if self._ws is not None:
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 await self._ws.close()
@@ -584,6 +610,8 @@ class LoadSession:
     track: SessionTrack = field(default_factory=SessionTrack)
     stalled_live: str | None = None
     """Set when the run saw it busy with no new event for longer than ``stall_s``."""
+    abandoned: bool = False
+    """The driver stopped waiting for its turn (no event for ``stall_s + settle_s``)."""
 
 
 @dataclass
@@ -618,8 +646,9 @@ class LoadReport:
     services: dict[str, ServiceUsage]
     setup_problems: list[str]
     retries: list[str]
-    """Slots that had to try again to upload a workspace or start a session (and why): expected
-    while a chaos schedule kills services, a finding otherwise."""
+    """Slots that had to try again to upload a workspace or start a session, and frames the gateway
+    refused on a slot's control link (and why): expected while a chaos schedule kills services, a
+    finding otherwise."""
 
     @property
     def tool_calls(self) -> int:
@@ -905,9 +934,10 @@ class LoadRun:
             self._followers.add(task)
             task.add_done_callback(self._followers.discard)
         track = session.track
-        ctl = await self._connect(user, f"{user.name}-slot{session.slot}")
+        ctl = await self._control(user, session)
         try:
-            while (not self._stop_load.is_set() and session.rounds_sent < self.rounds and not track.ended):
+            while (not self._stop_load.is_set() and session.rounds_sent < self.rounds and not track.ended
+                   and not session.abandoned):
                 text = f"round {session.rounds_sent}"
                 ctl = await self._send(ctl, user, session, Prompt(session_id=session.session_id, text=text))
                 session.rounds_sent += 1
@@ -928,6 +958,17 @@ class LoadRun:
                     while not all(log.ended for log in session.logs):
                         await asyncio.sleep(0.1)
 
+    async def _control(self, user: LoadUser, session: LoadSession) -> Link:
+        """The link a slot prompts and stops its session on; what the gateway refuses is a retry."""
+        link = await self._connect(user, f"{user.name}-slot{session.slot}")
+
+        def refused(frame: dict[str, Any]) -> None:
+            self._retries.append(f"slot {session.slot}: session {session.session_id}: the gateway answered "
+                                 f"{frame.get('request') or 'a frame'} with {json.dumps(frame)[:300]}")
+
+        link.drain(refused)
+        return link
+
     async def _send(self, ctl: Link, user: LoadUser, session: LoadSession, frame: ClientFrame) -> Link:
         """Send ``frame`` on the slot's link, reconnecting first when it is gone; the link used."""
         for _ in range(100):
@@ -936,7 +977,7 @@ class LoadRun:
                 return ctl
             except GatewayError:
                 await ctl.close()
-                ctl = await self._connect(user, f"{user.name}-slot{session.slot}")
+                ctl = await self._control(user, session)
         raise LoadError(f"could not send {frame.type} for {session.session_id}")
 
     async def _await_turn(self, ctl: Link, user: LoadUser, session: LoadSession, text: str,
@@ -952,7 +993,8 @@ class LoadRun:
                 ctl = await self._send(ctl, user, session, Prompt(session_id=session.session_id, text=text))
                 sent_at = time.monotonic()
             if time.monotonic() - track.last_seen > self.stall_s + self.settle_s:
-                break  # the watchdog has reported it; stop waiting for this session
+                session.abandoned = True  # the watchdog has reported it; stop driving this session
+                break
         return ctl
 
     async def _await_end(self, session: LoadSession) -> None:
