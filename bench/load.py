@@ -31,7 +31,8 @@ on the same machine) and the ratio:
 - **per-service CPU and RSS**: RSS when the stack was idle (right after
   start, the baseline), at the end of warm-up (every slot completed a turn)
   and at the end of the load, with the growth after warm-up in MiB and %,
-  and after every session was stopped.
+  and after every session was stopped; and RSS at seven points from the end
+  of warm-up to the end of the load, to tell a plateau from a climb.
 
 And the machine: cores, RAM, kernel, load average before and after.
 Exits 1 when any check failed.
@@ -154,6 +155,12 @@ def print_figures(report: LoadReport, bare: BareWork, true_ms: list[float], bwra
               f"{(f'{idle / 2**20:.1f}Mi' if idle else '-'):>9} {u.rss_warm / 2**20:>6.1f}Mi "
               f"{u.rss_end / 2**20:>6.1f}Mi {u.rss_max / 2**20:>6.1f}Mi | "
               f"{u.growth_mib:>+8.1f} MiB {u.growth_pct:>+6.1f}% | {u.rss_after / 2**20:>6.1f}Mi | {u.restarts}")
+    marks = [report.warm_s + (report.duration_s - report.warm_s) * i / 6 for i in range(7)]
+    print(f"\nRSS over the load (MiB), from the end of warm-up to the end: "
+          f"{', '.join(f'{m:.0f}' for m in marks)} s")
+    for u in report.services.values():
+        at = [min(u.samples, key=lambda s, m=m: abs(s[0] - m))[1] / 2**20 for m in marks] if u.samples else []
+        print(f"{u.name:<10} " + " ".join(f"{x:>7.1f}" for x in at))
     print("(CPU % of one core over the load; RSS end: when the load's time was up, sessions still running; "
           "stopped: after every session was stopped; sandboxes: every process below the executor, their RSS summed; "
           "driver: this process, which shares the machine)")
