@@ -260,7 +260,7 @@ def test_memory_stays_within_a_generous_bound_after_warm_up(report: LoadReport) 
 
 def test_the_report_names_every_figure(report: LoadReport) -> None:
     text = report.format()
-    for needle in ("concurrent sessions 20", "tool calls", "/s)", "p50", "p99", "gateway", "harness",
+    for needle in ("concurrent sessions 20", "attach batch 1, 100, 100", "tool calls", "/s)", "p50", "p99", "gateway", "harness",
                    "executor", "egress", "nats", "sandboxes", "checks:", "OK"):
         assert needle in text, text
 

@@ -66,8 +66,12 @@ API, for benchmarks and chaos schedules::
   started before exit. A slot whose session ended with an error moves to a
   fresh workspace, so the failed one stays as it was for inspection
   (``report.sessions[i].workspace``; the files are on the executor).
-* ``run.warmed_up``: set once every slot has completed one turn; resources
-  sampled then are the warm-up baseline of the memory figures.
+* ``run.warmed_up``: set once every slot has completed one turn (start a
+  chaos schedule after it). ``run.steady``: set once every slot has been
+  through one whole session (stopped it and started the next): event rings,
+  caches and allocator arenas have filled once, so the RSS sampled then is
+  the baseline of the memory figures ("warm" in the report); when the run
+  ends before that, the baseline is taken at ``warmed_up`` instead.
 * ``LoadReport``: ``ok``, ``problems()``, ``format()``, ``sessions``
   (:class:`SessionResult` per session), ``tool_calls``, ``tool_calls_per_s``,
   ``latency_p50``/``latency_p99`` (seconds, tool_use event → tool_result
@@ -80,7 +84,10 @@ API, for benchmarks and chaos schedules::
 * Knobs: ``rounds`` (turns per session), ``think_s`` (pause between turns),
   ``stall_s`` (30; raise it for faults that pause events longer, e.g. a NATS
   restart), ``settle_s`` (how long sessions may take to end after the
-  duration), ``allow_tool_errors``, ``batch`` (the clients' attach batch).
+  duration), ``allow_tool_errors``, ``batches`` (client ``i`` of a session
+  attaches with ``batches[i % len(batches)]``: by default the first as the
+  CLI does, one ``event`` frame per event, the others as the TUI and the web
+  app do, ``batch`` 100, so both frame kinds are checked).
 * The stack needs executor room for the sessions: ``stack_services(sessions,
   users)`` gives the ``Stack(services=...)`` entries.
 
@@ -184,8 +191,10 @@ def event_digest(event: dict[str, Any]) -> bytes:
 class ClientLog:
     """Every event one client received for one session, in arrival order: seqs and digests."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, batch: int = 1) -> None:
         self.name = name
+        self.batch = batch
+        """The ``batch`` it attaches with (1: one ``event`` frame per event)."""
         self.seqs = array("q")
         self.digests = bytearray()
         self.reconnects = 0
@@ -649,6 +658,8 @@ class LoadReport:
     """Slots that had to try again to upload a workspace or start a session, and frames the gateway
     refused on a slot's control link (and why): expected while a chaos schedule kills services, a
     finding otherwise."""
+    batches: tuple[int, ...] = (1,)
+    """The attach batch sizes of each session's clients, in order."""
 
     @property
     def tool_calls(self) -> int:
@@ -692,7 +703,8 @@ class LoadReport:
         events = sum(s.events for s in self.sessions)
         lines = [
             (f"users {self.users}, concurrent sessions {self.slots}, clients per session "
-            f"{self.clients_per_session}; {len(self.sessions)} sessions over {self.duration_s:.0f} s "
+            f"{self.clients_per_session} (attach batch {', '.join(map(str, self.batches))}); "
+            f"{len(self.sessions)} sessions over {self.duration_s:.0f} s "
             f"(warm-up {self.warm_s:.0f} s)"),
             (f"events {events} (each to {self.clients_per_session} clients), turns "
             f"{sum(s.turns for s in self.sessions)}, tool calls {self.tool_calls} "
@@ -722,10 +734,10 @@ class LoadRun:
     def __init__(self, stack: Stack, *, workdir: Path, users: int = 5, sessions: int = 20,
                  clients_per_session: int = 3, duration: float = 60.0, rounds: int = 30,
                  sandbox: str = "bwrap", stall_s: float = 30.0, sample_s: float = 1.0,
-                 think_s: float = 0.0, batch: int = 1, allow_tool_errors: bool = False,
+                 think_s: float = 0.0, batches: Sequence[int] = (1, 100, 100), allow_tool_errors: bool = False,
                  settle_s: float = 120.0) -> None:
         """``rounds``: turns per session before the slot starts a new one; ``think_s``: pause
-        between a turn's end and the next prompt; ``batch``: the clients' attach batch size;
+        between a turn's end and the next prompt; ``batches``: the clients' attach batch sizes;
         ``settle_s``: how long after the duration sessions may take to end."""
         if users < 1 or sessions < 1 or clients_per_session < 1 or rounds < 1:
             raise LoadError("users, sessions, clients_per_session and rounds must be at least 1")
@@ -739,7 +751,7 @@ class LoadRun:
         self.sandbox = sandbox
         self.stall_s = stall_s
         self.think_s = think_s
-        self.batch = batch
+        self.batches = tuple(batches) or (1,)
         self.allow_tool_errors = allow_tool_errors
         self.settle_s = settle_s
         state = StateDir(stack.state_dir)
@@ -753,7 +765,10 @@ class LoadRun:
         self._marking: list[str] = []
         self.sampler = ResourceSampler(stack, sample_s)
         self.warmed_up = asyncio.Event()
-        """Set once every slot has completed a turn (the warm-up is over)."""
+        """Set once every slot has completed a turn."""
+        self.steady = asyncio.Event()
+        """Set once every slot has been through one whole session (the memory baseline)."""
+        self._steady_slots: set[int] = set()
         self._stop_load = asyncio.Event()
         self._setup_problems: list[str] = []
         self._retries: list[str] = []
@@ -802,10 +817,11 @@ class LoadRun:
             tasks.append(asyncio.create_task(self._watch_stalls()))
 
             async def warm() -> None:
-                await self.warmed_up.wait()
-                warm_at.append(time.monotonic() - started)
-                await asyncio.to_thread(self.sampler.sample)
-                self.sampler.mark_warm()
+                for point in (self.warmed_up, self.steady):
+                    await point.wait()
+                    warm_at[:] = [time.monotonic() - started]
+                    await asyncio.to_thread(self.sampler.sample)
+                    self.sampler.mark_warm()
 
             tasks.append(asyncio.create_task(warm()))
 
@@ -904,6 +920,10 @@ class LoadRun:
                 continue
             if session.track.errors or session.track.exit_code not in (None, 0):
                 workspace, generation = None, generation + 1  # leave the failed one as it was
+            if session.track.ended and not self._stop_load.is_set():
+                self._steady_slots.add(slot)
+                if len(self._steady_slots) == self.n_slots:
+                    self.steady.set()
 
     async def _drive(self, session: LoadSession, user: LoadUser) -> None:
         """Create one session, follow it with its clients, prompt it turn by turn, stop it."""
@@ -928,7 +948,7 @@ class LoadRun:
         self.sessions.append(session)
         self._live[session.slot] = session
         for c in range(self.clients_per_session):
-            log = ClientLog(f"client{c}")
+            log = ClientLog(f"client{c}", self.batches[c % len(self.batches)])
             session.logs.append(log)
             task = asyncio.create_task(self._follow(session, user, log))
             self._followers.add(task)
@@ -1016,7 +1036,8 @@ class LoadRun:
                 log.reconnects += 1
             first = False
             try:
-                await link.send(Attach(session_id=session.session_id, from_seq=log.next_seq, batch=self.batch))
+                await link.send(Attach(session_id=session.session_id, from_seq=log.next_seq,
+                                       batch=log.batch))
                 while not log.ended:
                     frame = await link.receive()
                     kind = frame.get("type")
@@ -1080,4 +1101,6 @@ class LoadRun:
         return LoadReport(users=self.n_users, slots=self.n_slots, clients_per_session=self.clients_per_session,
                           duration_s=load_s, warm_s=warm_s, sessions=results, latencies=latencies,
                           services=self.sampler.usage, setup_problems=self._setup_problems,
-                          retries=self._retries)
+                          retries=self._retries,
+                          batches=tuple(self.batches[c % len(self.batches)]
+                                        for c in range(self.clients_per_session)))
