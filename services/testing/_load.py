@@ -590,13 +590,15 @@ class Link:
             self._drain.cancel()
             await asyncio.gather(self._drain, return_exceptions=True)
             self._drain = None
-        if self._ws is not None:
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                await self._ws.close()
+        try:
+            if self._ws is not None:
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    await self._ws.close()  # waits for the gateway's close frame
+        finally:  # even when cancelled while waiting for it
             self._ws = None
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+            if self._http is not None:
+                http, self._http = self._http, None
+                await http.close()
 
 
 # -- sessions ----------------------------------------------------------------------------------------------
