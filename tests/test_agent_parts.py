@@ -207,18 +207,34 @@ class LostExecutorSink(EventSink):
         raise SiloError(f"no_responders: no executor is listening on {subject}")
 
 
-async def test_a_lost_executor_ends_the_session_after_the_running_calls_result() -> None:
+class SlowJournal:
+    """A journal whose tool results take a moment to write, as a JetStream publish does."""
+
+    def __getattr__(self, name: str) -> object:
+        async def write(*_: object, **__: object) -> None:
+            await asyncio.sleep(0.2 if name == "tool_result" else 0)
+        return write
+
+
+@pytest.mark.parametrize("told", [1, 2])
+async def test_a_lost_executor_ends_the_session_after_the_running_calls_result(told: int) -> None:
     sink = LostExecutorSink()
     grant = SessionGrant(grant_id="g1", session_id="s1", user="u", workspace="/w", issued_at=0.0, expires_at=1.0)
     model = ScriptedModel(json.dumps({"responses": [{"tool_calls": [{"name": "Bash", "input": {"command": "ls"}}]}]}))
     session = SessionRunner(sink, grant, "e1", AccessReport(backend="mock", workspace="/w"), model,  # type: ignore[arg-type]
-                            headless=False, log=structlog.get_logger())
+                            headless=False, log=structlog.get_logger(), journal=SlowJournal())  # type: ignore[arg-type]
     running = asyncio.create_task(session.run("go"))
     while not any(e.kind == "tool_use" for e in sink.events):
         await asyncio.sleep(0.01)
-    await session.executor_lost("executor e1 stopped responding; the session cannot continue")
+    reason = "executor e1 stopped responding; the session cannot continue"
+    first = asyncio.create_task(session.executor_lost(reason))
+    if told == 2:  # the pool hears of it again (silent, then announcing) while the call is being stopped
+        await asyncio.sleep(0.05)
+        await session.executor_lost(reason)
+    await first
     await asyncio.wait_for(running, 10)
     kinds = [e.kind for e in sink.events]
     # clients stop reading at shutdown: the interrupted call's result must come before it
     assert kinds[-3:] == ["tool_result", "error", "shutdown"], kinds
+    assert kinds.count("error") == 1
     assert sink.events[-3].data["content"] == "interrupted" and sink.events[-1].data["exit_code"] == 1

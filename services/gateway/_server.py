@@ -370,6 +370,12 @@ class ClientConnection:
         assert self.who is not None
         if not self.who.operator:
             holder = self.gw.pool.remote_holder(req.workspace_host, req.workspace)
+            # Executors announce what they hold every second: a gateway that has heard none yet
+            # (just restarted) waits for them rather than refuse an uploaded workspace.
+            deadline = time.monotonic() + 3.0
+            while holder is None and not len(self.gw.pool) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                holder = self.gw.pool.remote_holder(req.workspace_host, req.workspace)
             if holder is None or holder[1] != self.who.user:
                 raise GrantError(HOST_WORKSPACES_NEED_OPERATOR)
         now = time.time()

@@ -167,6 +167,7 @@ class SessionRunner:
         self._calls: dict[str, RunningCall] = {}
         self._turn: asyncio.Task[None] | None = None
         self._executor_lost = False
+        self._losing_executor = False
         self._abandoned = False
         self._sandbox_gone: str | None = None
         self._stopping: str | None = None
@@ -324,8 +325,9 @@ class SessionRunner:
 
     async def executor_lost(self, reason: str) -> None:
         """The session's executor is gone: end the session with a clear error."""
-        if self.exit_code is not None:
+        if self.exit_code is not None or self._losing_executor:  # told twice (silent, then back)
             return
+        self._losing_executor = True
         self._executor_lost = True
         turn = self._turn
         if self.interrupt() and turn is not None:

@@ -23,7 +23,10 @@ only through its gateway, as real clients do:
   ends (a gateway killed, a slow client dropped) reconnects and attaches
   again from the seq after the last one it holds.
 * **resources**: every ``sample_s`` the CPU seconds and RSS of each service's
-  live process (re-found after a restart) and of nats-server.
+  live process (re-found after a restart), of nats-server, of the sandboxes
+  (every process below the executor) and of this driver. RSS is reported at
+  the end of warm-up, at the end of the load (sessions still running) and
+  after every session was stopped.
 
 At the end each client's record is checked (:func:`verify_session`): seqs
 0..n-1 with no gap and no duplicate, the same events (by digest) as the
@@ -31,10 +34,16 @@ session's other clients, every ``tool_use`` answered by a ``tool_result``, no
 stall (no event for more than ``stall_s`` seconds while the session was busy,
 including a session still busy when the run gave up on it), and the session
 ended with ``shutdown`` and no ``error`` unless it was marked as expected to
-fail.
+fail. Across the sessions that ran one after another on a workspace, each turn's ``Bash``
+must have seen the workspace log one line longer (:func:`verify_workspace`): no command ran
+twice or was lost, and no write was lost between sessions. ``allow_tool_errors=True`` lifts
+the failed-tool and workspace checks (a harness killed mid-call reports a call's result as
+unknown, and a resumed session may run a command again).
 
 API, for benchmarks and chaos schedules::
 
+    stack = Stack(state_dir, services=stack_services(20, 5))  # executor room for 20 sessions of 5 users
+    stack.start()
     run = LoadRun(stack, users=5, sessions=20, clients_per_session=3, duration=60.0,
                   workdir=tmp_path / "load")
     async def chaos(run: LoadRun) -> None:
@@ -57,17 +66,34 @@ API, for benchmarks and chaos schedules::
   started before exit. A slot whose session ended with an error moves to a
   fresh workspace, so the failed one stays as it was for inspection
   (``report.sessions[i].workspace``; the files are on the executor).
-* ``run.warmed_up``: set once every slot has completed one turn; resources
-  sampled then are the warm-up baseline of the memory figures.
+* ``run.warmed_up``: set once every slot has completed one turn (start a
+  chaos schedule after it). ``run.steady``: set once every slot has been
+  through one whole session (stopped it and started the next): event rings,
+  caches and allocator arenas have filled once, so the RSS sampled then is
+  the baseline of the memory figures ("warm" in the report); when the run
+  ends before that, the baseline is taken at ``warmed_up`` instead.
 * ``LoadReport``: ``ok``, ``problems()``, ``format()``, ``sessions``
   (:class:`SessionResult` per session), ``tool_calls``, ``tool_calls_per_s``,
   ``latency_p50``/``latency_p99`` (seconds, tool_use event → tool_result
   event, both harness timestamps), ``services`` (:class:`ServiceUsage` per
-  service: CPU seconds, RSS at warm-up and at the end, growth), ``reconnects``.
+  service: CPU seconds, RSS at warm-up, at the end and after, growth),
+  ``reconnects`` (clients' reconnects), ``retries`` (a slot's upload or
+  session start that failed and was tried again, and every frame the gateway
+  refused on a slot's control link, with why: expected while services are
+  being killed, not counted by ``ok``; assert on it otherwise).
+* Knobs: ``rounds`` (turns per session), ``think_s`` (pause between turns),
+  ``stall_s`` (30; raise it for faults that pause events longer, e.g. a NATS
+  restart), ``settle_s`` (how long sessions may take to end after the
+  duration), ``allow_tool_errors``, ``batches`` (client ``i`` of a session
+  attaches with ``batches[i % len(batches)]``: by default the first as the
+  CLI does, one ``event`` frame per event, the others as the TUI and the web
+  app do, ``batch`` 100, so both frame kinds are checked).
+* The stack needs executor room for the sessions: ``stack_services(sessions,
+  users)`` gives the ``Stack(services=...)`` entries.
 
 The driver runs in the caller's event loop (one process); it decodes frames
-with ``json`` only and keeps ~12 bytes per received event, so a 10-minute run
-of 60 clients stays small beside the stack it measures.
+with ``json`` only and keeps a seq and an 8-byte digest per received event, not
+the events (its own CPU and RSS are reported as ``driver``).
 """
 
 from __future__ import annotations
@@ -78,7 +104,9 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import random
+import re
 import time
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -108,12 +136,22 @@ from ._stack import Stack
 
 DIGEST_BYTES = 8
 """Bytes of each event's digest a client keeps (BLAKE2b): enough to tell two event lists apart."""
+LINES = re.compile(r"^lines=(\d+)$", re.MULTILINE)
 RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)
 """Seconds between reconnect attempts (the last repeats)."""
 
 
 class LoadError(SiloError):
     """The load run could not be set up or driven (not a finding about the stack)."""
+
+
+def stack_services(sessions: int, users: int = 5) -> dict[str, dict[str, Any]]:
+    """What a Stack needs for ``sessions`` concurrent load sessions of ``users`` users
+    (``Stack(dir, services=...)``): executor capacity, in all and per user, with room for
+    sandboxes still closing as slots turn over."""
+    per_user = math.ceil(sessions / users)
+    return {"executor": {"options": {"capacity": sessions + max(8, sessions // 2),
+                                     "per_user": per_user + max(4, per_user // 2)}}}
 
 
 # -- the model's script ------------------------------------------------------------------------------------
@@ -123,14 +161,15 @@ def round_script(rounds: int, payload: int = 2048) -> dict[str, Any]:
     """The mock model's script for ``rounds`` turns; each turn: Bash, Write, Edit, then a text answer.
 
     Every command and edit is real work in the sandboxed workspace: the log grows by a line a
-    turn and is hashed, a ``payload``-byte file is written, then edited in place.
+    turn and is hashed (the command prints ``lines=N``, N its lines now), a ``payload``-byte
+    file is written, then edited in place.
     """
     responses: list[dict[str, Any]] = []
     filler = ("0123456789abcdef" * (payload // 16 + 1))[:payload]
     for i in range(rounds):
         responses.append({"text": f"round {i}: working", "tool_calls": [
             {"name": "Bash", "input": {"command": f"printf 'round {i}\\n' >> log.txt && sha256sum log.txt "
-                                                   f"&& wc -l < log.txt && ls notes | wc -l"}},
+                                                   f"&& echo lines=$(wc -l < log.txt) && ls notes | wc -l"}},
             {"name": "Write", "input": {"path": f"notes/n{i % 8}.txt",
                                         "content": f"round {i}\nvalue=old\n{filler}\n"}},
             {"name": "Edit", "input": {"path": f"notes/n{i % 8}.txt", "old_string": "value=old",
@@ -152,8 +191,10 @@ def event_digest(event: dict[str, Any]) -> bytes:
 class ClientLog:
     """Every event one client received for one session, in arrival order: seqs and digests."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, batch: int = 1) -> None:
         self.name = name
+        self.batch = batch
+        """The ``batch`` it attaches with (1: one ``event`` frame per event)."""
         self.seqs = array("q")
         self.digests = bytearray()
         self.reconnects = 0
@@ -201,6 +242,8 @@ class SessionTrack:
     longest_busy_gap: float = 0.0
     exit_code: int | None = None
     ended: bool = False
+    log_lines: list[int] = field(default_factory=list)
+    """The workspace log's line count each turn's Bash printed (``lines=N``)."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def offer(self, event: dict[str, Any]) -> None:
@@ -230,6 +273,8 @@ class SessionTrack:
                 self.latencies.append(ts - started)
             if data.get("is_error"):
                 self.tool_errors.append(f"{data.get('name')}: {str(data.get('content'))[:200]}")
+            elif data.get("name") == "Bash":
+                self.log_lines += [int(n) for n in LINES.findall(str(data.get("content")))]
         elif kind == "error":
             self.errors.append(str(data.get("message")))
         elif kind == "shutdown":
@@ -289,12 +334,29 @@ def verify_session(logs: Sequence[ClientLog], track: SessionTrack, *, stall_s: f
     return problems
 
 
+def verify_workspace(counts: Sequence[Sequence[int]]) -> list[str | None]:
+    """Whether the sessions that ran one after another on one workspace saw its log grow by one
+    line a turn (``counts``: each session's ``lines=N`` in order); per session, what is wrong.
+
+    A count out of step means a command ran twice or not at all, or the workspace lost a write
+    between sessions.
+    """
+    out: list[str | None] = []
+    expected = 1
+    for values in counts:
+        want = list(range(expected, expected + len(values)))
+        out.append(None if list(values) == want else
+                   f"workspace log had {list(values)[:8]} lines where {want[:8]} were expected")
+        expected = values[-1] + 1 if values else expected
+    return out
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q`` quantile (0..1) of ``values`` by nearest rank; NaN when empty."""
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 # -- resources ---------------------------------------------------------------------------------------------
@@ -309,6 +371,10 @@ class ServiceUsage:
     rss_warm: int = 0
     """RSS (bytes) at the end of warm-up."""
     rss_end: int = 0
+    """RSS (bytes) when the load's duration was over, sessions still running."""
+    rss_after: int = 0
+    """RSS (bytes) after every session had been stopped."""
+    rss_now: int = 0
     rss_max: int = 0
     restarts: int = 0
     samples: list[tuple[float, int]] = field(default_factory=list)
@@ -326,13 +392,19 @@ class ServiceUsage:
 
 
 class ResourceSampler:
-    """Samples CPU seconds and RSS of every service of a stack, and of its nats-server."""
+    """Samples CPU seconds and RSS of every service of a stack, its nats-server, the sandboxes and
+    this driver.
+
+    ``sandboxes`` is every process below the executor: RSS of those alive, CPU of those alive plus
+    what the executor's reaped children used. ``driver`` is this process (it shares the machine).
+    """
 
     def __init__(self, stack: Stack, every_s: float) -> None:
         self.stack = stack
         self.every_s = every_s
-        self.usage: dict[str, ServiceUsage] = {n: ServiceUsage(n) for n in [*stack.metrics_ports, "nats"]}
-        self._procs: dict[str, psutil.Process] = {}
+        names = [*stack.metrics_ports, "nats", "sandboxes", "driver"]
+        self.usage: dict[str, ServiceUsage] = {n: ServiceUsage(n) for n in names}
+        self._procs: dict[str, psutil.Process] = {"driver": psutil.Process()}
         self._cpu_done: dict[str, float] = {n: 0.0 for n in self.usage}
         """CPU seconds of processes of each service that are gone."""
         self._cpu_last: dict[str, float] = {n: 0.0 for n in self.usage}
@@ -361,10 +433,25 @@ class ResourceSampler:
             return None
         return self._procs[name]
 
+    @staticmethod
+    def _below(proc: psutil.Process) -> tuple[float, int]:
+        """CPU seconds and RSS of everything below ``proc`` (its reaped children's CPU included)."""
+        own = proc.cpu_times()
+        cpu, rss = own.children_user + own.children_system, 0
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied), \
+                    child.oneshot():
+                t = child.cpu_times()
+                cpu += t.user + t.system
+                rss += child.memory_info().rss
+        return cpu, rss
+
     def sample(self) -> None:
         """Read every service's CPU and RSS now."""
         now = time.monotonic() - self.started
-        for name, use in self.usage.items():
+        for name in self.usage:
+            if name == "sandboxes":
+                continue
             try:
                 proc = self._process(name)
                 if proc is None:
@@ -372,18 +459,33 @@ class ResourceSampler:
                 with proc.oneshot():
                     cpu = proc.cpu_times()
                     rss = proc.memory_info().rss
+                self._cpu_last[name] = cpu.user + cpu.system
+                if name == "executor":
+                    self._record("sandboxes", now, *self._below(proc))
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 continue
-            self._cpu_last[name] = cpu.user + cpu.system
-            use.cpu_s = self._cpu_done[name] + self._cpu_last[name]
-            use.rss_end = rss
-            use.rss_max = max(use.rss_max, rss)
-            use.samples.append((now, rss))
+            self._record(name, now, self._cpu_last[name], rss)
+
+    def _record(self, name: str, now: float, cpu: float, rss: int) -> None:
+        use = self.usage[name]
+        if name == "sandboxes":  # one executor's children: a restart starts the count again
+            if cpu + 1e-9 < self._cpu_last[name]:
+                self._cpu_done[name] += self._cpu_last[name]
+            self._cpu_last[name] = cpu
+        use.cpu_s = self._cpu_done[name] + self._cpu_last[name]
+        use.rss_now = rss
+        use.rss_max = max(use.rss_max, rss)
+        use.samples.append((now, rss))
 
     def mark_warm(self) -> None:
         """The RSS now is each service's warm-up baseline."""
         for use in self.usage.values():
-            use.rss_warm = use.rss_end
+            use.rss_warm = use.rss_now
+
+    def mark_end(self) -> None:
+        """The RSS now is each service's RSS at the end of the load."""
+        for use in self.usage.values():
+            use.rss_end = use.rss_now
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sample every ``every_s`` until ``stop``."""
@@ -392,6 +494,8 @@ class ResourceSampler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.every_s)
         await asyncio.to_thread(self.sample)
+        for use in self.usage.values():
+            use.rss_after = use.rss_now
 
 
 # -- connections -------------------------------------------------------------------------------------------
@@ -419,6 +523,7 @@ class Link:
         self.client_name = client_name
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._drain: asyncio.Task[None] | None = None
 
     async def open(self, timeout: float = 30.0) -> None:
         """Connect and sign the gateway's challenge with the user's key."""
@@ -468,15 +573,32 @@ class Link:
             raise GatewayError("the gateway sent a frame that is not a JSON object")
         return frame
 
+    def drain(self, refused: Callable[[dict[str, Any]], None]) -> None:
+        """Read every frame from now on in the background (a link that only sends must still read,
+        or its heartbeat fails); ``error`` and ``overloaded`` frames go to ``refused``."""
+        async def read() -> None:
+            with contextlib.suppress(GatewayError):
+                while True:
+                    frame = await self.receive()
+                    if frame.get("type") in ("error", "overloaded"):
+                        refused(frame)
+        self._drain = asyncio.create_task(read())
+
     async def close(self) -> None:
         """Close the connection."""
-        if self._ws is not None:
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                await self._ws.close()
+        if self._drain is not None:
+            self._drain.cancel()
+            await asyncio.gather(self._drain, return_exceptions=True)
+            self._drain = None
+        try:
+            if self._ws is not None:
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    await self._ws.close()  # waits for the gateway's close frame
+        finally:  # even when cancelled while waiting for it
             self._ws = None
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+            if self._http is not None:
+                http, self._http = self._http, None
+                await http.close()
 
 
 # -- sessions ----------------------------------------------------------------------------------------------
@@ -499,6 +621,8 @@ class LoadSession:
     track: SessionTrack = field(default_factory=SessionTrack)
     stalled_live: str | None = None
     """Set when the run saw it busy with no new event for longer than ``stall_s``."""
+    abandoned: bool = False
+    """The driver stopped waiting for its turn (no event for ``stall_s + settle_s``)."""
 
 
 @dataclass
@@ -533,8 +657,11 @@ class LoadReport:
     services: dict[str, ServiceUsage]
     setup_problems: list[str]
     retries: list[str]
-    """Slots that had to try again to upload a workspace or start a session (and why): expected
-    while a chaos schedule kills services, a finding otherwise."""
+    """Slots that had to try again to upload a workspace or start a session, and frames the gateway
+    refused on a slot's control link (and why): expected while a chaos schedule kills services, a
+    finding otherwise."""
+    batches: tuple[int, ...] = (1,)
+    """The attach batch sizes of each session's clients, in order."""
 
     @property
     def tool_calls(self) -> int:
@@ -578,20 +705,21 @@ class LoadReport:
         events = sum(s.events for s in self.sessions)
         lines = [
             (f"users {self.users}, concurrent sessions {self.slots}, clients per session "
-            f"{self.clients_per_session}; {len(self.sessions)} sessions over {self.duration_s:.0f} s "
+            f"{self.clients_per_session} (attach batch {', '.join(map(str, self.batches))}); "
+            f"{len(self.sessions)} sessions over {self.duration_s:.0f} s "
             f"(warm-up {self.warm_s:.0f} s)"),
             (f"events {events} (each to {self.clients_per_session} clients), turns "
             f"{sum(s.turns for s in self.sessions)}, tool calls {self.tool_calls} "
             f"({self.tool_calls_per_s:.1f}/s), client reconnects {self.reconnects}"),
             f"tool latency p50 {self.latency_p50 * 1000:.1f} ms, p99 {self.latency_p99 * 1000:.1f} ms",
             (f"{'service':<10} {'CPU s':>8} {'CPU %':>6} {'RSS warm':>9} {'RSS end':>8} {'RSS max':>8} "
-            f"{'growth':>13} {'restarts':>8}"),
+            f"{'growth':>13} {'stopped':>8} {'restarts':>8}"),
         ]
         for u in self.services.values():
             lines.append(
                 f"{u.name:<10} {u.cpu_s:>8.1f} {100 * u.cpu_s / max(self.duration_s, 1e-9):>5.0f}% "
                 f"{u.rss_warm / 2**20:>7.1f}Mi {u.rss_end / 2**20:>6.1f}Mi {u.rss_max / 2**20:>6.1f}Mi "
-                f"{u.growth_mib:>+6.1f}Mi {u.growth_pct:>+4.0f}% {u.restarts:>8}")
+                f"{u.growth_mib:>+6.1f}Mi {u.growth_pct:>+4.0f}% {u.rss_after / 2**20:>6.1f}Mi {u.restarts:>8}")
         if self.retries:
             lines.append(f"slots that had to retry starting a session: {len(self.retries)}, first: "
                          f"{self.retries[0]}")
@@ -608,10 +736,10 @@ class LoadRun:
     def __init__(self, stack: Stack, *, workdir: Path, users: int = 5, sessions: int = 20,
                  clients_per_session: int = 3, duration: float = 60.0, rounds: int = 30,
                  sandbox: str = "bwrap", stall_s: float = 30.0, sample_s: float = 1.0,
-                 think_s: float = 0.0, batch: int = 1, allow_tool_errors: bool = False,
+                 think_s: float = 0.0, batches: Sequence[int] = (1, 100, 100), allow_tool_errors: bool = False,
                  settle_s: float = 120.0) -> None:
         """``rounds``: turns per session before the slot starts a new one; ``think_s``: pause
-        between a turn's end and the next prompt; ``batch``: the clients' attach batch size;
+        between a turn's end and the next prompt; ``batches``: the clients' attach batch sizes;
         ``settle_s``: how long after the duration sessions may take to end."""
         if users < 1 or sessions < 1 or clients_per_session < 1 or rounds < 1:
             raise LoadError("users, sessions, clients_per_session and rounds must be at least 1")
@@ -625,7 +753,7 @@ class LoadRun:
         self.sandbox = sandbox
         self.stall_s = stall_s
         self.think_s = think_s
-        self.batch = batch
+        self.batches = tuple(batches) or (1,)
         self.allow_tool_errors = allow_tool_errors
         self.settle_s = settle_s
         state = StateDir(stack.state_dir)
@@ -639,7 +767,10 @@ class LoadRun:
         self._marking: list[str] = []
         self.sampler = ResourceSampler(stack, sample_s)
         self.warmed_up = asyncio.Event()
-        """Set once every slot has completed a turn (the warm-up is over)."""
+        """Set once every slot has completed a turn."""
+        self.steady = asyncio.Event()
+        """Set once every slot has been through one whole session (the memory baseline)."""
+        self._steady_slots: set[int] = set()
         self._stop_load = asyncio.Event()
         self._setup_problems: list[str] = []
         self._retries: list[str] = []
@@ -681,39 +812,40 @@ class LoadRun:
         sampler = asyncio.create_task(self.sampler.run(stop_sampling))
         started = time.monotonic()
         warm_at: list[float] = []
+        tasks: list[asyncio.Task[None]] = []
         try:
             slots = [asyncio.create_task(self._slot(i)) for i in range(self.n_slots)]
-            watchdog = asyncio.create_task(self._watch_stalls())
+            tasks += slots
+            tasks.append(asyncio.create_task(self._watch_stalls()))
 
             async def warm() -> None:
-                await self.warmed_up.wait()
-                warm_at.append(time.monotonic() - started)
-                await asyncio.to_thread(self.sampler.sample)
-                self.sampler.mark_warm()
+                for point in (self.warmed_up, self.steady):
+                    await point.wait()
+                    warm_at[:] = [time.monotonic() - started]
+                    await asyncio.to_thread(self.sampler.sample)
+                    self.sampler.mark_warm()
 
-            warming = asyncio.create_task(warm())
-
-            async def timed() -> None:
-                await asyncio.sleep(self.duration)
+            tasks.append(asyncio.create_task(warm()))
 
             async def extra() -> None:
                 if during is not None:
                     await during(self)
 
-            await asyncio.gather(timed(), extra())
+            await asyncio.gather(asyncio.sleep(self.duration), extra())
             self._stop_load.set()
             load_s = time.monotonic() - started
+            await asyncio.to_thread(self.sampler.sample)
+            self.sampler.mark_end()
             await asyncio.gather(*slots)
             if not self.warmed_up.is_set():
                 self._setup_problems.append("not every slot completed a turn: no warm-up point")
-                warming.cancel()
                 self.sampler.mark_warm()
-            watchdog.cancel()
-        finally:
+        finally:  # on success only the watchdog and followers of sessions that never ended remain
             self._stop_load.set()
-            for t in list(self._followers):
+            leftover = [*tasks, *self._followers]
+            for t in leftover:
                 t.cancel()
-            await asyncio.gather(*self._followers, return_exceptions=True)
+            await asyncio.gather(*leftover, return_exceptions=True)
             stop_sampling.set()
             await sampler
         return self._report(load_s, warm_at[0] if warm_at else load_s)
@@ -790,6 +922,10 @@ class LoadRun:
                 continue
             if session.track.errors or session.track.exit_code not in (None, 0):
                 workspace, generation = None, generation + 1  # leave the failed one as it was
+            if session.track.ended and not self._stop_load.is_set():
+                self._steady_slots.add(slot)
+                if len(self._steady_slots) == self.n_slots:
+                    self.steady.set()
 
     async def _drive(self, session: LoadSession, user: LoadUser) -> None:
         """Create one session, follow it with its clients, prompt it turn by turn, stop it."""
@@ -814,15 +950,16 @@ class LoadRun:
         self.sessions.append(session)
         self._live[session.slot] = session
         for c in range(self.clients_per_session):
-            log = ClientLog(f"client{c}")
+            log = ClientLog(f"client{c}", self.batches[c % len(self.batches)])
             session.logs.append(log)
             task = asyncio.create_task(self._follow(session, user, log))
             self._followers.add(task)
             task.add_done_callback(self._followers.discard)
         track = session.track
-        ctl = await self._connect(user, f"{user.name}-slot{session.slot}")
+        ctl = await self._control(user, session)
         try:
-            while (not self._stop_load.is_set() and session.rounds_sent < self.rounds and not track.ended):
+            while (not self._stop_load.is_set() and session.rounds_sent < self.rounds and not track.ended
+                   and not session.abandoned):
                 text = f"round {session.rounds_sent}"
                 ctl = await self._send(ctl, user, session, Prompt(session_id=session.session_id, text=text))
                 session.rounds_sent += 1
@@ -843,6 +980,17 @@ class LoadRun:
                     while not all(log.ended for log in session.logs):
                         await asyncio.sleep(0.1)
 
+    async def _control(self, user: LoadUser, session: LoadSession) -> Link:
+        """The link a slot prompts and stops its session on; what the gateway refuses is a retry."""
+        link = await self._connect(user, f"{user.name}-slot{session.slot}")
+
+        def refused(frame: dict[str, Any]) -> None:
+            self._retries.append(f"slot {session.slot}: session {session.session_id}: the gateway answered "
+                                 f"{frame.get('request') or 'a frame'} with {json.dumps(frame)[:300]}")
+
+        link.drain(refused)
+        return link
+
     async def _send(self, ctl: Link, user: LoadUser, session: LoadSession, frame: ClientFrame) -> Link:
         """Send ``frame`` on the slot's link, reconnecting first when it is gone; the link used."""
         for _ in range(100):
@@ -851,7 +999,7 @@ class LoadRun:
                 return ctl
             except GatewayError:
                 await ctl.close()
-                ctl = await self._connect(user, f"{user.name}-slot{session.slot}")
+                ctl = await self._control(user, session)
         raise LoadError(f"could not send {frame.type} for {session.session_id}")
 
     async def _await_turn(self, ctl: Link, user: LoadUser, session: LoadSession, text: str,
@@ -867,7 +1015,8 @@ class LoadRun:
                 ctl = await self._send(ctl, user, session, Prompt(session_id=session.session_id, text=text))
                 sent_at = time.monotonic()
             if time.monotonic() - track.last_seen > self.stall_s + self.settle_s:
-                break  # the watchdog has reported it; stop waiting for this session
+                session.abandoned = True  # the watchdog has reported it; stop driving this session
+                break
         return ctl
 
     async def _await_end(self, session: LoadSession) -> None:
@@ -889,7 +1038,8 @@ class LoadRun:
                 log.reconnects += 1
             first = False
             try:
-                await link.send(Attach(session_id=session.session_id, from_seq=log.next_seq, batch=self.batch))
+                await link.send(Attach(session_id=session.session_id, from_seq=log.next_seq,
+                                       batch=log.batch))
                 while not log.ended:
                     frame = await link.receive()
                     kind = frame.get("type")
@@ -930,11 +1080,20 @@ class LoadRun:
     def _report(self, load_s: float, warm_s: float) -> LoadReport:
         results = []
         latencies: list[float] = []
+        on_workspace: dict[Path, list[LoadSession]] = {}
+        for s in self.sessions:
+            on_workspace.setdefault(s.workspace, []).append(s)
+        workspace_problems: dict[str, str | None] = {}
+        for group in on_workspace.values():
+            found = verify_workspace([s.track.log_lines for s in group])
+            workspace_problems.update({s.session_id: p for s, p in zip(group, found, strict=True)})
         for s in self.sessions:
             problems = verify_session(s.logs, s.track, stall_s=self.stall_s, expect_error=s.expect_error is not None,
                                       allow_tool_errors=self.allow_tool_errors)
             if s.stalled_live:
                 problems.append(s.stalled_live)
+            if workspace_problems.get(s.session_id) and not self.allow_tool_errors:
+                problems.append(str(workspace_problems[s.session_id]))
             latencies += s.track.latencies
             results.append(SessionResult(
                 session_id=s.session_id, slot=s.slot, user=s.user, workspace=s.workspace,
@@ -944,4 +1103,6 @@ class LoadRun:
         return LoadReport(users=self.n_users, slots=self.n_slots, clients_per_session=self.clients_per_session,
                           duration_s=load_s, warm_s=warm_s, sessions=results, latencies=latencies,
                           services=self.sampler.usage, setup_problems=self._setup_problems,
-                          retries=self._retries)
+                          retries=self._retries,
+                          batches=tuple(self.batches[c % len(self.batches)]
+                                        for c in range(self.clients_per_session)))
