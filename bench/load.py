@@ -1,7 +1,7 @@
 """Load: users, concurrent sessions and clients for minutes, every event checked, beside bare baselines.
 
     .venv/bin/python bench/load.py [--duration 600] [--sessions 20] [--users 5] [--clients 3]
-                                   [--rounds 30] [--think 0]
+                                   [--rounds 30] [--think 0] [--chaos ROUNDS [--chaos-pause 20]]
 
 Starts a whole stack (`silo up`, bwrap sandboxes, executor room for the
 sessions) and runs the load driver (``devsilo.testing._load.LoadRun``): the
@@ -34,6 +34,14 @@ on the same machine) and the ratio:
   and after every session was stopped; and RSS at seven points from the end
   of warm-up to the end of the load, to tell a plateau from a climb.
 
+With ``--chaos ROUNDS`` the gateway, the harness, the executor, the egress
+and the NATS server are each killed with SIGKILL in turn, ROUNDS times over,
+``--chaos-pause`` seconds of load before each kill
+(``devsilo.testing._chaos.LoadChaos``); every check above still holds,
+except that sessions on the killed executor must end with an error and a
+call in flight on a killed harness may end "result unknown". Each kill is
+printed with the time until its replacement was healthy.
+
 And the machine: cores, RAM, kernel, load average before and after.
 Exits 1 when any check failed.
 """
@@ -56,6 +64,7 @@ from pathlib import Path
 import psutil
 from devsilo.runtime import configure_logging
 from devsilo.testing import Stack
+from devsilo.testing._chaos import TARGETS, LoadChaos
 from devsilo.testing._load import LoadReport, LoadRun, percentile, round_script, stack_services
 
 BWRAP = shutil.which("bwrap") or "bwrap"
@@ -166,6 +175,18 @@ def print_figures(report: LoadReport, bare: BareWork, true_ms: list[float], bwra
           "driver: this process, which shares the machine)")
 
 
+def print_chaos(chaos: LoadChaos, run: LoadRun) -> None:
+    """Each kill, how long until its replacement was healthy, and what the sessions lived through."""
+    print(f"chaos: {len(chaos.kills)} kills (SIGKILL), each restarted by the supervisor")
+    for k in chaos.kills:
+        print(f"  {k.target:<9} pid {k.pid:>7} -> {k.new_pid:>7}, healthy again after {k.down_s:5.1f} s, "
+              f"{len(chaos.live_at.get(k.target, ()))} sessions live")
+    ended = [s for s in run.sessions if s.expect_error and s.track.errors]
+    other_errors = [e for s in run.sessions if not s.expect_error for e in s.track.tool_errors]
+    print(f"  sessions ended with an error because their executor was killed: {len(ended)}; "
+          f"tool errors elsewhere (calls in flight on a killed harness): {len(other_errors)}\n")
+
+
 async def main_async(args: argparse.Namespace, root: Path) -> int:
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}")
     true_ms = sequential_ms(["true"], 200)
@@ -176,16 +197,19 @@ async def main_async(args: argparse.Namespace, root: Path) -> int:
     try:
         run = LoadRun(stack, workdir=root / "load", users=args.users, sessions=args.sessions,
                       clients_per_session=args.clients, duration=args.duration, rounds=args.rounds,
-                      think_s=args.think)
+                      think_s=args.think, allow_tool_errors=args.chaos > 0)
+        chaos = LoadChaos(stack, targets=TARGETS * args.chaos, pause_s=args.chaos_pause) if args.chaos else None
         run.sampler.sample()
         idle_rss = {n: u.rss_now for n, u in run.sampler.usage.items()}
         print(f"stack up; {args.users} users, {args.sessions} sessions, {args.clients} clients each, "
               f"{args.duration:.0f} s of load ({args.rounds} turns per session) ...", flush=True)
-        report = await run.run()
+        report = await run.run(during=chaos)
     finally:
         stack.stop()
     print(f"load average after: {os.getloadavg()[0]:.1f}\n")
     print(report.format())
+    if chaos is not None:
+        print_chaos(chaos, run)
     print_figures(report, bare, true_ms, bwrap_ms, idle_rss)
     return 0 if report.ok else 1
 
@@ -198,6 +222,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=3, help="clients per session (default 3)")
     ap.add_argument("--rounds", type=int, default=30, help="turns per session before its slot starts another")
     ap.add_argument("--think", type=float, default=0.0, help="seconds between a turn's end and the next prompt")
+    ap.add_argument("--chaos", type=int, default=0, metavar="ROUNDS",
+                    help="during the load, kill -9 the gateway, harness, executor, egress and NATS in turn, "
+                         "ROUNDS times over (default 0: no chaos)")
+    ap.add_argument("--chaos-pause", type=float, default=20.0, help="seconds of load before each kill")
     ap.add_argument("--bare-seconds", type=float, default=10.0, help="seconds of the bare baseline work")
     args = ap.parse_args()
     configure_logging("bench", level="warning")
