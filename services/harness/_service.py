@@ -61,8 +61,9 @@ from ._session import HEADLESS_INSTRUCTION, SessionRunner
 ANNOUNCE_GRACE_S = 2.5
 """Executors announce every second; a session leased this recently may not be listed yet."""
 RECONNECT_GRACE_S = 3.0
-"""After the harness's NATS connection comes back, how long executors get to be heard again
-(they reconnect too, each on its own backoff) before silence counts against them."""
+"""After the harness's NATS connection comes back (or the harness wakes from a pause, see
+``SilenceWatch``), how long executors get to be heard again (they reconnect too, each on its own
+backoff) before silence counts against them."""
 WATCH_EVERY_S = 0.5
 """How often the harness looks for executors that fell silent."""
 LATE_WAKE_S = 1.0
