@@ -458,7 +458,7 @@ async def serve(ctx: ServiceContext) -> None:
             limits={"sandbox_uid": uid, "memory_bytes": lim.memory_bytes, "cpus": lim.cpus, "pids": lim.pids},
             warnings=tuple(warnings),
         )
-        return LeaseGranted(session_id=sid, executor_id=eid, access=access)
+        return LeaseGranted(session_id=sid, executor_id=eid, access=access, instance=instance)
 
     async def close_session(sid: str, reason: str) -> None:
         s = sessions.pop(sid, None)

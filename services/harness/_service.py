@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from devsilo.protocol import (
@@ -60,14 +61,51 @@ from ._session import HEADLESS_INSTRUCTION, SessionRunner
 ANNOUNCE_GRACE_S = 2.5
 """Executors announce every second; a session leased this recently may not be listed yet."""
 RECONNECT_GRACE_S = 3.0
-"""After the harness's NATS connection comes back, how long executors get to be heard again
-(they reconnect too, each on its own backoff) before silence counts against them."""
+"""After the harness's NATS connection comes back (or the harness wakes from a pause, see
+``SilenceWatch``), how long executors get to be heard again (they reconnect too, each on its own
+backoff) before silence counts against them."""
+WATCH_EVERY_S = 0.5
+"""How often the harness looks for executors that fell silent."""
+LATE_WAKE_S = 1.0
+"""A silence check this much later than due means the harness itself was paused. Below the pool's
+silence (3 s) less an announcement interval and a check interval, so a pause too short to be
+noticed cannot cost an executor either."""
 LEASE_WAIT_S = 15.0
 """How long a session start waits for an executor with room."""
 PER_USER_SANDBOXES = 8
 """Concurrent sandboxes one user may hold across the pool."""
 # Refusals after which the next executor is tried rather than giving up.
 RETRYABLE_LEASE_CODES = {"capacity", "user_limit", "backend", "host", "no_responders", "timeout"}
+
+
+class SilenceWatch:
+    """Judges executors' silence, every ``WATCH_EVERY_S``, never for the harness's own deafness.
+
+    While our NATS connection is down, and for a grace after it is back (announcements were
+    lost with it), nobody is blamed. Nor after this process was itself paused (SIGSTOP, a long
+    GC, CPU starvation): a check that comes ``LATE_WAKE_S`` later than due means announcements
+    may sit unread in our socket, so every executor gets a fresh grace (they announce every
+    second) instead of being counted gone.
+    """
+
+    def __init__(self, bus: Bus, pool: PoolView, clock: Callable[[], float] = time.monotonic) -> None:
+        self._bus = bus
+        self._pool = pool
+        self._clock = clock
+        self._reconnects = bus.reconnects
+        self._checked = clock()
+
+    def check(self) -> list[str]:
+        """Executors silent for too long, now dropped from the pool; called every ``WATCH_EVERY_S``."""
+        now = self._clock()
+        late = now - self._checked > WATCH_EVERY_S + LATE_WAKE_S
+        self._checked = now
+        if not self._bus.nc.is_connected:
+            return []  # we hear nobody now; that is no executor's fault
+        if late or self._bus.reconnects != self._reconnects:  # we were paused, or lost announcements
+            self._reconnects = self._bus.reconnects
+            self._pool.grace(RECONNECT_GRACE_S)
+        return self._pool.expire()
 
 
 async def ensure_streams(ctx: ServiceContext) -> None:
@@ -237,15 +275,10 @@ async def serve(ctx: ServiceContext) -> None:
                     "(was its workspace unlocked?); the session cannot continue"))
 
     async def watch_pool() -> None:
-        reconnects = bus.reconnects
+        watch = SilenceWatch(bus, pool)
         while True:
-            await asyncio.sleep(0.5)
-            if not bus.nc.is_connected:
-                continue  # we hear nobody now; that is no executor's fault
-            if bus.reconnects != reconnects:  # announcements were lost with our connection
-                reconnects = bus.reconnects
-                pool.grace(RECONNECT_GRACE_S)
-            for eid in pool.expire():
+            await asyncio.sleep(WATCH_EVERY_S)
+            for eid in watch.check():
                 ctx.log.warning("executor_silent", executor=eid)
                 executor_gone(eid, "stopped responding")
             free, total = pool.capacity()
@@ -308,6 +341,10 @@ async def serve(ctx: ServiceContext) -> None:
             await runner.run(start.prompt)
 
         launch(runner, begin())
+        if lease.instance and pool.instance_gone(lease.instance):
+            # it died (or restarted) while we claimed the session, before executor_gone could see it
+            spawn(runner.executor_lost(f"executor {lease.executor_id} stopped as the session started; "
+                                       "the session cannot continue"))
         ctx.log.info("session_started", user=grant.user, executor=lease.executor_id)
         return SessionStarted(session_id=sid, executor_id=lease.executor_id)
 

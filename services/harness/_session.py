@@ -48,7 +48,8 @@ STOP_WAIT_S = 5.0
 TOOL_TIMEOUT_S = 660.0
 """How long a sandbox call may take, asked again or not, before the model hears it timed out."""
 NO_RESPONDERS_GRACE_S = 10.0
-"""How long a call nobody received is sent again (NATS or the executor reconnecting)."""
+"""How long a call nobody received is sent again (NATS or the executor reconnecting), counted from
+this harness's last reconnect; after that the session's executor is lost and the session ends."""
 OUTPUT_DRAIN_S = 5.0
 """After a call's result, how long its streamed output that is still on the way is waited for."""
 # Exit codes, shared with the CLI (REQUIREMENTS §1).
@@ -172,6 +173,7 @@ class SessionRunner:
         self._sandbox_gone: str | None = None
         self._stopping: str | None = None
         self._finished = asyncio.Event()
+        self._began = asyncio.Event()  # its first events are out: an end may follow them
         self.leased_at = time.monotonic()
         self.main = AgentLoop(self, "main", name="main", parent=None, messages=[])
         self.tools = self.main.tools
@@ -220,6 +222,7 @@ class SessionRunner:
         await self._loop()
 
     async def _loop(self) -> None:
+        self._began.set()
         try:
             if self._turn is not None:
                 await self._await_turn()
@@ -233,7 +236,7 @@ class SessionRunner:
                         break
                     await self.events.emit("awaiting_input")
                 text = await self.inputs.get()
-                if self.exit_code is not None or self._stopping is not None:
+                if self.exit_code is not None or self._stopping is not None or self._executor_lost:
                     continue
                 self._turn = asyncio.create_task(self._run_turn(text))
                 await self._await_turn()
@@ -329,6 +332,9 @@ class SessionRunner:
             return
         self._losing_executor = True
         self._executor_lost = True
+        await self._began.wait()  # lost as it started: after its first events, before any turn
+        if self.exit_code is not None:
+            return
         turn = self._turn
         if self.interrupt() and turn is not None:
             # the cancelled turn emits its calls' results first: shutdown stays the last event
@@ -423,11 +429,14 @@ class SessionRunner:
             await asyncio.shield(self._cancel_call(wire_id))
             raise
         except RemoteError as exc:
-            if exc.code == SandboxClosed.code:
-                # No sandbox, no session: it ends once this result is out (tool_done), not by
-                # interrupting, which would cancel this very turn.
+            if exc.code in (SandboxClosed.code, "no_responders"):
+                # No sandbox (or no executor listening, past the grace: it died), no session: it
+                # ends once this result is out (tool_done), not by interrupting, which would cancel
+                # this very turn.
                 self._executor_lost = True
-                self._sandbox_gone = exc.message
+                self._sandbox_gone = (exc.message if exc.code == SandboxClosed.code else
+                                      f"executor {self.executor_id} stopped responding (nobody listened "
+                                      f"for {NO_RESPONDERS_GRACE_S:.0f}s); the session cannot continue")
             return ToolResult(call_id=wire_id, is_error=True, content=f"tool failed: {exc}")
         except SiloError as exc:  # e.g. a reply that did not verify: the model hears of it, the session goes on
             self.log.warning("tool_reply_rejected", call=wire_id, error=str(exc))
@@ -456,7 +465,9 @@ class SessionRunner:
         keeps nothing), so after every reconnect the call is asked again with ``again`` set: the
         executor answers with the result of the run it has (running or finished), never runs it
         twice. A call nobody received (no responders while NATS and the executor come back) is
-        sent again for a few seconds; a dead executor ends the session from the pool's view.
+        sent again for ``NO_RESPONDERS_GRACE_S`` after this harness's last reconnect; if nobody
+        listens by then the executor died (``_executor_call`` ends the session), whether or not the
+        pool's view noticed.
         """
         subject = subjects.exec_tool(self.executor_id, self.sid)
         if not hasattr(self.bus, "wait_reconnected"):  # a transport with no connection to lose (replay)
@@ -466,7 +477,10 @@ class SessionRunner:
         deadline = time.monotonic() + TOOL_TIMEOUT_S
         unanswered_since: float | None = None
         asked_again = False
+        generation = self.bus.reconnects
         while True:
+            if generation != self.bus.reconnects:  # our own outage: the executor's silence then is not its
+                unanswered_since = None  # fault, and it reconnects on its own backoff
             generation = self.bus.reconnects
             ask = asyncio.ensure_future(self.bus.request(
                 subject, call, ToolResult, from_role=Role.EXECUTOR, sid=self.sid,
@@ -544,6 +558,7 @@ class SessionRunner:
         if self.exit_code is not None:
             return
         self.exit_code = code
+        self._began.set()  # (ended before it ran, e.g. stopped: nothing waits for it any more)
         await self.events.emit("shutdown", {"exit_code": code, "reason": reason})
         if self.journal is not None:
             await self.journal.lifecycle("ended", exit_code=code, reason=reason)

@@ -193,6 +193,8 @@ class LeaseGranted(Message):
     session_id: str
     executor_id: str
     access: AccessReport
+    instance: str = Field(default="", max_length=64)
+    """The granting executor's instance (its announcements' ``instance``; empty: not said)."""
 
 
 class ToolCall(Message):

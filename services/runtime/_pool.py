@@ -31,6 +31,7 @@ class PoolView:
         self._clock = clock
         self._silence = silence_s
         self._entries: dict[str, ExecutorEntry] = {}
+        self._gone: set[str] = set()  # instances that stopped, restarted or fell silent (one per loss)
 
     def update(self, ann: ExecutorAnnounce) -> bool:
         """Record an announcement; True when it means the executor's earlier instance is gone.
@@ -40,9 +41,13 @@ class PoolView:
         """
         old = self._entries.get(ann.executor_id)
         lost = old is not None and old.announce.instance != ann.instance
+        if old is not None and lost:
+            self._gone.add(old.announce.instance)
         if ann.stopping:
             self._entries.pop(ann.executor_id, None)
+            self._gone.add(ann.instance)
             return True
+        self._gone.discard(ann.instance)  # heard again after it was counted silent
         self._entries[ann.executor_id] = ExecutorEntry(ann, self._clock())
         return lost
 
@@ -58,8 +63,13 @@ class PoolView:
         now = self._clock()
         gone = [eid for eid, e in self._entries.items() if now - e.seen_at > self._silence]
         for eid in gone:
-            del self._entries[eid]
+            self._gone.add(self._entries.pop(eid).announce.instance)
         return gone
+
+    def instance_gone(self, instance: str) -> bool:
+        """Whether the executor instance ``instance`` stopped, restarted or fell silent (and was not
+        heard again): a lease it granted is worth nothing any more."""
+        return instance in self._gone
 
     def alive(self, executor_id: str) -> bool:
         """Whether ``executor_id`` announced itself recently."""
