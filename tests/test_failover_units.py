@@ -18,6 +18,7 @@ from devsilo.runtime._metrics import ServiceMetrics
 from devsilo.runtime._natsconn import connect_nats
 from devsilo.runtime._natsserver import NatsServer
 from devsilo.runtime._state import StateDir
+from nats.errors import TimeoutError as NatsTimeoutError
 
 ACCESS = AccessReport(backend="bwrap", workspace="/w")
 
@@ -93,6 +94,38 @@ async def test_exactly_one_replica_takes_over_a_silent_owner_and_the_owner_learn
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
+
+
+async def test_a_dead_harness_s_sessions_are_taken_over_side_by_side_and_a_nats_failure_is_retried(
+        buses: list[Bus]) -> None:
+    """One resume that hangs holds no other back; one that NATS fails is tried again, not dropped."""
+    log = structlog.get_logger()
+    dead = SessionOwners(buses[0], "h1", "i-h1", log)
+    heir = SessionOwners(buses[1], "h2", "i-h2", log, takeover_after_s=0.5)
+    for owners in (dead, heir):
+        await owners.open()
+    for sid in ("hangs", "fails-once", "plain"):
+        await dead.claim(entry("h1", sid))
+    calls: list[str] = []
+    never = asyncio.Event()
+
+    async def take(own: SessionOwnership, revision: int) -> None:
+        calls.append(own.session_id)
+        if own.session_id == "hangs":
+            await never.wait()  # e.g. an executor that is gone too
+        if own.session_id == "fails-once" and calls.count("fails-once") == 1:
+            raise NatsTimeoutError  # NATS restarting under the journal read
+
+    watcher = asyncio.create_task(heir.watch(take))
+    try:
+        async with asyncio.timeout(20):
+            while "plain" not in calls or calls.count("fails-once") < 2:
+                await asyncio.sleep(0.1)
+        assert calls.count("hangs") == 1 and calls.count("fails-once") == 2
+        assert heir.owns("plain") and heir.owns("fails-once") and heir.owns("hangs")
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
 
 
 def e(n: int, kind: str, data: dict, agent: str | None = None) -> JournalEntry:  # type: ignore[type-arg]

@@ -24,6 +24,7 @@ from typing import Any
 from devsilo.protocol import MessageRejected, Role, SessionOwnership, subjects
 from devsilo.runtime import Bus
 from devsilo.runtime._kvwatch import follow_kv
+from nats.errors import Error as NatsError
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -33,6 +34,8 @@ from ._model import ToolUse
 
 BEAT_S = 1.0
 TAKEOVER_AFTER_S = 3.0
+RESUME_ATTEMPTS = 5
+"""Tries at resuming a won session when NATS fails under it (1, 2, 4, 8 s apart), before letting it go."""
 UNKNOWN_RESULT = "the harness restarted while this tool ran; its result is unknown"
 
 Takeover = Callable[[SessionOwnership, int], Awaitable[None]]
@@ -62,6 +65,7 @@ class SessionOwners:
         self._owned: dict[str, tuple[SessionOwnership, int]] = {}
         self._seen: dict[str, _Seen] = {}
         self._taking: set[str] = set()
+        self._takes: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         """Open (or create) the bucket."""
@@ -161,7 +165,9 @@ class SessionOwners:
             await follow_kv(self.kv, self._bus, on_entry, on_current=on_current, log=self._log)
         finally:
             checker.cancel()
-            await asyncio.gather(checker, return_exceptions=True)
+            for task in self._takes:
+                task.cancel()
+            await asyncio.gather(checker, *self._takes, return_exceptions=True)
 
     async def _check_loop(self, takeover: Takeover) -> None:
         while True:
@@ -174,11 +180,19 @@ class SessionOwners:
                 restarted = own.owner == self.service_id and own.instance != self.instance
                 if not restarted and now - seen.changed_at < self._after:
                     continue
+                # Each on its own task: a dead harness leaves many sessions, and one slow
+                # resume (a journal read, an executor that is also gone) must not hold the rest.
                 self._taking.add(key)
-                try:
-                    await self._take(own, seen.revision, takeover)
-                finally:
-                    self._taking.discard(key)
+                task = asyncio.create_task(self._take_then_forget(own, seen.revision, takeover),
+                                           name=f"takeover-{key}")
+                self._takes.add(task)
+                task.add_done_callback(self._takes.discard)
+
+    async def _take_then_forget(self, own: SessionOwnership, revision: int, takeover: Takeover) -> None:
+        try:
+            await self._take(own, revision, takeover)
+        finally:
+            self._taking.discard(own.session_id)
 
     async def _take(self, own: SessionOwnership, revision: int, takeover: Takeover) -> None:
         mine = own.model_copy(update={"owner": self.service_id, "instance": self.instance,
@@ -187,13 +201,27 @@ class SessionOwners:
             rev = await self.kv.update(own.session_id, self._seal(mine), last=revision)
         except KeyWrongLastSequenceError:
             return  # another replica won, or the owner was only slow
+        except NatsError as exc:  # NATS failing under us: the next check tries again
+            self._log.warning("session_take_failed", session=own.session_id, error=f"{type(exc).__name__}: {exc}")
+            return
         self._log.info("session_taken_over", session=own.session_id, previous=own.owner)
         self.adopt(mine, rev)
-        try:
-            await takeover(mine, rev)
-        except Exception:  # noqa: BLE001 — logged; the session is let go, not the harness
-            self._log.exception("session_resume_failed", session=own.session_id)
-            await self.release(own.session_id)
+        for attempt in range(RESUME_ATTEMPTS):
+            try:
+                await takeover(mine, rev)
+                return
+            except NatsError as exc:  # NATS itself failing (a restart, a timeout): ours still, try again
+                failure: Exception = exc
+                if attempt + 1 == RESUME_ATTEMPTS or own.session_id not in self._owned:
+                    break
+                self._log.warning("session_resume_retry", session=own.session_id, attempt=attempt + 1,
+                                  error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(2.0 ** attempt)
+            except Exception as exc:  # noqa: BLE001 — logged; the session is let go, not the harness
+                failure = exc
+                break
+        self._log.error("session_resume_failed", session=own.session_id, exc_info=failure)
+        await self.release(own.session_id)
 
 
 @dataclass
