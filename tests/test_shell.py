@@ -367,14 +367,16 @@ def test_input_only_reaches_a_shell_from_the_connection_that_opened_it(stack: St
 
 
 PRODUCER = """python3 -c '
-import sys
+import os, sys
 block = b"x" * (1 << 20)
 for i in range(64):
     sys.stdout.buffer.write(block)
     sys.stdout.buffer.flush()
-    with open("progress", "w") as f:
+    with open("progress.new", "w") as f:
         f.write(str(i + 1))
+    os.replace("progress.new", "progress")
 '"""
+"""Writes 64 MiB and counts the MiB written in ``progress`` (replaced whole, so a look never reads it empty)."""
 
 
 def test_a_client_that_stops_reading_holds_the_shell_back_and_then_gets_everything(
