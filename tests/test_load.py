@@ -43,8 +43,8 @@ from devsilo.testing._load import (
 )
 
 USERS, SESSIONS, CLIENTS = 5, 20, 3
-LOAD_S = 35.0
-ROUNDS = 8
+LOAD_S = 20.0
+ROUNDS = 5
 """Turns per session: short, so sessions also end and start again under load."""
 STALL_S = 30.0
 

@@ -476,23 +476,19 @@ def test_an_oversized_input_frame_is_refused_with_a_clear_error(stack: Stack, lo
     asyncio.run(scenario())
 
 
-def test_a_shell_whose_executor_dies_ends_with_a_clear_error(tmp_path: Path) -> None:
-    own = Stack(tmp_path / "state")
-    own.start()
-    try:
-        ws = tmp_path / "doomed"
-        ws.mkdir()
-        assert silo(own, "workspace", "lock", str(ws)).returncode == 0
-        child = spawn_shell(own, "--workspace", str(ws))
-        child.sendline("echo alive-$((8*8))")
-        child.expect(r"alive-64\r\n")
-        pid = own.live_pid("executor")
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        child.expect(r"executor executor stopped or restarted; the shell ended with its sandbox")
-        assert finish(child) == 1
-    finally:
-        own.stop()
+def test_a_shell_whose_executor_dies_ends_with_a_clear_error(stack: Stack, tmp_path: Path) -> None:
+    """The last test on the module's stack (its executor is killed; the supervisor restarts it)."""
+    ws = tmp_path / "doomed"
+    ws.mkdir()
+    assert silo(stack, "workspace", "lock", str(ws)).returncode == 0
+    child = spawn_shell(stack, "--workspace", str(ws))
+    child.sendline("echo alive-$((8*8))")
+    child.expect(r"alive-64\r\n")
+    pid = stack.live_pid("executor")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    child.expect(r"executor executor stopped or restarted; the shell ended with its sandbox")
+    assert finish(child) == 1
 
 
 # -- the executor's output stream, without NATS ------------------------------------------
