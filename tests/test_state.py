@@ -305,3 +305,43 @@ def test_init_writes_the_nats_config_with_one_user_per_service(tmp_path: Path) -
     assert sorted(u["nkey"] for u in users) == sorted(state.nats_public_key(s) for s in state.config().services)
     assert "tls" in body and "jetstream" in body
     assert state.initialize() == [f"state directory {state.root} is complete; nothing to do"]
+
+
+async def test_a_service_that_says_it_is_not_ready_is_not_healthy_until_it_is(
+        state_dir: StateDir, nats_server: object, free_port: int) -> None:
+    """The gateway is healthy only once it listens: `silo up` (and the demo) trust /healthz."""
+    import asyncio
+
+    import aiohttp
+    from devsilo.runtime._service import ServiceContext, run_service
+
+    go = asyncio.Event()
+
+    async def body(ctx: ServiceContext) -> None:
+        ctx.status["ready"] = False
+        await go.wait()  # e.g. buckets still opening, the listener not bound yet
+        ctx.status["ready"] = True
+        await ctx.stopping.wait()
+
+    async def health() -> tuple[int, dict[str, object]]:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{free_port}/healthz") as r:
+            return r.status, await r.json()
+
+    service = asyncio.create_task(run_service(Role.GATEWAY, "gateway", state_dir, nats_server.url,  # type: ignore[attr-defined]
+                                              body, metrics_port=free_port))
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    code, status = await health()
+                    break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+        assert code == 503 and status["nats_connected"] is True and status["ready"] is False
+        go.set()
+        await asyncio.sleep(0.05)
+        code, status = await health()
+        assert code == 200 and status["ok"] is True
+    finally:
+        service.cancel()
+        await asyncio.gather(service, return_exceptions=True)

@@ -638,6 +638,7 @@ async def serve(ctx: ServiceContext) -> None:
     (5), ``pairing_global_max_failures`` (50) within ``pairing_window_s`` (300),
     then ``pairing_lockout_s`` (300); ``web_root`` (the web app's directory).
     """
+    ctx.status["ready"] = False  # healthy only once clients can connect (`silo up` waits for that)
     state = ctx.state
     cfg = state.config()
     opts = ctx.options
@@ -671,6 +672,7 @@ async def serve(ctx: ServiceContext) -> None:
     port = int(ctx.options.get("port") or cfg.gateway.port)
     site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
+    ctx.status["ready"] = True
     ctx.status["url"] = f"wss://{host}:{port}/ws"
     ctx.status["fingerprint"] = cert.fingerprint
     ctx.log.info("gateway_listening", url=ctx.status["url"], fingerprint=cert.fingerprint,

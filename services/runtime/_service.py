@@ -79,7 +79,9 @@ async def run_service(
 
     def status() -> dict[str, object]:
         connected = nc.is_connected
-        return {"ok": connected and not stopping.is_set(), "service": service_id, "role": role.value,
+        # A body that sets ``ctx.status["ready"] = False`` first is not healthy until it says it serves.
+        ready = ctx.status.get("ready", True) is not False
+        return {"ok": connected and ready and not stopping.is_set(), "service": service_id, "role": role.value,
                 "pid": os.getpid(),
                 "nats_connected": connected, "uptime_s": round(time.time() - started, 1), **ctx.status}
 
