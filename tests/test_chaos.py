@@ -363,8 +363,12 @@ async def test_egress_killed_nothing_gets_out_unchecked_and_after_restart_old_an
     assert f"hello from {WWW}" in out[3], out[3]
     assert "certificate" in out[4] and "hello from" not in out[4], out[4]
     assert f"domain not allowed: {OTHER}" in out[5], out[5]
-    # Every request that reached the host was one the sandbox saw answered through the egress.
-    assert internet.hits[WWW] - hits_before == codes.count("200") + 1
+    # Every request that reached the host went through the egress: each 200 the loop saw, the
+    # plain request, and at most one more — the loop's request in flight through the old egress
+    # when it was killed, which reached the host but whose answer died with the egress (CI saw it).
+    extra = internet.hits[WWW] - hits_before - (codes.count("200") + 1)
+    assert extra in (0, 1), (extra, codes)
+    assert extra == 0 or codes.count("200") < len(codes), codes
     # A session started after the restart goes through the new egress, under its policy.
     ws2 = tmp_path / "net-ws2"
     ws2.mkdir()
