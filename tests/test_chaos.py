@@ -368,7 +368,6 @@ async def test_egress_killed_nothing_gets_out_unchecked_and_after_restart_old_an
     # when it was killed, which reached the host but whose answer died with the egress (CI saw it).
     extra = internet.hits[WWW] - hits_before - (codes.count("200") + 1)
     assert extra in (0, 1), (extra, codes)
-    assert extra == 0 or codes.count("200") < len(codes), codes
     # A session started after the restart goes through the new egress, under its policy.
     ws2 = tmp_path / "net-ws2"
     ws2.mkdir()
