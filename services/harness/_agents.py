@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,11 @@ HEADLESS_TOOLS = [*SANDBOX_TOOLS, "Agent", "AwaitAgent", "Exit"]
 SUBAGENT_TOOLS = [*SANDBOX_TOOLS, "Agent", "AwaitAgent"]
 
 
+def spawned_text(child_id: str, name: str) -> str:
+    """The ``Agent`` tool's result for a subagent it started."""
+    return f"started subagent {child_id} ({name}); collect its answer with AwaitAgent"
+
+
 def tools_for(*, top_level: bool, headless: bool) -> list[str]:
     """The tools an agent of this kind is offered (REQUIREMENTS §5)."""
     if not top_level:
@@ -83,7 +89,8 @@ class Child:
     """A subagent as its parent sees it."""
 
     agent: AgentLoop
-    task: asyncio.Task[tuple[str, str]]
+    task: asyncio.Future[tuple[str, str]]
+    """Its run (status, text); for a subagent that had ended before a takeover, a settled future."""
     collected: bool = False
     finished: int | None = None
     """Order in which the session's subagents finished (for AwaitAgent without an id)."""
@@ -107,17 +114,18 @@ class AgentLoop:
         """Emit an event labelled with this agent."""
         return await self.host.events.emit(kind, data, agent=self.id)
 
-    async def converse(self, pending: list[ToolUse] | None = None) -> str:
+    async def converse(self, pending: list[ToolUse] | None = None, announced: Collection[str] = ()) -> str:
         """Ask the model and run its tool calls in order until it answers without any (or the
         session ends); return that answer. Children not collected by then are cancelled.
 
-        ``pending``: calls of a response given before (a resumed session) to run first.
+        ``pending``: calls of a response given before (a resumed session) to run first;
+        ``announced``: the ids among them already journaled and shown (run again).
         """
         nudges = 0
         text = ""
         try:
             for call in pending or ():
-                result = await self.call_tool(call)
+                result = await self.call_tool(call, announced=call.id in announced)
                 self.messages.append({"role": "tool", "tool_call_id": call.id, "content": result.content,
                                       "is_error": result.is_error})
                 if self.host.exit_code is not None:
@@ -155,11 +163,13 @@ class AgentLoop:
         finally:
             await self.cancel_children()
 
-    async def run_as_subagent(self) -> tuple[str, str]:
+    async def run_as_subagent(self, pending: list[ToolUse] | None = None,
+                              announced: Collection[str] = ()) -> tuple[str, str]:
         """Run a subagent to its end: (status, text), status ``done`` or ``failed``; emits
-        ``agent_completed`` (also when cancelled, then re-raises)."""
+        ``agent_completed`` (also when cancelled, then re-raises). ``pending``, ``announced``:
+        as for :meth:`converse` (a subagent resumed after a takeover)."""
         try:
-            text = await self.converse()
+            text = await self.converse(pending, announced)
             status = "done"
         except asyncio.CancelledError:
             self.host.metrics.subagents.labels(status="cancelled").inc()
@@ -192,11 +202,17 @@ class AgentLoop:
             await self.emit("assistant_text", {"text": response.text, "final": True})
         return response
 
-    async def call_tool(self, call: ToolUse) -> ToolResult:
-        """Run one tool call and emit its ``tool_use`` and ``tool_result``; failures are error results."""
-        await self.host.journal_tool(self, call, None)
+    async def call_tool(self, call: ToolUse, *, announced: bool = False) -> ToolResult:
+        """Run one tool call and emit its ``tool_use`` and ``tool_result``; failures are error results.
+
+        ``announced``: the call was journaled and its ``tool_use`` shown before (a call run again
+        after a takeover): neither is repeated.
+        """
+        if not announced:
+            await self.host.journal_tool(self, call, None)
         try:  # an emit cut short by a cancel was still published (see SessionEvents.emit)
-            await self.emit("tool_use", {"id": call.id, "name": call.name, "input": call.input})
+            if not announced:
+                await self.emit("tool_use", {"id": call.id, "name": call.name, "input": call.input})
             result = await self._dispatch(call)
         except asyncio.CancelledError:
             stopped = ToolResult(call_id=call.id, content="interrupted", is_error=True, meta={"cancelled": True})
@@ -257,19 +273,30 @@ class AgentLoop:
             await self.host.events.emit("agent_completed", {"id": child_id, "status": "cancelled", "text": ""},
                                         agent=child_id)
             raise
-        self.host.running_subagents += 1
-        task = asyncio.create_task(child.run_as_subagent(), name=f"agent-{child_id}")
-        entry = Child(child, task)
-        self.children[child_id] = entry
+        self.start_child(child)
+        return ToolResult(call_id=call.id, content=spawned_text(child_id, args.name), meta={"agent": child_id})
 
-        def finished(_: asyncio.Task[tuple[str, str]]) -> None:
+    def start_child(self, child: AgentLoop, pending: list[ToolUse] | None = None,
+                    announced: Collection[str] = ()) -> Child:
+        """Run ``child`` as this agent's subagent (counted against ``MAX_RUNNING`` until it ends)."""
+        self.host.running_subagents += 1
+        task = asyncio.create_task(child.run_as_subagent(pending, announced), name=f"agent-{child.id}")
+        entry = self.children[child.id] = Child(child, task)
+
+        def finished(_: asyncio.Future[tuple[str, str]]) -> None:
             self.host.running_subagents -= 1
             entry.finished = next(self.host.finish_order)
 
         task.add_done_callback(finished)
-        return ToolResult(call_id=call.id, content=f"started subagent {child_id} ({args.name}); "
-                                                   "collect its answer with AwaitAgent",
-                          meta={"agent": child_id})
+        return entry
+
+    def adopt_ended(self, child: AgentLoop, status: str, text: str, *, finished: int | None,
+                    collected: bool) -> Child:
+        """Hold a subagent that ended before a takeover: AwaitAgent gets its (status, text)."""
+        done: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
+        done.set_result((status, text))
+        entry = self.children[child.id] = Child(child, done, collected=collected, finished=finished)
+        return entry
 
     async def _await(self, call: ToolUse, args: AwaitAgentInput) -> ToolResult:
         if args.agent is not None:

@@ -16,6 +16,7 @@ the winner rebuilds the session from its journal (:func:`rebuild`).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from ._agents import MAX_DEPTH, MAX_RUNNING, SUBAGENT_INSTRUCTION, spawned_text
 from ._journal import JournalEntry
 from ._model import ToolUse
 
@@ -224,6 +226,41 @@ class SessionOwners:
         await self.release(own.session_id)
 
 
+AGENT_ID = re.compile(r"a[1-9][0-9]{0,8}")
+"""A subagent id as the harness makes them (``a1``, ``a2``, ...)."""
+FINISHED = ("done", "failed", "cancelled")
+
+
+@dataclass
+class AgentRebuilt:
+    """One agent's state as the journal tells it: its conversation, where its loop stood, and (for a
+    subagent) how it ended, if it did."""
+
+    id: str
+    name: str = "main"
+    parent: str | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[ToolUse] = field(default_factory=list)
+    """Calls of its last response that had not started: run first when it goes on."""
+    unknown: list[ToolUse] = field(default_factory=list)
+    """Calls that started but whose result was never journaled."""
+    recovered: list[tuple[ToolUse, str, dict[str, Any]]] = field(default_factory=list)
+    """Calls cut short whose result the journal shows all the same (an ``Agent`` call whose
+    subagent was spawned): (call, content, meta), to journal and show."""
+    again: ToolUse | None = None
+    """An ``AwaitAgent`` cut short: waiting has no effect to repeat, so it is run again (first)."""
+    status: str | None = None
+    """None while it runs (it is resumed); else ``done``, ``failed`` or ``cancelled``."""
+    text: str = ""
+    finished: int | None = None
+    """Order in which the session's subagents finished."""
+    collected: bool = False
+    reported: bool = False
+    """Its ``agent_completed`` event is in the journal (else the resuming harness emits it)."""
+    error: str | None = None
+    """Why it cannot be resumed (then it ends ``failed`` with this in its text)."""
+
+
 @dataclass
 class Rebuilt:
     """A session's state as its journal tells it, for the harness that resumes it."""
@@ -236,25 +273,150 @@ class Rebuilt:
     queued: list[str] = field(default_factory=list)
     responses: int = 0
     """``llm_response`` records of every agent: where a scripted model goes on."""
+    response_agents: list[str] = field(default_factory=list)
+    """The agent of each ``llm_response`` record, in order."""
     next_n: int = 0
     ended: bool = False
+    main: AgentRebuilt = field(default_factory=lambda: AgentRebuilt("main"))
+    """The main agent (``messages``, ``pending`` and ``unknown`` above are its)."""
+    agents: dict[str, AgentRebuilt] = field(default_factory=dict)
+    """Subagents, in the order they were spawned."""
+    last_agent: int = 0
+    """The highest subagent number used: new ones count on from it."""
+    finished_count: int = 0
+    problems: list[str] = field(default_factory=list)
+    """Journal records about subagents that made no sense (logged by the resuming harness)."""
+
+
+@dataclass
+class _Conv:
+    """One agent's conversation while the journal is read."""
+
+    messages: list[dict[str, Any]]
+    last_response: dict[str, Any] | None = None
+    called: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    spawned_by: dict[str, str] = field(default_factory=dict)
+    """Call id of an ``Agent`` call cut short -> the subagent the journal shows it spawned."""
+    broken: str | None = None
+
+
+def _request(conv: _Conv, d: dict[str, Any], n: int | None) -> None:
+    start, messages = d.get("from", 0), d.get("messages", [])
+    if (not isinstance(start, int) or not 0 <= start <= len(conv.messages) or not isinstance(messages, list)
+            or not all(isinstance(m, dict) for m in messages)):
+        conv.broken = f"its model request (journal record {n}) is malformed"
+        return
+    conv.messages = conv.messages[:start] + [dict(m) for m in messages]
+    conv.last_response, conv.called, conv.names, conv.results, conv.spawned_by = None, [], {}, {}, {}
+
+
+def _calls(response: dict[str, Any]) -> list[ToolUse] | None:
+    raw = response.get("tool_calls", [])
+    if not isinstance(raw, list):
+        return None
+    calls = []
+    for c in raw:
+        if not (isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("name"), str)
+                and isinstance(c.get("input") or {}, dict)):
+            return None
+        error = c.get("input_error")
+        calls.append(ToolUse(id=c["id"], name=c["name"], input=dict(c.get("input") or {}),
+                             input_error=error if isinstance(error, str) else None))
+    return calls
+
+
+def _settle(conv: _Conv, state: AgentRebuilt, agents: dict[str, AgentRebuilt], *, runs: bool) -> None:
+    """Fill ``state`` from ``conv``: its messages up to the last response, and what its calls need."""
+    state.messages = conv.messages
+    if conv.last_response is None:
+        return
+    calls = _calls(conv.last_response)
+    if calls is None:
+        state.error = state.error or "its last model response in the journal is malformed"
+        return
+    text = conv.last_response.get("text", "")
+    state.messages.append({"role": "assistant", "content": text if isinstance(text, str) else "",
+                           "tool_calls": [{"id": c.id, "name": c.name, "input": c.input} for c in calls]})
+    for call in calls:
+        if call.id in conv.results:
+            r = conv.results[call.id]
+            state.messages.append({"role": "tool", "tool_call_id": call.id, "content": str(r.get("content", "")),
+                                   "is_error": bool(r.get("is_error"))})
+        elif call.id in conv.spawned_by:
+            child = agents[conv.spawned_by[call.id]]
+            content = spawned_text(child.id, child.name)
+            state.recovered.append((call, content, {"agent": child.id}))
+            state.messages.append({"role": "tool", "tool_call_id": call.id, "content": content, "is_error": False})
+        elif call.id in conv.called:
+            if runs and call.name == "AwaitAgent" and call.input_error is None:
+                state.again = call  # its tool message comes when it is run again
+            else:
+                state.unknown.append(call)
+                state.messages.append({"role": "tool", "tool_call_id": call.id, "content": UNKNOWN_RESULT,
+                                       "is_error": True})
+        else:
+            state.pending.append(call)
+
+
+def _spawned(d: dict[str, Any], sender: str | None, agents: dict[str, AgentRebuilt]) -> AgentRebuilt | str:
+    """A subagent from its ``agent_spawned`` event, or why the event makes no sense."""
+    info = d.get("data")
+    if not isinstance(info, dict):
+        return "an agent_spawned event without data"
+    cid, name, parent, prompt = (info.get(k) for k in ("id", "name", "parent", "prompt"))
+    if not isinstance(cid, str) or not AGENT_ID.fullmatch(cid):
+        return f"an agent_spawned event with a malformed id {str(cid)[:40]!r}"
+    if cid in agents:
+        return f"a second agent_spawned event for {cid}"
+    child = AgentRebuilt(cid, name=name if isinstance(name, str) else "?", parent=None)
+    if not (isinstance(name, str) and isinstance(parent, str) and isinstance(prompt, str)):
+        child.error = "its agent_spawned event is malformed"
+    elif parent != sender:
+        child.error = f"its agent_spawned event names parent {parent[:40]!r} but came from {sender!r}"
+    elif parent != "main" and parent not in agents:
+        child.error = f"its parent {parent[:40]!r} is not an agent of this session"
+    else:
+        child.parent = parent
+        depth = 1
+        up = agents.get(parent)
+        while up is not None:
+            depth += 1
+            up = agents.get(up.parent or "")
+        if depth > MAX_DEPTH:
+            child.error = f"it would nest {depth} deep (at most {MAX_DEPTH})"
+        else:
+            child.messages = [{"role": "system", "content": SUBAGENT_INSTRUCTION.format(id=cid, name=name,
+                                                                                       parent=parent)},
+                              {"role": "user", "content": prompt}]
+    return child
 
 
 def rebuild(entries: list[JournalEntry]) -> Rebuilt:
-    """The main agent's conversation and the loop's position, from a session's journal entries."""
+    """The session's agents (main and subagents) and the loop's position, from its journal entries.
+
+    Every agent's model requests, responses and tool calls are journaled under its id; a
+    subagent's start, end and collection are its ``agent_spawned`` / ``agent_completed`` events
+    and its parent's ``Agent`` / ``AwaitAgent`` results. Records that make no sense for a
+    subagent (a forged or unknown parent, a malformed request) make that subagent end
+    ``failed`` with the reason, never the resume.
+    """
     out = Rebuilt()
     prompts: list[str] = []
     turns = 0
-    last_response: dict[str, Any] | None = None
-    called: set[str] = set()
-    results: dict[str, dict[str, Any]] = {}
     requested_since_turn = False
+    convs: dict[str, _Conv] = {"main": _Conv([])}
+    agents = out.agents
     for e in entries:
         if e.n is not None:
             out.next_n = max(out.next_n, e.n + 1)
         if e.incomplete:
             continue
         d = e.data
+        if e.agent is not None and AGENT_ID.fullmatch(e.agent):
+            out.last_agent = max(out.last_agent, int(e.agent[1:]))
+        conv = convs.get(e.agent or "main") if e.kind in ("llm_request", "llm_response", "tool_exec") else None
         if e.kind == "client_input" and d.get("kind") == "prompt":
             prompts.append(str(d.get("text", "")))
         elif e.kind == "lifecycle" and d.get("what") == "turn":
@@ -267,41 +429,96 @@ def rebuild(entries: list[JournalEntry]) -> Rebuilt:
             out.in_turn = False
         elif e.kind == "event" and d.get("kind") == "shutdown":
             out.ended = True
-        elif e.kind == "llm_request" and e.agent == "main":
-            start = int(d.get("from", 0))
-            out.messages = out.messages[:start] + [dict(m) for m in d.get("messages", [])]
-            last_response, called, results = None, set(), {}
-            requested_since_turn = True
+        elif e.kind == "event" and d.get("kind") == "agent_spawned":
+            child = _spawned(d, e.agent, agents)
+            if isinstance(child, str):
+                out.problems.append(f"journal record {e.n}: {child}")
+                continue
+            agents[child.id] = child
+            out.last_agent = max(out.last_agent, int(child.id[1:]))
+            parent_conv = convs.get(child.parent or "")
+            if child.error is None:
+                convs[child.id] = _Conv(list(child.messages))
+                if (parent_conv is not None and parent_conv.called
+                        and parent_conv.names.get(parent_conv.called[-1]) == "Agent"
+                        and parent_conv.called[-1] not in parent_conv.results):
+                    parent_conv.spawned_by[parent_conv.called[-1]] = child.id
+        elif e.kind == "event" and d.get("kind") == "agent_completed":
+            info = d.get("data") if isinstance(d.get("data"), dict) else {}
+            child = agents.get(str(info.get("id")))
+            if child is None or child.reported:
+                out.problems.append(f"journal record {e.n}: agent_completed for an unknown or ended subagent")
+                continue
+            status, text = info.get("status"), info.get("text")
+            child.reported = True
+            child.status = status if status in FINISHED else "failed"
+            child.text = text if isinstance(text, str) else "its agent_completed event is malformed"
+            out.finished_count += 1
+            child.finished = out.finished_count
+        elif e.kind == "llm_request" and conv is not None:
+            _request(conv, d, e.n)
+            if e.agent in (None, "main"):
+                if conv.broken is not None:
+                    raise ValueError(f"the main agent's {conv.broken}")
+                requested_since_turn = True
         elif e.kind == "llm_response":
             out.responses += 1
-            if e.agent == "main":
-                last_response = d
-        elif e.kind == "tool_exec" and e.agent == "main":
+            out.response_agents.append(e.agent or "main")
+            if conv is not None:
+                conv.last_response = d
+        elif e.kind == "tool_exec" and conv is not None:
+            call_id = str(d.get("id"))
             if d.get("phase") == "call":
-                called.add(str(d.get("id")))
+                conv.called.append(call_id)
+                conv.names[call_id] = str(d.get("name"))
             elif d.get("phase") == "result":
-                results[str(d.get("id"))] = d
-    if last_response is not None:
-        calls = [ToolUse(id=str(c["id"]), name=str(c["name"]), input=dict(c.get("input") or {}),
-                         input_error=c.get("input_error")) for c in last_response.get("tool_calls", [])]
-        out.messages.append({"role": "assistant", "content": last_response.get("text", ""),
-                             "tool_calls": [{"id": c.id, "name": c.name, "input": c.input} for c in calls]})
-        for call in calls:
-            if call.id in results:
-                r = results[call.id]
-                out.messages.append({"role": "tool", "tool_call_id": call.id, "content": r.get("content", ""),
-                                     "is_error": bool(r.get("is_error"))})
-            elif call.id in called:
-                out.unknown.append(call)
-                out.messages.append({"role": "tool", "tool_call_id": call.id, "content": UNKNOWN_RESULT,
-                                     "is_error": True})
-            else:
-                out.pending.append(call)
+                conv.results[call_id] = d
+                meta = d.get("meta") if isinstance(d.get("meta"), dict) else {}
+                cid = meta.get("agent")
+                if d.get("name") == "Agent" and isinstance(cid, str) and AGENT_ID.fullmatch(cid):
+                    out.last_agent = max(out.last_agent, int(cid[1:]))
+                    if cid not in agents:  # its start is not in the journal: it cannot go on
+                        agents[cid] = AgentRebuilt(cid, name="?", parent=e.agent or "main",
+                                                   error="its start (agent_spawned) is not in the journal")
+                elif (d.get("name") == "AwaitAgent" and isinstance(cid, str) and cid in agents
+                      and agents[cid].parent == (e.agent or "main")):
+                    agents[cid].collected = True
+    main = out.main
+    _settle(convs["main"], main, agents, runs=out.in_turn)
+    out.messages, out.pending, out.unknown = main.messages, main.pending, main.unknown
     if out.in_turn and not requested_since_turn and 0 < turns <= len(prompts):
         # the turn's first model request was under way (requests are journaled once answered):
         # the conversation goes on from the turn's prompt
         out.messages.append({"role": "user", "content": prompts[turns - 1]})
     out.queued = prompts[turns:]
+    running = 0
+    for child in agents.values():  # parents come before their subagents
+        conv = convs.get(child.id)
+        parent = main if child.parent == "main" else agents.get(child.parent or "")
+        parent_runs = out.in_turn if parent is main else parent is not None and parent.status is None
+        runs = child.status is None and child.error is None and parent_runs
+        if conv is not None:
+            child.error = child.error or conv.broken
+            runs = runs and conv.broken is None
+            _settle(conv, child, agents, runs=runs)
+            runs = runs and child.error is None
+        if child.status is not None:
+            continue
+        if child.error is not None:
+            child.status = "failed"
+            child.text = f"it could not be resumed after its harness restarted: {child.error}"
+        elif not parent_runs:
+            child.status = "cancelled"  # its parent had ended: it was being cancelled
+        elif conv is not None and conv.last_response is not None and _calls(conv.last_response) == []:
+            child.status, child.text = "done", child.messages[-1]["content"]  # it answered, then the crash
+        elif running >= MAX_RUNNING:
+            child.status = "failed"
+            child.text = f"it could not be resumed after its harness restarted: more than {MAX_RUNNING} ran at once"
+        else:
+            running += 1
+            continue
+        out.finished_count += 1
+        child.finished = out.finished_count
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -191,11 +191,18 @@ class ScriptedModel:
         raise ModelFailure(f"mock script exhausted{who} after {len(self._script.responses)} responses"
                            + (f" ({left} left for other agents)" if left else ""))
 
-    def resume_at(self, step: int) -> None:
-        """Go on after ``step`` responses (a session resumed from its journal): the first ``step``
-        count as used (exact for one agent; with subagents, only if they were used in script order)."""
-        for n in range(min(max(0, step), len(self._used))):
-            self._used[n] = True
+    def resume_after(self, agents: Sequence[str]) -> None:
+        """Go on after the responses a session's journal records, one per entry of ``agents`` (the
+        agent each went to, in order): each is taken as that agent's request took it, so every
+        agent goes on with its own next response (exact for responses that name their agent)."""
+        for agent in agents:
+            token = ASKING_AGENT.set(agent)
+            try:
+                self._take()
+            except ModelFailure:
+                pass  # a journal longer than the script: the next request says it is used up
+            finally:
+                ASKING_AGENT.reset(token)
 
     async def complete(self, messages: list[dict[str, Any]], tools: list[str], *,
                        on_text: TextSink | None = None) -> ModelResponse:

@@ -46,7 +46,6 @@ from ._backends import DEFAULT_KEY_ENV, ModelSettings, ProviderSettings, make_mo
 from ._failover import (
     BEAT_S,
     TAKEOVER_AFTER_S,
-    UNKNOWN_RESULT,
     SessionOwners,
     rebuild,
     shown_uses,
@@ -364,7 +363,7 @@ async def serve(ctx: ServiceContext) -> None:
         state = rebuild(entries)
         model = make_model(own.llm, ctx.options, local_servers=local_servers)
         if isinstance(model, ScriptedModel):
-            model.resume_at(state.responses)
+            model.resume_after(state.response_agents)
         journal = journal_for(sid, state.next_n)
         if unjournaled is not None:
             await journal.event(unjournaled)
@@ -386,27 +385,22 @@ async def serve(ctx: ServiceContext) -> None:
                 cost = e.data.get("data") or {}
                 runner.llm.meter.record(str(cost.get("model", model.name)), e.agent or "main",
                                         Usage(**{k: int(cost.get(k) or 0) for k in TOKEN_FIELDS}))
+        for problem in state.problems:
+            ctx.log.warning("journal_record_ignored_on_resume", session=sid, problem=problem)
         await journal.lifecycle("resumed", harness=ctx.service_id, responses=state.responses,
-                                pending_calls=len(state.pending), unknown_results=len(state.unknown))
+                                pending_calls=len(state.pending), unknown_results=len(state.unknown),
+                                subagents=sum(1 for a in state.agents.values() if a.status is None))
         for e in unshown_results(entries):  # journaled just before its harness died, never shown
             d = e.data
             await runner.events.emit("tool_result", {
                 "id": d.get("id"), "name": d.get("name"), "content": d.get("content", ""),
                 "is_error": bool(d.get("is_error")), "meta": d.get("meta") or {}}, agent=e.agent or "main")
-        used = shown_uses(entries)
-        for call in state.unknown:
-            if call.id not in used:  # journaled as called, killed before its tool_use event
-                await runner.events.emit("tool_use", {"id": call.id, "name": call.name, "input": call.input})
-            await journal.tool_result("main", call.id, call.name, UNKNOWN_RESULT, True, {}, "harness")
-            await runner.events.emit("tool_result", {"id": call.id, "name": call.name,
-                                                     "content": UNKNOWN_RESULT, "is_error": True, "meta": {}})
-        messages = state.messages
-        if own.headless and not any(m.get("role") == "system" for m in messages[:1]):
-            messages.insert(0, {"role": "system", "content": HEADLESS_INSTRUCTION})
+        await runner.restore(state, shown_uses(entries))
+        if own.headless and not any(m.get("role") == "system" for m in state.messages[:1]):
+            state.messages.insert(0, {"role": "system", "content": HEADLESS_INSTRUCTION})
         metrics.takeovers.inc()
         ctx.log.info("session_resumed", session=sid, responses=state.responses, in_turn=state.in_turn)
-        launch(runner, runner.resume(messages, state.pending if state.in_turn else [], state.in_turn,
-                                     state.queued))
+        launch(runner, runner.resume(state))
 
     async def on_input(env: Envelope, msg: Msg) -> Message | None:
         """A client's input (request/reply): Ack or an error, from the harness running the session only."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ from devsilo.runtime import Bus
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._agents import AgentLoop, LoopMetrics, answer_text
+from ._failover import UNKNOWN_RESULT, Rebuilt
 from ._gate import ModelPolicy
 from ._journal import SessionJournal
 from ._model import ModelBackend, ModelFailure, ModelResponse, TextSink, ToolUse
@@ -205,20 +206,70 @@ class SessionRunner:
             await self.prompt(prompt, "")
         await self._loop()
 
-    async def resume(self, messages: list[dict[str, Any]], pending: list[ToolUse], in_turn: bool,
-                     queued: list[str]) -> None:
-        """Go on with a session another harness ran (rebuilt from its journal, see ``_failover``).
+    async def restore(self, state: Rebuilt, shown: set[str]) -> None:
+        """Before :meth:`resume`: settle what the previous harness left cut short.
 
-        ``in_turn``: the turn was under way; ``pending`` are the tool calls of its last
-        response that had not started, run before the model is asked again. Queued prompts
-        were shown to clients when they arrived. Subagents are not resumed: a turn that had
-        some goes on without them.
+        Every agent's call whose result is unknown (or implied by the journal, an ``Agent``
+        call whose subagent was spawned) gets that result, journaled and shown; a call that is
+        run again gets its ``tool_use`` if it was never shown (``shown``: the ids whose
+        ``tool_use`` reached the stream); a subagent that ends here without having said so
+        (it could not be resumed, its parent had ended, or it answered just before the crash)
+        gets its ``agent_completed``. Subagent ids and their finishing order count on.
         """
-        self.messages = messages
-        for text in queued:
+        self._agent_ids = itertools.count(state.last_agent + 1)
+        self.finish_order = itertools.count(state.finished_count + 1)
+        for agent in (state.main, *state.agents.values()):
+            settled = [(c, UNKNOWN_RESULT, True, {}) for c in agent.unknown]
+            settled += [(c, content, False, meta) for c, content, meta in agent.recovered]
+            for call, content, is_error, meta in settled:
+                if call.id not in shown:  # journaled as called, killed before its tool_use event
+                    await self.events.emit("tool_use", {"id": call.id, "name": call.name, "input": call.input},
+                                           agent=agent.id)
+                if self.journal is not None:
+                    await self.journal.tool_result(agent.id, call.id, call.name, content, is_error, meta, "harness")
+                await self.events.emit("tool_result", {"id": call.id, "name": call.name, "content": content,
+                                                       "is_error": is_error, "meta": meta}, agent=agent.id)
+            if agent.again is not None and agent.again.id not in shown:
+                again = agent.again
+                await self.events.emit("tool_use", {"id": again.id, "name": again.name, "input": again.input},
+                                       agent=agent.id)
+        for child in state.agents.values():
+            if child.status is not None and not child.reported:
+                if child.error is not None:
+                    self.log.warning("subagent_not_resumed", agent=child.id, reason=child.error)
+                self.metrics.subagents.labels(status=child.status).inc()
+                await self.events.emit("agent_completed", {"id": child.id, "status": child.status,
+                                                           "text": child.text}, agent=child.id)
+
+    async def resume(self, state: Rebuilt) -> None:
+        """Go on with a session another harness ran (rebuilt from its journal, see ``_failover``;
+        call :meth:`restore` first).
+
+        When the turn was under way, the calls of each agent's last response that had not
+        started run before it asks its model again (an ``AwaitAgent`` cut short is run again
+        first). Subagents that were running go on in their own tasks, held by their parents as
+        before; ended ones are held with their answers for AwaitAgent. Queued prompts were
+        shown to clients when they arrived.
+        """
+        self.messages = state.messages
+        loops: dict[str, AgentLoop] = {"main": self.main}
+        for child in state.agents.values():  # parents come first
+            parent = loops.get(child.parent or "")
+            if parent is None:  # no agent of this session can collect it (its end was shown)
+                continue
+            loop = loops[child.id] = AgentLoop(self, child.id, name=child.name, parent=parent,
+                                               messages=child.messages)
+            if child.status is None:
+                again = [child.again] if child.again is not None else []
+                parent.start_child(loop, [*again, *child.pending], {c.id for c in again})
+            else:
+                parent.adopt_ended(loop, child.status, child.text, finished=child.finished,
+                                   collected=child.collected)
+        for text in state.queued:
             self.inputs.put_nowait(text)
-        if in_turn:
-            self._turn = asyncio.create_task(self._run_turn(None, pending))
+        if state.in_turn:
+            again = [state.main.again] if state.main.again is not None else []
+            self._turn = asyncio.create_task(self._run_turn(None, [*again, *state.pending], {c.id for c in again}))
         await self._loop()
 
     async def _loop(self) -> None:
@@ -353,14 +404,15 @@ class SessionRunner:
         elif call.name == "Exit" and agent.parent is None and not result.is_error:
             await self._finish(EXIT_OK, str(call.input.get("message") or "done"))
 
-    async def _run_turn(self, text: str | None, pending: list[ToolUse] | None = None) -> None:
+    async def _run_turn(self, text: str | None, pending: list[ToolUse] | None = None,
+                        announced: Collection[str] = ()) -> None:
         if text is not None:
             if self.journal is not None:
                 await self.journal.lifecycle("turn")
             await self.events.emit("busy", {"busy": True})
             notes, self.notes = self.notes, []
             self.messages.append({"role": "user", "content": "\n\n".join([*notes, text])})
-        await self.main.converse(pending or [])
+        await self.main.converse(pending or [], announced)
         if self.exit_code is None:
             await self.events.emit("busy", {"busy": False})
             await self.events.emit("turn_complete")
