@@ -4,6 +4,7 @@ and the rebuild of a session from journal entries of every shape a crash can lea
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
@@ -12,7 +13,9 @@ import pytest
 import structlog
 from devsilo.harness._failover import UNKNOWN_RESULT, SessionOwners, rebuild
 from devsilo.harness._journal import JournalEntry
-from devsilo.protocol import AccessReport, LLMChoice, SessionOwnership
+from devsilo.harness._model import ScriptedModel
+from devsilo.harness._session import SessionRunner
+from devsilo.protocol import AccessReport, LLMChoice, SessionEvent, SessionGrant, SessionOwnership, SiloError
 from devsilo.runtime import Bus
 from devsilo.runtime._metrics import ServiceMetrics
 from devsilo.runtime._natsconn import connect_nats
@@ -188,3 +191,175 @@ def test_rebuild_an_ended_session_says_so_and_skips_half_written_records() -> No
                                       incomplete=True), e(6, "lifecycle", {"what": "ended", "exit_code": 0})]
     r = rebuild(entries)
     assert r.ended and r.next_n == 7 and r.responses == 0
+
+
+def spawned(n: int, child: str, parent: str = "main", prompt: object = "p", sender: str | None = None,
+            name: str = "n") -> JournalEntry:
+    return e(n, "event", {"kind": "agent_spawned", "data": {"id": child, "name": name, "parent": parent,
+                                                            "prompt": prompt}}, sender or parent)
+
+
+def called(n: int, call_id: str, name: str, agent: str = "main") -> JournalEntry:
+    return e(n, "tool_exec", {"phase": "call", "id": call_id, "name": name}, agent)
+
+
+def result(n: int, call_id: str, name: str, child: str, agent: str = "main") -> JournalEntry:
+    """The result of an ``Agent`` call that started ``child``."""
+    meta = {"agent": child}
+    content = f"started subagent {child}"
+    return e(n, "tool_exec", {"phase": "result", "id": call_id, "name": name, "content": content,
+                              "is_error": False, "meta": meta}, agent)
+
+
+def responded(n: int, agent: str, *calls: tuple[str, str, dict[str, Any]], text: str = "t") -> JournalEntry:
+    return e(n, "llm_response", {"text": text, "tool_calls": [
+        {"id": c, "name": name, "input": args} for c, name, args in calls]}, agent)
+
+
+def broken_journal() -> list[JournalEntry]:
+    """Main started a1 (first model request under way), a2 (answered, not yet collected), a5 (its
+    start missing) and a6 (a malformed request), and waits for a5; records forged or malformed
+    for a7, a8 and ``zz`` sit in between."""
+    return [
+        *start(),
+        responded(5, "main", ("c1", "Agent", {"name": "one", "prompt": "p1"}),
+                  ("c2", "Agent", {"name": "two", "prompt": "p2"}), ("c5", "Agent", {"name": "five", "prompt": "p5"}),
+                  ("c6", "Agent", {"name": "six", "prompt": "p6"}), ("c3", "AwaitAgent", {"agent": "a5"})),
+        called(6, "c1", "Agent"), spawned(7, "a1", prompt="p1", name="one"), result(8, "c1", "Agent", "a1"),
+        called(9, "c2", "Agent"), spawned(10, "a2", prompt="p2", name="two"), result(11, "c2", "Agent", "a2"),
+        responded(12, "a2", text="two's answer"),
+        e(13, "event", {"kind": "agent_completed", "data": {"id": "a2", "status": "done", "text": "two's answer"}},
+          "a2"),
+        called(14, "c5", "Agent"), result(15, "c5", "Agent", "a5"),  # a5's start never journaled
+        called(16, "c6", "Agent"), spawned(17, "a6", name="six"), result(18, "c6", "Agent", "a6"),
+        e(19, "llm_request", {"from": 99, "messages": "not a list"}, "a6"),
+        spawned(20, "a7", parent="a9"),  # a parent that is no agent of this session
+        spawned(21, "a8", prompt=5),  # malformed content
+        spawned(22, "zz"),  # not an id the harness makes
+        spawned(23, "a1"),  # a second start for a1
+        e(24, "event", {"kind": "agent_completed", "data": {"id": "a4", "status": "done", "text": "?"}}, "a4"),
+        called(25, "c3", "AwaitAgent"),
+    ]
+
+
+def test_rebuild_resumes_a_running_subagent_keeps_an_ended_one_and_fails_forged_ones_with_a_reason() -> None:
+    r = rebuild(broken_journal())
+    assert r.in_turn and r.pending == [] and r.unknown == []
+    assert r.main.again is not None and r.main.again.id == "c3"  # AwaitAgent cut short: asked again
+    assert list(r.agents) == ["a1", "a2", "a5", "a6", "a7", "a8"]
+    a1, a2, a5, a6, a7, a8 = r.agents.values()
+    assert a1.status is None and a1.parent == "main" and a1.error is None
+    assert [m["role"] for m in a1.messages] == ["system", "user"] and a1.messages[1]["content"] == "p1"
+    assert "subagent a1 (one), started by agent main" in a1.messages[0]["content"]
+    assert (a2.status, a2.text, a2.reported, a2.collected, a2.finished) == ("done", "two's answer", True, False, 1)
+    assert a5.status == "failed" and "agent_spawned) is not in the journal" in a5.text
+    assert a6.status == "failed" and "model request (journal record 19) is malformed" in a6.text
+    assert a7.status == "failed" and "parent 'a9' is not an agent of this session" in a7.text and a7.parent is None
+    assert a8.status == "failed" and "agent_spawned event is malformed" in a8.text
+    assert all(a.text.startswith("it could not be resumed after its harness restarted: ")
+               for a in (a5, a6, a7, a8))
+    assert r.last_agent == 9 and r.finished_count == 5  # a9 signed a record: no new agent gets its id
+    assert len(r.problems) == 3 and "malformed id 'zz'" in r.problems[0]
+    assert "second agent_spawned event for a1" in r.problems[1] and "unknown or ended" in r.problems[2]
+
+
+def test_rebuild_of_subagents_cut_short_between_their_records() -> None:
+    """An ``Agent`` call killed after its subagent was spawned gets its real result; a subagent that
+    answered just before the crash ends ``done``; one mid-call gets an unknown result; one whose
+    parent had ended is cancelled; an AwaitAgent of a subagent that is not resumed is unknown."""
+    entries = [
+        *start(), responded(5, "main", ("c1", "Agent", {"name": "one", "prompt": "p"}),
+                            ("c2", "Agent", {"name": "two", "prompt": "p"})),
+        called(6, "c1", "Agent"), spawned(7, "a1", name="one"),  # killed before c1's result
+        e(8, "llm_request", {"from": 0, "messages": [{"role": "user", "content": "p"}]}, "a1"),
+        responded(9, "a1", ("b1", "Bash", {"command": "sleep 9"}), ("b2", "Bash", {"command": "ls"})),
+        called(10, "b1", "Bash", "a1"),
+        responded(11, "a1", ("g1", "Agent", {"name": "g", "prompt": "p"})),
+    ]
+    r = rebuild(entries)
+    a1 = r.agents["a1"]
+    assert [c.id for c, _, _ in r.main.recovered] == ["c1"] and r.main.recovered[0][2] == {"agent": "a1"}
+    assert r.main.recovered[0][1].startswith("started subagent a1 (one)") and [c.id for c in r.pending] == ["c2"]
+    # a1's last response (n=11) came after its request; the earlier Bash is of an older response
+    assert a1.status is None and [c.id for c in a1.pending] == ["g1"]
+    r = rebuild([*entries[:-1], e(11, "tool_exec", {"phase": "call", "id": "b2", "name": "Bash"}, "a1")])
+    assert [c.id for c in r.agents["a1"].unknown] == ["b1", "b2"]  # b1 never got a result either
+    answered = rebuild([*entries[:-2], responded(10, "a1", text="my answer")])
+    assert (answered.agents["a1"].status, answered.agents["a1"].text) == ("done", "my answer")
+    ended = rebuild([*entries, called(12, "g1", "Agent", "a1"), spawned(13, "a2", parent="a1"),
+                     e(14, "event", {"kind": "agent_completed", "data": {"id": "a1", "status": "failed",
+                                                                          "text": "boom"}}, "a1"),
+                     called(15, "c9", "AwaitAgent")])
+    assert ended.agents["a2"].status == "cancelled" and ended.agents["a2"].finished == 2
+    assert [c.id for c, _, _ in ended.agents["a1"].recovered] == ["g1"]
+    idle = rebuild([*entries, e(12, "event", {"kind": "turn_complete"})])
+    assert idle.agents["a1"].status == "cancelled" and not idle.in_turn
+
+
+class Sink:
+    """What a SessionRunner uses of a bus without a sandbox: event publishes (kept) and requests
+    (refused, as with no executor)."""
+
+    def __init__(self) -> None:
+        self.events: list[SessionEvent] = []
+
+    async def js_publish(self, subject: str, body: SessionEvent, *, sid: str | None, dedupe_id: str) -> None:
+        assert dedupe_id == f"{sid}:{body.seq}"
+        self.events.append(body)
+
+    async def request(self, subject: str, body: object, reply: type, **_: object) -> object:
+        raise SiloError(f"no_responders: nobody listens on {subject}")
+
+
+async def test_a_resumed_session_collects_resumed_and_ended_subagents_and_gets_errors_for_broken_ones() -> None:
+    state = rebuild(broken_journal())
+    sink = Sink()
+    grant = SessionGrant(grant_id="g1", session_id="s1", user="u", workspace="/w", issued_at=0.0, expires_at=1.0)
+    model = ScriptedModel(json.dumps({"responses": [
+        {"agent": "main", "text": "before"}, {"agent": "a2", "text": "two's answer"},  # used before the crash
+        {"agent": "a1", "text": "one's answer"},
+        {"agent": "main", "tool_calls": [{"name": "AwaitAgent", "input": {"agent": "a1"}},
+                                         {"name": "AwaitAgent", "input": {"agent": "a2"}},
+                                         {"name": "AwaitAgent", "input": {"agent": "a8"}},
+                                         {"name": "Agent", "input": {"name": "new", "prompt": "q"}},
+                                         {"name": "AwaitAgent", "input": {"agent": "a10"}},
+                                         {"name": "AwaitAgent", "input": {}}]},
+        {"agent": "a10", "text": "ten"},
+        {"agent": "main", "text": "finished"}]}))
+    model.resume_after(state.response_agents)
+    runner = SessionRunner(sink, grant, "e1", AccessReport(backend="mock", workspace="/w"), model,  # type: ignore[arg-type]
+                           headless=False, log=structlog.get_logger(), next_seq=40)
+    await runner.restore(state, shown={"c1", "c2", "c5", "c6", "c3"})
+    run = asyncio.create_task(runner.resume(state))
+    try:
+        async with asyncio.timeout(20):
+            while not any(ev.kind == "turn_complete" for ev in sink.events):
+                await asyncio.sleep(0.01)
+    finally:
+        await runner.stop("test over")
+        await asyncio.wait_for(run, 10)
+    assert [ev.seq for ev in sink.events] == list(range(40, 40 + len(sink.events)))
+    ended = {ev.data["id"]: ev.data for ev in sink.events if ev.kind == "agent_completed"}
+    assert {k: v["status"] for k, v in ended.items()} == {
+        "a5": "failed", "a6": "failed", "a7": "failed", "a8": "failed", "a1": "done", "a10": "done"}
+    # the AwaitAgent cut short is asked again (no second tool_use) and gets a clear error, no hang
+    assert not any(ev.kind == "tool_use" and ev.data["id"] == "c3" for ev in sink.events)
+    results = [ev.data for ev in sink.events if ev.kind == "tool_result" and ev.agent == "main"]
+    assert results[0]["id"] == "c3" and results[0]["is_error"]
+    assert results[0]["content"] == ("subagent a5 (?) failed: it could not be resumed after its harness restarted: "
+                                     "its start (agent_spawned) is not in the journal")
+    assert [x["content"] for x in results[1:3]] == ["one's answer", "two's answer"]
+    assert results[3]["is_error"] and "a8 (n) failed: it could not be resumed" in results[3]["content"]
+    assert results[4]["meta"] == {"agent": "a10"}  # ids count on: none is used again
+    assert results[5]["content"] == "ten"
+    # without an id: the one left uncollected that ended first (a7 has no parent here to collect it)
+    assert results[6]["meta"] == {"agent": "a6", "status": "failed"} and len(results) == 7
+
+
+def test_rebuild_keeps_the_depth_cap_for_subagents_the_journal_names() -> None:
+    chain = [spawned(5, "a1"), spawned(6, "a2", parent="a1"), spawned(7, "a3", parent="a2"),
+             spawned(8, "a4", parent="a3"), spawned(9, "a5", parent="a1", sender="main")]
+    r = rebuild([*start(), *chain])
+    assert [a.error for a in r.agents.values()][:3] == [None, None, None]
+    assert r.agents["a4"].status == "failed" and "nest 4 deep (at most 3)" in r.agents["a4"].text
+    assert "names parent 'a1' but came from 'main'" in r.agents["a5"].text and r.agents["a5"].parent is None

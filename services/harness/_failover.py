@@ -371,25 +371,25 @@ def _spawned(d: dict[str, Any], sender: str | None, agents: dict[str, AgentRebui
     if cid in agents:
         return f"a second agent_spawned event for {cid}"
     child = AgentRebuilt(cid, name=name if isinstance(name, str) else "?", parent=None)
-    if not (isinstance(name, str) and isinstance(parent, str) and isinstance(prompt, str)):
+    if isinstance(parent, str) and parent == sender and (parent == "main" or parent in agents):
+        child.parent = parent  # its parent can collect it, even when it cannot go on
+    depth = 1
+    up = agents.get(str(parent))
+    while up is not None:
+        depth += 1
+        up = agents.get(up.parent or "")
+    if child.parent is None and isinstance(parent, str) and parent != sender:
+        child.error = f"its agent_spawned event names parent {parent[:40]!r} but came from {str(sender)[:40]!r}"
+    elif child.parent is None:
+        child.error = f"its parent {str(parent)[:40]!r} is not an agent of this session"
+    elif not (isinstance(name, str) and isinstance(prompt, str)):
         child.error = "its agent_spawned event is malformed"
-    elif parent != sender:
-        child.error = f"its agent_spawned event names parent {parent[:40]!r} but came from {sender!r}"
-    elif parent != "main" and parent not in agents:
-        child.error = f"its parent {parent[:40]!r} is not an agent of this session"
+    elif depth > MAX_DEPTH:
+        child.error = f"it would nest {depth} deep (at most {MAX_DEPTH})"
     else:
-        child.parent = parent
-        depth = 1
-        up = agents.get(parent)
-        while up is not None:
-            depth += 1
-            up = agents.get(up.parent or "")
-        if depth > MAX_DEPTH:
-            child.error = f"it would nest {depth} deep (at most {MAX_DEPTH})"
-        else:
-            child.messages = [{"role": "system", "content": SUBAGENT_INSTRUCTION.format(id=cid, name=name,
-                                                                                       parent=parent)},
-                              {"role": "user", "content": prompt}]
+        child.messages = [{"role": "system", "content": SUBAGENT_INSTRUCTION.format(id=cid, name=name,
+                                                                                   parent=parent)},
+                          {"role": "user", "content": prompt}]
     return child
 
 
