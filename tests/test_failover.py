@@ -136,3 +136,81 @@ def test_no_harness_answers_input_for_a_session_it_does_not_run(two_harnesses: S
     with pytest.raises(RemoteError) as caught:
         asyncio.run(ask_input(two_harnesses, "nobodysession"))
     assert caught.value.code == "timeout"  # both replicas heard it; neither answered
+
+
+def agent_step(agent: str, text: str = "", *calls: tuple[str, dict[str, object]]) -> dict[str, object]:
+    return {"agent": agent, "text": text, "tool_calls": [{"name": n, "input": i} for n, i in calls]}
+
+
+SUBAGENT_SCRIPT = {"responses": [
+    agent_step("main", "", ("Agent", {"name": "quick", "prompt": "answer at once"}),
+               ("Agent", {"name": "slow", "prompt": "take your time"})),
+    agent_step("main", "", ("AwaitAgent", {"agent": "a2"})),
+    agent_step("main", "", ("AwaitAgent", {"agent": "a1"}), ("Agent", {"name": "late", "prompt": "one more"}),
+               ("AwaitAgent", {"agent": "a3"})),
+    agent_step("main", "", ("Exit", {"message": "all collected"})),
+    agent_step("a1", "quick answer"),
+    agent_step("a2", "", ("Bash", {"command": "sleep 5; echo slept >> slow.txt"})),
+    agent_step("a2", "", ("Bash", {"command": "echo resumed >> slow.txt; cat slow.txt"})),
+    agent_step("a2", "slow answer"),
+    agent_step("a3", "late answer"),
+]}
+
+
+def test_subagents_survive_kill_9_of_their_harness_and_their_answers_reach_the_parent(
+        two_harnesses: Stack, tmp_path: Path) -> None:
+    """Killed while a1 has answered (not yet collected), a2 runs a command and main waits for a2:
+    the harness that takes over resumes a2, main's AwaitAgent gets both answers, a3 is new."""
+    stack = two_harnesses
+    takeovers = sum(stack.metric(h, "silo_session_takeovers_total") for h in ("harness", "harness2"))
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps(SUBAGENT_SCRIPT))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    events = []
+    killed = None
+    with subprocess.Popen(
+            [sys.executable, "-m", "devsilo.cli", "--state-dir", str(stack.state_dir), "run", "--headless",
+             "--llm", "mock", "--script", str(script), "--workspace", str(ws), "--prompt", "go", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            for line in proc.stdout:
+                event = json.loads(line)
+                events.append(event)
+                seen = {(e["agent"], e["kind"], e["data"].get("name")) for e in events}
+                if killed is None and {("a1", "agent_completed", None), ("a2", "tool_use", "Bash"),
+                                       ("main", "tool_use", "AwaitAgent")} <= seen:
+                    killed = owner_of(stack, event["session_id"])
+                    os.kill(stack.live_pid(killed) or 0, signal.SIGKILL)
+            code = proc.wait(timeout=120)
+            err = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert killed is not None, events
+    assert code == 0, (err, events)
+    assert [e["seq"] for e in events] == list(range(len(events)))  # one stream, no gap, no duplicate
+    assert events[-1]["kind"] == "shutdown" and events[-1]["data"]["reason"] == "all collected"
+    assert [e["data"]["id"] for e in events if e["kind"] == "agent_spawned"] == ["a1", "a2", "a3"]
+    ended = [(e["data"]["id"], e["data"]["status"], e["data"]["text"]) for e in events
+             if e["kind"] == "agent_completed"]
+    assert sorted(ended) == [("a1", "done", "quick answer"), ("a2", "done", "slow answer"),
+                             ("a3", "done", "late answer")]
+    # a2's command ran as its harness died: its result is unknown; a2 went on with its next call
+    a2 = [e["data"] for e in events if e["agent"] == "a2" and e["kind"] in ("tool_use", "tool_result")]
+    assert [(x["name"], "input" in x) for x in a2] == [("Bash", True), ("Bash", False), ("Bash", True),
+                                                       ("Bash", False)]
+    assert a2[1]["content"] == UNKNOWN_RESULT and a2[1]["is_error"]
+    assert "resumed" in a2[3]["content"] and not a2[3]["is_error"]
+    # main's AwaitAgent on a2, cut short, was waited again (shown once), then it collected the rest
+    waits = [e["data"] for e in events if e["agent"] == "main" and e["kind"] == "tool_use"
+             and e["data"]["name"] == "AwaitAgent"]
+    assert [w["input"] for w in waits] == [{"agent": "a2"}, {"agent": "a1"}, {"agent": "a3"}]
+    answers = {e["data"]["id"]: e["data"] for e in events if e["agent"] == "main" and e["kind"] == "tool_result"}
+    assert [answers[w["id"]]["content"] for w in waits] == ["slow answer", "quick answer", "late answer"]
+    assert not any(answers[w["id"]]["is_error"] for w in waits)
+    deadline = time.monotonic() + 30
+    while not stack.healthy(killed) and time.monotonic() < deadline:  # `silo up` restarts it
+        time.sleep(0.2)
+    assert sum(stack.metric(h, "silo_session_takeovers_total") for h in ("harness", "harness2")) == takeovers + 1
