@@ -430,21 +430,22 @@ def rebuild(entries: list[JournalEntry]) -> Rebuilt:
         elif e.kind == "event" and d.get("kind") == "shutdown":
             out.ended = True
         elif e.kind == "event" and d.get("kind") == "agent_spawned":
-            child = _spawned(d, e.agent, agents)
-            if isinstance(child, str):
-                out.problems.append(f"journal record {e.n}: {child}")
+            made = _spawned(d, e.agent, agents)
+            if isinstance(made, str):
+                out.problems.append(f"journal record {e.n}: {made}")
                 continue
-            agents[child.id] = child
-            out.last_agent = max(out.last_agent, int(child.id[1:]))
-            parent_conv = convs.get(child.parent or "")
-            if child.error is None:
-                convs[child.id] = _Conv(list(child.messages))
+            agents[made.id] = made
+            out.last_agent = max(out.last_agent, int(made.id[1:]))
+            parent_conv = convs.get(made.parent or "")
+            if made.error is None:
+                convs[made.id] = _Conv(list(made.messages))
                 if (parent_conv is not None and parent_conv.called
                         and parent_conv.names.get(parent_conv.called[-1]) == "Agent"
                         and parent_conv.called[-1] not in parent_conv.results):
-                    parent_conv.spawned_by[parent_conv.called[-1]] = child.id
+                    parent_conv.spawned_by[parent_conv.called[-1]] = made.id
         elif e.kind == "event" and d.get("kind") == "agent_completed":
-            info = d.get("data") if isinstance(d.get("data"), dict) else {}
+            info = d.get("data")
+            info = info if isinstance(info, dict) else {}
             child = agents.get(str(info.get("id")))
             if child is None or child.reported:
                 out.problems.append(f"journal record {e.n}: agent_completed for an unknown or ended subagent")
@@ -473,8 +474,8 @@ def rebuild(entries: list[JournalEntry]) -> Rebuilt:
                 conv.names[call_id] = str(d.get("name"))
             elif d.get("phase") == "result":
                 conv.results[call_id] = d
-                meta = d.get("meta") if isinstance(d.get("meta"), dict) else {}
-                cid = meta.get("agent")
+                meta = d.get("meta")
+                cid = meta.get("agent") if isinstance(meta, dict) else None
                 if d.get("name") == "Agent" and isinstance(cid, str) and AGENT_ID.fullmatch(cid):
                     out.last_agent = max(out.last_agent, int(cid[1:]))
                     if cid not in agents:  # its start is not in the journal: it cannot go on
@@ -497,7 +498,7 @@ def rebuild(entries: list[JournalEntry]) -> Rebuilt:
         parent = main if child.parent == "main" else agents.get(child.parent or "")
         parent_runs = out.in_turn if parent is main else parent is not None and parent.status is None
         runs = child.status is None and child.error is None and parent_runs
-        if conv is not None:
+        if conv is not None and not child.reported:  # (one that had ended is only held for AwaitAgent)
             child.error = child.error or conv.broken
             runs = runs and conv.broken is None
             _settle(conv, child, agents, runs=runs)
@@ -514,6 +515,9 @@ def rebuild(entries: list[JournalEntry]) -> Rebuilt:
         elif running >= MAX_RUNNING:
             child.status = "failed"
             child.text = f"it could not be resumed after its harness restarted: more than {MAX_RUNNING} ran at once"
+            if child.again is not None:  # not run again after all: its result is unknown
+                child.unknown.append(child.again)
+                child.again = None
         else:
             running += 1
             continue

@@ -219,7 +219,8 @@ class SessionRunner:
         self._agent_ids = itertools.count(state.last_agent + 1)
         self.finish_order = itertools.count(state.finished_count + 1)
         for agent in (state.main, *state.agents.values()):
-            settled = [(c, UNKNOWN_RESULT, True, {}) for c in agent.unknown]
+            settled: list[tuple[ToolUse, str, bool, dict[str, Any]]] = [
+                (c, UNKNOWN_RESULT, True, {}) for c in agent.unknown]
             settled += [(c, content, False, meta) for c, content, meta in agent.recovered]
             for call, content, is_error, meta in settled:
                 if call.id not in shown:  # journaled as called, killed before its tool_use event
