@@ -2,7 +2,9 @@
 
 The top-level agent is ``main``; subagents get ids ``a1``, ``a2``, ... in the order they are
 started, run concurrently in the same sandbox, and are cancelled when the agent that started
-them ends its turn without collecting them (AwaitAgent).
+them ends its turn without collecting them (AwaitAgent). After a takeover the harness that
+resumes the session rebuilds them from the journal (``_failover.rebuild``) and holds them as
+before: running ones go on (``start_child``), ended ones keep their answers (``adopt_ended``).
 """
 
 from __future__ import annotations
