@@ -73,7 +73,8 @@ ROOT_ONLY_WARNING = (
     "inside the sandbox: the contents are protected by file permissions alone, so any root "
     "process on this host can read and change them")
 CRASH_ENV = "DEVSILO_TEST_CRASH_AFTER"
-"""TEST ONLY: when set to a step name, the process SIGKILLs itself right after that step.
+"""TEST ONLY: when set to a step name (or several, comma-separated), the process SIGKILLs itself
+right after that step.
 
 Crash tests use it to kill lock and unlock at exact points; it has no other use.
 """
@@ -87,7 +88,7 @@ class WorkspaceLockError(SiloError):
 
 def _crash_point(step: str) -> None:
     """Kill this process right here when a crash test asked for this step (test-only hook)."""
-    if os.environ.get(CRASH_ENV) == step:
+    if step in os.environ.get(CRASH_ENV, "").split(","):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
