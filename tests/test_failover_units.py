@@ -357,6 +357,8 @@ async def test_a_resumed_session_collects_resumed_and_ended_subagents_and_gets_e
                                      "its start (agent_spawned) is not in the journal")
     assert [x["content"] for x in results[1:3]] == ["one's answer", "two's answer"]
     assert results[3]["is_error"] and "a8 (n) failed: it could not be resumed" in results[3]["content"]
+    counted = {o: runner.metrics.resumed.labels(outcome=o)._value.get() for o in ("resumed", "held", "not_resumable")}
+    assert counted == {"resumed": 1, "held": 1, "not_resumable": 4}
     assert results[4]["meta"] == {"agent": "a10"}  # ids count on: none is used again
     assert results[5]["content"] == "ten"
     # without an id: the one left uncollected that ended first (a7 has no parent here to collect it)

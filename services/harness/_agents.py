@@ -65,6 +65,11 @@ class LoopMetrics:
             "silo_tool_calls_asked_again_total",
             "Sandbox calls asked again after a lost NATS connection (their reply may have been lost).",
             registry=reg)
+        self.resumed = Counter(
+            "silo_subagents_after_takeover_total",
+            "Subagents a takeover found, by outcome: resumed (it runs on), held (it had ended; its answer "
+            "kept for AwaitAgent), not_resumable (the journal could not rebuild it: it ends failed).",
+            ["outcome"], registry=reg)
         self.answers = Counter("silo_question_answers_total", "Answers to questions by outcome.", ["outcome"],
                                registry=reg)
 

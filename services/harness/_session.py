@@ -238,6 +238,7 @@ class SessionRunner:
             if child.status is not None and not child.reported:
                 if child.error is not None:
                     self.log.warning("subagent_not_resumed", agent=child.id, reason=child.error)
+                    self.metrics.resumed.labels(outcome="not_resumable").inc()
                 self.metrics.subagents.labels(status=child.status).inc()
                 await self.events.emit("agent_completed", {"id": child.id, "status": child.status,
                                                            "text": child.text}, agent=child.id)
@@ -263,7 +264,10 @@ class SessionRunner:
             if child.status is None:
                 again = [child.again] if child.again is not None else []
                 parent.start_child(loop, [*again, *child.pending], {c.id for c in again})
+                self.metrics.resumed.labels(outcome="resumed").inc()
             else:
+                if child.error is None:
+                    self.metrics.resumed.labels(outcome="held").inc()
                 parent.adopt_ended(loop, child.status, child.text, finished=child.finished,
                                    collected=child.collected)
         for text in state.queued:
