@@ -2,8 +2,7 @@
 
 Each sandbox gets a scratch directory under ``spec.scratch_root`` holding its
 ``home`` and ``tmp`` and an OCI bundle (``config.json`` and a small read-only
-``rootfs``: mount points, the generated ``/etc`` files, the helper and the CA
-certificate). ``runsc run`` starts the helper as the container's only process;
+``rootfs``: mount points, the generated ``/etc`` files and the helper). ``runsc run`` starts the helper as the container's only process;
 its stdin is the sandbox's end of a socket pair, so the helper runs as
 ``helper.pyc --fd 0`` (compiled by the sandbox's own Python: compiling at
 every start is slow under gVisor) and no listening socket is needed: gVisor
@@ -36,7 +35,7 @@ files owned by root or the sandbox uid, not on anyone else's.
 Such a gofer cannot walk into, say, a user's 0700 home to reach the workspace.
 So, like the bubblewrap backend, the launcher first enters a private mount
 namespace, binds every host source (scratch, workspace, allow-list, relay
-socket) onto a tmpfs stage inside the scratch directory (checking each is still
+socket, trust directory) onto a tmpfs stage inside the scratch directory (checking each is still
 the very file the executor opened), and runs runsc on the stage. Nothing of
 this is visible on the host.
 
@@ -87,13 +86,13 @@ from ._sandbox import (
 )
 from ._seccomp import oci_profile
 from ._spec import (
-    CA_CERT,
     HELPER_PATH,
     HOME,
     INNER_GID,
     INNER_UID,
     RELAY_SOCKET,
     TMP,
+    TRUST_DIR,
     WORKSPACE,
     SandboxSpec,
     sandbox_env,
@@ -334,6 +333,8 @@ class GvisorSandbox(Sandbox):
                 raise SandboxError(f"invalid environment variable for the sandbox: {name!r}")
         if spec.relay_socket is not None and not spec.relay_socket.is_socket():
             raise SandboxError(f"relay socket {spec.relay_socket} is not a unix socket")
+        if spec.trust_dir is not None and not spec.trust_dir.is_dir():
+            raise SandboxError(f"trust directory {spec.trust_dir} is not a directory")
         if spec.limits.disk_bytes is not None:
             self.warnings.append("the gvisor backend does not enforce a disk quota")
 
@@ -356,6 +357,11 @@ class GvisorSandbox(Sandbox):
                 sources.append(
                     _Pinned(spec.relay_socket, RELAY_SOCKET, writable=True, directory=False)
                 )
+            if spec.trust_dir is not None:
+                # A directory bind: gVisor revalidates bind mounts against the host
+                # (--file-access-mounts=shared, the default), so the CA the executor
+                # renames into it later is the one the sandbox opens next.
+                sources.append(_Pinned(spec.trust_dir, TRUST_DIR, writable=False, directory=True))
             if sources[1].owner != spec.sandbox_uid:
                 self.warnings.append(
                     f"sandbox uid {spec.sandbox_uid} does not own {spec.workspace}: commands "
@@ -456,8 +462,6 @@ class GvisorSandbox(Sandbox):
         # The source too: tracebacks from inside quote it.
         _write_file(rootfs / HELPER_PATH.lstrip("/"), _helper_source(), 0o444)
         _write_file(rootfs / HELPER_PYC.lstrip("/"), helper_pyc, 0o444)
-        if spec.ca_cert_pem is not None:
-            _write_file(rootfs / CA_CERT.lstrip("/"), spec.ca_cert_pem, 0o444)
         if spec.relay_socket is not None:
             _write_file(rootfs / RELAY_SOCKET.lstrip("/"), b"", 0o444)
         assert self.scratch_dir is not None
