@@ -18,6 +18,7 @@ import shlex
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 import pytest_asyncio
@@ -85,7 +86,7 @@ class TlsServer:
         self.ca = ca
         self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> TlsServer:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
         if AS_ROOT:
             os.chown(self.path, SANDBOX_UID, SANDBOX_GID)
@@ -221,7 +222,7 @@ async def test_a_running_sandbox_trusts_the_new_session_ca_and_no_longer_the_old
 @pytest.mark.parametrize("started", BACKENDS, indirect=True)
 async def test_the_sandbox_cannot_change_its_trust_files(
         started: tuple[Sandbox, SessionTrust, TlsServer, SessionCA]) -> None:
-    sb, trust, server, first = started
+    sb, trust, _server, first = started
     out = dict(line.split(" ", 1) for line in (await _inside(sb, ATTACKS)).splitlines())
     assert set(out) == {"write", "truncate", "create", "rename", "unlink", "chmod", "symlink", "replace",
                         "move_dir", "chmod_dir", "mount"}, out
