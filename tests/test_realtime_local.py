@@ -17,7 +17,8 @@ import pytest
 from aiohttp import WSMsgType, web
 from chat_server import chunks
 from devsilo.harness._backends import make_model
-from devsilo.harness._local import LocalChatModel, LocalServer, LocalServers
+from devsilo.harness._local import LocalChatModel
+from devsilo.harness._localserver import LocalServer, LocalServers
 from devsilo.harness._model import ModelFailure, Usage
 from devsilo.harness._realtime import OpenAIRealtimeModel
 from devsilo.harness._retry import RetryPolicy

@@ -1,7 +1,7 @@
 """`silo up`: an embedded NATS server and every service as its own OS process.
 
-Services start in dependency order (egress, executor, harness, gateway) and
-each must answer ``/healthz`` before the next starts. A service that dies is
+Services start together and the stack is up when every one answers
+``/healthz``. A service that dies is
 restarted with exponential backoff (1 s doubling to 30 s, reset after a
 minute of good health); so is the embedded NATS server (0.5 s doubling), on
 its port with its JetStream store, while the services reconnect to it. On SIGINT or SIGTERM everything stops in the reverse
@@ -155,8 +155,14 @@ class Supervisor:
                 sp = ServiceProcess(role, service_id, argv, port, self.state.root / "logs" / f"{service_id}.log")
                 self.services.append(sp)
                 await self._spawn(sp)
-                await self._wait_healthy(sp)
-                self.say(f"{service_id} ready (pid {sp.proc.pid if sp.proc else '?'}, metrics :{port})")
+
+        async def ready(sp: ServiceProcess) -> None:
+            await self._wait_healthy(sp)
+            self.say(f"{sp.service_id} ready (pid {sp.proc.pid if sp.proc else '?'}, metrics :{sp.metrics_port})")
+
+        # Together: no service needs another to start (each waits for what it uses, as it must
+        # when another restarts), and one after another cost the sum of their start times.
+        await asyncio.gather(*(ready(sp) for sp in self.services))
 
     async def _spawn(self, sp: ServiceProcess) -> None:
         log = open(sp.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below

@@ -29,12 +29,11 @@ from typing import Any
 from devsilo.protocol import ConfigError, LLMChoice
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ._anthropic import AnthropicModel
-from ._local import LocalChatModel, LocalServers
+from ._localserver import LocalServers
 from ._model import ModelBackend, ModelFailure, ScriptedModel, UnavailableModel
-from ._openai import OpenAIResponsesModel
-from ._realtime import OpenAIRealtimeModel
 from ._retry import RetryPolicy
+
+# The provider backends import the official SDKs (seconds of CPU): only when a session uses them.
 
 DEFAULT_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY",
                    "openai-ws": "OPENAI_API_KEY"}
@@ -140,12 +139,18 @@ def make_model(llm: LLMChoice, options: dict[str, Any], *,
     except ModelFailure as exc:
         return UnavailableModel(f"{llm.backend}:{llm.model}", str(exc))
     if llm.backend == "anthropic":
+        from ._anthropic import AnthropicModel
+
         return AnthropicModel(llm.model, key, base_url=provider.base_url, max_tokens=provider.max_tokens,
                               policy=policy, timeout_s=provider.timeout_s)
     if llm.backend == "openai-ws":
+        from ._realtime import OpenAIRealtimeModel
+
         return OpenAIRealtimeModel(llm.model, key, base_url=provider.base_url,
                                    max_output_tokens=provider.max_tokens, policy=policy,
                                    timeout_s=provider.timeout_s)
+    from ._openai import OpenAIResponsesModel
+
     return OpenAIResponsesModel(llm.model, key, base_url=provider.base_url,
                                 max_output_tokens=provider.max_tokens, policy=policy,
                                 timeout_s=provider.timeout_s)
@@ -166,5 +171,7 @@ def _local_model(model: str, local: LocalSettings, servers: LocalServers | None)
             return UnavailableModel(f"local:{model}", "this harness cannot start local model servers")
         server = servers.get(local.command, base_url, health_path=local.health_path,
                              start_timeout_s=local.start_timeout_s, log_path=local.log_file)
+    from ._local import LocalChatModel
+
     return LocalChatModel(model, base_url=base_url, api_key=key, server=server,
                           max_tokens=local.max_tokens, policy=policy, timeout_s=local.timeout_s)

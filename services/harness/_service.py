@@ -54,7 +54,7 @@ from ._failover import (
 )
 from ._gate import ModelPolicy
 from ._journal import JournalEntry, JournalReader, SessionJournal, StreamSink, script_digest
-from ._local import LocalServers
+from ._localserver import LocalServers
 from ._model import ModelFailure, ScriptedModel, Usage
 from ._session import HEADLESS_INSTRUCTION, SessionRunner
 
