@@ -359,8 +359,8 @@ class GvisorSandbox(Sandbox):
                 )
             if spec.trust_dir is not None:
                 # A directory bind: gVisor revalidates bind mounts against the host
-                # (--file-access-mounts=shared, the default), so the CA the executor
-                # renames into it later is the one the sandbox opens next.
+                # (--file-access-mounts=shared), so the CA the executor renames into
+                # it later is the one the sandbox opens next.
                 sources.append(_Pinned(spec.trust_dir, TRUST_DIR, writable=False, directory=True))
             if sources[1].owner != spec.sandbox_uid:
                 self.warnings.append(
@@ -566,6 +566,9 @@ class GvisorSandbox(Sandbox):
             f"--platform={self.platform}",
             "--oci-seccomp",
             "--cpu-num-from-quota",
+            # The default, pinned: bind mounts are revalidated against the host, which is
+            # how the sandbox sees the session CA the executor renames into its trust directory.
+            "--file-access-mounts=shared",
         ]
         if self.spec.relay_socket is not None:
             # Lets the sandbox connect to host unix sockets bound into it:
