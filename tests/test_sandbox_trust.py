@@ -202,6 +202,32 @@ async def _inside(sb: Sandbox, code: str) -> str:
     return result.stdout.strip()
 
 
+def test_the_executor_writes_only_one_ca_certificate(tmp_path: Path) -> None:
+    ca = SessionCA("s1", allowed=(HOST,))
+    trust = SessionTrust.create(tmp_path / "trust", ca.cert_pem)
+    key = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    cases = {
+        "holds a private key": ca.cert_pem + key,
+        "not a PEM certificate": b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        "no certificate at all": b"hello",
+        "one certificate, got 2": ca.cert_pem + SessionCA("s2").cert_pem,
+        "at most": ca.cert_pem + b"\n" * 20_000,
+        "is not a CA": ca.leaf(HOST).public_bytes(serialization.Encoding.PEM),
+    }
+    for why, pem in cases.items():
+        with pytest.raises(SandboxError, match=why):
+            trust.install(pem)
+        assert trust.ca_file.read_bytes() == ca.cert_pem, why  # what was trusted stays
+    assert os.listdir(trust.path) == [TRUST_FILE]
+    assert oct(trust.ca_file.stat().st_mode & 0o777) == oct(0o444)
+    assert oct(trust.path.stat().st_mode & 0o777) == oct(0o755)
+    trust.distrust()
+    assert trust.ca_file.read_bytes() == b""
+    assert sorted(p.name for p in trust.path.parent.iterdir()) == [trust.path.name]  # no staging left
+    trust.remove()
+    assert not trust.path.exists()
+
+
 @pytest.mark.parametrize("started", BACKENDS, indirect=True)
 async def test_a_running_sandbox_trusts_the_new_session_ca_and_no_longer_the_old_one(
         started: tuple[Sandbox, SessionTrust, TlsServer, SessionCA]) -> None:
@@ -233,29 +259,3 @@ async def test_the_sandbox_cannot_change_its_trust_files(
     assert trust.ca_file.read_bytes() == first.cert_pem
     assert await _inside(sb, HANDSHAKE) == f"hello from the CA {first.certificate.serial_number}"
     assert await _inside(sb, f"import os; print(sorted(os.listdir({TRUST_DIR!r})))") == "['ca.pem']"
-
-
-def test_the_executor_writes_only_one_ca_certificate(tmp_path: Path) -> None:
-    ca = SessionCA("s1", allowed=(HOST,))
-    trust = SessionTrust.create(tmp_path / "trust", ca.cert_pem)
-    key = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
-    cases = {
-        "holds a private key": ca.cert_pem + key,
-        "not a PEM certificate": b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
-        "no certificate at all": b"hello",
-        "one certificate, got 2": ca.cert_pem + SessionCA("s2").cert_pem,
-        "at most": ca.cert_pem + b"\n" * 20_000,
-        "is not a CA": ca.leaf(HOST).public_bytes(serialization.Encoding.PEM),
-    }
-    for why, pem in cases.items():
-        with pytest.raises(SandboxError, match=why):
-            trust.install(pem)
-        assert trust.ca_file.read_bytes() == ca.cert_pem, why  # what was trusted stays
-    assert os.listdir(trust.path) == [TRUST_FILE]
-    assert oct(trust.ca_file.stat().st_mode & 0o777) == oct(0o444)
-    assert oct(trust.path.stat().st_mode & 0o777) == oct(0o755)
-    trust.distrust()
-    assert trust.ca_file.read_bytes() == b""
-    assert sorted(p.name for p in trust.path.parent.iterdir()) == [trust.path.name]  # no staging left
-    trust.remove()
-    assert not trust.path.exists()
