@@ -226,6 +226,9 @@ def test_the_executor_writes_only_one_ca_certificate(tmp_path: Path) -> None:
     assert sorted(p.name for p in trust.path.parent.iterdir()) == [trust.path.name]  # no staging left
     trust.remove()
     assert not trust.path.exists()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SandboxError, match="cannot make a trust directory"):
+        SessionTrust.create(tmp_path / "a-file" / "trust", ca.cert_pem)
 
 
 @pytest.mark.parametrize("started", BACKENDS, indirect=True)

@@ -24,8 +24,8 @@ What a container gets (REQUIREMENTS §2):
   paths; generated ``passwd``/``group``/``hosts``/``resolv.conf`` naming the
   user ``silo`` with the sandbox's uid; the helper's source, the session's
   relay socket and trust directory (its CA certificate, which the executor
-  replaces when the egress restarts) under ``/.devsilo``, read-only; an empty read-only
-  ``/sys`` (no host sysfs, as in bwrap).
+  replaces when the egress restarts) under ``/.devsilo``, read-only; an
+  empty read-only ``/sys`` (no host sysfs, as in bwrap).
 
 A container cannot inherit a descriptor from the executor, so the helper
 connects *out*: the executor listens on a unix socket in a per-sandbox

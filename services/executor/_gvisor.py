@@ -2,8 +2,9 @@
 
 Each sandbox gets a scratch directory under ``spec.scratch_root`` holding its
 ``home`` and ``tmp`` and an OCI bundle (``config.json`` and a small read-only
-``rootfs``: mount points, the generated ``/etc`` files and the helper). ``runsc run`` starts the helper as the container's only process;
-its stdin is the sandbox's end of a socket pair, so the helper runs as
+``rootfs``: mount points, the generated ``/etc`` files and the helper).
+``runsc run`` starts the helper as the container's only process; its stdin
+is the sandbox's end of a socket pair, so the helper runs as
 ``helper.pyc --fd 0`` (compiled by the sandbox's own Python: compiling at
 every start is slow under gVisor) and no listening socket is needed: gVisor
 imports the stdio descriptors as host-backed sockets.
@@ -35,9 +36,12 @@ files owned by root or the sandbox uid, not on anyone else's.
 Such a gofer cannot walk into, say, a user's 0700 home to reach the workspace.
 So, like the bubblewrap backend, the launcher first enters a private mount
 namespace, binds every host source (scratch, workspace, allow-list, relay
-socket, trust directory) onto a tmpfs stage inside the scratch directory (checking each is still
-the very file the executor opened), and runs runsc on the stage. Nothing of
-this is visible on the host.
+socket, trust directory) onto a tmpfs stage inside the scratch directory
+(checking each is still the very file the executor opened), and runs runsc on
+the stage. Nothing of this is visible on the host. The trust directory stays
+a live view of the host's (``--file-access-mounts=shared``): the session CA
+the executor renames into it after an egress restart is what the sandbox
+reads next.
 
 Limits: memory and CPU go to the host cgroup (``linux.resources``). The pid
 limit is enforced inside as ``RLIMIT_NPROC``, which gVisor applies to the

@@ -130,6 +130,8 @@ class ExecutorMetrics:
         self.trust_swaps = Counter("silo_sandbox_trust_swaps_total",
                                    "Session CAs replaced in running sandboxes after an egress restart, by outcome.",
                                    ["outcome"], registry=reg)
+        for outcome in ("ok", "error"):
+            self.trust_swaps.labels(outcome=outcome)
         self.tool_calls = Counter("silo_tool_calls_total", "Tool calls by tool and outcome.",
                                   ["tool", "outcome"], registry=reg)
         self.tool_seconds = Histogram("silo_tool_seconds", "Tool call latency by tool.", ["tool"],

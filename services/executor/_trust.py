@@ -52,12 +52,18 @@ class SessionTrust:
     def create(cls, root: Path, ca_pem: bytes) -> SessionTrust:
         """A new trust directory under ``root`` holding ``ca_pem``; SandboxError when it is no CA certificate."""
         _check_certificate(ca_pem)
-        root.mkdir(mode=0o711, parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="session-", dir=root))
-        os.chmod(path, 0o755)  # mkdtemp makes it 0700; the sandbox uid reads it
+        try:
+            root.mkdir(mode=0o711, parents=True, exist_ok=True)
+            path = Path(tempfile.mkdtemp(prefix="session-", dir=root))
+        except OSError as exc:
+            raise SandboxError(f"cannot make a trust directory for the sandbox in {root}: {exc.strerror}") from None
         trust = cls(path)
         try:
+            os.chmod(path, 0o755)  # mkdtemp makes it 0700; the sandbox uid reads it
             trust.install(ca_pem)
+        except OSError as exc:
+            trust.remove()
+            raise SandboxError(f"cannot open trust directory {path} to the sandbox: {exc.strerror}") from None
         except BaseException:
             trust.remove()
             raise
