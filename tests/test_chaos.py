@@ -319,6 +319,9 @@ def curl_codes(n: int) -> str:
 PLAIN_AGAIN = (f"for i in $(seq 60); do curl -sf --max-time 3 http://{WWW}/hello && break; sleep 0.5; done")
 """Plain HTTP to WWW, tried until it works (the egress may still be restarting)."""
 
+TLS_AGAIN = (f"for i in $(seq 60); do curl -sSf --max-time 3 https://{WWW}/hello 2>&1 && break; sleep 0.5; done")
+"""HTTPS to WWW, verified against the sandbox's trust file, tried until it works; failures are printed."""
+
 
 def blocked_probe(host: str) -> str:
     return f"curl -sS -v --max-time 10 https://{host}/hello 2>&1 | grep -i '^< x-devsilo-blocked'"
@@ -341,7 +344,7 @@ async def test_egress_killed_nothing_gets_out_unchecked_and_after_restart_old_an
         {"text": "loop", "tool_calls": [bash(loop_cmd)]},
         {"text": "direct", "tool_calls": [bash(direct_probe(internet))]},
         {"text": "plain", "tool_calls": [bash(PLAIN_AGAIN)]},
-        {"text": "tls", "tool_calls": [bash(f"curl -sS --max-time 10 https://{WWW}/hello 2>&1; echo rc=$?")]},
+        {"text": "tls", "tool_calls": [bash(TLS_AGAIN)]},
         {"text": "denied", "tool_calls": [bash(blocked_probe(OTHER))]},
         {"text": "done", "tool_calls": [{"name": "Exit", "input": {"message": "probed"}}]},
     ]}, allow_domains=(WWW,))
@@ -355,18 +358,22 @@ async def test_egress_killed_nothing_gets_out_unchecked_and_after_restart_old_an
     assert out[0].startswith(f"hello from {WWW}")
     codes = out[1].split("[exit code")[0].split()
     assert len(codes) == 24 and set(codes) <= {"200", "502", "000"}, codes
-    assert codes[-1] != "200"  # the session's egress is gone: its requests fail, closed
+    # While the session's egress was gone its requests failed, closed (after the restart the
+    # loop's last ones may go through the new egress again)
+    assert set(codes) - {"200"}, codes
     assert "Network is unreachable" in out[2]  # and the sandbox has no other way out
     # The session itself was opened again with the restarted egress: plain HTTP goes through
-    # it, HTTPS fails the sandbox's check of the new egress's session CA (its old key died with
-    # the old egress), and the policy still holds.
-    assert f"hello from {WWW}" in out[3], out[3]
-    assert "certificate" in out[4] and "hello from" not in out[4], out[4]
+    # it, and so does HTTPS — the executor put the new egress's session CA in the running
+    # sandbox's trust directory (the old CA's key died with the old egress) — and the policy
+    # still holds.
+    assert out[3].count(f"hello from {WWW}") == 1, out[3]
+    assert out[4].count(f"hello from {WWW}") == 1, out[4]
     assert f"domain not allowed: {OTHER}" in out[5], out[5]
     # Every request that reached the host went through the egress: each 200 the loop saw, the
-    # plain request, and at most one more — the loop's request in flight through the old egress
-    # when it was killed, which reached the host but whose answer died with the egress (CI saw it).
-    extra = internet.hits[WWW] - hits_before - (codes.count("200") + 1)
+    # plain and the HTTPS request, and at most one more — the loop's request in flight through
+    # the old egress when it was killed, which reached the host but whose answer died with the
+    # egress (CI saw it).
+    extra = internet.hits[WWW] - hits_before - (codes.count("200") + 2)
     assert extra in (0, 1), (extra, codes)
     # A session started after the restart goes through the new egress, under its policy.
     ws2 = tmp_path / "net-ws2"

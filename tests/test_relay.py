@@ -40,6 +40,7 @@ from devsilo.executor._relay import (
 )
 from devsilo.executor._sandbox import BwrapSandbox, prepare_workspace_ownership
 from devsilo.executor._spec import SandboxSpec, sandbox_env
+from devsilo.executor._trust import SessionTrust
 from devsilo.executor.helper import helper as helper_module
 from devsilo.protocol import ProtocolError, SandboxError
 
@@ -242,7 +243,8 @@ def make_bwrap(
         sandbox_gid=SANDBOX_GID,
         scratch_root=scratch_root,
         relay_socket=relay_socket,
-        ca_cert_pem=ca_cert_pem,
+        trust_dir=(SessionTrust.create(scratch_root.parent / "trust", ca_cert_pem).path
+                   if ca_cert_pem is not None else None),
     )
     # Any: the keyword constructor below is the backend's older signature.
     factory: Any = BwrapSandbox

@@ -290,9 +290,12 @@ async def test_relay_socket_ca_cert_and_read_allow_list(
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "doc.txt").write_text("readable\n")
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    (trust / "ca.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\ntest\n")
     spec = make_spec(
         tmp_path, workspace,
-        relay_socket=relay_path, ca_cert_pem=b"-----BEGIN CERTIFICATE-----\ntest\n",
+        relay_socket=relay_path, trust_dir=trust,
         allow_read=(shared,),
     )  # fmt: skip
     sb = await started(spec, runtime, dockerd)

@@ -336,7 +336,10 @@ async def test_the_helper_proxy_and_resolver_reach_the_egress_through_the_relay(
     relay = SessionRelay("sess-1", tmp_path / "relay.sock", ("127.0.0.1", port), uid=SANDBOX_UID)
     await relay.start()
     pem = b"-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n"
-    sb = GvisorSandbox(_spec(tmp_path, workspace, relay_socket=relay.socket_path, ca_cert_pem=pem))
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    (trust / "ca.pem").write_bytes(pem)
+    sb = GvisorSandbox(_spec(tmp_path, workspace, relay_socket=relay.socket_path, trust_dir=trust))
     try:
         await sb.start()
         out = await _python(

@@ -159,7 +159,7 @@ def main_turn(planted: list[Path]) -> list[list[tuple[str, dict[str, Any]]]]:
                                                 "for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < $f; done "
                                                 "2>/dev/null | head -c 8000; echo; echo KEYS:; grep -rlI "
                                                 f"'PRIVATE KEY' {SANDBOX_DIRS} 2>/dev/null; echo :KEYS; "
-                                                f"grep -rlI 'BEGIN CERTIFICATE' {SANDBOX_DIRS} 2>/dev/null | grep -x /.devsilo/ca.pem; "
+                                                f"grep -rlI 'BEGIN CERTIFICATE' {SANDBOX_DIRS} 2>/dev/null | grep -x /.devsilo/trust/ca.pem; "
                                                 f"curl -sS --max-time 30 -H 'X-Token: {PLACEHOLDER}' "
                                                 f"https://{API}/headers; echo; "
                                                 "env | grep -c -i -e planted -e api_key -e secret || true"}),
@@ -437,7 +437,7 @@ async def run_everything(stack: Stack, internet: TestInternet, model: ModelServe
     # no private key inside the sandbox, where the search did reach the egress CA's certificate
     assert bash.split("KEYS:\n", 1)[1].split(":KEYS", 1)[0] == "", bash
     after = bash.split(":KEYS\n", 1)[1].splitlines()
-    assert "/.devsilo/ca.pem" in after, bash
+    assert "/.devsilo/trust/ca.pem" in after, bash
     at = next(i for i, line in enumerate(after) if line.startswith("{"))
     swapped = json.loads(after[at])
     assert swapped["x_token_sha256"] == hashlib.sha256(TOKEN_SECRET.encode()).hexdigest()

@@ -23,8 +23,9 @@ What a container gets (REQUIREMENTS §2):
   at :data:`HOME` and :data:`TMP`; the read allow-list read-only at the same
   paths; generated ``passwd``/``group``/``hosts``/``resolv.conf`` naming the
   user ``silo`` with the sandbox's uid; the helper's source, the session's
-  CA certificate and relay socket under ``/.devsilo``; an empty read-only
-  ``/sys`` (no host sysfs, as in bwrap).
+  relay socket and trust directory (its CA certificate, which the executor
+  replaces when the egress restarts) under ``/.devsilo``, read-only; an
+  empty read-only ``/sys`` (no host sysfs, as in bwrap).
 
 A container cannot inherit a descriptor from the executor, so the helper
 connects *out*: the executor listens on a unix socket in a per-sandbox
@@ -74,13 +75,13 @@ from ._sandbox import (
 from ._sandbox import _helper_pyc as _compile_helper
 from ._seccomp import oci_profile
 from ._spec import (
-    CA_CERT,
     HELPER_PATH,
     HOME,
     INNER_GID,
     INNER_UID,
     RELAY_SOCKET,
     TMP,
+    TRUST_DIR,
     WORKSPACE,
     SandboxSpec,
     sandbox_env,
@@ -606,8 +607,6 @@ class DockerSandbox(Sandbox):
             "helper.pyc": _helper_pyc(),
             **{f"etc-{name}": data for name, data in {**_etc_users(uid, gid), **_ETC_NET}.items()},
         }
-        if spec.ca_cert_pem is not None:
-            files["ca.pem"] = spec.ca_cert_pem
         for name, data in files.items():
             path = os.path.join(scratch, name)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
@@ -662,8 +661,9 @@ class DockerSandbox(Sandbox):
         ]
         for name in (*_etc_users(0, 0), *_ETC_NET):
             mounts.append(bind(f"/etc/{name}", f"{scratch}/etc-{name}"))
-        if spec.ca_cert_pem is not None:
-            mounts.append(bind(CA_CERT, f"{scratch}/ca.pem"))
+        if spec.trust_dir is not None:
+            # The directory, not the file: the executor renames a new CA into it later.
+            mounts.append(bind(TRUST_DIR, os.path.realpath(spec.trust_dir)))
         if spec.relay_socket is not None:
             mounts.append(bind(RELAY_SOCKET, os.path.realpath(spec.relay_socket)))
         mounts += [bind(dest, source) for dest, source in allow]

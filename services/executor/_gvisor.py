@@ -2,9 +2,9 @@
 
 Each sandbox gets a scratch directory under ``spec.scratch_root`` holding its
 ``home`` and ``tmp`` and an OCI bundle (``config.json`` and a small read-only
-``rootfs``: mount points, the generated ``/etc`` files, the helper and the CA
-certificate). ``runsc run`` starts the helper as the container's only process;
-its stdin is the sandbox's end of a socket pair, so the helper runs as
+``rootfs``: mount points, the generated ``/etc`` files and the helper).
+``runsc run`` starts the helper as the container's only process; its stdin
+is the sandbox's end of a socket pair, so the helper runs as
 ``helper.pyc --fd 0`` (compiled by the sandbox's own Python: compiling at
 every start is slow under gVisor) and no listening socket is needed: gVisor
 imports the stdio descriptors as host-backed sockets.
@@ -36,9 +36,12 @@ files owned by root or the sandbox uid, not on anyone else's.
 Such a gofer cannot walk into, say, a user's 0700 home to reach the workspace.
 So, like the bubblewrap backend, the launcher first enters a private mount
 namespace, binds every host source (scratch, workspace, allow-list, relay
-socket) onto a tmpfs stage inside the scratch directory (checking each is still
-the very file the executor opened), and runs runsc on the stage. Nothing of
-this is visible on the host.
+socket, trust directory) onto a tmpfs stage inside the scratch directory
+(checking each is still the very file the executor opened), and runs runsc on
+the stage. Nothing of this is visible on the host. The trust directory stays
+a live view of the host's (``--file-access-mounts=shared``): the session CA
+the executor renames into it after an egress restart is what the sandbox
+reads next.
 
 Limits: memory and CPU go to the host cgroup (``linux.resources``). The pid
 limit is enforced inside as ``RLIMIT_NPROC``, which gVisor applies to the
@@ -87,13 +90,13 @@ from ._sandbox import (
 )
 from ._seccomp import oci_profile
 from ._spec import (
-    CA_CERT,
     HELPER_PATH,
     HOME,
     INNER_GID,
     INNER_UID,
     RELAY_SOCKET,
     TMP,
+    TRUST_DIR,
     WORKSPACE,
     SandboxSpec,
     sandbox_env,
@@ -334,6 +337,8 @@ class GvisorSandbox(Sandbox):
                 raise SandboxError(f"invalid environment variable for the sandbox: {name!r}")
         if spec.relay_socket is not None and not spec.relay_socket.is_socket():
             raise SandboxError(f"relay socket {spec.relay_socket} is not a unix socket")
+        if spec.trust_dir is not None and not spec.trust_dir.is_dir():
+            raise SandboxError(f"trust directory {spec.trust_dir} is not a directory")
         if spec.limits.disk_bytes is not None:
             self.warnings.append("the gvisor backend does not enforce a disk quota")
 
@@ -356,6 +361,11 @@ class GvisorSandbox(Sandbox):
                 sources.append(
                     _Pinned(spec.relay_socket, RELAY_SOCKET, writable=True, directory=False)
                 )
+            if spec.trust_dir is not None:
+                # A directory bind: gVisor revalidates bind mounts against the host
+                # (--file-access-mounts=shared), so the CA the executor renames into
+                # it later is the one the sandbox opens next.
+                sources.append(_Pinned(spec.trust_dir, TRUST_DIR, writable=False, directory=True))
             if sources[1].owner != spec.sandbox_uid:
                 self.warnings.append(
                     f"sandbox uid {spec.sandbox_uid} does not own {spec.workspace}: commands "
@@ -456,8 +466,6 @@ class GvisorSandbox(Sandbox):
         # The source too: tracebacks from inside quote it.
         _write_file(rootfs / HELPER_PATH.lstrip("/"), _helper_source(), 0o444)
         _write_file(rootfs / HELPER_PYC.lstrip("/"), helper_pyc, 0o444)
-        if spec.ca_cert_pem is not None:
-            _write_file(rootfs / CA_CERT.lstrip("/"), spec.ca_cert_pem, 0o444)
         if spec.relay_socket is not None:
             _write_file(rootfs / RELAY_SOCKET.lstrip("/"), b"", 0o444)
         assert self.scratch_dir is not None
@@ -562,6 +570,9 @@ class GvisorSandbox(Sandbox):
             f"--platform={self.platform}",
             "--oci-seccomp",
             "--cpu-num-from-quota",
+            # The default, pinned: bind mounts are revalidated against the host, which is
+            # how the sandbox sees the session CA the executor renames into its trust directory.
+            "--file-access-mounts=shared",
         ]
         if self.spec.relay_socket is not None:
             # Lets the sandbox connect to host unix sockets bound into it:

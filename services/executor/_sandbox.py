@@ -15,7 +15,8 @@ seccomp filter of :mod:`devsilo.executor._seccomp`; a read-only root built
 from the host's ``/usr`` and a few public ``/etc`` files; a fresh ``/proc``,
 a minimal ``/dev`` and a size-capped tmpfs ``/tmp`` (mode 0700); the
 workspace and a scratch home read-write (the home is removed at close);
-the read allow-list, the session's relay socket and CA certificate
+the read allow-list, the session's relay socket and trust directory (its CA
+certificate, replaced by the executor when the egress restarts)
 read-only; and a cgroup of its own with the spec's memory, CPU and pids
 limits (:mod:`devsilo.executor._cgroups`).
 
@@ -79,6 +80,7 @@ from ._spec import (
     INNER_UID,
     RELAY_SOCKET,
     TMP,
+    TRUST_DIR,
     WORKSPACE,
     SandboxSpec,
     sandbox_env,
@@ -93,6 +95,7 @@ __all__ = [
     "INNER_UID",
     "RELAY_SOCKET",
     "TMP",
+    "TRUST_DIR",
     "WORKSPACE",
     "BwrapSandbox",
     "Sandbox",
@@ -676,8 +679,8 @@ class BwrapSandbox(Sandbox):
         for name, value in sandbox_env(spec).items():
             if not _ENV_NAME.match(name) or "\0" in value:
                 raise SandboxError(f"invalid environment variable for the sandbox: {name!r}")
-        if spec.ca_cert_pem is not None and b"PRIVATE KEY" in spec.ca_cert_pem:
-            raise SandboxError("the session CA for the sandbox holds a private key: refused")
+        if spec.trust_dir is not None and not spec.trust_dir.is_dir():
+            raise SandboxError(f"trust directory {spec.trust_dir} is not a directory")
         if spec.relay_socket is not None:
             try:
                 is_socket = stat.S_ISSOCK(os.stat(spec.relay_socket).st_mode)
@@ -713,6 +716,9 @@ class BwrapSandbox(Sandbox):
                 sources.append(
                     _Source.open(spec.relay_socket, RELAY_SOCKET, writable=False, directory=False)
                 )
+            if spec.trust_dir is not None:
+                # A directory, not the file: the executor renames a new CA into it later.
+                sources.append(_Source.open(spec.trust_dir, TRUST_DIR, writable=False, directory=True))
             if as_root and os.fstat(sources[0].fd).st_uid != spec.sandbox_uid:
                 self.warnings.append(
                     f"sandbox uid {spec.sandbox_uid} does not own {spec.workspace}: commands "
@@ -826,9 +832,6 @@ class BwrapSandbox(Sandbox):
         pyc_fd = _data_fd(helper_pyc, child_fds)
         args += ["--perms", "0444", "--ro-bind-data", str(helper_fd), HELPER_PATH]
         args += ["--perms", "0444", "--ro-bind-data", str(pyc_fd), HELPER_PYC]
-        if spec.ca_cert_pem is not None:
-            ca_fd = _data_fd(spec.ca_cert_pem, child_fds)
-            args += ["--perms", "0444", "--ro-bind-data", str(ca_fd), CA_CERT]
         # Everything is in place: the root itself (and /etc, /home) goes read-only.
         args += ["--remount-ro", "/", "--chdir", WORKSPACE]
         for name, value in sandbox_env(spec).items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -68,6 +69,7 @@ from ._shell_stream import ShellStream
 from ._spec import WORKSPACE, SandboxSpec
 from ._tool_output import ToolOutputStream
 from ._tools import ToolOptions, run_tool
+from ._trust import SessionTrust
 from ._upload import DEFAULT_UPLOAD_MAX, land_upload
 from ._warm import WarmPools, warm_sizes
 from ._workspace_lock import WorkspaceStore
@@ -99,6 +101,8 @@ class ExecSession:
     egress_id: str | None
     grant_text: str = ""
     """The sealed grant, to open the session again with a restarted egress."""
+    trust: SessionTrust | None = None
+    """The sandbox's trust directory (the session CA), when the session may reach somewhere."""
 
 
 class ExecutorMetrics:
@@ -123,6 +127,11 @@ class ExecutorMetrics:
                                       registry=reg)
         for reason in ("host", "backend", "capacity", "user_limit"):  # zeros on the dashboard, not gaps
             self.lease_refusals.labels(reason=reason)
+        self.trust_swaps = Counter("silo_sandbox_trust_swaps_total",
+                                   "Session CAs replaced in running sandboxes after an egress restart, by outcome.",
+                                   ["outcome"], registry=reg)
+        for outcome in ("ok", "error"):
+            self.trust_swaps.labels(outcome=outcome)
         self.tool_calls = Counter("silo_tool_calls_total", "Tool calls by tool and outcome.",
                                   ["tool", "outcome"], registry=reg)
         self.tool_seconds = Histogram("silo_tool_seconds", "Tool call latency by tool.", ["tool"],
@@ -208,6 +217,7 @@ async def serve(ctx: ServiceContext) -> None:
     os.chmod(scratch_root, 0o711)
     relay_dir = scratch_root / ".relay"
     relay_dir.mkdir(mode=0o711, exist_ok=True)
+    trust_root = scratch_root / ".trust"
     state_dirs = [ctx.state.root]
     store = workspace_store(opts, eid, ctx.log)
     unlocking: set[str] = set()
@@ -412,16 +422,25 @@ async def serve(ctx: ServiceContext) -> None:
         await relay.start()
         # Only a session that may reach somewhere needs the session CA in its trust store
         # (one that may not stays fit for a warm sandbox, which has none).
-        ca_pem = ready.ca_cert.encode() if ready is not None and ready.ca_cert and grant.allow_domains else None
+        trust: SessionTrust | None = None
+        if ready is not None and ready.ca_cert and grant.allow_domains:
+            try:
+                trust = SessionTrust.create(trust_root, ready.ca_cert.encode())
+            except SandboxError:
+                await relay.close()
+                await close_egress(egress_id, sid)
+                raise
         spec = SandboxSpec(session_id=sid, workspace=workspace, sandbox_uid=uid, sandbox_gid=gid,
                            scratch_root=scratch_root, allow_read=allow_read, relay_socket=relay.socket_path,
-                           ca_cert_pem=ca_pem)
+                           trust_dir=trust.path if trust is not None else None)
         backend = grant.sandbox
         if backend == "auto":
             backend = next(b for b in STRENGTH_ORDER if b in backends)
         if backend == "docker" and os.path.ismount(workspace) and workspace.is_relative_to(store.root):
             await relay.close()
             await close_egress(egress_id, sid)
+            if trust is not None:
+                trust.remove()
             raise GrantError(f"workspace {grant.workspace} is kept in an ext4 image mounted only in executor "
                              f"{eid}'s mount namespace, which the Docker daemon cannot see; use the bwrap "
                              "or gvisor sandbox (or run the executor with workspace_storage=directory)")
@@ -440,13 +459,15 @@ async def serve(ctx: ServiceContext) -> None:
             metrics.starts.labels(backend=backend, outcome="error").inc()
             await relay.close()
             await close_egress(egress_id, sid)
+            if trust is not None:
+                trust.remove()
             raise
         metrics.starts.labels(backend=backend, outcome="ok").inc()
         metrics.leases.labels(backend=backend, kind=kind).inc()
         metrics.start_seconds.labels(backend=backend).observe(time.perf_counter() - started)
         metrics.sandboxes.labels(backend=backend, state="running").inc()
         warnings.extend(getattr(sandbox, "warnings", []))
-        sessions[sid] = ExecSession(grant, backend, sandbox, relay, workspace, egress_id, req.grant)
+        sessions[sid] = ExecSession(grant, backend, sandbox, relay, workspace, egress_id, req.grant, trust)
         ctx.status["sandboxes"] = len(sessions)
         ctx.log.info("sandbox_started", backend=backend, kind=kind, workspace=str(workspace), egress=egress_id)
         lim = spec.limits
@@ -470,6 +491,8 @@ async def serve(ctx: ServiceContext) -> None:
             shell_closed_why[sid] = reason
         await s.sandbox.close()
         await s.relay.close()
+        if s.trust is not None:
+            s.trust.remove()
         metrics.sandboxes.labels(backend=s.backend, state="running").dec()
         ctx.status["sandboxes"] = len(sessions)
         await close_egress(s.egress_id, sid)
@@ -769,9 +792,10 @@ async def serve(ctx: ServiceContext) -> None:
     async def reopen_egress(sid: str, gone: str) -> None:
         """Open a session again with an egress after ``gone`` restarted; its relay goes there.
 
-        The sandbox keeps the session CA it started with, whose key died with the old egress:
-        HTTPS through the new one fails certificate checks (closed, never unchecked); plain
-        HTTP and DNS work again under the same policy.
+        The old session CA's key died with the old egress: the sandbox's trust directory gets
+        the new egress's CA in its place before the relay turns to it, so new TLS connections
+        from inside verify against the new CA and no longer the old one. A CA that cannot be
+        installed leaves the sandbox trusting nothing (HTTPS fails closed, never unchecked).
         """
         s = sessions.get(sid)
         if s is None or s.egress_id != gone:
@@ -780,6 +804,18 @@ async def serve(ctx: ServiceContext) -> None:
         if ready is None or not ready.proxy_addr:
             ctx.log.warning("egress_reopen_failed", session=sid, egress=gone, error=warning)
             return
+        if sessions.get(sid) is not s:
+            await close_egress(ready.egress_id, sid)  # closed while we asked
+            return
+        if s.trust is not None:
+            try:
+                s.trust.install((ready.ca_cert or "").encode())
+                metrics.trust_swaps.labels(outcome="ok").inc()
+            except SandboxError as exc:
+                metrics.trust_swaps.labels(outcome="error").inc()
+                ctx.log.warning("egress_reopen_ca_refused", session=sid, egress=ready.egress_id, error=str(exc))
+                with contextlib.suppress(SandboxError):
+                    s.trust.distrust()
         s.relay.egress_addr = parse_addr(ready.proxy_addr)
         s.relay.hello = relay_hello(ready.egress_id, sid)
         s.egress_id = ready.egress_id

@@ -16,7 +16,9 @@ HELPER_PATH = "/.devsilo/helper.py"
 """Where the helper's source sits inside the sandbox, read-only."""
 RELAY_SOCKET = "/.devsilo/egress.sock"
 """Where the session's egress relay socket is bound inside the sandbox."""
-CA_CERT = "/.devsilo/ca.pem"
+TRUST_DIR = "/.devsilo/trust"
+"""Where the session's trust directory (``spec.trust_dir``) is bound inside, read-only."""
+CA_CERT = f"{TRUST_DIR}/ca.pem"
 """Where the session's CA certificate is inside the sandbox (when there is one)."""
 PROXY_PORT = 3128
 """The helper's HTTP(S) proxy listener on the sandbox's loopback."""
@@ -43,8 +45,11 @@ class SandboxSpec:
     host paths read-only at the same paths (already checked against the risk
     list by the executor); ``relay_socket`` is a unix socket the executor
     listens on for this one session, bound at :data:`RELAY_SOCKET`;
-    ``ca_cert_pem`` is the session CA's certificate (no key, ever), placed at
-    :data:`CA_CERT`; ``env`` is added to the sandbox's environment.
+    ``trust_dir`` is the executor's directory holding the session CA's
+    certificate (no key, ever; see :mod:`devsilo.executor._trust`), bound
+    read-only as a directory at :data:`TRUST_DIR` so that the executor can
+    replace the certificate while the sandbox runs (it is then at
+    :data:`CA_CERT`); ``env`` is added to the sandbox's environment.
     """
 
     session_id: str
@@ -55,7 +60,7 @@ class SandboxSpec:
     allow_read: tuple[Path, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     relay_socket: Path | None = None
-    ca_cert_pem: bytes | None = None
+    trust_dir: Path | None = None
     limits: SandboxLimits = SandboxLimits()
 
 
@@ -72,7 +77,7 @@ def sandbox_env(spec: SandboxSpec) -> dict[str, str]:
         "http_proxy": proxy, "https_proxy": proxy, "all_proxy": proxy,
         "NO_PROXY": "", "no_proxy": "",
     }
-    if spec.ca_cert_pem is not None:
+    if spec.trust_dir is not None:
         for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO",
                      "NODE_EXTRA_CA_CERTS", "PIP_CERT", "CARGO_HTTP_CAINFO"):
             env[name] = CA_CERT

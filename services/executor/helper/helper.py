@@ -174,7 +174,7 @@ helper serves 53 only where the sandbox allows it, and always this one."""
 DNS_STANDARD_PORT = 53
 RELAY_SOCKET = "/.devsilo/egress.sock"
 """The unix socket to the executor's relay for this session, if bound."""
-CA_CERT = "/.devsilo/ca.pem"
+CA_CERT = "/.devsilo/trust/ca.pem"
 """The session CA certificate, if any; ``fetch`` trusts it."""
 
 STREAM_TCP = b"TCP\n"
