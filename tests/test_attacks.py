@@ -1,9 +1,13 @@
 """The attack battery (devsilo.testing._attacks) against every real sandbox backend.
 
 Each attack is its own test, per backend (``[bwrap-read_etc_shadow]``…), in a
-fresh sandbox started through the backend registry, with the battery's
-small limits so the bombs hit them fast. A test fails when its attack
-succeeds or is stopped for a reason nobody expected.
+sandbox started through the backend registry, with the battery's small
+limits so the bombs hit them fast. A test fails when its attack succeeds or
+is stopped for a reason nobody expected. The bombs, which may exhaust or end
+their sandbox, each get a fresh one; every other attack of a backend runs in
+one sandbox started for the module (next to one victim session's sandbox),
+as an agent's commands would — one attack left standing cannot make another
+look blocked, since each is judged by its own output and the host's state.
 
 A backend whose module does not exist yet is skipped with its probe's
 reason; one that exists must work on this host (CI runs as root with
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from devsilo.executor._backends import BACKENDS
 from devsilo.executor._sandbox import HOME, Sandbox, prepare_workspace_ownership
 from devsilo.executor._spec import SandboxSpec
@@ -159,19 +164,44 @@ async def _victim(
         await sandbox.close()
 
 
-@pytest.mark.parametrize("attack", ATTACKS, ids=[a.name for a in ATTACKS])
-async def test_attack_fails_for_the_right_reason(
-    attack: Attack, backend: Backend, bait: Bait, state: StateDir, tmp_path: Path
-) -> None:
+@dataclasses.dataclass
+class Attacker:
+    """A backend's shared attacker sandbox and the bait aimed at its victim."""
+
+    sandbox: Sandbox
+    bait: Bait
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def attacker(backend: Backend, bait: Bait, state: StateDir,
+                   tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Attacker]:
+    """The backend's attacker sandbox for the module, beside a victim session's sandbox."""
+    root = tmp_path_factory.mktemp(f"attack-{backend.name}")
     async with contextlib.AsyncExitStack() as stack:
-        aimed = dataclasses.replace(bait)
-        if attack.bait_fields & _VICTIM_FIELDS:
-            aimed = await stack.enter_async_context(_victim(backend, bait, tmp_path, state))
-        workspace = _workspace(tmp_path / "attacker")
+        aimed = await stack.enter_async_context(_victim(backend, bait, root, state))
+        workspace = _workspace(root / "attacker")
         aimed.arm_workspace(workspace)
         sandbox = await backend.start(_spec("attacker", workspace, state))
         stack.push_async_callback(sandbox.close)
-        outcome = await run_attack(sandbox, attack, aimed)
+        yield Attacker(sandbox, aimed)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("attack", ATTACKS, ids=[a.name for a in ATTACKS])
+async def test_attack_fails_for_the_right_reason(
+    attack: Attack, backend: Backend, bait: Bait, state: StateDir, tmp_path: Path, attacker: Attacker,
+) -> None:
+    if attack.bomb:  # a sandbox of its own: the bomb may use it up or end it
+        assert not attack.bait_fields & _VICTIM_FIELDS
+        workspace = _workspace(tmp_path / "attacker")
+        bait.arm_workspace(workspace)
+        sandbox = await backend.start(_spec("bomber", workspace, state))
+        try:
+            outcome = await run_attack(sandbox, attack, bait)
+        finally:
+            await sandbox.close()
+    else:
+        outcome = await run_attack(attacker.sandbox, attack, attacker.bait)
     if outcome.verdict == "not-applicable":
         pytest.skip(f"{attack.name}: {outcome.detail}")
     assert outcome.blocked, f"{attack.name} ({attack.goal}): {outcome.verdict}: {outcome.detail}"
