@@ -782,54 +782,6 @@ def bait(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bait]:
         yield planted
 
 
-@pytest.mark.parametrize("attack_name", _WARM_ATTACKS)
-@pytest.mark.parametrize(
-    "any_variant",
-    [pytest.param(("bwrap", "bwrap", {}), id="bwrap"), *_WARM_VARIANTS],
-)
-async def test_attacks_fail_in_a_warm_sandbox(
-    any_variant: tuple[str, str, dict[str, Any]],
-    attack_name: str,
-    bait: Bait,
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-) -> None:
-    name, backend, settings = any_variant
-    config = dict(settings)
-    if backend == "docker":
-        config["docker_url"] = request.getfixturevalue("dockerd").url
-    reason = BACKENDS[backend].probe(**config)
-    if reason is not None:
-        pytest.skip(f"{name}: {reason}")
-    (attack,) = [a for a in ATTACKS if a.name == attack_name]
-    victim = _workspace(tmp_path, "victim")
-    (victim / "secret.txt").write_text(bait.secret + "\n")
-    workspace = _workspace(tmp_path, "attacker")
-    aimed = dataclasses.replace(bait, other_workspace_file=str(victim / "secret.txt"))
-    aimed.arm_workspace(workspace)
-    scratch = tmp_path / "scratch"
-    variant = Variant(name, backend, config)
-    async with _warm_pool(variant, workspace, scratch, size=2, limits=BOMB_LIMITS) as pool:
-        # The other warm sandbox of the pool, still waiting for its session, is the victim
-        # whose scratch home the attacker goes for.
-        waiting = pool._ready[1].sandbox
-        await waiting.helper.write(f"{HOME}/secret.txt", bait.secret.encode() + b"\n")
-        victim_scratch = getattr(waiting, "scratch_dir", None)  # every real backend has one
-        assert victim_scratch is not None
-        victim_home = Path(victim_scratch) / "home" / "secret.txt"
-        assert victim_home.exists()
-        aimed.other_scratch_file = str(victim_home)
-        sandbox = await pool.take(_spec_on(workspace, scratch, "attacker", limits=BOMB_LIMITS))
-        try:
-            assert pool.stats.warm_leases == 1
-            outcome = await run_attack(sandbox, attack, aimed)
-        finally:
-            await sandbox.close()
-    if outcome.verdict == "not-applicable":
-        pytest.skip(f"{attack.name}: {outcome.detail}")
-    assert outcome.blocked, f"{attack.name} ({attack.goal}): {outcome.verdict}: {outcome.detail}"
-
-
 # -- through the executor service ---------------------------------------------------------
 
 _SESSION_SCRIPT = {
@@ -977,3 +929,65 @@ async def test_a_warm_sandbox_keeps_the_pids_limit_it_was_started_with(
             assert (await sandbox.helper.exec("echo still here")).stdout == "still here\n"
         finally:
             await sandbox.close()
+
+
+# -- the attack battery in a warm sandbox (last: its sandboxes live until the module ends) ------
+
+@pytest.fixture(scope="module", params=[pytest.param(("bwrap", "bwrap", {}), id="bwrap"), *_WARM_VARIANTS])
+def attack_variant(request: pytest.FixtureRequest) -> Variant:
+    """The backend the warm attack battery runs on (docker with the module's daemon)."""
+    name, backend, settings = request.param
+    config = dict(settings)
+    if backend == "docker":
+        config["docker_url"] = request.getfixturevalue("dockerd").url
+    reason = BACKENDS[backend].probe(**config)
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    return Variant(name, backend, config)
+
+
+@dataclasses.dataclass
+class WarmAttacker:
+    """A sandbox leased from a warm pool for the attacker's session, and the bait aimed from it."""
+
+    sandbox: Sandbox
+    bait: Bait
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def warm_attacker(attack_variant: Variant, bait: Bait,
+                        tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WarmAttacker]:
+    """One warm sandbox leased for the attacker, per backend, that every warm attack runs in."""
+    root = tmp_path_factory.mktemp(f"warm-attack-{attack_variant.name}")
+    victim = _workspace(root, "victim")
+    (victim / "secret.txt").write_text(bait.secret + "\n")
+    workspace = _workspace(root, "attacker")
+    aimed = dataclasses.replace(bait, other_workspace_file=str(victim / "secret.txt"))
+    aimed.arm_workspace(workspace)
+    async with _warm_pool(attack_variant, workspace, root / "scratch", size=2, limits=BOMB_LIMITS) as pool:
+        # The other warm sandbox of the pool, still waiting for its session, is the victim
+        # whose scratch home the attacker goes for.
+        waiting = pool._ready[1].sandbox
+        await waiting.helper.write(f"{HOME}/secret.txt", bait.secret.encode() + b"\n")
+        victim_scratch = getattr(waiting, "scratch_dir", None)  # every real backend has one
+        assert victim_scratch is not None
+        victim_home = Path(victim_scratch) / "home" / "secret.txt"
+        assert victim_home.exists()
+        aimed.other_scratch_file = str(victim_home)
+        sandbox = await pool.take(_spec_on(workspace, root / "scratch", "attacker", limits=BOMB_LIMITS))
+        try:
+            assert pool.stats.warm_leases == 1
+            yield WarmAttacker(sandbox, aimed)
+        finally:
+            await sandbox.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("attack_name", _WARM_ATTACKS)
+async def test_attacks_fail_in_a_warm_sandbox(attack_name: str, warm_attacker: WarmAttacker) -> None:
+    """Each attack in turn in the same leased warm sandbox, as one agent's commands would run."""
+    (attack,) = [a for a in ATTACKS if a.name == attack_name]
+    outcome = await run_attack(warm_attacker.sandbox, attack, warm_attacker.bait)
+    if outcome.verdict == "not-applicable":
+        pytest.skip(f"{attack.name}: {outcome.detail}")
+    assert outcome.blocked, f"{attack.name} ({attack.goal}): {outcome.verdict}: {outcome.detail}"
