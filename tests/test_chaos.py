@@ -20,19 +20,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from devsilo.cli._client import GatewayClient, GatewayError
+from devsilo.cli._client import GatewayError
 from devsilo.executor._workspace_lock import RemoteWorkspaces, WorkspaceStore
 from devsilo.harness._failover import UNKNOWN_RESULT, shown_uses, unshown_results
 from devsilo.harness._journal import JournalEntry
 from devsilo.protocol import ExecutorAnnounce, SessionEvent, subjects
-from devsilo.protocol.client import Attach, CreateSession, ErrorFrame, EventFrame, SessionCreated
+from devsilo.protocol.client import CreateSession, ErrorFrame, EventFrame, SessionCreated
 from devsilo.runtime import Bus
 from devsilo.runtime._kvwatch import follow_kv
 from devsilo.runtime._metrics import ServiceMetrics
@@ -52,6 +51,7 @@ from devsilo.testing._chaos import (
     read_as_executor,
     wait_back,
 )
+from devsilo.testing._clients import connect, follow
 from devsilo.testing._internet import ZONE, TestInternet
 from devsilo.testing._load import LoadRun
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -79,18 +79,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, internet: TestInternet) -> I
         s.stop()
 
 
-async def connect(stack: Stack, name: str) -> GatewayClient:
-    state = StateDir(stack.state_dir)
-    client = GatewayClient(f"wss://127.0.0.1:{stack.gateway_port}/ws", state.gateway_fingerprint(),
-                           client_name=name)
-    try:
-        await client.connect(state.client_token())
-    except BaseException:
-        await client.close()
-        raise
-    return client
-
-
 async def create(stack: Stack, ws: Path, script: dict[str, Any], allow_domains: tuple[str, ...] = ()) -> str:
     """Start a headless session through the gateway; its id."""
     async with asyncio.timeout(30):  # the gateway may be (re)starting: its listener comes last
@@ -113,32 +101,6 @@ async def create(stack: Stack, ws: Path, script: dict[str, Any], allow_domains: 
 f"gateway error: {frame.code}: {frame.message}")
     finally:
         await client.close()
-
-
-async def follow(stack: Stack, name: str, sid: str, events: list[EventFrame], cuts: list[str],
-                 timeout: float = 120.0) -> None:
-    """Follow ``sid`` to its shutdown, reconnecting and resuming from the last seq when cut off."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            client = await connect(stack, name)
-        except (GatewayError, OSError):
-            await asyncio.sleep(0.2)
-            continue
-        try:
-            await client.send(Attach(session_id=sid, from_seq=len(events)))
-            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                while True:
-                    frame = await client.receive()
-                    if isinstance(frame, EventFrame) and frame.session_id == sid:
-                        events.append(frame)
-                        if frame.kind == "shutdown":
-                            return
-        except GatewayError:
-            cuts.append(name)
-        finally:
-            await client.close()
-    raise AssertionError(f"{name} never saw session {sid} end; it got {[e.kind for e in events]}")
 
 
 class Followers:

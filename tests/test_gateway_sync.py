@@ -51,6 +51,7 @@ from devsilo.protocol.client import (
 )
 from devsilo.runtime._state import StateDir
 from devsilo.testing import Stack
+from devsilo.testing._clients import connect, follow, gateway_url
 from devsilo.testing._events import ScriptedSession
 
 UPLOAD_MAX = 1024 * 1024
@@ -71,21 +72,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
     finally:
         s.stop()
-
-
-def gateway_url(stack: Stack) -> str:
-    return f"wss://127.0.0.1:{stack.gateway_port}/ws"
-
-
-async def connect(stack: Stack, name: str) -> GatewayClient:
-    state = StateDir(stack.state_dir)
-    client = GatewayClient(gateway_url(stack), state.gateway_fingerprint(), client_name=name)
-    try:
-        await client.connect(state.client_token())
-    except BaseException:
-        await client.close()
-        raise
-    return client
 
 
 async def next_frame(client: GatewayClient, kind: type[Any], timeout: float = 30.0) -> Any:
@@ -130,27 +116,6 @@ RESTART_SCRIPT = {"responses": [
 ]}
 
 
-async def resilient_follow(stack: Stack, name: str, sid: str, events: list[EventFrame],
-                           reconnects: list[str]) -> None:
-    """Follow ``sid`` to its shutdown, reconnecting (and resuming from the last seq) when cut off."""
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            client = await connect(stack, name)
-        except (GatewayError, OSError):
-            await asyncio.sleep(0.2)
-            continue
-        try:
-            await client.send(Attach(session_id=sid, from_seq=len(events)))
-            await events_until(client, sid, lambda e: e.kind == "shutdown", events)
-            return
-        except GatewayError:
-            reconnects.append(name)
-        finally:
-            await client.close()
-    raise AssertionError(f"{name} never saw the session end")
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def restarted(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A session three clients follow while the gateway is killed mid-turn and comes back."""
@@ -167,7 +132,7 @@ async def restarted(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> d
         await creator.close()
     lists: dict[str, list[EventFrame]] = {f"c{i}": [] for i in range(3)}
     reconnects: list[str] = []
-    followers = [asyncio.create_task(resilient_follow(stack, n, sid, lists[n], reconnects)) for n in lists]
+    followers = [asyncio.create_task(follow(stack, n, sid, lists[n], reconnects, timeout=90)) for n in lists]
     # Kill the gateway while the first Bash (sleep 3) runs: every client has seen its tool_use.
     deadline = time.monotonic() + 60
     while not all(any(e.kind == "tool_use" for e in got) for got in lists.values()):
