@@ -9,7 +9,9 @@ what Python's own allocator holds in its arenas and in live blocks (to tell
 live objects from fragmentation); object counts by type; and, unless
 ``SILO_MEMTRACE_FRAMES`` is 0 (heap figures only, no tracing cost), what
 ``tracemalloc`` traces and the allocations grown since the first report, by
-line and by traceback. Tracing costs CPU and memory of its own; leave it off
+line and by traceback (each snapshot is also dumped to
+``<dir>/<service id>-<n>.snapshot``: ``tracemalloc.Snapshot.load`` compares any
+two). Tracing costs CPU and memory of its own; leave it off
 otherwise.
 """
 
@@ -143,11 +145,17 @@ async def trace_memory(service_id: str, directory: Path, stopping: asyncio.Event
             await asyncio.wait_for(stopping.wait(), timeout=every)
         except TimeoutError:
             pass
-        gc.collect()
+        before = Counter(type(o).__name__ for o in gc.get_objects())
+        freed = gc.collect()
+        garbage = before - Counter(type(o).__name__ for o in gc.get_objects())
         snap = tracemalloc.take_snapshot().filter_traces(skip) if frames else None
         # In this thread: another one would get a malloc arena of its own and change what is measured.
         text = _report(service_id, n, started, pymalloc_info(), snap, first)
+        text += (f"\ngc.collect() found {freed} unreachable objects (cyclic garbage the collector had not "
+                 "reached yet); by type: " + ", ".join(f"{k} {v}" for k, v in garbage.most_common(TOP)) + "\n")
         (directory / f"{service_id}-{n:04d}.txt").write_text(text)
+        if snap is not None:
+            snap.dump(str(directory / f"{service_id}-{n:04d}.snapshot"))  # compare any two offline
         if first is None:
             first = snap
         n += 1
