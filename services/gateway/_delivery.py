@@ -47,6 +47,8 @@ KEEP_IDLE = 1024
 """Feeds of sessions nobody follows that a gateway keeps (their stream positions), newest used first."""
 MARK_EVERY = 64
 """Every this many seqs a feed remembers the event's stream sequence, to start stream reads near it."""
+END_EVENT = "shutdown"
+"""A session's last event: a follower that delivered it is done (and lets go of the feed)."""
 STREAM_TIMEOUT_S = 10.0
 LIVE_HEARTBEAT_S = 1.0
 """The live feed's consumer heartbeat: two missed (its NATS node gone) and the feed is recreated
@@ -157,6 +159,11 @@ class SessionFeed:
         await asyncio.shield(self._changed)
 
     @property
+    def ring_size(self) -> int:
+        """Events in the ring now."""
+        return len(self._ring)
+
+    @property
     def live_next(self) -> int | None:
         """The seq after the newest live event, None when the ring is empty."""
         return self._ring[-1].seq + 1 if self._ring else None
@@ -237,6 +244,11 @@ class SessionFeed:
             await _drop_consumer(js, psub, name, self.log)
         return out, pending == 0
 
+    async def ended_before(self, seq: int) -> bool:
+        """Whether the session ended (its last event, ``shutdown``) before ``seq``: nothing more comes."""
+        last = await self.last_event()
+        return last is not None and last.kind == END_EVENT and last.seq < seq
+
     async def last_event(self) -> SessionEvent | None:
         """The session's newest stored event (verified), None when it has none."""
         if self._ring:
@@ -276,6 +288,21 @@ class Feeds:
         self.keep_idle = keep_idle
         self._feeds: OrderedDict[str, SessionFeed] = OrderedDict()
 
+    @property
+    def held(self) -> int:
+        """Feeds held: followed ones and up to ``keep_idle`` others."""
+        return len(self._feeds)
+
+    @property
+    def followed(self) -> int:
+        """Feeds with a follower (each has a live subscription and a ring)."""
+        return sum(1 for f in self._feeds.values() if f.followers)
+
+    @property
+    def ring_events(self) -> int:
+        """Events held in the feeds' rings."""
+        return sum(f.ring_size for f in self._feeds.values())
+
     def get(self, sid: str) -> SessionFeed:
         """The feed of ``sid`` (made on first use)."""
         feed = self._feeds.get(sid)
@@ -283,7 +310,7 @@ class Feeds:
             feed = self._feeds[sid] = SessionFeed(self.bus, sid, ring=self.ring, metrics=self.metrics,
                                                   log=self.log)
             idle = [k for k, f in self._feeds.items() if f.followers == 0 and k != sid]
-            for k in idle[: max(0, len(idle) - self.keep_idle)]:  # oldest first
+            for k in idle[: max(0, len(idle) + 1 - self.keep_idle)]:  # oldest first; the new one counts
                 del self._feeds[k]
         else:
             self._feeds.move_to_end(sid)
@@ -409,12 +436,14 @@ class Outbox:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None  # its traceback holds this outbox: no cycle left for the collector
         if self._room is not None and not self._room.done():
             self._room.cancel()
 
 
 async def follow(feed: SessionFeed, outbox: Outbox, from_seq: int, log: Any, *, per_frame: int = 1) -> None:
-    """Move ``feed``'s events from ``from_seq`` into ``outbox``: the backlog, then live, forever.
+    """Move ``feed``'s events from ``from_seq`` into ``outbox``: the backlog, then live, until the
+    session's last event (``shutdown``) is queued, or at once when it ended before ``from_seq``.
 
     While it keeps up it takes events from the ring; when the client reads
     too slowly and falls behind the ring, its live feed is dropped (counted)
@@ -438,12 +467,16 @@ async def follow(feed: SessionFeed, outbox: Outbox, from_seq: int, log: Any, *, 
                 live = False
                 batch, _ = await feed.read_stream(next_seq, min(room, STREAM_BATCH))
                 if not batch:
+                    if await feed.ended_before(next_seq):
+                        return
                     live_next = feed.live_next
                     if live_next is None or live_next <= next_seq:
                         await feed.changed()  # nothing newer anywhere yet
                     continue
             elif not batch:
                 live = True
+                if await feed.ended_before(next_seq):  # (the ring's newest event: no round trip)
+                    return
                 await feed.changed()
                 continue
             else:
@@ -466,5 +499,7 @@ async def follow(feed: SessionFeed, outbox: Outbox, from_seq: int, log: Any, *, 
                 feed.metrics.from_stream.inc(queued)
             if queued:
                 next_seq = batch[queued - 1].seq + 1
+                if batch[queued - 1].event.kind == END_EVENT:
+                    return
     finally:
         await feed.unfollow()
