@@ -9,7 +9,9 @@ what Python's own allocator holds in its arenas and in live blocks (to tell
 live objects from fragmentation); object counts by type; and, unless
 ``SILO_MEMTRACE_FRAMES`` is 0 (heap figures only, no tracing cost), what
 ``tracemalloc`` traces and the allocations grown since the first report, by
-line and by traceback (each snapshot is also dumped to
+line and by traceback. With ``SILO_MEMTRACE_TRIM=1`` each report ends with
+``malloc_trim(0)`` and the RSS it gave back: free heap that only held pages
+(each snapshot is also dumped to
 ``<dir>/<service id>-<n>.snapshot``: ``tracemalloc.Snapshot.load`` compares any
 two). Tracing costs CPU and memory of its own; leave it off
 otherwise.
@@ -32,6 +34,7 @@ MEMTRACE_DIR_ENV = "SILO_MEMTRACE_DIR"
 MEMTRACE_SERVICES_ENV = "SILO_MEMTRACE_SERVICES"
 MEMTRACE_EVERY_ENV = "SILO_MEMTRACE_EVERY_S"
 MEMTRACE_FRAMES_ENV = "SILO_MEMTRACE_FRAMES"
+MEMTRACE_TRIM_ENV = "SILO_MEMTRACE_TRIM"
 FRAMES = 12
 TOP = 25
 ARENA = 1 << 20
@@ -151,6 +154,10 @@ async def trace_memory(service_id: str, directory: Path, stopping: asyncio.Event
         snap = tracemalloc.take_snapshot().filter_traces(skip) if frames else None
         # In this thread: another one would get a malloc arena of its own and change what is measured.
         text = _report(service_id, n, started, pymalloc_info(), snap, first)
+        if os.environ.get(MEMTRACE_TRIM_ENV) == "1":
+            before = rss_bytes()
+            trimmed = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+            text += (f"\nmalloc_trim(0) -> {trimmed}: rss {before / 2**20:.2f} -> {rss_bytes() / 2**20:.2f} MiB\n")
         text += (f"\ngc.collect() found {freed} unreachable objects (cyclic garbage the collector had not "
                  "reached yet); by type: " + ", ".join(f"{k} {v}" for k, v in garbage.most_common(TOP)) + "\n")
         (directory / f"{service_id}-{n:04d}.txt").write_text(text)
