@@ -37,6 +37,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 DEFAULT_RING = 2048
 """Newest events a feed keeps for its followers; one further behind reads the stream."""
+DEFAULT_RING_BYTES = 256 * 1024
+"""Characters of encoded frames a feed's ring holds at most (option ``event_ring_bytes``): the ring is the
+gateway's largest memory under load (about three times its characters, decoded), and without a byte
+bound it would grow with each session's age (and its largest events) up to ``DEFAULT_RING`` events."""
 DEFAULT_OUTBOX = 512
 """Frames queued for one client before its followers wait (and fall behind the ring)."""
 OUTBOX_BYTES = 8 * 1024 * 1024
@@ -81,25 +85,42 @@ class DeliveryMetrics:
 
 @dataclass(frozen=True, slots=True)
 class FeedEvent:
-    """A verified event and its client frame, encoded once for every client."""
+    """A verified event and its client frame, encoded once for every client.
+
+    The frame is kept encoded only: rings hold thousands of these, and a
+    model of the frame would be a third copy of the event's data.
+    """
 
     seq: int
     stream_seq: int
     event: SessionEvent
-    frame: EventFrame
     wire: str
+
+    @property
+    def frame(self) -> EventFrame:
+        """The client frame, made again from the event (for ``events`` answers)."""
+        return _event_frame(self.event)
+
+
+def _event_frame(event: SessionEvent) -> EventFrame:
+    return EventFrame(session_id=event.session_id, seq=event.seq, kind=event.kind, agent=event.agent,
+                      ts=event.ts, data=event.data)
 
 
 class SessionFeed:
     """One session's verified events: the live ring while followed, and reads from the stream."""
 
-    def __init__(self, bus: Bus, sid: str, *, ring: int, metrics: DeliveryMetrics, log: Any) -> None:
+    def __init__(self, bus: Bus, sid: str, *, ring: int, metrics: DeliveryMetrics, log: Any,
+                 ring_bytes: int = DEFAULT_RING_BYTES) -> None:
         self.bus = bus
         self.sid = sid
         self.subject = subjects.session_events(sid)
         self.metrics = metrics
         self.log = log.bind(session=sid)
-        self._ring: deque[FeedEvent] = deque(maxlen=ring)
+        self._ring: deque[FeedEvent] = deque()
+        self._ring_max = ring
+        self._ring_max_bytes = ring_bytes
+        self._ring_bytes = 0
         self._marks: list[tuple[int, int]] = []
         """(seq, stream seq) of every MARK_EVERY-th event seen, sorted."""
         self._changed: asyncio.Future[None] | None = None
@@ -127,7 +148,7 @@ class SessionFeed:
         self.followers -= 1
         if self.followers == 0 and self._sub is not None:
             sub, self._sub = self._sub, None
-            self._ring.clear()
+            self._clear_ring()
             try:
                 await sub.unsubscribe()
             except (NatsError, TimeoutError) as exc:  # NATS is gone; the consumer expires on its own
@@ -145,11 +166,18 @@ class SessionFeed:
             if ev.seq != last + 1:
                 # Never expected (the consumer is ordered); the stream has the ones between.
                 self.log.warning("feed_gap", expected=last + 1, got=ev.seq)
-                ring.clear()
+                self._clear_ring()
         ring.append(ev)
+        self._ring_bytes += len(ev.wire)
+        while len(ring) > 1 and (len(ring) > self._ring_max or self._ring_bytes > self._ring_max_bytes):
+            self._ring_bytes -= len(ring.popleft().wire)
         changed, self._changed = self._changed, None
         if changed is not None and not changed.done():
             changed.set_result(None)
+
+    def _clear_ring(self) -> None:
+        self._ring.clear()
+        self._ring_bytes = 0
 
     async def changed(self) -> None:
         """Wait for the next live event."""
@@ -162,6 +190,11 @@ class SessionFeed:
     def ring_size(self) -> int:
         """Events in the ring now."""
         return len(self._ring)
+
+    @property
+    def ring_chars(self) -> int:
+        """Characters of encoded frames in the ring now."""
+        return self._ring_bytes
 
     @property
     def live_next(self) -> int | None:
@@ -192,15 +225,14 @@ class SessionFeed:
             self.metrics.rejected.inc()
             self.log.warning("event_rejected", sender=env.header.sender, claimed_session=event.session_id)
             return None
-        frame = EventFrame(session_id=self.sid, seq=event.seq, kind=event.kind, agent=event.agent,
-                           ts=event.ts, data=event.data)
+        frame = _event_frame(event)
         stream_seq = msg.metadata.sequence.stream
         if event.seq % MARK_EVERY == 0:
             mark = (event.seq, stream_seq)
             i = bisect.bisect_left(self._marks, mark)
             if i == len(self._marks) or self._marks[i][0] != event.seq:
                 self._marks.insert(i, mark)
-        return FeedEvent(event.seq, stream_seq, event, frame, frame.model_dump_json())
+        return FeedEvent(event.seq, stream_seq, event, frame.model_dump_json())
 
     # -- the stream ----------------------------------------------------------------------
 
@@ -280,11 +312,12 @@ class Feeds:
     """The gateway's session feeds: one per session followed now, and the most recently used others."""
 
     def __init__(self, bus: Bus, metrics: DeliveryMetrics, log: Any, *, ring: int = DEFAULT_RING,
-                 keep_idle: int = KEEP_IDLE) -> None:
+                 ring_bytes: int = DEFAULT_RING_BYTES, keep_idle: int = KEEP_IDLE) -> None:
         self.bus = bus
         self.metrics = metrics
         self.log = log
         self.ring = ring
+        self.ring_bytes = ring_bytes
         self.keep_idle = keep_idle
         self._feeds: OrderedDict[str, SessionFeed] = OrderedDict()
 
@@ -303,12 +336,17 @@ class Feeds:
         """Events held in the feeds' rings."""
         return sum(f.ring_size for f in self._feeds.values())
 
+    @property
+    def ring_chars(self) -> int:
+        """Characters of encoded frames held in the feeds' rings."""
+        return sum(f.ring_chars for f in self._feeds.values())
+
     def get(self, sid: str) -> SessionFeed:
         """The feed of ``sid`` (made on first use)."""
         feed = self._feeds.get(sid)
         if feed is None:
-            feed = self._feeds[sid] = SessionFeed(self.bus, sid, ring=self.ring, metrics=self.metrics,
-                                                  log=self.log)
+            feed = self._feeds[sid] = SessionFeed(self.bus, sid, ring=self.ring, ring_bytes=self.ring_bytes,
+                                                  metrics=self.metrics, log=self.log)
             idle = [k for k, f in self._feeds.items() if f.followers == 0 and k != sid]
             for k in idle[: max(0, len(idle) + 1 - self.keep_idle)]:  # oldest first; the new one counts
                 del self._feeds[k]

@@ -79,6 +79,7 @@ from devsilo.protocol.client import (
     WorkspaceUploadNeeded,
 )
 from devsilo.runtime import ServiceContext
+from devsilo.runtime._heap import trim_heap_every
 from devsilo.runtime._pool import PoolView
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -93,7 +94,15 @@ from ._auth import (
     Principal,
     TokenAuthenticator,
 )
-from ._delivery import DEFAULT_OUTBOX, DEFAULT_RING, DeliveryMetrics, Feeds, Outbox, follow
+from ._delivery import (
+    DEFAULT_OUTBOX,
+    DEFAULT_RING,
+    DEFAULT_RING_BYTES,
+    DeliveryMetrics,
+    Feeds,
+    Outbox,
+    follow,
+)
 from ._journal import export_page
 from ._keys import ClientKeyStore
 from ._limits import Limits, check_request
@@ -117,6 +126,9 @@ DEFAULT_MAX_CLIENTS_PER_USER = 200
 DEFAULT_CLIENT_RATE = 200.0
 """Frames per second one connection may send, averaged over a second (option ``client_rate``)."""
 OVERLOADED_RETRY_MS = 1000
+HEAP_TRIM_S = 60.0
+"""How often the gateway gives glibc's free heap pages back (option ``heap_trim_s``; 0: never): its
+live memory rises and falls with the sessions' event rings, and glibc alone would keep the peak."""
 KEEP_TALLIES = 1024
 """Sessions whose running cost sums and state a gateway keeps; others are counted again when asked
 (option ``keep_sessions``, which also bounds the idle feeds and the session records kept)."""
@@ -163,6 +175,7 @@ class GatewayMetrics:
             "feeds": lambda: gw.feeds.held,
             "feeds_followed": lambda: gw.feeds.followed,
             "ring_events": lambda: gw.feeds.ring_events,
+            "ring_chars": lambda: gw.feeds.ring_chars,
             "tallies": lambda: len(gw.tallies),
             "session_records": lambda: gw.sessions.cached,
             "revocation_watch": lambda: gw.auth.tracked_keys,
@@ -189,6 +202,7 @@ class Gateway:
         opts = ctx.options
         self.keep_sessions = int(opts.get("keep_sessions") or KEEP_TALLIES)
         self.feeds = Feeds(self.bus, metrics.delivery, ctx.log, ring=int(opts.get("event_ring") or DEFAULT_RING),
+                           ring_bytes=int(opts.get("event_ring_bytes") or DEFAULT_RING_BYTES),
                            keep_idle=self.keep_sessions)
         self.outbox_limit = int(opts.get("client_queue") or DEFAULT_OUTBOX)
         self.max_clients = int(opts.get("max_clients") or DEFAULT_MAX_CLIENTS)
@@ -686,7 +700,9 @@ async def serve(ctx: ServiceContext) -> None:
     (30); ``pairing_code_valid_s`` (120); ``pairing_max_failures`` per address
     (5), ``pairing_global_max_failures`` (50) within ``pairing_window_s`` (300),
     then ``pairing_lockout_s`` (300); ``web_root`` (the web app's directory); ``keep_sessions``
-    (1024: the sessions nobody follows whose records, feeds and tallies stay in memory).
+    (1024: the sessions nobody follows whose records, feeds and tallies stay in memory);
+    ``event_ring`` (2048) and ``event_ring_bytes`` (256 KiB) per followed session;
+    ``heap_trim_s`` (60: how often free heap pages go back to the kernel; 0 never).
     """
     ctx.status["ready"] = False  # healthy only once clients can connect (`silo up` waits for that)
     state = ctx.state
@@ -710,6 +726,8 @@ async def serve(ctx: ServiceContext) -> None:
     gw = Gateway(ctx, metrics, auth, sessions, web_root)
     # Revocations on any replica close this replica's connections of that key.
     revocations = asyncio.create_task(keys.watch_revocations(auth.revoked, ctx.log, ctx.bus))
+    trim_s = float(opts.get("heap_trim_s", HEAP_TRIM_S) or 0)
+    trimmer = asyncio.create_task(trim_heap_every(trim_s, ctx.stopping)) if trim_s > 0 else None
 
     async def on_announce(env: Envelope, msg: Msg) -> None:
         ann = env.expect(ExecutorAnnounce)
@@ -733,6 +751,9 @@ async def serve(ctx: ServiceContext) -> None:
     finally:
         revocations.cancel()
         await asyncio.gather(revocations, return_exceptions=True)
+        if trimmer is not None:
+            trimmer.cancel()
+            await asyncio.gather(trimmer, return_exceptions=True)
         # Open WebSockets would hold the server's shutdown; tell clients we are going away.
         await asyncio.gather(*(c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway stopping")
                                for c in list(gw.connections)), return_exceptions=True)

@@ -20,8 +20,6 @@ otherwise.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import linecache
 import os
@@ -29,6 +27,8 @@ import time
 import tracemalloc
 from collections import Counter
 from pathlib import Path
+
+from ._heap import malloc_info, trim_heap
 
 MEMTRACE_DIR_ENV = "SILO_MEMTRACE_DIR"
 MEMTRACE_SERVICES_ENV = "SILO_MEMTRACE_SERVICES"
@@ -39,24 +39,6 @@ FRAMES = 12
 TOP = 25
 ARENA = 1 << 20
 """Bytes in one of pymalloc's arenas (CPython 3.10 and later on 64-bit)."""
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-        "keepcost")]
-
-
-def malloc_info() -> dict[str, int] | None:
-    """glibc's heap: bytes in its arenas, in use, free inside them, and in mmapped blocks (None off glibc)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.mallinfo2
-    except (OSError, AttributeError):
-        return None
-    fn.restype = _MallInfo2
-    mi = fn()
-    return {"arena": mi.arena, "in_use": mi.uordblks, "free": mi.fordblks, "mmapped": mi.hblkhd}
 
 
 def pymalloc_info() -> dict[str, int]:
@@ -156,8 +138,8 @@ async def trace_memory(service_id: str, directory: Path, stopping: asyncio.Event
         text = _report(service_id, n, started, pymalloc_info(), snap, first)
         if os.environ.get(MEMTRACE_TRIM_ENV) == "1":
             before = rss_bytes()
-            trimmed = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-            text += (f"\nmalloc_trim(0) -> {trimmed}: rss {before / 2**20:.2f} -> {rss_bytes() / 2**20:.2f} MiB\n")
+            trim_heap()
+            text += (f"\nmalloc_trim(0): rss {before / 2**20:.2f} -> {rss_bytes() / 2**20:.2f} MiB\n")
         text += (f"\ngc.collect() found {freed} unreachable objects (cyclic garbage the collector had not "
                  "reached yet); by type: " + ", ".join(f"{k} {v}" for k, v in garbage.most_common(TOP)) + "\n")
         (directory / f"{service_id}-{n:04d}.txt").write_text(text)
