@@ -58,6 +58,7 @@ MAX_PER_USER = 8
 MAX_CLIENTS = MAX_PER_USER + 2
 CLIENT_RATE = 40
 KEEP_SESSIONS = 2
+RING_CHARS = 8192
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(tmp_path_factory.mktemp("gwsync") / "state", services={"gateway": {"options": {
         "upload_max_bytes": UPLOAD_MAX, "max_clients_per_user": MAX_PER_USER, "client_rate": CLIENT_RATE,
         "max_clients": MAX_CLIENTS,
-        "client_queue": 64, "event_ring": 128, "keep_sessions": KEEP_SESSIONS}}})
+        "client_queue": 64, "event_ring": 128, "event_ring_bytes": RING_CHARS,
+        "keep_sessions": KEEP_SESSIONS}}})
     s.start()
     try:
         yield s
@@ -550,7 +552,8 @@ async def test_access_report_cost_and_busy_state_on_request(stack: Stack, idle_s
 
 # -- the gateway's tables: pruned when sessions end and clients go, bounded otherwise ------------------------
 
-TABLES = ("connections", "followers", "feeds", "feeds_followed", "ring_events", "tallies", "session_records")
+TABLES = ("connections", "followers", "feeds", "feeds_followed", "ring_events", "ring_chars", "tallies",
+          "session_records")
 
 
 def tables(stack: Stack) -> dict[str, float]:
@@ -582,8 +585,8 @@ async def tables_steady(stack: Stack) -> dict[str, float]:
         last = now
 
 
-async def seqs_to_end(client: GatewayClient, sid: str) -> list[int]:
-    """The seqs of ``sid``'s events (``event`` or ``events`` frames) up to its ``shutdown``."""
+async def seqs_to_end(client: GatewayClient, sid: str, last: int | None = None) -> list[int]:
+    """The seqs of ``sid``'s events (``event`` or ``events`` frames) up to its ``shutdown`` (or seq ``last``)."""
     async def wait() -> list[int]:
         seqs: list[int] = []
         while True:
@@ -591,7 +594,7 @@ async def seqs_to_end(client: GatewayClient, sid: str) -> list[int]:
             if isinstance(frame, (EventFrame, EventsFrame)) and frame.session_id == sid:
                 got = [frame] if isinstance(frame, EventFrame) else frame.events
                 seqs += [e.seq for e in got]
-                if any(e.kind == "shutdown" for e in got):
+                if any(e.kind == "shutdown" or e.seq == last for e in got):
                     return seqs
     return await asyncio.wait_for(wait(), 30)
 
@@ -605,7 +608,8 @@ async def test_ended_sessions_and_gone_clients_leave_nothing_behind_in_the_gatew
 
     def back_to_base(t: dict[str, float], connections: int = 0) -> bool:
         return (t["connections"] == base["connections"] + connections and t["followers"] == base["followers"]
-                and t["feeds_followed"] == base["feeds_followed"] and t["ring_events"] == base["ring_events"])
+                and t["feeds_followed"] == base["feeds_followed"] and t["ring_events"] == base["ring_events"]
+                and t["ring_chars"] == base["ring_chars"])
 
     watcher = await connect(stack, "watcher")  # stays connected, attached to every session in turn
     try:
@@ -623,10 +627,16 @@ async def test_ended_sessions_and_gone_clients_leave_nothing_behind_in_the_gatew
                     during = tables(stack)
                     assert during["followers"] == base["followers"] + 3
                     assert during["feeds_followed"] == base["feeds_followed"] + 1
-                    for i in range(5):
-                        await session.emit("tool_output", {"i": i})
+                    for i in range(5):  # 15 KB of output: more than a ring holds
+                        await session.emit("tool_output", {"i": i, "text": "x" * 3000})
+                    # Every event went through the ring, which holds the newest up to its size in characters.
+                    assert await seqs_to_end(watcher, session.sid, last=5) == list(range(6))
+                    held = tables(stack)
+                    assert 1 <= held["ring_events"] - base["ring_events"] < 6
+                    assert held["ring_chars"] - base["ring_chars"] <= RING_CHARS
                     await session.emit("shutdown", {"exit_code": 0, "reason": "done"})
-                    for client in (watcher, *others):
+                    assert await seqs_to_end(watcher, session.sid) == [6]
+                    for client in others:
                         assert await seqs_to_end(client, session.sid) == list(range(7))
                 finally:
                     for client in others:

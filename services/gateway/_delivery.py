@@ -37,10 +37,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 DEFAULT_RING = 2048
 """Newest events a feed keeps for its followers; one further behind reads the stream."""
-DEFAULT_RING_BYTES = 256 * 1024
-"""Characters of encoded frames a feed's ring holds at most (option ``event_ring_bytes``): the ring is the
-gateway's largest memory under load (about three times its characters, decoded), and without a byte
-bound it would grow with each session's age (and its largest events) up to ``DEFAULT_RING`` events."""
+DEFAULT_RING_BYTES = 64 * 1024
+"""Characters of encoded frames a feed's ring holds at most (option ``event_ring_bytes``). The rings are
+the gateway's largest memory under load (decoded, about three times their characters); bounded by count
+alone, each grew with its session's age, and the gateway's memory rose and fell with the sessions (and
+kept its peaks). Followers that keep up need only the newest events; one further behind, or attaching
+from an older seq, reads the stream."""
 DEFAULT_OUTBOX = 512
 """Frames queued for one client before its followers wait (and fall behind the ring)."""
 OUTBOX_BYTES = 8 * 1024 * 1024

@@ -701,7 +701,7 @@ async def serve(ctx: ServiceContext) -> None:
     (5), ``pairing_global_max_failures`` (50) within ``pairing_window_s`` (300),
     then ``pairing_lockout_s`` (300); ``web_root`` (the web app's directory); ``keep_sessions``
     (1024: the sessions nobody follows whose records, feeds and tallies stay in memory);
-    ``event_ring`` (2048) and ``event_ring_bytes`` (256 KiB) per followed session;
+    ``event_ring`` (2048) and ``event_ring_bytes`` (64 KiB) per followed session;
     ``heap_trim_s`` (60: how often free heap pages go back to the kernel; 0 never).
     """
     ctx.status["ready"] = False  # healthy only once clients can connect (`silo up` waits for that)
