@@ -6,8 +6,8 @@ pages unless they are at the top of its heap, so a service whose live memory
 goes up and down (a gateway's event rings as sessions start and end) keeps
 its highest level resident. ``malloc_trim(0)`` returns the free pages in the
 middle of the heap to the kernel as well. Measured with ``SILO_MEMTRACE_TRIM``
-(``_memtrace``) on a gateway under ``bench/load.py``: 2.3 to 3.3 MiB each
-30 s, growing with the run.
+(``_memtrace``) on a gateway under ``bench/load.py`` (6 sessions): 2.3 to
+3.3 MiB each 30 s, more as the run went on.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def trim_heap() -> bool:
 
 
 async def trim_heap_every(seconds: float, stopping: asyncio.Event) -> None:
-    """``trim_heap`` every ``seconds`` until ``stopping`` is set (a walk of the free lists: about a
-    millisecond for a gateway's heap)."""
+    """``trim_heap`` every ``seconds`` until ``stopping`` is set. It walks the free lists, holding the
+    event loop: measured 24 ms for 119 MiB free in 50,000 holes (79 MiB given back), 4 ms right after."""
     while not stopping.is_set():
         try:
             await asyncio.wait_for(stopping.wait(), timeout=seconds)
