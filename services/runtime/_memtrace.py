@@ -86,7 +86,16 @@ def wanted(service_id: str) -> Path | None:
     return Path(directory) if not only or service_id in only else None
 
 
-def _report(service_id: str, n: int, started: float, pymalloc: dict[str, int],
+def _object_counts() -> Counter[str]:
+    """Live objects the collector tracks, by type name."""
+    by_type: Counter[type] = Counter(map(type, gc.get_objects()))
+    counts: Counter[str] = Counter()
+    for kind, count in by_type.items():
+        counts[kind.__name__] += count
+    return counts
+
+
+def _report(service_id: str, n: int, started: float, pymalloc: dict[str, int], counts: Counter[str],
             snap: tracemalloc.Snapshot | None, first: tracemalloc.Snapshot | None) -> str:
     lines = [f"{service_id} report {n} at {time.time() - started:.0f} s", f"rss {rss_bytes() / 2**20:.2f} MiB"]
     if tracemalloc.is_tracing():
@@ -100,7 +109,6 @@ def _report(service_id: str, n: int, started: float, pymalloc: dict[str, int],
     arenas = py.pop("arenas", 0)
     lines.append(f"pymalloc arenas {arenas} ({arenas * ARENA / 2**20:.2f} MiB); "
                  + "; ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in py.items()))
-    counts = Counter(type(o).__name__ for o in gc.get_objects())
     lines.append("objects by type: " + ", ".join(f"{k} {v}" for k, v in counts.most_common(TOP)))
     if snap is not None and first is not None:
         for key in ("lineno", "traceback"):
@@ -122,29 +130,34 @@ async def trace_memory(service_id: str, directory: Path, stopping: asyncio.Event
         tracemalloc.start(frames)
     started = time.time()
     first: tracemalloc.Snapshot | None = None
-    n = 0
     skip = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, linecache.__file__),
             tracemalloc.Filter(False, __file__)]
-    while not stopping.is_set():
-        try:
-            await asyncio.wait_for(stopping.wait(), timeout=every)
-        except TimeoutError:
-            pass
-        before = Counter(type(o).__name__ for o in gc.get_objects())
-        freed = gc.collect()
-        garbage = before - Counter(type(o).__name__ for o in gc.get_objects())
-        snap = tracemalloc.take_snapshot().filter_traces(skip) if frames else None
-        # In this thread: another one would get a malloc arena of its own and change what is measured.
-        text = _report(service_id, n, started, pymalloc_info(), snap, first)
-        if os.environ.get(MEMTRACE_TRIM_ENV) == "1":
-            before = rss_bytes()
-            trim_heap()
-            text += (f"\nmalloc_trim(0): rss {before / 2**20:.2f} -> {rss_bytes() / 2**20:.2f} MiB\n")
-        text += (f"\ngc.collect() found {freed} unreachable objects (cyclic garbage the collector had not "
-                 "reached yet); by type: " + ", ".join(f"{k} {v}" for k, v in garbage.most_common(TOP)) + "\n")
-        (directory / f"{service_id}-{n:04d}.txt").write_text(text)
-        if snap is not None:
-            snap.dump(str(directory / f"{service_id}-{n:04d}.snapshot"))  # compare any two offline
-        if first is None:
-            first = snap
-        n += 1
+    n = 0
+    try:
+        while True:
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=every)
+                return
+            except TimeoutError:
+                pass
+            # In this thread: another one would get a malloc arena of its own and change what is measured.
+            before = _object_counts()
+            freed = gc.collect()
+            after = _object_counts()
+            snap = tracemalloc.take_snapshot().filter_traces(skip) if frames else None
+            text = _report(service_id, n, started, pymalloc_info(), after, snap, first)
+            if os.environ.get(MEMTRACE_TRIM_ENV) == "1":
+                rss_before = rss_bytes()
+                trim_heap()
+                text += f"\nmalloc_trim(0): rss {rss_before / 2**20:.2f} -> {rss_bytes() / 2**20:.2f} MiB\n"
+            text += (f"\ngc.collect() found {freed} unreachable objects (cyclic garbage the collector had not "
+                     "reached yet); by type: "
+                     + ", ".join(f"{k} {v}" for k, v in (before - after).most_common(TOP)) + "\n")
+            (directory / f"{service_id}-{n:04d}.txt").write_text(text)
+            if snap is not None:
+                snap.dump(str(directory / f"{service_id}-{n:04d}.snapshot"))  # compare any two offline
+                first = first or snap
+            n += 1
+    finally:
+        if frames:
+            tracemalloc.stop()
