@@ -58,6 +58,8 @@ UPLOAD_MAX = 1024 * 1024
 MAX_PER_USER = 8
 MAX_CLIENTS = MAX_PER_USER + 2
 CLIENT_RATE = 40
+KEEP_SESSIONS = 2
+RING_CHARS = 8192
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(tmp_path_factory.mktemp("gwsync") / "state", services={"gateway": {"options": {
         "upload_max_bytes": UPLOAD_MAX, "max_clients_per_user": MAX_PER_USER, "client_rate": CLIENT_RATE,
         "max_clients": MAX_CLIENTS,
-        "client_queue": 64, "event_ring": 128}}})
+        "client_queue": 64, "event_ring": 128, "event_ring_bytes": RING_CHARS,
+        "keep_sessions": KEEP_SESSIONS}}})
     s.start()
     try:
         yield s
@@ -510,3 +513,115 @@ async def test_access_report_cost_and_busy_state_on_request(stack: Stack, idle_s
         assert cost.through_seq >= costs[-1].seq
     finally:
         await client.close()
+
+
+# -- the gateway's tables: pruned when sessions end and clients go, bounded otherwise ------------------------
+
+TABLES = ("connections", "followers", "feeds", "feeds_followed", "ring_events", "ring_chars", "tallies",
+          "session_records")
+
+
+def tables(stack: Stack) -> dict[str, float]:
+    """The sizes of the gateway's in-memory tables, from its metrics."""
+    text = stack.metrics("gateway")
+    return {t: float(next((line.rsplit(" ", 1)[1] for line in text.splitlines()
+                           if line.startswith(f'silo_gateway_table_entries{{table="{t}"}} ')), "nan"))
+            for t in TABLES}
+
+
+async def tables_settle(stack: Stack, want: Any) -> dict[str, float]:
+    """The tables once ``want(tables)`` holds (the gateway tears a connection down after it closed)."""
+    deadline = time.monotonic() + 20
+    while not want(now := tables(stack)):
+        assert time.monotonic() < deadline, f"the gateway's tables never settled: {now}"
+        await asyncio.sleep(0.05)
+    return now
+
+
+async def tables_steady(stack: Stack) -> dict[str, float]:
+    """The tables once two reads a moment apart agree (earlier tests' clients have gone)."""
+    deadline = time.monotonic() + 20
+    last = tables(stack)
+    while True:
+        await asyncio.sleep(0.2)
+        if (now := tables(stack)) == last:
+            return now
+        assert time.monotonic() < deadline, f"the gateway's tables never settled: {now}"
+        last = now
+
+
+async def seqs_to_end(client: GatewayClient, sid: str, last: int | None = None) -> list[int]:
+    """The seqs of ``sid``'s events (``event`` or ``events`` frames) up to its ``shutdown`` (or seq ``last``)."""
+    async def wait() -> list[int]:
+        seqs: list[int] = []
+        while True:
+            frame = await client.receive()
+            if isinstance(frame, (EventFrame, EventsFrame)) and frame.session_id == sid:
+                got = [frame] if isinstance(frame, EventFrame) else frame.events
+                seqs += [e.seq for e in got]
+                if any(e.kind == "shutdown" or e.seq == last for e in got):
+                    return seqs
+    return await asyncio.wait_for(wait(), 30)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_ended_sessions_and_gone_clients_leave_nothing_behind_in_the_gateway(stack: Stack) -> None:
+    """Other fixtures' clients may be connected and attached: everything is counted from where it stood."""
+    state = StateDir(stack.state_dir)
+    nats_url = f"tls://127.0.0.1:{stack.nats_port}"
+    base = await tables_steady(stack)
+
+    def back_to_base(t: dict[str, float], connections: int = 0) -> bool:
+        return (t["connections"] == base["connections"] + connections and t["followers"] == base["followers"]
+                and t["feeds_followed"] == base["feeds_followed"] and t["ring_events"] == base["ring_events"]
+                and t["ring_chars"] == base["ring_chars"])
+
+    watcher = await connect(stack, "watcher")  # stays connected, attached to every session in turn
+    try:
+        sids = []
+        for n in range(KEEP_SESSIONS + 2):
+            async with ScriptedSession(state, nats_url) as session:
+                sids.append(session.sid)
+                await session.emit("session_started")
+                others = [await connect(stack, f"s{n}-c{i}") for i in range(2)]
+                try:
+                    for i, client in enumerate([watcher, *others]):
+                        await client.send(Attach(session_id=session.sid, batch=1 + 99 * (i % 2)))
+                        await client.send(Ping())
+                        await next_frame(client, Pong)
+                    during = tables(stack)
+                    assert during["followers"] == base["followers"] + 3
+                    assert during["feeds_followed"] == base["feeds_followed"] + 1
+                    for i in range(5):  # 15 KB of output: more than a ring holds
+                        await session.emit("tool_output", {"i": i, "text": "x" * 3000})
+                    # Every event went through the ring, which holds the newest up to its size in characters.
+                    assert await seqs_to_end(watcher, session.sid, last=5) == list(range(6))
+                    held = tables(stack)
+                    assert 1 <= held["ring_events"] - base["ring_events"] < 6
+                    assert held["ring_chars"] - base["ring_chars"] <= RING_CHARS
+                    await session.emit("shutdown", {"exit_code": 0, "reason": "done"})
+                    assert await seqs_to_end(watcher, session.sid) == [6]
+                    for client in others:
+                        assert await seqs_to_end(client, session.sid) == list(range(7))
+                finally:
+                    for client in others:
+                        await client.close()
+            # The session ended: the client still connected follows nothing, and its feed let go of the events.
+            await tables_settle(stack, lambda t: back_to_base(t, connections=1))
+        # Attaching to an ended session: its events through the end, then nothing is left following it.
+        await watcher.send(Attach(session_id=sids[0], from_seq=3, batch=100))
+        assert await seqs_to_end(watcher, sids[0]) == [3, 4, 5, 6]
+        await watcher.send(Attach(session_id=sids[1], from_seq=7))  # after its end: nothing to follow
+        await watcher.send(Ping())
+        await next_frame(watcher, Pong)
+        await tables_settle(stack, lambda t: back_to_base(t, connections=1))
+        # What the gateway keeps of sessions nobody follows is bounded; asking for an older one still works.
+        for sid in sids:
+            await watcher.send(CostRequest(session_id=sid))
+            assert (await next_frame(watcher, CostFrame)).through_seq == 6
+        kept = tables(stack)
+        assert kept["session_records"] <= KEEP_SESSIONS and kept["tallies"] <= KEEP_SESSIONS
+        assert kept["feeds"] <= KEEP_SESSIONS + base["feeds_followed"]
+    finally:
+        await watcher.close()
+    await tables_settle(stack, back_to_base)

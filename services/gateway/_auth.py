@@ -309,6 +309,11 @@ class Authenticator:
                 self._open.pop(key_id, None)
         return forget
 
+    @property
+    def tracked_keys(self) -> int:
+        """Client keys with a connection open on this gateway (watched for revocation)."""
+        return len(self._open)
+
     async def still_registered(self, who: Principal) -> bool:
         """Whether the key ``who`` authenticated with is still registered (always, for the token)."""
         return who.key_id is None or await self.keys.get(who.key_id) is not None

@@ -37,6 +37,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 DEFAULT_RING = 2048
 """Newest events a feed keeps for its followers; one further behind reads the stream."""
+DEFAULT_RING_BYTES = 64 * 1024
+"""Characters of encoded frames a feed's ring holds at most (option ``event_ring_bytes``). The rings are
+the gateway's largest memory under load (decoded, about three times their characters); bounded by count
+alone, each grew with its session's age, and the gateway's memory rose and fell with the sessions (and
+kept its peaks). Followers that keep up need only the newest events; one further behind, or attaching
+from an older seq, reads the stream."""
 DEFAULT_OUTBOX = 512
 """Frames queued for one client before its followers wait (and fall behind the ring)."""
 OUTBOX_BYTES = 8 * 1024 * 1024
@@ -47,6 +53,8 @@ KEEP_IDLE = 1024
 """Feeds of sessions nobody follows that a gateway keeps (their stream positions), newest used first."""
 MARK_EVERY = 64
 """Every this many seqs a feed remembers the event's stream sequence, to start stream reads near it."""
+END_EVENT = "shutdown"
+"""A session's last event: a follower that delivered it is done (and lets go of the feed)."""
 STREAM_TIMEOUT_S = 10.0
 LIVE_HEARTBEAT_S = 1.0
 """The live feed's consumer heartbeat: two missed (its NATS node gone) and the feed is recreated
@@ -79,25 +87,42 @@ class DeliveryMetrics:
 
 @dataclass(frozen=True, slots=True)
 class FeedEvent:
-    """A verified event and its client frame, encoded once for every client."""
+    """A verified event and its client frame, encoded once for every client.
+
+    The frame is kept encoded only: rings hold thousands of these, and a
+    model of the frame would be a third copy of the event's data.
+    """
 
     seq: int
     stream_seq: int
     event: SessionEvent
-    frame: EventFrame
     wire: str
+
+    @property
+    def frame(self) -> EventFrame:
+        """The client frame, made again from the event (for ``events`` answers)."""
+        return _event_frame(self.event)
+
+
+def _event_frame(event: SessionEvent) -> EventFrame:
+    return EventFrame(session_id=event.session_id, seq=event.seq, kind=event.kind, agent=event.agent,
+                      ts=event.ts, data=event.data)
 
 
 class SessionFeed:
     """One session's verified events: the live ring while followed, and reads from the stream."""
 
-    def __init__(self, bus: Bus, sid: str, *, ring: int, metrics: DeliveryMetrics, log: Any) -> None:
+    def __init__(self, bus: Bus, sid: str, *, ring: int, metrics: DeliveryMetrics, log: Any,
+                 ring_bytes: int = DEFAULT_RING_BYTES) -> None:
         self.bus = bus
         self.sid = sid
         self.subject = subjects.session_events(sid)
         self.metrics = metrics
         self.log = log.bind(session=sid)
-        self._ring: deque[FeedEvent] = deque(maxlen=ring)
+        self._ring: deque[FeedEvent] = deque()
+        self._ring_max = ring
+        self._ring_max_bytes = ring_bytes
+        self._ring_bytes = 0
         self._marks: list[tuple[int, int]] = []
         """(seq, stream seq) of every MARK_EVERY-th event seen, sorted."""
         self._changed: asyncio.Future[None] | None = None
@@ -125,7 +150,7 @@ class SessionFeed:
         self.followers -= 1
         if self.followers == 0 and self._sub is not None:
             sub, self._sub = self._sub, None
-            self._ring.clear()
+            self._clear_ring()
             try:
                 await sub.unsubscribe()
             except (NatsError, TimeoutError) as exc:  # NATS is gone; the consumer expires on its own
@@ -143,11 +168,18 @@ class SessionFeed:
             if ev.seq != last + 1:
                 # Never expected (the consumer is ordered); the stream has the ones between.
                 self.log.warning("feed_gap", expected=last + 1, got=ev.seq)
-                ring.clear()
+                self._clear_ring()
         ring.append(ev)
+        self._ring_bytes += len(ev.wire)
+        while len(ring) > 1 and (len(ring) > self._ring_max or self._ring_bytes > self._ring_max_bytes):
+            self._ring_bytes -= len(ring.popleft().wire)
         changed, self._changed = self._changed, None
         if changed is not None and not changed.done():
             changed.set_result(None)
+
+    def _clear_ring(self) -> None:
+        self._ring.clear()
+        self._ring_bytes = 0
 
     async def changed(self) -> None:
         """Wait for the next live event."""
@@ -155,6 +187,16 @@ class SessionFeed:
             self._changed = asyncio.get_running_loop().create_future()
         # Shielded: a follower cancelled while waiting must not cancel the others' wait.
         await asyncio.shield(self._changed)
+
+    @property
+    def ring_size(self) -> int:
+        """Events in the ring now."""
+        return len(self._ring)
+
+    @property
+    def ring_chars(self) -> int:
+        """Characters of encoded frames in the ring now."""
+        return self._ring_bytes
 
     @property
     def live_next(self) -> int | None:
@@ -185,15 +227,14 @@ class SessionFeed:
             self.metrics.rejected.inc()
             self.log.warning("event_rejected", sender=env.header.sender, claimed_session=event.session_id)
             return None
-        frame = EventFrame(session_id=self.sid, seq=event.seq, kind=event.kind, agent=event.agent,
-                           ts=event.ts, data=event.data)
+        frame = _event_frame(event)
         stream_seq = msg.metadata.sequence.stream
         if event.seq % MARK_EVERY == 0:
             mark = (event.seq, stream_seq)
             i = bisect.bisect_left(self._marks, mark)
             if i == len(self._marks) or self._marks[i][0] != event.seq:
                 self._marks.insert(i, mark)
-        return FeedEvent(event.seq, stream_seq, event, frame, frame.model_dump_json())
+        return FeedEvent(event.seq, stream_seq, event, frame.model_dump_json())
 
     # -- the stream ----------------------------------------------------------------------
 
@@ -237,6 +278,11 @@ class SessionFeed:
             await _drop_consumer(js, psub, name, self.log)
         return out, pending == 0
 
+    async def ended_before(self, seq: int) -> bool:
+        """Whether the session ended (its last event, ``shutdown``) before ``seq``: nothing more comes."""
+        last = await self.last_event()
+        return last is not None and last.kind == END_EVENT and last.seq < seq
+
     async def last_event(self) -> SessionEvent | None:
         """The session's newest stored event (verified), None when it has none."""
         if self._ring:
@@ -268,22 +314,43 @@ class Feeds:
     """The gateway's session feeds: one per session followed now, and the most recently used others."""
 
     def __init__(self, bus: Bus, metrics: DeliveryMetrics, log: Any, *, ring: int = DEFAULT_RING,
-                 keep_idle: int = KEEP_IDLE) -> None:
+                 ring_bytes: int = DEFAULT_RING_BYTES, keep_idle: int = KEEP_IDLE) -> None:
         self.bus = bus
         self.metrics = metrics
         self.log = log
         self.ring = ring
+        self.ring_bytes = ring_bytes
         self.keep_idle = keep_idle
         self._feeds: OrderedDict[str, SessionFeed] = OrderedDict()
+
+    @property
+    def held(self) -> int:
+        """Feeds held: followed ones and up to ``keep_idle`` others."""
+        return len(self._feeds)
+
+    @property
+    def followed(self) -> int:
+        """Feeds with a follower (each has a live subscription and a ring)."""
+        return sum(1 for f in self._feeds.values() if f.followers)
+
+    @property
+    def ring_events(self) -> int:
+        """Events held in the feeds' rings."""
+        return sum(f.ring_size for f in self._feeds.values())
+
+    @property
+    def ring_chars(self) -> int:
+        """Characters of encoded frames held in the feeds' rings."""
+        return sum(f.ring_chars for f in self._feeds.values())
 
     def get(self, sid: str) -> SessionFeed:
         """The feed of ``sid`` (made on first use)."""
         feed = self._feeds.get(sid)
         if feed is None:
-            feed = self._feeds[sid] = SessionFeed(self.bus, sid, ring=self.ring, metrics=self.metrics,
-                                                  log=self.log)
+            feed = self._feeds[sid] = SessionFeed(self.bus, sid, ring=self.ring, ring_bytes=self.ring_bytes,
+                                                  metrics=self.metrics, log=self.log)
             idle = [k for k, f in self._feeds.items() if f.followers == 0 and k != sid]
-            for k in idle[: max(0, len(idle) - self.keep_idle)]:  # oldest first
+            for k in idle[: max(0, len(idle) + 1 - self.keep_idle)]:  # oldest first; the new one counts
                 del self._feeds[k]
         else:
             self._feeds.move_to_end(sid)
@@ -409,12 +476,14 @@ class Outbox:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None  # its traceback holds this outbox: no cycle left for the collector
         if self._room is not None and not self._room.done():
             self._room.cancel()
 
 
 async def follow(feed: SessionFeed, outbox: Outbox, from_seq: int, log: Any, *, per_frame: int = 1) -> None:
-    """Move ``feed``'s events from ``from_seq`` into ``outbox``: the backlog, then live, forever.
+    """Move ``feed``'s events from ``from_seq`` into ``outbox``: the backlog, then live, until the
+    session's last event (``shutdown``) is queued, or at once when it ended before ``from_seq``.
 
     While it keeps up it takes events from the ring; when the client reads
     too slowly and falls behind the ring, its live feed is dropped (counted)
@@ -438,12 +507,16 @@ async def follow(feed: SessionFeed, outbox: Outbox, from_seq: int, log: Any, *, 
                 live = False
                 batch, _ = await feed.read_stream(next_seq, min(room, STREAM_BATCH))
                 if not batch:
+                    if await feed.ended_before(next_seq):
+                        return
                     live_next = feed.live_next
                     if live_next is None or live_next <= next_seq:
                         await feed.changed()  # nothing newer anywhere yet
                     continue
             elif not batch:
                 live = True
+                if await feed.ended_before(next_seq):  # (the ring's newest event: no round trip)
+                    return
                 await feed.changed()
                 continue
             else:
@@ -466,5 +539,7 @@ async def follow(feed: SessionFeed, outbox: Outbox, from_seq: int, log: Any, *, 
                 feed.metrics.from_stream.inc(queued)
             if queued:
                 next_seq = batch[queued - 1].seq + 1
+                if batch[queued - 1].event.kind == END_EVENT:
+                    return
     finally:
         await feed.unfollow()

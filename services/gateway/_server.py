@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ from devsilo.protocol.client import (
     WorkspaceUploadNeeded,
 )
 from devsilo.runtime import ServiceContext
+from devsilo.runtime._heap import trim_heap_every
 from devsilo.runtime._pool import PoolView
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -92,7 +94,15 @@ from ._auth import (
     Principal,
     TokenAuthenticator,
 )
-from ._delivery import DEFAULT_OUTBOX, DEFAULT_RING, DeliveryMetrics, Feeds, Outbox, follow
+from ._delivery import (
+    DEFAULT_OUTBOX,
+    DEFAULT_RING,
+    DEFAULT_RING_BYTES,
+    DeliveryMetrics,
+    Feeds,
+    Outbox,
+    follow,
+)
 from ._journal import export_page
 from ._keys import ClientKeyStore
 from ._limits import Limits, check_request
@@ -116,8 +126,12 @@ DEFAULT_MAX_CLIENTS_PER_USER = 200
 DEFAULT_CLIENT_RATE = 200.0
 """Frames per second one connection may send, averaged over a second (option ``client_rate``)."""
 OVERLOADED_RETRY_MS = 1000
+HEAP_TRIM_S = 60.0
+"""How often the gateway gives glibc's free heap pages back (option ``heap_trim_s``; 0: never): its
+live memory rises and falls with the sessions' event rings, and glibc alone would keep the peak."""
 KEEP_TALLIES = 1024
-"""Sessions whose running cost sums and state a gateway keeps; others are counted again when asked."""
+"""Sessions whose running cost sums and state a gateway keeps; others are counted again when asked
+(option ``keep_sessions``, which also bounds the idle feeds and the session records kept)."""
 
 APP_HEADERS = {
     "Content-Security-Policy": (
@@ -149,6 +163,29 @@ class GatewayMetrics:
         self.auth = AuthMetrics(reg)
         self.delivery = DeliveryMetrics(reg)
         self.sessions_created = Counter("silo_sessions_created_total", "Sessions created.", registry=reg)
+        self.tables = Gauge("silo_gateway_table_entries", "Entries in the gateway's in-memory tables, by table "
+                            "(each is bounded or pruned: under steady load they stay level).", ["table"],
+                            registry=reg)
+
+    def watch(self, gw: Gateway) -> None:
+        """Report the sizes of ``gw``'s tables when scraped."""
+        sizes: dict[str, Callable[[], float]] = {
+            "connections": lambda: len(gw.connections),
+            "followers": lambda: sum(c.following for c in gw.connections),
+            "feeds": lambda: gw.feeds.held,
+            "feeds_followed": lambda: gw.feeds.followed,
+            "ring_events": lambda: gw.feeds.ring_events,
+            "ring_chars": lambda: gw.feeds.ring_chars,
+            "tallies": lambda: len(gw.tallies),
+            "session_records": lambda: gw.sessions.cached,
+            "revocation_watch": lambda: gw.auth.tracked_keys,
+            "shells": lambda: gw.shells.open_shells,
+            "uploads": lambda: len(gw.transfers.uploads),
+            "transfer_results": lambda: len(gw.transfers.results),
+            "locks": lambda: len(gw.locks),
+        }
+        for table, size in sizes.items():
+            self.tables.labels(table=table).set_function(size)
 
 
 class Gateway:
@@ -163,14 +200,17 @@ class Gateway:
         self.sessions = sessions
         self.metrics = metrics
         opts = ctx.options
-        self.feeds = Feeds(self.bus, metrics.delivery, ctx.log, ring=int(opts.get("event_ring") or DEFAULT_RING))
+        self.keep_sessions = int(opts.get("keep_sessions") or KEEP_TALLIES)
+        self.feeds = Feeds(self.bus, metrics.delivery, ctx.log, ring=int(opts.get("event_ring") or DEFAULT_RING),
+                           ring_bytes=int(opts.get("event_ring_bytes") or DEFAULT_RING_BYTES),
+                           keep_idle=self.keep_sessions)
         self.outbox_limit = int(opts.get("client_queue") or DEFAULT_OUTBOX)
         self.max_clients = int(opts.get("max_clients") or DEFAULT_MAX_CLIENTS)
         self.max_clients_per_user = int(opts.get("max_clients_per_user") or DEFAULT_MAX_CLIENTS_PER_USER)
         self.client_rate = float(opts.get("client_rate") or DEFAULT_CLIENT_RATE)
         self.upload_max = int(opts.get("upload_max_bytes") or DEFAULT_UPLOAD_MAX)
         self.tallies: OrderedDict[str, SessionTally] = OrderedDict()
-        """Session tallies, the most recently asked for last (at most ``KEEP_TALLIES``)."""
+        """Session tallies, the most recently asked for last (at most ``keep_sessions``)."""
         self.connections: set[ClientConnection] = set()
         self.pool = PoolView()
         self.locks: dict[str, str] = {}
@@ -178,6 +218,7 @@ class Gateway:
         self.shells = ShellBroker(ctx, self.pool, self.sessions, self.locks)
         self.transfers = WorkspaceTransfers(self)
         self.limits = Limits.from_options(ctx.options)
+        metrics.watch(self)
 
     def app(self) -> web.Application:
         """The aiohttp application: landing page, the web app's files under /app/, and /ws."""
@@ -241,6 +282,11 @@ class ClientConnection:
         self._limiter = AsyncLimiter(gw.client_rate, 1.0)
         self._uploads: ConnectionUploads | None = None
 
+    @property
+    def following(self) -> int:
+        """Sessions this client is attached to now."""
+        return len(self._followers)
+
     async def send(self, frame: ClientFrame) -> None:
         """Queue one frame for this client, in order with its events (waits while its queue is full)."""
         await self.outbox.put(frame.model_dump_json())
@@ -292,20 +338,26 @@ class ClientConnection:
         await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"client key revoked")
 
     async def _requests(self) -> None:
-        async for raw in self.ws:
-            if raw.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-                break
-            req = self._parse(raw)
-            if req is None:
-                continue
-            try:
-                await self._handle(req)
-            except SiloError as exc:
-                await self.send(ErrorFrame(code=type(exc).__name__, message=str(exc), request=req.type))
-            except Exception:  # one bad request must not drop the client
-                self.log.exception("request_failed", request=req.type)
-                await self.send(ErrorFrame(code="internal", message="gateway failed this request; see its log",
-                                           request=req.type))
+        try:
+            async for raw in self.ws:
+                if raw.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    break
+                req = self._parse(raw)
+                if req is not None:
+                    await self._respond(req)
+        except ConnectionError:  # the socket went while aiohttp answered a ping inside receive()
+            self.log.info("client_connection_lost")
+
+    async def _respond(self, req: Any) -> None:
+        """Handle one request; a failure goes back to the client as ``error``."""
+        try:
+            await self._handle(req)
+        except SiloError as exc:
+            await self.send(ErrorFrame(code=type(exc).__name__, message=str(exc), request=req.type))
+        except Exception:  # one bad request must not drop the client
+            self.log.exception("request_failed", request=req.type)
+            await self.send(ErrorFrame(code="internal", message="gateway failed this request; see its log",
+                                       request=req.type))
 
     def _parse(self, raw: Any) -> Any:
         if raw.type != WSMsgType.TEXT:
@@ -527,8 +579,9 @@ class ClientConnection:
             old = self._followers.pop(req.session_id, None)
             if old is not None:
                 old.cancel()
-            self._followers[req.session_id] = asyncio.create_task(
+            task = self._followers[req.session_id] = asyncio.create_task(
                 self._follow(req.session_id, req.from_seq, req.batch))
+            task.add_done_callback(lambda t, sid=req.session_id: self._follower_done(sid, t))
         elif isinstance(req, RequestEvents):
             await self._visible(req.session_id)
             events, complete = await self.gw.feeds.get(req.session_id).read(req.from_seq, req.limit)
@@ -551,8 +604,14 @@ class ClientConnection:
             return False
         return True
 
+    def _follower_done(self, sid: str, task: asyncio.Task[None]) -> None:
+        """Forget a follower that ended (its session ended, or delivery failed) unless replaced."""
+        if self._followers.get(sid) is task:
+            del self._followers[sid]
+
     async def _follow(self, sid: str, from_seq: int, per_frame: int) -> None:
-        """Deliver a session's events to this client until it detaches or goes; tell it if that fails."""
+        """Deliver a session's events to this client until the session ends or the client goes (or
+        attaches again); tell it if that fails."""
         try:
             await follow(self.gw.feeds.get(sid), self.outbox, from_seq, self.log, per_frame=per_frame)
         except (SiloError, NatsError, TimeoutError) as exc:
@@ -567,7 +626,7 @@ class ClientConnection:
         tally = tallies.get(sid)
         if tally is None:
             tally = tallies[sid] = SessionTally(self.gw.feeds.get(sid))
-            while len(tallies) > KEEP_TALLIES:
+            while len(tallies) > self.gw.keep_sessions:
                 tallies.popitem(last=False)
         tallies.move_to_end(sid)
         await tally.catch_up()
@@ -620,9 +679,13 @@ class ClientConnection:
     async def close(self) -> None:
         """Stop following sessions; end this connection's shells and uploads; send what is queued."""
         await self.gw.shells.client_gone(self)
-        for task in self._followers.values():
+        followers = list(self._followers.values())
+        # Forgotten before they are cancelled: a cancelled task keeps its traceback, whose frames hold this
+        # connection; kept here too, the pair would be a cycle only the garbage collector frees.
+        self._followers.clear()
+        for task in followers:
             task.cancel()
-        await asyncio.gather(*self._followers.values(), return_exceptions=True)
+        await asyncio.gather(*followers, return_exceptions=True)
         if self._uploads is not None:
             self._uploads.close()
         await self.outbox.flush(timeout=2.0)
@@ -636,7 +699,10 @@ async def serve(ctx: ServiceContext) -> None:
     ``tls_cert``/``tls_key`` (the operator's own certificate); ``auth_deadline_s``
     (30); ``pairing_code_valid_s`` (120); ``pairing_max_failures`` per address
     (5), ``pairing_global_max_failures`` (50) within ``pairing_window_s`` (300),
-    then ``pairing_lockout_s`` (300); ``web_root`` (the web app's directory).
+    then ``pairing_lockout_s`` (300); ``web_root`` (the web app's directory); ``keep_sessions``
+    (1024: the sessions nobody follows whose records, feeds and tallies stay in memory);
+    ``event_ring`` (2048) and ``event_ring_bytes`` (64 KiB) per followed session;
+    ``heap_trim_s`` (60: how often free heap pages go back to the kernel; 0 never).
     """
     ctx.status["ready"] = False  # healthy only once clients can connect (`silo up` waits for that)
     state = ctx.state
@@ -655,10 +721,13 @@ async def serve(ctx: ServiceContext) -> None:
     auth = Authenticator(token, keys, codes, limiter, fingerprint=cert.fingerprint, metrics=metrics.auth,
                          log=ctx.log, deadline_s=float(opts.get("auth_deadline_s") or AUTH_DEADLINE_S))
     web_root = Path(opts["web_root"]) if opts.get("web_root") else WEB_ROOT
-    sessions = SessionDirectory(ctx.bus.js, await open_sessions_bucket(ctx.bus.js), ctx.log)
+    sessions = SessionDirectory(ctx.bus.js, await open_sessions_bucket(ctx.bus.js), ctx.log,
+                                keep=int(opts.get("keep_sessions") or KEEP_TALLIES))
     gw = Gateway(ctx, metrics, auth, sessions, web_root)
     # Revocations on any replica close this replica's connections of that key.
     revocations = asyncio.create_task(keys.watch_revocations(auth.revoked, ctx.log, ctx.bus))
+    trim_s = float(opts.get("heap_trim_s", HEAP_TRIM_S) or 0)
+    trimmer = asyncio.create_task(trim_heap_every(trim_s, ctx.stopping)) if trim_s > 0 else None
 
     async def on_announce(env: Envelope, msg: Msg) -> None:
         ann = env.expect(ExecutorAnnounce)
@@ -682,6 +751,9 @@ async def serve(ctx: ServiceContext) -> None:
     finally:
         revocations.cancel()
         await asyncio.gather(revocations, return_exceptions=True)
+        if trimmer is not None:
+            trimmer.cancel()
+            await asyncio.gather(trimmer, return_exceptions=True)
         # Open WebSockets would hold the server's shutdown; tell clients we are going away.
         await asyncio.gather(*(c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway stopping")
                                for c in list(gw.connections)), return_exceptions=True)

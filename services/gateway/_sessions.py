@@ -10,6 +10,7 @@ anything else in the bucket is skipped and logged.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Any
 
 from devsilo.protocol import SessionGrant, subjects
@@ -23,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ._auth import Principal
 
 _KEY_PREFIX = f"$KV.{subjects.SESSIONS_BUCKET}."
+KEEP_RECORDS = 1024
+"""Session records a gateway keeps in memory, the most recently used; others are read from the bucket."""
 
 
 class SessionRecord(BaseModel):
@@ -58,26 +61,39 @@ class SessionDirectory:
     """Sessions by id, and which of them a principal may see.
 
     Reads go to the bucket (another replica may have created the session);
-    records this gateway wrote or read are kept in ``_cache``, as records
-    never change once written.
+    the ``keep`` records this gateway wrote or read last are kept in
+    ``_cache``, as records never change once written.
     """
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, log: Any) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, log: Any, *, keep: int = KEEP_RECORDS) -> None:
         self._js = js
         self._kv = kv
         self._log = log
-        self._cache: dict[str, SessionRecord] = {}
+        self._keep = keep
+        self._cache: OrderedDict[str, SessionRecord] = OrderedDict()
+
+    @property
+    def cached(self) -> int:
+        """Records held in memory (at most ``keep``)."""
+        return len(self._cache)
+
+    def _remember(self, record: SessionRecord) -> None:
+        self._cache[record.session_id] = record
+        self._cache.move_to_end(record.session_id)
+        while len(self._cache) > self._keep:
+            self._cache.popitem(last=False)
 
     async def add(self, record: SessionRecord) -> None:
         """Store a new session's record."""
         await self._kv.put(subjects.check_id(record.session_id, "session id"),
                            record.model_dump_json().encode())
-        self._cache[record.session_id] = record
+        self._remember(record)
 
     async def get(self, session_id: str) -> SessionRecord | None:
         """A session's record, or None when there is none (or it is unreadable)."""
         rec = self._cache.get(session_id)
         if rec is not None:
+            self._cache.move_to_end(session_id)
             return rec
         try:
             entry = await self._kv.get(subjects.check_id(session_id, "session id"))
@@ -111,5 +127,5 @@ class SessionDirectory:
         if rec.session_id != key:
             self._log.warning("session_record_misfiled", key=key, session=rec.session_id)
             return None
-        self._cache[key] = rec
+        self._remember(rec)
         return rec

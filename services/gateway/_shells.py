@@ -117,6 +117,11 @@ class ShellBroker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
 
+    @property
+    def open_shells(self) -> int:
+        """Shells open through this gateway."""
+        return len(self._shells)
+
     # -- opening ----------------------------------------------------------------------
 
     async def _place(self, who: Principal, req: ShellOpenFrame) -> tuple[str, str, ShellPolicy]:

@@ -15,6 +15,7 @@ from devsilo.protocol import ConfigError, Role
 from ._bus import Bus
 from ._health import HealthServer
 from ._logging import configure_logging
+from ._memtrace import trace_memory, wanted
 from ._metrics import ServiceMetrics
 from ._natsconn import connect_nats
 from ._state import StateDir
@@ -92,10 +93,14 @@ async def run_service(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     log.info("service_started", role=role.value, nats=nats_url, metrics_port=port)
+    trace_dir = wanted(service_id)
+    tracer = asyncio.create_task(trace_memory(service_id, trace_dir, stopping)) if trace_dir else None
     try:
         await body(ctx)
     finally:
         stopping.set()
+        if tracer is not None:
+            await asyncio.gather(tracer, return_exceptions=True)
         await bus.close()
         await health.stop()
         try:
