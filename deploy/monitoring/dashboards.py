@@ -190,6 +190,9 @@ DASHBOARDS: tuple[DashboardSpec, ...] = (
            q(f"sum by (reason) (increase(silo_overloaded_total[{RATE}]))", "overloaded {{reason}}")),
         ts("Client authentication, by method and outcome",
            q(f"sum by (method, outcome) (rate(silo_auth_total[{RATE}]))", "{{method}} {{outcome}}"), unit="ops"),
+        ts("Gateway tables, by table", q("max by (table) (silo_gateway_table_entries)", "{{table}}"),
+           description="Entries in each in-memory table of the gateway; each is bounded or pruned, so "
+                       "under steady load every line stays level (one that climbs is a leak)."),
     )),
     DashboardSpec("devsilo-security", "devsilo / Security", (
         st("Auth failures (1 h)", q('sum(increase(silo_auth_total{outcome!="ok"}[1h]))', "failures")),
