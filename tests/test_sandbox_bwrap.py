@@ -916,3 +916,50 @@ async def test_the_sandbox_dies_with_the_executor(workspace: Path, tmp_path: Pat
                         await asyncio.sleep(0.05)
                         continue
                 break
+
+
+def _gone(pid: int) -> bool:
+    """The process is gone, or a zombie waiting for init to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("how", ["abandoned start", "close"])
+def test_a_killed_bwrap_leaves_no_child_of_its_group_behind(how: str) -> None:
+    """bwrap's child blocks until the outer process has mapped its uids, and only then asks to die
+    with it: killed in between, the outer left it parented to init for ever (found after a suite
+    run). A stand-in outer here leaves a child in its process group exactly like that."""
+    import concurrent.futures
+
+    outer = subprocess.Popen(
+        [sys.executable, "-c", ("import os, time\npid = os.fork()\nif pid: print(pid, flush=True)\n"
+         "time.sleep(600)")],
+        stdout=subprocess.PIPE, start_new_session=True)
+    assert outer.stdout is not None
+    child = int(outer.stdout.readline())
+    spawned = sandbox_module._Spawned(outer, os.pidfd_open(outer.pid))
+    try:
+        assert os.getpgid(child) == outer.pid
+        if how == "abandoned start":  # the caller of a spawn gave up: the spawn is killed
+            future: concurrent.futures.Future[sandbox_module._Spawned] = concurrent.futures.Future()
+            future.set_result(spawned)
+            sandbox_module._kill_orphan(future)
+        else:  # BwrapSandbox.close's last step: SIGKILL, then reap once exited
+            os.kill(outer.pid, 9)
+            os.waitid(os.P_PIDFD, spawned.pidfd, os.WEXITED | os.WNOWAIT)
+            spawned.reap()
+            os.close(spawned.pidfd)
+        for _ in range(100):
+            if _gone(child):
+                break
+            time.sleep(0.05)
+        assert _gone(child), f"pid {child} of the killed outer's group is still running"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, 9)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(outer.pid, 9)
+        outer.wait()
+        outer.stdout.close()

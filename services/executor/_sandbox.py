@@ -452,6 +452,19 @@ class _Spawned:
     proc: subprocess.Popen[bytes]
     pidfd: int
 
+    def reap(self) -> None:
+        """Reap the exited outer bwrap, first killing what is left of its process group.
+
+        bwrap's child waits for the outer process to map its uids before it
+        asks to die with its parent; an outer killed in between leaves it
+        blocked for ever, parented to init. It is still in the outer's process
+        group (it has not yet made its own session), which is killed while the
+        outer is a zombie, so the group's id cannot have been reused.
+        """
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
 
 @dataclass(frozen=True)
 class _Source:
@@ -885,7 +898,7 @@ class BwrapSandbox(Sandbox):
                     with contextlib.suppress(ProcessLookupError):
                         signal.pidfd_send_signal(spawned.pidfd, sig)
                 if await _readable(spawned.pidfd, wait):
-                    spawned.proc.wait()
+                    spawned.reap()
                     return
             raise SandboxError(f"bwrap (pid {spawned.proc.pid}) did not die after SIGKILL")
         finally:
@@ -959,7 +972,9 @@ def _kill_orphan(future: concurrent.futures.Future[_Spawned]) -> None:
     spawned = future.result()
     with contextlib.suppress(ProcessLookupError):
         signal.pidfd_send_signal(spawned.pidfd, signal.SIGKILL)
-    spawned.proc.wait()
+    # Wait for the exit without reaping: until reaped, its group id is still its own.
+    os.waitid(os.P_PIDFD, spawned.pidfd, os.WEXITED | os.WNOWAIT)
+    spawned.reap()
     os.close(spawned.pidfd)
 
 
