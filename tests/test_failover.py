@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -51,27 +52,29 @@ def owner_of(stack: Stack, sid: str) -> str:
     raise AssertionError(f"no harness logged starting {sid}")
 
 
-def test_a_session_survives_kill_9_of_its_harness_with_one_continuous_event_stream(
-        two_harnesses: Stack, tmp_path: Path) -> None:
-    stack = two_harnesses
-    script = tmp_path / "script.json"
-    script.write_text(json.dumps(SCRIPT))
+def run_killing_owner(stack: Stack, tmp_path: Path, script: dict[str, Any],
+                      kill_when: Callable[[list[dict[str, Any]]], bool],
+                      ) -> tuple[list[dict[str, Any]], str, int, str]:
+    """Run a headless session; SIGKILL the harness owning it once ``kill_when(events so far)``.
+
+    Returns the events, the killed harness, the CLI's exit code and its stderr.
+    """
+    (tmp_path / "script.json").write_text(json.dumps(script))
     ws = tmp_path / "ws"
     ws.mkdir()
-    events = []
+    events: list[dict[str, Any]] = []
     killed = None
     with subprocess.Popen(
             [sys.executable, "-m", "devsilo.cli", "--state-dir", str(stack.state_dir), "run", "--headless",
-             "--llm", "mock", "--script", str(script), "--workspace", str(ws), "--prompt", "go", "--json"],
+             "--llm", "mock", "--script", str(tmp_path / "script.json"), "--workspace", str(ws), "--prompt", "go",
+             "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         try:
             for line in proc.stdout:
-                event = json.loads(line)
-                events.append(event)
-                if (killed is None and event["kind"] == "tool_use"
-                        and event["data"]["input"].get("command", "").startswith("sleep")):
-                    killed = owner_of(stack, event["session_id"])
+                events.append(json.loads(line))
+                if killed is None and kill_when(events):
+                    killed = owner_of(stack, events[-1]["session_id"])
                     os.kill(stack.live_pid(killed) or 0, signal.SIGKILL)
             code = proc.wait(timeout=120)
             err = proc.stderr.read()
@@ -79,6 +82,19 @@ def test_a_session_survives_kill_9_of_its_harness_with_one_continuous_event_stre
             if proc.poll() is None:
                 proc.kill()
     assert killed is not None, events
+    return events, killed, code, err
+
+
+def test_a_session_survives_kill_9_of_its_harness_with_one_continuous_event_stream(
+        two_harnesses: Stack, tmp_path: Path) -> None:
+    stack = two_harnesses
+    ws = tmp_path / "ws"
+
+    def at_the_sleep(events: list[dict[str, Any]]) -> bool:
+        event = events[-1]
+        return event["kind"] == "tool_use" and event["data"]["input"].get("command", "").startswith("sleep")
+
+    events, killed, code, err = run_killing_owner(stack, tmp_path, SCRIPT, at_the_sleep)
     assert code == 0, err
     # one stream: no gap, no duplicate, ending with the agent's own Exit
     assert [e["seq"] for e in events] == list(range(len(events)))
@@ -163,32 +179,13 @@ def test_subagents_survive_kill_9_of_their_harness_and_their_answers_reach_the_p
     the harness that takes over resumes a2, main's AwaitAgent gets both answers, a3 is new."""
     stack = two_harnesses
     takeovers = {h: stack.metric(h, "silo_session_takeovers_total") for h in ("harness", "harness2")}
-    script = tmp_path / "script.json"
-    script.write_text(json.dumps(SUBAGENT_SCRIPT))
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    events = []
-    killed = None
-    with subprocess.Popen(
-            [sys.executable, "-m", "devsilo.cli", "--state-dir", str(stack.state_dir), "run", "--headless",
-             "--llm", "mock", "--script", str(script), "--workspace", str(ws), "--prompt", "go", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        try:
-            for line in proc.stdout:
-                event = json.loads(line)
-                events.append(event)
-                seen = {(e["agent"], e["kind"], e["data"].get("name")) for e in events}
-                if killed is None and {("a1", "agent_completed", None), ("a2", "tool_use", "Bash"),
-                                       ("main", "tool_use", "AwaitAgent")} <= seen:
-                    killed = owner_of(stack, event["session_id"])
-                    os.kill(stack.live_pid(killed) or 0, signal.SIGKILL)
-            code = proc.wait(timeout=120)
-            err = proc.stderr.read()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert killed is not None, events
+
+    def mid_way(events: list[dict[str, Any]]) -> bool:
+        seen = {(e["agent"], e["kind"], e["data"].get("name")) for e in events}
+        return {("a1", "agent_completed", None), ("a2", "tool_use", "Bash"),
+                ("main", "tool_use", "AwaitAgent")} <= seen
+
+    events, killed, code, err = run_killing_owner(stack, tmp_path, SUBAGENT_SCRIPT, mid_way)
     assert code == 0, (err, events)
     assert [e["seq"] for e in events] == list(range(len(events)))  # one stream, no gap, no duplicate
     assert events[-1]["kind"] == "shutdown" and events[-1]["data"]["reason"] == "all collected"

@@ -895,6 +895,18 @@ def test_the_executor_leases_warm_docker_sandboxes_and_leaves_no_container(
     assert dockerd.containers() == []
 
 
+def _probed(request: pytest.FixtureRequest, param: tuple[str, str, dict[str, Any]]) -> Variant:
+    """The variant with its settings (docker: the module's daemon); skipped when its backend cannot run."""
+    name, backend, settings = param
+    config = dict(settings)
+    if backend == "docker":
+        config["docker_url"] = request.getfixturevalue("dockerd").url
+    reason = BACKENDS[backend].probe(**config)
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    return Variant(name, backend, config)
+
+
 @pytest.mark.parametrize(
     "any_variant",
     [pytest.param(("bwrap", "bwrap", {}), id="bwrap"), *_WARM_VARIANTS],
@@ -904,17 +916,10 @@ async def test_a_warm_sandbox_keeps_the_pids_limit_it_was_started_with(
     request: pytest.FixtureRequest,
     tmp_path: Path,
 ) -> None:
-    name, backend, settings = any_variant
-    config = dict(settings)
-    if backend == "docker":
-        config["docker_url"] = request.getfixturevalue("dockerd").url
-    reason = BACKENDS[backend].probe(**config)
-    if reason is not None:
-        pytest.skip(f"{name}: {reason}")
+    variant = _probed(request, any_variant)
     workspace = _workspace(tmp_path, "forker")
     scratch = tmp_path / "scratch"
     limits = SandboxLimits(pids=32)  # memory at its default: this is about pids alone
-    variant = Variant(name, backend, config)
     async with _warm_pool(variant, workspace, scratch, limits=limits) as pool:
         sandbox = await pool.take(_spec_on(workspace, scratch, "forker", limits=limits))
         try:
@@ -936,14 +941,7 @@ async def test_a_warm_sandbox_keeps_the_pids_limit_it_was_started_with(
 @pytest.fixture(scope="module", params=[pytest.param(("bwrap", "bwrap", {}), id="bwrap"), *_WARM_VARIANTS])
 def attack_variant(request: pytest.FixtureRequest) -> Variant:
     """The backend the warm attack battery runs on (docker with the module's daemon)."""
-    name, backend, settings = request.param
-    config = dict(settings)
-    if backend == "docker":
-        config["docker_url"] = request.getfixturevalue("dockerd").url
-    reason = BACKENDS[backend].probe(**config)
-    if reason is not None:
-        pytest.skip(f"{name}: {reason}")
-    return Variant(name, backend, config)
+    return _probed(request, request.param)
 
 
 @dataclasses.dataclass
