@@ -56,6 +56,7 @@ from devsilo.testing._internet import ZONE, TestInternet
 from devsilo.testing._load import LoadRun
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.kv import KeyValue
 
 WWW = f"www.{ZONE}"
 OTHER = f"other.{ZONE}"
@@ -463,3 +464,38 @@ def test_a_result_journaled_as_its_harness_died_is_shown_by_the_harness_that_res
     assert [e.data["id"] for e in unshown_results(entries)] == ["c2"]
     uses = [JournalEntry("event", {"seq": 4, "kind": "tool_use", "ts": 1.0, "data": {"id": "c1"}})]
     assert shown_uses(uses + entries) == {"c1"}  # c2's use would be emitted before its unknown result
+
+
+async def test_a_kv_follower_stops_when_cancelled_as_an_update_arrives() -> None:
+    """Cancelled in the same tick as an update lands, the follower must end: nats-py's
+    ``updates(timeout)`` (``asyncio.wait_for`` in Python 3.11) returned the update instead and the
+    loop went on, which once hung a harness's stop until it was killed."""
+
+    class Watcher(KeyValue.KeyWatcher):  # nats-py's own watcher, without a subscription
+        async def stop(self) -> None:
+            self._updates.put_nowait(KeyValue.KeyWatcher.STOP_ITER)
+
+    class Kv:
+        def __init__(self) -> None:
+            self.watcher = Watcher(None)
+
+        async def watchall(self) -> Watcher:
+            return self.watcher
+
+    class Quiet:  # a bus that never reconnects
+        reconnects = 0
+
+    seen: list[str] = []
+
+    async def on_entry(entry: Any) -> None:
+        seen.append(entry.key)
+
+    kv = Kv()
+    following = asyncio.create_task(follow_kv(kv, Quiet(), on_entry, poll_s=30.0))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)  # waiting for an update
+    kv.watcher._updates.put_nowait(KeyValue.Entry(bucket="b", key="k", value=b"1", revision=1, delta=0,
+                                                 created=None, operation=None))
+    following.cancel()
+    done, _ = await asyncio.wait({following}, timeout=2.0)
+    assert done == {following} and following.cancelled(), "the follower went on after its cancellation"
+    assert seen == []

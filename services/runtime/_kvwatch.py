@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.kv import KeyValue
 
 from ._bus import Bus
@@ -47,10 +46,16 @@ async def follow_kv(
         current: set[str] | None = set()
         try:
             while bus.reconnects == generation:
+                # Not ``watcher.updates(timeout)``: its ``asyncio.wait_for`` (Python 3.11) swallows a
+                # cancellation that lands as an update arrives, and this loop would then never end
+                # (a harness stopping just after a session left the owners bucket hung until killed).
                 try:
-                    entry = await watcher.updates(timeout=poll_s)
-                except NatsTimeout:
+                    async with asyncio.timeout(poll_s):
+                        entry = await anext(watcher)
+                except TimeoutError:
                     continue
+                except StopAsyncIteration:  # stopped under us: watch again
+                    break
                 if entry is None:  # the current values are all in
                     if current is not None and on_current is not None:
                         on_current(current)
