@@ -69,13 +69,9 @@ def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A private dockerd with the base image (started only if a docker case runs)."""
     from devsilo.testing._dockerd import Dockerd
 
-    daemon = Dockerd(tmp_path_factory.mktemp("dockerd"), runsc=None)
-    daemon.start()
-    try:
+    with Dockerd(tmp_path_factory.mktemp("dockerd"), runsc=None) as daemon:
         daemon.build_base_image()
         yield daemon
-    finally:
-        daemon.stop()
 
 
 class TlsServer:
