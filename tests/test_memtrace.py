@@ -55,3 +55,23 @@ async def test_reports_show_what_grew_and_where(monkeypatch: pytest.MonkeyPatch,
     assert "growth since report 0" not in first
     assert "growth since report 0, by traceback" in second and "test_memtrace.py" in second
     assert tracemalloc.Snapshot.load(str(tmp_path / "svc-0001.snapshot")).traces
+
+
+async def test_the_periodic_trim_runs_until_stopped_and_a_cancel_ends_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from devsilo.runtime import _heap
+
+    trims: list[int] = []
+    monkeypatch.setattr(_heap, "trim_heap", lambda: trims.append(1) or True)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(_heap.trim_heap_every(0.01, stopping))
+    while len(trims) < 3:
+        await asyncio.sleep(0.01)
+    stopping.set()
+    await asyncio.wait_for(task, 2.0)  # stopped: it returns
+    cancelled = asyncio.create_task(_heap.trim_heap_every(0.01, asyncio.Event()))
+    await asyncio.sleep(0.05)
+    cancelled.cancel()
+    done, _ = await asyncio.wait({cancelled}, timeout=2.0)
+    assert done == {cancelled} and cancelled.cancelled()

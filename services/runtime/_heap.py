@@ -17,6 +17,8 @@ import ctypes
 import ctypes.util
 from typing import Any
 
+from ._waits import set_within
+
 
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -56,9 +58,6 @@ def trim_heap() -> bool:
 async def trim_heap_every(seconds: float, stopping: asyncio.Event) -> None:
     """``trim_heap`` every ``seconds`` until ``stopping`` is set. It walks the free lists, holding the
     event loop: measured 24 ms for 119 MiB free in 50,000 holes (79 MiB given back), 4 ms right after."""
-    while not stopping.is_set():
-        try:
-            await asyncio.wait_for(stopping.wait(), timeout=seconds)
-        except TimeoutError:
-            if not trim_heap():
-                return
+    while not await set_within(stopping, seconds):
+        if not trim_heap():
+            return

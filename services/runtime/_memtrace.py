@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from ._heap import malloc_info, trim_heap
+from ._waits import set_within
 
 MEMTRACE_DIR_ENV = "SILO_MEMTRACE_DIR"
 MEMTRACE_SERVICES_ENV = "SILO_MEMTRACE_SERVICES"
@@ -134,12 +135,7 @@ async def trace_memory(service_id: str, directory: Path, stopping: asyncio.Event
             tracemalloc.Filter(False, __file__)]
     n = 0
     try:
-        while True:
-            try:
-                await asyncio.wait_for(stopping.wait(), timeout=every)
-                return
-            except TimeoutError:
-                pass
+        while not await set_within(stopping, every):
             # In this thread: another one would get a malloc arena of its own and change what is measured.
             before = _object_counts()
             freed = gc.collect()
