@@ -423,12 +423,19 @@ async def serve(ctx: ServiceContext) -> None:
         # Only a session that may reach somewhere needs the session CA in its trust store
         # (one that may not stays fit for a warm sandbox, which has none).
         trust: SessionTrust | None = None
+
+        async def undo() -> None:
+            """A start that fails gives back what it had set up."""
+            await relay.close()
+            await close_egress(egress_id, sid)
+            if trust is not None:
+                trust.remove()
+
         if ready is not None and ready.ca_cert and grant.allow_domains:
             try:
                 trust = SessionTrust.create(trust_root, ready.ca_cert.encode())
             except SandboxError:
-                await relay.close()
-                await close_egress(egress_id, sid)
+                await undo()
                 raise
         spec = SandboxSpec(session_id=sid, workspace=workspace, sandbox_uid=uid, sandbox_gid=gid,
                            scratch_root=scratch_root, allow_read=allow_read, relay_socket=relay.socket_path,
@@ -437,10 +444,7 @@ async def serve(ctx: ServiceContext) -> None:
         if backend == "auto":
             backend = next(b for b in STRENGTH_ORDER if b in backends)
         if backend == "docker" and os.path.ismount(workspace) and workspace.is_relative_to(store.root):
-            await relay.close()
-            await close_egress(egress_id, sid)
-            if trust is not None:
-                trust.remove()
+            await undo()
             raise GrantError(f"workspace {grant.workspace} is kept in an ext4 image mounted only in executor "
                              f"{eid}'s mount namespace, which the Docker daemon cannot see; use the bwrap "
                              "or gvisor sandbox (or run the executor with workspace_storage=directory)")
@@ -457,10 +461,7 @@ async def serve(ctx: ServiceContext) -> None:
                 await sandbox.start()
         except BaseException:
             metrics.starts.labels(backend=backend, outcome="error").inc()
-            await relay.close()
-            await close_egress(egress_id, sid)
-            if trust is not None:
-                trust.remove()
+            await undo()
             raise
         metrics.starts.labels(backend=backend, outcome="ok").inc()
         metrics.leases.labels(backend=backend, kind=kind).inc()
